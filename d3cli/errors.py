@@ -1,0 +1,8 @@
+"""The one exception type for "the user asked for something wrong".
+
+The CLI turns it into a single line on stderr and exit code 2. Anything else that escapes is a bug.
+"""
+
+
+class UserError(Exception):
+    """A mistake the user can fix: a bad option value, a missing model, an unreadable file, a bad prompt."""
