@@ -1,0 +1,95 @@
+"""The `d3` command: a Typer app whose subcommands live in `d3cli/commands/`, and the edge where errors become exits.
+
+Exit codes: 0 done; 2 a user mistake (one line on stderr); 130 Ctrl-C; 141 stdout closed early (`| head`);
+1 a bug (one line; the traceback with D3_DEBUG=1). No torch is imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from d3cli import __version__
+from d3cli.commands.generate import generate
+from d3cli.errors import UserError
+from d3cli.render import print_error
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+app = typer.Typer(
+    name="d3",
+    help="Faster generation for Hugging Face LLMs with Position-Aware Depth Decay Decoding (D3): "
+    "later tokens run fewer layers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(generate)
+# `chat`, `bench` and `profile-ppl` are registered here the same way, each from its own module in d3cli/commands/.
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"d3 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """d3: Position-Aware Depth Decay Decoding for any Hugging Face causal LM."""
+
+
+def _quiet_broken_pipe() -> None:
+    """stdout's reader is gone: point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def run(args: list[str] | None = None) -> int:
+    """Run the app; return the exit code instead of raising, with every failure turned into one line."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="d3", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except UserError as error:
+        print_error(str(error))
+        return EXIT_USER_ERROR
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.UsageError as error:
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+        print_error(f"{error.format_message()}{hint}")
+        return EXIT_USER_ERROR
+    except click.ClickException as error:
+        print_error(error.format_message())
+        return error.exit_code
+    except (KeyboardInterrupt, click.Abort):
+        sys.stderr.write("\nd3: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return EXIT_BROKEN_PIPE
+    except Exception as error:  # a bug: one line, unless the user asks for the traceback
+        if os.environ.get("D3_DEBUG"):
+            raise
+        print_error(f"internal error: {type(error).__name__}: {error} (run with D3_DEBUG=1 for the traceback)")
+        return 1
+
+
+def main() -> None:
+    sys.exit(run())

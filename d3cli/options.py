@@ -1,0 +1,122 @@
+"""Command-line options that several subcommands share, declared once. No torch here."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from d3cli.schedule import SKIP_ORDERS
+
+MODEL_PANEL = "Model"
+SCHEDULE_PANEL = "Depth decay"
+SAMPLING_PANEL = "Sampling and length"
+OUTPUT_PANEL = "Output"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DeviceMap(str, Enum):
+    auto = "auto"
+
+
+SkipOrderChoice = Enum("SkipOrderChoice", {name: name for name in SKIP_ORDERS}, type=str)
+
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model", "-m",
+        help="Hugging Face model id, model folder or .gguf file. Default: the embedded SmolLM2-135M-Instruct.",
+        rich_help_panel=MODEL_PANEL, show_default=False,
+    ),
+]
+DeviceOption = Annotated[
+    Device, typer.Option(help="Where to run: auto picks cuda, then mps, then cpu.", rich_help_panel=MODEL_PANEL)
+]
+DTypeOption = Annotated[
+    DType,
+    typer.Option(help="Weights dtype: auto is float32 on CPU, bfloat16 (or float16) on GPU.",
+                 rich_help_panel=MODEL_PANEL),
+]
+DeviceMapOption = Annotated[
+    Optional[DeviceMap],
+    typer.Option(help="Spread a model too large for one device over all devices (accelerate).",
+                 rich_help_panel=MODEL_PANEL, show_default=False),
+]
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option("--trust-remote-code", help="Allow a model repository's own Python code to run.",
+                 rich_help_panel=MODEL_PANEL),
+]
+
+AlphaOption = Annotated[
+    float,
+    typer.Option("--alpha", "-a", help="Decay rate α in (0, 1]: token i runs floor(L·α^i) layers. 1 = no skipping.",
+                 rich_help_panel=SCHEDULE_PANEL),
+]
+MinLayersOption = Annotated[
+    str,
+    typer.Option(help="Floor on the layers per token: a count (21) or a fraction of L (0.7).",
+                 rich_help_panel=SCHEDULE_PANEL),
+]
+WarmupOption = Annotated[
+    int, typer.Option(help="Generated tokens that run at full depth before the decay starts.",
+                      rich_help_panel=SCHEDULE_PANEL),
+]
+HeadOption = Annotated[
+    str, typer.Option(help="First layers that always run: a count or a fraction of L.", rich_help_panel=SCHEDULE_PANEL)
+]
+TailOption = Annotated[
+    str, typer.Option(help="Last layers that always run: a count or a fraction of L.", rich_help_panel=SCHEDULE_PANEL)
+]
+SkipOrderOption = Annotated[
+    SkipOrderChoice,
+    typer.Option(help="Which flex layers go first: middle (centre outward) or late (deepest first).",
+                 rich_help_panel=SCHEDULE_PANEL),
+]
+
+MaxNewTokensOption = Annotated[
+    int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.",
+                      rich_help_panel=SAMPLING_PANEL),
+]
+TemperatureOption = Annotated[
+    float, typer.Option("--temperature", "-t", help="0 = greedy; above 0 samples.", rich_help_panel=SAMPLING_PANEL)
+]
+TopKOption = Annotated[
+    int, typer.Option(help="Sample only from the k most likely tokens (0 = off).", rich_help_panel=SAMPLING_PANEL)
+]
+TopPOption = Annotated[
+    float, typer.Option(help="Sample only from the most likely tokens whose probability reaches p.",
+                        rich_help_panel=SAMPLING_PANEL),
+]
+SeedOption = Annotated[
+    Optional[int], typer.Option(help="Seed for sampling, for a reproducible reply.", rich_help_panel=SAMPLING_PANEL,
+                                show_default=False),
+]
+StopOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--stop", help="Stop when this text appears (repeatable); the text ends before it.",
+                 rich_help_panel=SAMPLING_PANEL, show_default=False),
+]
+ChatOption = Annotated[
+    Optional[bool],
+    typer.Option("--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template. Default: on if it has one.",
+                 rich_help_panel=SAMPLING_PANEL, show_default=False),
+]
+SystemOption = Annotated[
+    Optional[str], typer.Option("--system", "-s", help="System message for the chat template.",
+                                rich_help_panel=SAMPLING_PANEL, show_default=False),
+]

@@ -1,0 +1,191 @@
+"""Everything d3 shows in a terminal. The only module that imports Rich.
+
+Model text is never parsed as markup: it is appended to `rich.text.Text` objects as plain strings.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+BAR_WIDTH = 30
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=False)
+
+
+def print_error(message: str) -> None:
+    """One line on stderr: `d3: error: ...`."""
+    sys.stderr.write(f"d3: error: {message}\n")
+    sys.stderr.flush()
+
+
+def print_warning(message: str) -> None:
+    sys.stderr.write(f"d3: {message}\n")
+    sys.stderr.flush()
+
+
+def depth_colour(layers: int, num_layers: int) -> str:
+    """Full depth is green; the shallower a token, the further toward orange."""
+    share = max(0.0, min(1.0, layers / num_layers)) if num_layers else 1.0
+    skipped = 1.0 - share
+    red, green, blue = int(95 + 160 * min(1.0, 2 * skipped)), int(215 - 80 * skipped), int(95 - 95 * skipped)
+    return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+def depth_block(layers: int, num_layers: int) -> str:
+    """A one-character vertical bar whose height is layers / L (█ = every layer)."""
+    share = max(0.0, min(1.0, layers / num_layers)) if num_layers else 1.0
+    return BLOCKS[max(0, min(len(BLOCKS) - 1, round(share * len(BLOCKS)) - 1))]
+
+
+def depth_bar(layers: int, num_layers: int, width: int = BAR_WIDTH) -> Text:
+    """A horizontal bar of `layers` out of `num_layers`, with the count."""
+    filled = round(width * layers / num_layers) if num_layers else width
+    bar = Text("█" * filled, style=depth_colour(layers, num_layers))
+    bar.append("░" * (width - filled), style="grey35")
+    bar.append(f" {layers:>3}/{num_layers} layers")
+    return bar
+
+
+@dataclass
+class TokenPiece:
+    text: str
+    layers: int
+
+
+class ReplyView:
+    """The live view of one reply on a terminal: streamed text, one depth bar per token, a status line."""
+
+    def __init__(self, console: Console, num_layers: int, title: str = ""):
+        self.console = console
+        self.num_layers = num_layers
+        self.title = title
+        self.pieces: list[TokenPiece] = []
+        self.tokens_per_s = 0.0
+        self.live = Live(console=console, refresh_per_second=12, transient=True, auto_refresh=True,
+                         get_renderable=self._live_renderable)
+
+    def __enter__(self) -> ReplyView:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.live.stop()
+        self.console.print(self.final_renderable())
+
+    def add(self, event) -> None:
+        self.pieces.append(TokenPiece(event.text, event.layers))
+        if event.elapsed_s > 0:
+            self.tokens_per_s = len(self.pieces) / event.elapsed_s
+
+    def styled_text(self) -> Text:
+        text = Text()
+        for piece in self.pieces:
+            text.append(piece.text, style=depth_colour(piece.layers, self.num_layers))
+        return text
+
+    def depth_strip(self) -> Text:
+        strip = Text()
+        for piece in self.pieces:
+            strip.append(depth_block(piece.layers, self.num_layers), style=depth_colour(piece.layers, self.num_layers))
+        return strip
+
+    def _status(self) -> Text:
+        status = Text(f"token {len(self.pieces):>4}  ", style="bold")
+        if self.pieces:
+            status.append_text(depth_bar(self.pieces[-1].layers, self.num_layers))
+        status.append(f"  {self.tokens_per_s:6.1f} tok/s", style="dim")
+        return status
+
+    def _live_renderable(self):
+        width = max(20, self.console.width)
+        height = max(6, self.console.height - 4)
+        lines = self.styled_text().wrap(self.console, width)
+        strip_lines = self.depth_strip().wrap(self.console, width)
+        text_room = max(1, height - 3)
+        visible = Text("\n").join(lines[-text_room:]) if len(lines) else Text("")
+        strip = strip_lines[-1] if len(strip_lines) else Text("")
+        return Group(visible, Text(""), strip, self._status())
+
+    def final_renderable(self):
+        legend = Text(f"layers per token ({BLOCKS[-1]} = all {self.num_layers}, {BLOCKS[0]} = few):", style="dim")
+        return Group(self.styled_text(), Text(""), legend, self.depth_strip())
+
+
+class Spinner:
+    """A transient status line while something runs that prints nothing (the --compare baseline)."""
+
+    def __init__(self, console: Console, message: str):
+        self.status = console.status(message)
+
+    def __enter__(self) -> Spinner:
+        self.status.start()
+        return self
+
+    def update(self, message: str) -> None:
+        self.status.update(message)
+
+    def __exit__(self, *exc_info) -> None:
+        self.status.stop()
+
+
+def summary_rows(record: dict) -> list[tuple[str, str]]:
+    """The label/value rows of a reply's summary, from its JSON record."""
+    num_layers = record["num_layers"]
+    rows = [
+        ("tokens", f"{record['generated_tokens']} ({record['finish_reason']})"),
+        ("mean layers", f"{record['mean_layers']:.1f} of {num_layers}"),
+        ("layer compute", f"{100 * record['layer_ratio']:.1f}% of full depth"),
+        ("tokens/s", f"{record['tokens_per_s']:.1f}"),
+        ("speedup (estimated)", f"{record['estimated_speedup']:.2f}× from layer counts; an upper bound"),
+    ]
+    if "baseline" in record:
+        baseline = record["baseline"]
+        rows += [
+            ("full depth", f"{baseline['generated_tokens']} tokens, {baseline['tokens_per_s']:.1f} tokens/s"),
+            ("speedup (measured)", f"{record['measured_speedup']:.2f}× wall clock, tokens/s over full depth"),
+            ("identical to full depth", "yes" if record["identical"] else "no"),
+        ]
+    return rows
+
+
+def summary_panel(record: dict) -> Panel:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in summary_rows(record):
+        table.add_row(label, value)
+    schedule = (
+        f"α={record['alpha']} min-layers={record['min_layers']} head={record['head']} tail={record['tail']} "
+        f"warmup={record['warmup']} skip-order={record['skip_order']}"
+    )
+    return Panel(table, title="D3 summary", subtitle=schedule, expand=False, border_style="cyan")
+
+
+def stats_line(record: dict) -> str:
+    """The summary as one plain line, for stderr in scripts (`--stats`)."""
+    return "d3: " + "; ".join(f"{label} {value}" for label, value in summary_rows(record))
+
+
+def print_summary(console: Console, record: dict) -> None:
+    console.print(summary_panel(record))
+
+
+def print_stats(record: dict) -> None:
+    """The summary for scripts: one plain line on stderr."""
+    sys.stderr.write(stats_line(record) + "\n")
+    sys.stderr.flush()
+

@@ -1,0 +1,211 @@
+"""The depth-decay schedule: how many layers run for generated token i, and which ones.
+
+Pure Python, no torch. Generated token i (i = 0 is the token the prompt's prefill produces) runs
+
+    k_i = L                                   for i < warmup
+    k_i = clamp(floor(L * alpha**(i - warmup)), min_layers, L)   otherwise
+
+layers. The first `head` and last `tail` layers are core layers and always run. The flex layers between them are
+dropped in a fixed priority order (the skip order), so the layers kept at step i + 1 are a subset of those kept at
+step i. That nesting is what keeps the KV cache exact: a layer a token skips is never run again in that reply, so
+nobody ever reads the cache entry it did not write.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from d3cli.errors import UserError
+
+# A skip order receives the flex layer indices in ascending order and returns the same indices in the order they
+# are dropped (first element dropped first). A later issue adds one built from a measured importance profile.
+SkipOrder = Callable[[Sequence[int]], Sequence[int]]
+
+
+def drop_middle_first(flex_layers: Sequence[int]) -> list[int]:
+    """The flex layer nearest the centre of the flex range first, then outward; of two equally near, the deeper."""
+    if not flex_layers:
+        return []
+    centre = (flex_layers[0] + flex_layers[-1]) / 2
+    return sorted(flex_layers, key=lambda layer: (abs(layer - centre), -layer))
+
+
+def drop_late_first(flex_layers: Sequence[int]) -> list[int]:
+    """The last flex layers first."""
+    return sorted(flex_layers, reverse=True)
+
+
+SKIP_ORDERS: dict[str, SkipOrder] = {
+    "middle": drop_middle_first,
+    "late": drop_late_first,
+}
+
+# Defaults, chosen from measurements on the embedded SmolLM2-135M-Instruct (30 layers); see docs/DEFAULTS.md.
+# A value with a decimal point is a fraction of the model's layer count.
+DEFAULT_ALPHA = 0.98
+DEFAULT_MIN_LAYERS = "0.7"
+DEFAULT_HEAD = "0.1"
+DEFAULT_TAIL = "0.1"
+DEFAULT_WARMUP = 0
+DEFAULT_SKIP_ORDER = "middle"
+
+
+def parse_layer_count(text: str | int | float, name: str) -> int | float:
+    """An int ("12") is a number of layers; a number with a decimal point ("0.5") is a fraction of L."""
+    if isinstance(text, bool):
+        raise UserError(f"{name} must be a whole number of layers or a fraction of them like 0.5, not {text!r}")
+    if isinstance(text, int):
+        return text
+    if isinstance(text, float):
+        value = text
+    else:
+        stripped = str(text).strip()
+        try:
+            return int(stripped)
+        except ValueError:
+            pass
+        try:
+            value = float(stripped)
+        except ValueError:
+            raise UserError(
+                f"{name} must be a whole number of layers or a fraction of them like 0.5, not {text!r}"
+            ) from None
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise UserError(f"{name} as a fraction of the layers must lie in [0, 1], not {text}")
+    return value
+
+
+def resolve_layer_count(value: int | float | str, num_layers: int, name: str) -> int:
+    """Turn a layer count or fraction into a number of layers of a model with `num_layers` layers."""
+    parsed = parse_layer_count(value, name)
+    if isinstance(parsed, float):
+        return math.floor(parsed * num_layers + 0.5)
+    return parsed
+
+
+def check_layer_counts(head: int, tail: int, min_layers: int, num_layers: int | None = None) -> None:
+    """1 <= head + tail <= min_layers <= L."""
+    if head + tail < 1:
+        raise UserError("head + tail must keep at least one core layer (both are 0)")
+    if num_layers is not None and min_layers > num_layers:
+        raise UserError(f"min-layers is {min_layers} but the model has only {num_layers} layers")
+    if head + tail > min_layers:
+        raise UserError(
+            f"head + tail ({head} + {tail}) must not exceed min-layers ({min_layers}): the core layers always run"
+        )
+
+
+def check_parameters(
+    alpha: float,
+    min_layers: int | float | str,
+    warmup: int,
+    head: int | float | str,
+    tail: int | float | str,
+    skip_order: str | SkipOrder,
+) -> None:
+    """Every check that does not need the model's layer count, so bad options fail before a model loads."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
+        raise UserError(f"alpha must be a number in (0, 1], not {alpha!r}")
+    if not 0.0 < alpha <= 1.0:
+        raise UserError(f"alpha must lie in (0, 1], not {alpha}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise UserError(f"warmup must be a whole number of tokens >= 0, not {warmup!r}")
+    counts = {name: parse_layer_count(value, name) for name, value in
+              (("min-layers", min_layers), ("head", head), ("tail", tail))}
+    for name, count in counts.items():
+        if isinstance(count, int) and count < 0:
+            raise UserError(f"{name} must be >= 0, not {count}")
+    if all(isinstance(count, int) for count in counts.values()):
+        check_layer_counts(counts["head"], counts["tail"], counts["min-layers"])
+    if not callable(skip_order) and skip_order not in SKIP_ORDERS:
+        raise UserError(f"unknown skip order {skip_order!r} (choose from: {', '.join(SKIP_ORDERS)})")
+
+
+@dataclass(frozen=True)
+class DecaySchedule:
+    """alpha, L, the floor, warmup, the core layers and the skip order: everything that decides the depth of a step."""
+
+    num_layers: int
+    alpha: float
+    min_layers: int
+    warmup: int
+    head: int
+    tail: int
+    skip_order: str
+    drop_order: tuple[int, ...] = field(repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        num_layers: int,
+        alpha: float = DEFAULT_ALPHA,
+        min_layers: int | float | str = DEFAULT_MIN_LAYERS,
+        warmup: int = DEFAULT_WARMUP,
+        head: int | float | str = DEFAULT_HEAD,
+        tail: int | float | str = DEFAULT_TAIL,
+        skip_order: str | SkipOrder = DEFAULT_SKIP_ORDER,
+        skip_order_name: str | None = None,
+    ) -> DecaySchedule:
+        """Validate every parameter against the model's layer count and fix the drop order of the flex layers."""
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise UserError(f"the model must have at least one layer, not {num_layers!r}")
+        check_parameters(alpha, min_layers, warmup, head, tail, skip_order)
+        head_layers = resolve_layer_count(head, num_layers, "head")
+        tail_layers = resolve_layer_count(tail, num_layers, "tail")
+        floor = resolve_layer_count(min_layers, num_layers, "min-layers")
+        check_layer_counts(head_layers, tail_layers, floor, num_layers)
+
+        if callable(skip_order):
+            order_fn, order_name = skip_order, skip_order_name or getattr(skip_order, "__name__", "custom")
+        else:
+            order_fn, order_name = SKIP_ORDERS[skip_order], skip_order
+        flex_layers = list(range(head_layers, num_layers - tail_layers))
+        drop_order = tuple(int(layer) for layer in order_fn(flex_layers))
+        if sorted(drop_order) != flex_layers:
+            raise UserError(f"skip order {order_name!r} must return each flex layer exactly once")
+
+        return cls(
+            num_layers=num_layers,
+            alpha=float(alpha),
+            min_layers=floor,
+            warmup=warmup,
+            head=head_layers,
+            tail=tail_layers,
+            skip_order=order_name,
+            drop_order=drop_order,
+        )
+
+    def layers_at(self, step: int) -> int:
+        """k_i: how many layers run for generated token `step`."""
+        if step < self.warmup:
+            return self.num_layers
+        decayed = math.floor(self.num_layers * self.alpha ** (step - self.warmup))
+        return max(self.min_layers, min(self.num_layers, decayed))
+
+    def kept_layers(self, step: int) -> tuple[int, ...]:
+        """The sorted indices of the layers that run for generated token `step`."""
+        return _kept_for_depth(self.num_layers, self.drop_order, self.layers_at(step))
+
+    def is_full_depth(self) -> bool:
+        """True when every step runs every layer (alpha = 1 or a floor of L)."""
+        return self.alpha == 1.0 or self.min_layers == self.num_layers
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "alpha": self.alpha,
+            "min_layers": self.min_layers,
+            "warmup": self.warmup,
+            "head": self.head,
+            "tail": self.tail,
+            "skip_order": self.skip_order,
+            "num_layers": self.num_layers,
+        }
+
+
+@lru_cache(maxsize=4096)
+def _kept_for_depth(num_layers: int, drop_order: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    dropped = set(drop_order[: num_layers - depth])
+    return tuple(layer for layer in range(num_layers) if layer not in dropped)

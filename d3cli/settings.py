@@ -1,0 +1,122 @@
+"""What one reply needs besides its prompt: depth schedule, sampling, length, stops, prompt format. No torch here.
+
+Command-line options, per-line JSONL options (and, later, configuration files) all end up as a `DecodeSettings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+
+from d3cli.errors import UserError
+from d3cli.sampling import SamplingSettings
+from d3cli.schedule import (
+    DEFAULT_ALPHA,
+    DEFAULT_HEAD,
+    DEFAULT_MIN_LAYERS,
+    DEFAULT_SKIP_ORDER,
+    DEFAULT_TAIL,
+    DEFAULT_WARMUP,
+    DecaySchedule,
+    check_parameters,
+    parse_layer_count,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    alpha: float = DEFAULT_ALPHA
+    min_layers: int | float = parse_layer_count(DEFAULT_MIN_LAYERS, "min-layers")
+    warmup: int = DEFAULT_WARMUP
+    head: int | float = parse_layer_count(DEFAULT_HEAD, "head")
+    tail: int | float = parse_layer_count(DEFAULT_TAIL, "tail")
+    skip_order: str = DEFAULT_SKIP_ORDER
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stop: tuple[str, ...] = ()
+    chat: bool | None = None  # None: use the chat template when the tokenizer has one
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise UserError(f"max-new-tokens must be a whole number, not {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max-new-tokens must be at least 1, not {self.max_new_tokens}")
+        if self.chat is False and self.system is not None:
+            raise UserError("--system needs the chat template; it cannot be combined with --no-chat")
+        check_parameters(self.alpha, self.min_layers, self.warmup, self.head, self.tail, self.skip_order)
+
+    def schedule_for(self, num_layers: int) -> DecaySchedule:
+        return DecaySchedule.build(
+            num_layers,
+            alpha=self.alpha,
+            min_layers=self.min_layers,
+            warmup=self.warmup,
+            head=self.head,
+            tail=self.tail,
+            skip_order=self.skip_order,
+        )
+
+    def full_depth(self) -> DecodeSettings:
+        """The same reply settings with no layer skipping: the baseline of --compare."""
+        return dataclasses.replace(self, alpha=1.0, min_layers=1.0, warmup=0)
+
+    def batch_key(self) -> tuple:
+        """Replies may share a batch when everything but the prompt format agrees (rows share each step's depth)."""
+        return dataclasses.astuple(dataclasses.replace(self, chat=None, system=None))
+
+
+# Keys a JSONL line may carry besides "prompt", and the type each must have.
+LINE_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "alpha": (int, float),
+    "min_layers": (int, float, str),
+    "warmup": (int,),
+    "head": (int, float, str),
+    "tail": (int, float, str),
+    "skip_order": (str,),
+    "max_new_tokens": (int,),
+    "temperature": (int, float),
+    "top_k": (int,),
+    "top_p": (int, float),
+    "seed": (int,),
+    "stop": (str, list),
+    "chat": (bool,),
+    "system": (str,),
+}
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def apply_line_options(base: DecodeSettings, options: dict) -> DecodeSettings:
+    """`base` with the per-line options of a JSONL request applied; raises UserError naming a bad key or value."""
+    changes: dict[str, object] = {}
+    sampling_changes: dict[str, object] = {}
+    for key, value in options.items():
+        expected = LINE_OPTION_TYPES.get(key)
+        if expected is None:
+            raise UserError(f"unknown key {key!r}{did_you_mean(key, [*LINE_OPTION_TYPES, 'prompt', 'id'])}")
+        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+            names = " or ".join(kind.__name__ for kind in expected)
+            raise UserError(f"key {key!r} must be {names}, not {json_type(value)}")
+        if key in ("min_layers", "head", "tail"):
+            value = parse_layer_count(value, key.replace("_", "-"))
+        if key == "stop":
+            value = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(stop, str) for stop in value):
+                raise UserError("key 'stop' must be a string or a list of strings")
+        (sampling_changes if key in SAMPLING_KEYS else changes)[key] = value
+    if sampling_changes:
+        changes["sampling"] = dataclasses.replace(base.sampling, **sampling_changes)
+    return dataclasses.replace(base, **changes)
+
+
+def json_type(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)

@@ -1,0 +1,126 @@
+"""Where layers are skipped: the decoder's layer list during a reply, and a cache that tolerates stale layers.
+
+`LayerSkipper.keep(kept_layers)` is the one place that decides which decoder layers run: every layer not in
+`kept_layers` is swapped for a pass-through in the model's own layer list, so the model's own forward (masks, rotary
+embeddings, sliding-window layer types, final norm, soft-capping) runs unchanged around it. The swap is undone on exit.
+
+`DepthDecayCache` is the model's own `DynamicCache` with one change: a skipped layer stops growing, so its length is
+stale, and the attention mask must never be sized from it. Transformers sizes masks from the first layer of each kind
+(full attention, sliding window); this cache answers those questions from the layer of that kind that wrote last,
+which is always one that ran every step so far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from d3cli.errors import UserError
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a decoder layer that does not run: its output is its input."""
+
+    def __init__(self, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"layer_index={self.layer_index}"
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (`model.model.layers` for Llama, Qwen2, Gemma, Phi-3, Mistral...)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config(decoder=True) if config is not None else None
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and (num_layers is None or len(layers) == num_layers):
+        return layers
+    candidates = [
+        module
+        for _, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and num_layers is not None and len(module) == num_layers
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise UserError(
+        f"cannot find the decoder layers of {type(model).__name__}: d3 supports decoder-only models whose layers "
+        "form one list (Llama, Mistral, Qwen2/2.5/3, Gemma 2/3, Phi-3 and their relatives)"
+    )
+
+
+class LayerSkipper:
+    """Runs only the kept decoder layers while active; restores the model's own layers on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = find_decoder_layers(model)
+        self.original_layers = list(self.layers)
+        self.stand_ins = [SkippedLayer(index) for index in range(len(self.original_layers))]
+        self.kept: frozenset[int] = frozenset(range(len(self.original_layers)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.original_layers)
+
+    def keep(self, kept_layers: Iterable[int]) -> None:
+        """Make exactly `kept_layers` run in the next forward passes. Only changed entries are touched."""
+        kept = frozenset(kept_layers)
+        if kept == self.kept:
+            return
+        for index in kept.symmetric_difference(self.kept):
+            self.layers[index] = self.original_layers[index] if index in kept else self.stand_ins[index]
+        self.kept = kept
+
+    def restore(self) -> None:
+        self.keep(range(self.num_layers))
+
+    def __enter__(self) -> LayerSkipper:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
+
+
+class DepthDecayCache(DynamicCache):
+    """A `DynamicCache` whose mask sizes come from a layer that ran every step, never from a skipped one."""
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self._last_writer: dict[bool, int] = {}
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        keys_values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self._last_writer[self._is_sliding(layer_idx)] = layer_idx
+        return keys_values
+
+    def _is_sliding(self, layer_idx: int) -> bool:
+        return bool(getattr(self.layers[layer_idx], "is_sliding", False))
+
+    def _fresh_layer(self, layer_idx: int) -> int:
+        """The layer of the same kind as `layer_idx` that was written last, hence holds every position so far."""
+        if layer_idx >= len(self.layers):
+            return layer_idx
+        return self._last_writer.get(self._is_sliding(layer_idx), layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._fresh_layer(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._fresh_layer(layer_idx))
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the cached keys and values of every layer."""
+        total = 0
+        for layer in self.layers:
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
