@@ -10,12 +10,11 @@ import os
 import sys
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from d3cli import __version__
 from d3cli.commands.generate import generate
-from d3cli.errors import UserError
+from d3cli.errors import OutputClosed, UserError
 from d3cli.render import print_error
 
 EXIT_USER_ERROR = 2
@@ -60,6 +59,17 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
+def _is_usage_error(error: Exception) -> bool:
+    """Click's usage errors (bad option, bad value), whether Typer uses click or its own vendored copy of it."""
+    return any(cls.__name__ == "UsageError" for cls in type(error).__mro__) and hasattr(error, "format_message")
+
+
+def _usage_error_line(error) -> str:
+    context = getattr(error, "ctx", None)
+    hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+    return f"{error.format_message()}{hint}"
+
+
 def run(args: list[str] | None = None) -> int:
     """Run the app; return the exit code instead of raising, with every failure turned into one line."""
     command = typer.main.get_command(app)
@@ -69,23 +79,19 @@ def run(args: list[str] | None = None) -> int:
     except UserError as error:
         print_error(str(error))
         return EXIT_USER_ERROR
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.UsageError as error:
-        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
-        print_error(f"{error.format_message()}{hint}")
-        return EXIT_USER_ERROR
-    except click.ClickException as error:
-        print_error(error.format_message())
-        return error.exit_code
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write("\nd3: interrupted\n")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
+    except (OutputClosed, BrokenPipeError):
         _quiet_broken_pipe()
         return EXIT_BROKEN_PIPE
-    except Exception as error:  # a bug: one line, unless the user asks for the traceback
-        if os.environ.get("D3_DEBUG"):
+    except Exception as error:
+        if _is_usage_error(error):
+            print_error(_usage_error_line(error))
+            return EXIT_USER_ERROR
+        if os.environ.get("D3_DEBUG"):  # a bug: one line, unless the user asks for the traceback
             raise
         print_error(f"internal error: {type(error).__name__}: {error} (run with D3_DEBUG=1 for the traceback)")
         return 1

@@ -5,6 +5,7 @@ Model text is never parsed as markup: it is appended to `rich.text.Text` objects
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from d3cli.errors import OutputClosed
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 30
@@ -24,6 +27,19 @@ def stdout_console() -> Console:
 
 def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=False)
+
+
+def write_stdout(text: str) -> None:
+    """Plain text to stdout, flushed at once (pipes see each token as it comes)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise OutputClosed from None
+
+
+def write_json_line(record: dict) -> None:
+    write_stdout(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def print_error(message: str) -> None:
@@ -146,6 +162,8 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
     """The label/value rows of a reply's summary, from its JSON record."""
     num_layers = record["num_layers"]
     rows = [
+        ("schedule", f"α={record['alpha']}, min-layers {record['min_layers']}, head {record['head']}, "
+                     f"tail {record['tail']}, warmup {record['warmup']}, skip order {record['skip_order']}"),
         ("tokens", f"{record['generated_tokens']} ({record['finish_reason']})"),
         ("mean layers", f"{record['mean_layers']:.1f} of {num_layers}"),
         ("layer compute", f"{100 * record['layer_ratio']:.1f}% of full depth"),
@@ -168,11 +186,7 @@ def summary_panel(record: dict) -> Panel:
     table.add_column()
     for label, value in summary_rows(record):
         table.add_row(label, value)
-    schedule = (
-        f"α={record['alpha']} min-layers={record['min_layers']} head={record['head']} tail={record['tail']} "
-        f"warmup={record['warmup']} skip-order={record['skip_order']}"
-    )
-    return Panel(table, title="D3 summary", subtitle=schedule, expand=False, border_style="cyan")
+    return Panel(table, title="D3 summary", expand=False, border_style="cyan")
 
 
 def stats_line(record: dict) -> str:

@@ -5,7 +5,6 @@ A thin composition: options -> DecodeSettings -> load() -> engine.generate() -> 
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import dataclass, replace
@@ -239,11 +238,11 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
 
     record = reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline)
     if as_json:
-        write_line(json.dumps(record, ensure_ascii=False))
+        render.write_json_line(record)
     elif on_terminal:
         render.print_summary(render.stdout_console(), record)
     else:
-        write_text_end(reply.text)
+        render.write_stdout("" if reply.text.endswith("\n") else "\n")
         if stats:
             render.print_stats(record)
     if interrupted:
@@ -252,19 +251,7 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
 
 def write_text(event) -> None:
     if event.text:
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
-
-
-def write_text_end(text: str) -> None:
-    if not text.endswith("\n"):
-        sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
-def write_line(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+        render.write_stdout(event.text)
 
 
 def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, skip_bad_lines: bool) -> None:
@@ -294,7 +281,7 @@ def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, 
             if replies is None:  # stopped during the D3 run, not during the baseline
                 replies = stopped.replies
         for prepared, reply, baseline in zip(batch, replies, baselines):
-            write_line(json.dumps(line_record(loaded, prepared, reply, schedule, baseline), ensure_ascii=False))
+            render.write_json_line(line_record(loaded, prepared, reply, schedule, baseline))
         if interrupted:
             raise typer.Exit(130)
 
@@ -308,12 +295,28 @@ def line_record(loaded, prepared: PreparedPrompt, reply: Reply, schedule, baseli
 
 
 def batches(prepared_prompts, batch_size: int):
-    """Consecutive prompts whose settings allow one batch, at most `batch_size` at a time, in input order."""
+    """Consecutive prompts whose settings allow one batch, at most `batch_size` at a time, in input order.
+
+    A batch is handed out as soon as it is full; when a bad line stops the input, the good lines before it are
+    still decoded first.
+    """
     batch: list[PreparedPrompt] = []
-    for prepared in prepared_prompts:
-        if batch and (len(batch) == batch_size or prepared.settings.batch_key() != batch[0].settings.batch_key()):
+    prompts = iter(prepared_prompts)
+    while True:
+        try:
+            prepared = next(prompts)
+        except StopIteration:
+            break
+        except UserError:
+            if batch:
+                yield batch
+            raise
+        if batch and prepared.settings.batch_key() != batch[0].settings.batch_key():
             yield batch
             batch = []
         batch.append(prepared)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
     if batch:
         yield batch

@@ -1,0 +1,146 @@
+"""Shared fixtures: the embedded model (converted once per session), tiny random-weight models, a CLI runner.
+
+Tests never touch the real user cache or config: D3_CACHE_DIR points at pytest's own cache folder (so the embedded
+GGUF is converted once per checkout, not once per run), and HOME/XDG folders at temporary ones.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_user_dirs(request, tmp_path_factory):
+    """Point d3's cache at pytest's cache folder and the user's home folders at a temporary one."""
+    saved = {key: os.environ.get(key) for key in ("D3_CACHE_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE")}
+    home = tmp_path_factory.mktemp("home")
+    os.environ["D3_CACHE_DIR"] = str(request.config.cache.mkdir("d3-cache"))
+    os.environ["XDG_CONFIG_HOME"] = str(home / "config")
+    os.environ["XDG_CACHE_HOME"] = str(home / "cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach for the internet
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct, loaded through the product's own loader."""
+    from d3cli.loader import load
+
+    return load(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded):
+    return embedded.tokenizer
+
+
+TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def tiny_config(family: str, vocab_size: int, num_layers: int = 8):
+    """A small config of each supported layout; sliding windows small enough to be exceeded in the tests."""
+    import transformers
+
+    common = dict(TINY_SIZES, vocab_size=vocab_size, num_hidden_layers=num_layers, max_position_embeddings=512,
+                  initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=6)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=6, max_window_layers=3)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common)
+    if family == "gemma2":
+        return transformers.Gemma2Config(**common, sliding_window=6)
+    if family == "gemma3":  # layers 0-4 sliding, 5 full, 6-7 sliding: the first full-attention layer is a flex layer
+        return transformers.Gemma3TextConfig(**common, sliding_window=6)
+    if family == "phi3":
+        common.pop("head_dim")
+        return transformers.Phi3Config(**common, sliding_window=6)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+
+
+def build_tiny_model(family: str, vocab_size: int, num_layers: int = 8, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab_size, num_layers)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 2
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tokenizer):
+    """family -> tiny random-weight model sharing the embedded tokenizer's vocabulary."""
+    return {family: build_tiny_model(family, len(tokenizer)) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama saved as a Hugging Face folder with the embedded tokenizer: `--model DIR` loads it instantly."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def invoke(args: list[str], stdin: bytes = b"") -> CliResult:
+    """Run `d3 ARGS` in this process with stdin/stdout/stderr replaced (none is a terminal)."""
+    from d3cli.cli import run
+
+    out, err = io.BytesIO(), io.BytesIO()
+    streams = (
+        io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"),
+        io.TextIOWrapper(out, encoding="utf-8", write_through=True),
+        io.TextIOWrapper(err, encoding="utf-8", write_through=True),
+    )
+    saved = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin, sys.stdout, sys.stderr = streams
+    try:
+        code = run(args)
+        for stream in streams:
+            stream.flush()
+        result = CliResult(code, out.getvalue().decode("utf-8"), err.getvalue().decode("utf-8"))
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved
+        for stream in streams:
+            stream.detach()
+    return result
+
+
+@pytest.fixture
+def cli():
+    return invoke
+
+
+def d3_executable() -> str:
+    """The installed console script beside this interpreter."""
+    candidate = Path(sys.executable).with_name("d3")
+    return str(candidate) if candidate.exists() else "d3"
