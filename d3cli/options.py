@@ -69,7 +69,7 @@ AlphaOption = Annotated[
 ]
 MinLayersOption = Annotated[
     str,
-    typer.Option(help="Floor on the layers per token: a count (21) or a fraction of L (0.7).",
+    typer.Option(help="Floor on the layers per token: a count (24) or a fraction of L (0.8).",
                  rich_help_panel=SCHEDULE_PANEL),
 ]
 WarmupOption = Annotated[

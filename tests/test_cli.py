@@ -227,3 +227,16 @@ def test_terminal_shows_layer_bars_and_summary(tiny_model_dir):
     assert "layers per token" in screen
     strip = next(line for line in screen.splitlines() if "█" in line and "▅" in line)
     assert strip  # the per-token bars: █ for the full-depth first token, lower blocks after
+
+
+def test_ctrl_c_on_a_terminal_keeps_the_text_and_summary():
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(d3_executable(), ["generate", "-n", "400", "--no-chat", "Once upon a time"],
+                          dimensions=(30, 100), timeout=120, encoding="utf-8", env={**os.environ, "TERM": "xterm"})
+    child.expect("layers")  # the live status line: tokens are streaming
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130, child.before
+    assert "(interrupted)" in child.before and "D3 summary" in child.before
+    assert "Traceback" not in child.before

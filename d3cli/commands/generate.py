@@ -223,10 +223,14 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
         if on_terminal:
             with render.ReplyView(render.stdout_console(), schedule.num_layers) as view:
                 (reply,) = decode(loaded, [prepared], schedule, on_event=view.add, seed=seed)
+        elif as_json and sys.stdout.isatty():
+            with render.Spinner(render.stdout_console(), "generating…") as spinner:
+                (reply,) = decode(loaded, [prepared], schedule, seed=seed,
+                                  on_event=lambda event: spinner.update(f"generating… {event.index + 1} tokens"))
         else:
             (reply,) = decode(loaded, [prepared], schedule, on_event=None if as_json else write_text, seed=seed)
         if compare:
-            if on_terminal:
+            if sys.stdout.isatty():
                 with render.Spinner(render.stdout_console(), "decoding at full depth for --compare…"):
                     (baseline,) = decode(loaded, [prepared], full_depth, seed=seed)
             else:
