@@ -11,12 +11,14 @@ a changed file gets a new key and is converted again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -140,9 +142,15 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
+    with open(gguf_path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise UserError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    if sys.stderr.isatty():
+        sys.stderr.write(f"d3: converting {name} once to a cached copy (later runs load it in about a second)\n")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with _conversion_progress_only_on_a_terminal():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as error:  # transformers raises many types for a bad or unsupported GGUF
         raise UserError(f"cannot load GGUF file {gguf_path}: {_first_line(error)}") from None
     config = model.config.to_dict()
@@ -151,6 +159,23 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     save_model(model, str(out_dir / "model.safetensors"))
     model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _conversion_progress_only_on_a_terminal():
+    """Transformers draws a tqdm bar while it dequantizes a GGUF file; in a script's stderr that is noise."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None and not sys.stderr.isatty():
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def _first_line(error: BaseException) -> str:
@@ -191,11 +216,19 @@ def quiet_transformers() -> None:
 
 
 def _from_pretrained(source: str, dtype, device_map, trust_remote_code: bool, local_files_only: bool):
+    """Tokenizer and model through transformers; a refusal that is about the model (not a miss) is a UserError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
-    tokenizer = AutoTokenizer.from_pretrained(source, **options)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **options)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **options)
+    except ValueError as error:  # unsupported architecture, custom code not trusted, bad config
+        if "trust_remote_code" in str(error):
+            raise UserError(
+                f"{source} runs custom code from its repository; pass --trust-remote-code if you trust it"
+            ) from None
+        raise UserError(f"cannot load {source}: {_first_line(error)}") from None
     return model, tokenizer
 
 
@@ -203,12 +236,6 @@ def _load_hf(source: str, is_local_dir: bool, dtype, device_map, trust_remote_co
     """Load a local folder, or a hub id from the local cache first and from the hub only when it is reachable."""
     try:
         return _from_pretrained(source, dtype, device_map, trust_remote_code, local_files_only=True)
-    except ValueError as error:
-        if "trust_remote_code" in str(error):
-            raise UserError(
-                f"{source} runs custom code from its repository; pass --trust-remote-code if you trust it"
-            ) from None
-        raise UserError(f"cannot load {source}: {_first_line(error)}") from None
     except OSError as error:
         if is_local_dir:
             raise UserError(f"cannot load the model folder {source}: {_first_line(error)}") from None
@@ -221,12 +248,6 @@ def _load_hf(source: str, is_local_dir: bool, dtype, device_map, trust_remote_co
         ) from cache_miss
     try:
         return _from_pretrained(source, dtype, device_map, trust_remote_code, local_files_only=False)
-    except ValueError as error:
-        if "trust_remote_code" in str(error):
-            raise UserError(
-                f"{source} runs custom code from its repository; pass --trust-remote-code if you trust it"
-            ) from None
-        raise UserError(f"cannot load {source}: {_first_line(error)}") from None
     except OSError as error:
         raise UserError(f"cannot load {source!r} from the Hugging Face hub: {_first_line(error)}") from None
 

@@ -55,7 +55,7 @@ def test_a_changed_gguf_file_is_converted_again(tmp_path, monkeypatch):
 def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("D3_CACHE_DIR", str(tmp_path / "cache"))
     gguf = tmp_path / "broken.gguf"
-    gguf.write_bytes(b"GGUF but not really")
+    gguf.write_bytes(b"GGUF but not really a model")
     with pytest.raises(UserError, match="broken.gguf"):
         loader.converted_gguf_dir(gguf)
     assert list((tmp_path / "cache" / "models").iterdir()) == []
