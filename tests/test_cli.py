@@ -240,3 +240,30 @@ def test_ctrl_c_on_a_terminal_keeps_the_text_and_summary():
     assert child.exitstatus == 130, child.before
     assert "(interrupted)" in child.before and "D3 summary" in child.before
     assert "Traceback" not in child.before
+
+
+def test_jsonl_with_compare_has_a_baseline_per_line(cli, tiny_model_dir):
+    result = cli(["generate", "--model", str(tiny_model_dir), "-n", "5", "--jsonl", "--compare", "--alpha", "1"],
+                 stdin=b"one\ntwo\n")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [record["line"] for record in records] == [1, 2]
+    assert all(record["identical"] and record["baseline"]["token_ids"] == record["token_ids"] for record in records)
+
+
+def test_jsonl_answers_each_line_before_the_input_ends(tiny_model_dir):
+    process = subprocess.Popen(
+        [d3_executable(), "generate", "--model", str(tiny_model_dir), "-n", "4", "--jsonl", *SCHEDULE],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        process.stdin.write(b"first prompt\n")
+        process.stdin.flush()
+        first = json.loads(process.stdout.readline())  # arrives while stdin is still open
+        assert first["line"] == 1
+        process.stdin.write(b"second prompt\n")
+        process.stdin.close()
+        second = json.loads(process.stdout.readline())
+        assert second["line"] == 2
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()

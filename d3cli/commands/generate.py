@@ -270,9 +270,11 @@ def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, 
         return prepare_prompt(loaded, request.prompt, request.settings, request.line, request.request_id)
 
     requests = read_requests(sys.stdin.buffer, settings, prepare, skip_bad_lines, warn=render.print_warning)
-    for batch in batches(requests, batch_size):
+    for number, batch in enumerate(batches(requests, batch_size)):
         schedule, full_depth = schedules(loaded, batch[0].settings)
         seed = compare_seed(batch[0].settings) if compare else None
+        if compare and number == 0:
+            warm_up(loaded, batch[0], full_depth)
         replies: list[Reply] | None = None
         baselines: list[Reply | None] = [None] * len(batch)
         interrupted = False
