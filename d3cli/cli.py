@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli import __version__
+from d3cli.commands.chat import chat
 from d3cli.commands.generate import generate
 from d3cli.errors import OutputClosed, UserError
 from d3cli.render import print_error
@@ -31,7 +32,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(generate)
-# `chat`, `bench` and `profile-ppl` are registered here the same way, each from its own module in d3cli/commands/.
+app.command()(chat)
+# `bench` and `profile-ppl` are registered here the same way, each from its own module in d3cli/commands/.
 
 
 def show_version(value: bool) -> None:

@@ -40,17 +40,24 @@ class PromptBatch:
         return self.input_ids.shape[0]
 
 
-def make_prompt_batch(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str) -> PromptBatch:
-    """Left-pad token id lists into one batch; positions count only real tokens, as `model.generate` does."""
+def make_prompt_batch(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str, past_length: int = 0
+) -> PromptBatch:
+    """Left-pad token id lists into one batch; positions count only real tokens, as `model.generate` does.
+
+    `past_length` continues one sequence whose first `past_length` positions are already in the cache (chat).
+    """
     if not prompts or any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
+    if past_length and len(prompts) != 1:
+        raise ValueError("only a single sequence can continue a cache")
     longest = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         input_ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, longest - len(prompt) :] = 1
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + past_length
     padded = bool((mask == 0).any())
     return PromptBatch(
         input_ids=input_ids.to(device),
@@ -188,20 +195,23 @@ def stream_generate(
     max_new_tokens: int = 256,
     stop_strings: Sequence[str] = (),
     eos_ids: frozenset[int] | None = None,
+    cache: DepthDecayCache | None = None,
+    past_length: int = 0,
 ) -> Iterator[TokenEvent]:
     """Decode a batch of tokenized prompts with D3; yield a `TokenEvent` per generated token per row.
 
     Each row stops on its own: at an EOS token (kept in the reply's token ids, not in its text), at a stop string
-    (the text ends before it), or after `max_new_tokens` tokens.
+    (the text ends before it), or after `max_new_tokens` tokens. A chat passes its `cache`, whose first
+    `past_length` positions (held by every layer) precede the single prompt given.
     """
     eos_ids = eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids
     pad_id = pad_token_id(tokenizer, eos_ids)
     device = model_device(model)
-    batch = make_prompt_batch(prompts, pad_id, device)
+    batch = make_prompt_batch(prompts, pad_id, device, past_length)
     finished = torch.zeros(batch.size, dtype=torch.bool, device=device)
     replies = [ReplyText(tokenizer, stop_strings) for _ in prompts]
     started = time.perf_counter()
-    steps = generate_steps(model, batch, schedule, sampler, max_new_tokens, finished, pad_id)
+    steps = generate_steps(model, batch, schedule, sampler, max_new_tokens, finished, pad_id, cache)
     try:
         for step in steps:
             token_ids = step.token_ids.tolist()
@@ -243,11 +253,15 @@ def generate(
     max_new_tokens: int = 256,
     stop_strings: Sequence[str] = (),
     on_event=None,
+    cache: DepthDecayCache | None = None,
+    past_length: int = 0,
 ) -> list[Reply]:
     """Decode the prompts and return one `Reply` per prompt; `on_event(event)` sees every token as it comes."""
     collector = ReplyCollector(len(prompts))
+    events = stream_generate(model, tokenizer, prompts, schedule, sampler, max_new_tokens, stop_strings,
+                             cache=cache, past_length=past_length)
     try:
-        for event in stream_generate(model, tokenizer, prompts, schedule, sampler, max_new_tokens, stop_strings):
+        for event in events:
             collector.add(event)
             if on_event is not None:
                 on_event(event)

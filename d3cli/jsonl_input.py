@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from d3cli.errors import UserError
 from d3cli.prompts import decode_utf8
-from d3cli.settings import DecodeSettings, apply_line_options, json_type
+from d3cli.settings import DecodeSettings, apply_options, json_type
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def parse_line(text: str, line: int, base: DecodeSettings) -> LineRequest | None
         raise UserError('a JSON line needs a "prompt" string' if prompt is None
                         else f'"prompt" must be a string, not {json_type(prompt)}')
     request_id = fields.pop("id", None)
-    settings = apply_line_options(base, fields)
+    settings = apply_options(base, fields, extra_keys=("prompt", "id"))
     return LineRequest(line, prompt, settings, request_id)
 
 

@@ -203,3 +203,42 @@ def print_stats(record: dict) -> None:
     sys.stderr.write(stats_line(record) + "\n")
     sys.stderr.flush()
 
+
+
+def turn_summary(record: dict) -> str:
+    """One line after each chat reply."""
+    return (f"{record['generated_tokens']} tokens ({record['finish_reason']}) · "
+            f"{record['mean_layers']:.1f}/{record['num_layers']} layers · {record['tokens_per_s']:.1f} tok/s · "
+            f"estimated speedup {record['estimated_speedup']:.2f}×")
+
+
+def print_turn_summary(console: Console, record: dict) -> None:
+    console.print(Text(turn_summary(record), style="dim"))
+
+
+def print_chat_banner(console: Console, model_name: str, settings_text: str) -> None:
+    console.print(Text.assemble(("d3 chat", "bold cyan"), f" · {model_name}"))
+    console.print(Text(f"{settings_text} · /help for commands · Ctrl-D to leave", style="dim"))
+
+
+def print_info(console: Console, message: str) -> None:
+    console.print(Text(message, style="cyan"))
+
+
+def stats_text(totals: dict) -> str:
+    return (f"{totals['turns']} replies, {totals['generated_tokens']} tokens, mean layers "
+            f"{totals['mean_layers']:.1f} of {totals['num_layers']} ({100 * totals['layer_ratio']:.1f}% of full "
+            f"depth), {totals['tokens_per_s']:.1f} tokens/s, estimated speedup {totals['estimated_speedup']:.2f}×")
+
+
+def print_session_stats(console: Console, totals: dict) -> None:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("replies", str(totals["turns"]))
+    table.add_row("tokens", str(totals["generated_tokens"]))
+    table.add_row("mean layers", f"{totals['mean_layers']:.1f} of {totals['num_layers']}")
+    table.add_row("layer compute", f"{100 * totals['layer_ratio']:.1f}% of full depth")
+    table.add_row("tokens/s", f"{totals['tokens_per_s']:.1f}")
+    table.add_row("speedup (estimated)", f"{totals['estimated_speedup']:.2f}× from layer counts; an upper bound")
+    console.print(Panel(table, title="session", expand=False, border_style="cyan"))

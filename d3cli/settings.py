@@ -1,6 +1,6 @@
 """What one reply needs besides its prompt: depth schedule, sampling, length, stops, prompt format. No torch here.
 
-Command-line options, per-line JSONL options (and, later, configuration files) all end up as a `DecodeSettings`.
+Command-line options, per-line JSONL options and saved chats all end up as a `DecodeSettings`.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class DecodeSettings:
         return dataclasses.astuple(dataclasses.replace(self, chat=None, system=None))
 
 
-# Keys a JSONL line may carry besides "prompt", and the type each must have.
-LINE_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+# The options a JSONL line or a saved chat may carry, and the JSON type each must have.
+OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "alpha": (int, float),
     "min_layers": (int, float, str),
     "warmup": (int,),
@@ -87,6 +87,7 @@ LINE_OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "system": (str,),
 }
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
+NULLABLE_KEYS = ("seed", "chat", "system")  # null means "not set"
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -94,15 +95,19 @@ def did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def apply_line_options(base: DecodeSettings, options: dict) -> DecodeSettings:
-    """`base` with the per-line options of a JSONL request applied; raises UserError naming a bad key or value."""
+def apply_options(base: DecodeSettings, options: dict, extra_keys: tuple[str, ...] = ()) -> DecodeSettings:
+    """`base` with JSON-style options applied; raises UserError naming a bad key or value.
+
+    `extra_keys` are keys the caller handles itself, offered in "did you mean" suggestions."""
     changes: dict[str, object] = {}
     sampling_changes: dict[str, object] = {}
     for key, value in options.items():
-        expected = LINE_OPTION_TYPES.get(key)
+        expected = OPTION_TYPES.get(key)
         if expected is None:
-            raise UserError(f"unknown key {key!r}{did_you_mean(key, [*LINE_OPTION_TYPES, 'prompt', 'id'])}")
-        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+            raise UserError(f"unknown key {key!r}{did_you_mean(key, [*OPTION_TYPES, *extra_keys])}")
+        if value is None and key in NULLABLE_KEYS:
+            pass
+        elif isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
             names = " or ".join(kind.__name__ for kind in expected)
             raise UserError(f"key {key!r} must be {names}, not {json_type(value)}")
         if key in ("min_layers", "head", "tail"):
@@ -115,6 +120,14 @@ def apply_line_options(base: DecodeSettings, options: dict) -> DecodeSettings:
     if sampling_changes:
         changes["sampling"] = dataclasses.replace(base.sampling, **sampling_changes)
     return dataclasses.replace(base, **changes)
+
+
+def settings_as_options(settings: DecodeSettings) -> dict[str, object]:
+    """The JSON-style options that `apply_options` turns back into these settings."""
+    options = {key: getattr(settings, key) for key in OPTION_TYPES if key not in SAMPLING_KEYS}
+    options.update({key: getattr(settings.sampling, key) for key in SAMPLING_KEYS})
+    options["stop"] = list(settings.stop)
+    return options
 
 
 def json_type(value: object) -> str:

@@ -116,6 +116,26 @@ class DepthDecayCache(DynamicCache):
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return super().get_mask_sizes(query_length, self._fresh_layer(layer_idx))
 
+    def held_by_every_layer(self) -> int:
+        """How many leading positions every layer holds: after a reply, the part computed at full depth."""
+        return min((layer.get_seq_length() for layer in self.layers), default=0)
+
+    def crop_to(self, length: int) -> bool:
+        """Keep the first `length` positions in every layer. False when a sliding-window layer has already
+        forgotten positions it would need (the caller then starts a fresh cache)."""
+        for layer in self.layers:
+            held = layer.get_seq_length()
+            if held <= length:
+                continue
+            if getattr(layer, "is_sliding", False) and held >= getattr(layer, "sliding_window", held + 1):
+                return False
+        for layer in self.layers:
+            held = layer.get_seq_length()
+            if held > length:
+                layer.crop(length - held)
+        self._last_writer.clear()
+        return True
+
     def kv_bytes(self) -> int:
         """Bytes held by the cached keys and values of every layer."""
         total = 0

@@ -51,7 +51,7 @@ def tokenizer(embedded):
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
-def tiny_config(family: str, vocab_size: int, num_layers: int = 8):
+def tiny_config(family: str, vocab_size: int, num_layers: int = 8, window: int = 6):
     """A small config of each supported layout; sliding windows small enough to be exceeded in the tests."""
     import transformers
 
@@ -60,29 +60,30 @@ def tiny_config(family: str, vocab_size: int, num_layers: int = 8):
     if family == "llama":
         return transformers.LlamaConfig(**common)
     if family == "mistral":
-        return transformers.MistralConfig(**common, sliding_window=6)
+        return transformers.MistralConfig(**common, sliding_window=window)
     if family == "qwen2":
-        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=6, max_window_layers=3)
+        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=3)
     if family == "qwen3":
         return transformers.Qwen3Config(**common)
     if family == "gemma2":
-        return transformers.Gemma2Config(**common, sliding_window=6)
+        return transformers.Gemma2Config(**common, sliding_window=window)
     if family == "gemma3":  # layers 0-4 sliding, 5 full, 6-7 sliding: the first full-attention layer is a flex layer
-        return transformers.Gemma3TextConfig(**common, sliding_window=6)
+        return transformers.Gemma3TextConfig(**common, sliding_window=window)
     if family == "phi3":
         common.pop("head_dim")
-        return transformers.Phi3Config(**common, sliding_window=6)
+        return transformers.Phi3Config(**common, sliding_window=window)
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+SLIDING_FAMILIES = ["mistral", "qwen2", "gemma2", "gemma3", "phi3"]
 
 
-def build_tiny_model(family: str, vocab_size: int, num_layers: int = 8, seed: int = 0):
+def build_tiny_model(family: str, vocab_size: int, num_layers: int = 8, seed: int = 0, window: int = 6):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(family, vocab_size, num_layers)
+    config = tiny_config(family, vocab_size, num_layers, window)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 2
