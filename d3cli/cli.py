@@ -14,7 +14,9 @@ import typer
 
 from d3cli import __version__
 from d3cli.commands.chat import chat
+from d3cli.commands.config import ConfigState, config_app
 from d3cli.commands.generate import generate
+from d3cli.config import load_configuration, option_defaults, subcommands
 from d3cli.errors import OutputClosed, UserError
 from d3cli.render import print_error
 
@@ -33,6 +35,7 @@ app = typer.Typer(
 )
 app.command()(generate)
 app.command()(chat)
+app.add_typer(config_app, name="config")
 # `bench` and `profile-ppl` are registered here the same way, each from its own module in d3cli/commands/.
 
 
@@ -61,6 +64,21 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
+def configuration_state() -> ConfigState:
+    """Settings from files and D3_* variables, or the reason they could not be read."""
+    defaults = {name: option_defaults(callback) for name, callback in subcommands(app).items()}
+    try:
+        return ConfigState(load_configuration(app), None, defaults)
+    except UserError as problem:
+        return ConfigState(None, problem, defaults)
+
+
+def _runs_config_command(arguments: list[str]) -> bool:
+    """`d3 config ...` must work with a broken configuration file: it is how one finds the file."""
+    words = [argument for argument in arguments if not argument.startswith("-")]
+    return bool(words) and words[0] == "config"
+
+
 def _is_usage_error(error: Exception) -> bool:
     """Click's usage errors (bad option, bad value), whether Typer uses click or its own vendored copy of it."""
     return any(cls.__name__ == "UsageError" for cls in type(error).__mro__) and hasattr(error, "format_message")
@@ -75,8 +93,14 @@ def _usage_error_line(error) -> str:
 def run(args: list[str] | None = None) -> int:
     """Run the app; return the exit code instead of raising, with every failure turned into one line."""
     command = typer.main.get_command(app)
+    arguments = sys.argv[1:] if args is None else list(args)
     try:
-        result = command.main(args=args, prog_name="d3", standalone_mode=False)
+        state = configuration_state()
+        if state.problem is not None and not _runs_config_command(arguments):
+            raise state.problem
+        default_map = state.configuration.default_map() if state.configuration else None
+        result = command.main(args=arguments, prog_name="d3", standalone_mode=False, default_map=default_map,
+                              obj=state)
         return result if isinstance(result, int) else 0
     except UserError as error:
         print_error(str(error))

@@ -268,4 +268,6 @@ def generate(
     except KeyboardInterrupt:
         collector.mark_interrupted()
         raise GenerationInterrupted(collector.replies) from None
+    finally:
+        events.close()  # now, not whenever the generator is collected: the model gets its own layers back
     return collector.replies

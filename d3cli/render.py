@@ -242,3 +242,17 @@ def print_session_stats(console: Console, totals: dict) -> None:
     table.add_row("tokens/s", f"{totals['tokens_per_s']:.1f}")
     table.add_row("speedup (estimated)", f"{totals['estimated_speedup']:.2f}× from layer counts; an upper bound")
     console.print(Panel(table, title="session", expand=False, border_style="cyan"))
+
+
+def print_settings(console: Console, rows: dict[str, dict[str, dict]]) -> None:
+    """`d3 config show`: each subcommand's settings with their sources."""
+    for command, settings in rows.items():
+        table = Table(title=f"d3 {command}", title_justify="left", show_edge=False, header_style="bold")
+        table.add_column("key")
+        table.add_column("value")
+        table.add_column("from", style="dim")
+        for key, setting in settings.items():
+            source = setting["source"]
+            table.add_row(key, json.dumps(setting["value"], ensure_ascii=False),
+                          Text(source, style="dim" if source == "default" else "cyan"))
+        console.print(table)

@@ -62,6 +62,8 @@ class LayerSkipper:
 
     def __init__(self, model: nn.Module):
         self.layers = find_decoder_layers(model)
+        if any(isinstance(layer, SkippedLayer) for layer in self.layers):
+            raise RuntimeError("the model still has skipped layers from an unfinished decode: close its generator")
         self.original_layers = list(self.layers)
         self.stand_ins = [SkippedLayer(index) for index in range(len(self.original_layers))]
         self.kept: frozenset[int] = frozenset(range(len(self.original_layers)))

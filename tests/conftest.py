@@ -35,6 +35,15 @@ def isolated_user_dirs(request, tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def clean_working_directory(tmp_path, monkeypatch):
+    """Each test runs in an empty folder with no D3_* settings, so no d3.toml or variable of the developer's leaks in."""
+    monkeypatch.chdir(tmp_path)
+    for variable in list(os.environ):
+        if variable.startswith("D3_") and variable != "D3_CACHE_DIR":
+            monkeypatch.delenv(variable)
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct, loaded through the product's own loader."""
