@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -18,7 +19,7 @@ from d3cli.commands.config import ConfigState, config_app
 from d3cli.commands.generate import generate
 from d3cli.config import load_configuration, option_defaults, subcommands
 from d3cli.errors import OutputClosed, UserError
-from d3cli.render import print_error
+from d3cli.render import print_error, write_stdout
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -36,6 +37,22 @@ app = typer.Typer(
 app.command()(generate)
 app.command()(chat)
 app.add_typer(config_app, name="config")
+
+
+class Shell(str, Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command()
+def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]) -> None:
+    """Print the shell completion script for SHELL (the README says where to put it)."""
+    from d3cli.completions import script
+
+    write_stdout(script(app, shell.value))
+
+
 # `bench` and `profile-ppl` are registered here the same way, each from its own module in d3cli/commands/.
 
 
