@@ -260,7 +260,10 @@ def load(
     device_map: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, ready for decoding on the chosen device and dtype."""
+    """Load a causal LM and its tokenizer, ready for decoding on the chosen device and dtype.
+
+    `device`, `dtype` and `device_map` may be the CLI's enum members or their string values."""
+    device, dtype, device_map = (getattr(value, "value", value) for value in (device, dtype, device_map))
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise UserError(f"unknown device map {device_map!r} (choose from: {', '.join(DEVICE_MAPS)})")
     target_device = resolve_device(device)

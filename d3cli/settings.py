@@ -49,6 +49,24 @@ class DecodeSettings:
             raise UserError("--system needs the chat template; it cannot be combined with --no-chat")
         check_parameters(self.alpha, self.min_layers, self.warmup, self.head, self.tail, self.skip_order)
 
+    @classmethod
+    def from_options(cls, *, alpha, min_layers, warmup, head, tail, skip_order, max_new_tokens, temperature, top_k,
+                     top_p, seed, stop, chat=None, system=None) -> DecodeSettings:
+        """The settings of a subcommand's command-line options (layer counts as typed, the skip order's enum)."""
+        return cls(
+            alpha=alpha,
+            min_layers=parse_layer_count(min_layers, "min-layers"),
+            warmup=warmup,
+            head=parse_layer_count(head, "head"),
+            tail=parse_layer_count(tail, "tail"),
+            skip_order=getattr(skip_order, "value", skip_order),
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+            stop=tuple(stop or ()),
+            chat=chat,
+            system=system,
+        )
+
     def schedule_for(self, num_layers: int) -> DecaySchedule:
         return DecaySchedule.build(
             num_layers,

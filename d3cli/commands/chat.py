@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -43,7 +43,6 @@ from d3cli.options import (
 )
 from d3cli.prompts import decode_utf8
 from d3cli.results import reply_record
-from d3cli.sampling import SamplingSettings
 from d3cli.schedule import (
     DEFAULT_ALPHA,
     DEFAULT_HEAD,
@@ -87,23 +86,15 @@ def chat(
 
     Type /help in the chat for its commands. Piped, each input line is one user turn.
     """
-    settings = DecodeSettings(
-        alpha=alpha,
-        min_layers=parse_layer_count(min_layers, "min-layers"),
-        warmup=warmup,
-        head=parse_layer_count(head, "head"),
-        tail=parse_layer_count(tail, "tail"),
-        skip_order=getattr(skip_order, "value", skip_order),
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-        stop=tuple(stop or ()),
+    settings = DecodeSettings.from_options(
+        alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
         chat=True,
     )
     from d3cli.conversation import Conversation
     from d3cli.loader import load
 
-    loaded = load(model, device=getattr(device, "value", device), dtype=getattr(dtype, "value", dtype),
-                  device_map=getattr(device_map, "value", device_map), trust_remote_code=trust_remote_code)
+    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     conversation = Conversation(loaded, settings, system=system)
     conversation.settings.schedule_for(conversation.num_layers)  # the depth options fit this model
     scripted = jsonl or not sys.stdin.isatty()

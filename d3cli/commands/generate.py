@@ -38,7 +38,6 @@ from d3cli.options import (
 )
 from d3cli.prompts import check_fits_context, encode_prompt, read_stdin_prompt
 from d3cli.results import Reply, reply_record
-from d3cli.sampling import SamplingSettings
 from d3cli.schedule import (
     DEFAULT_ALPHA,
     DEFAULT_HEAD,
@@ -46,7 +45,6 @@ from d3cli.schedule import (
     DEFAULT_SKIP_ORDER,
     DEFAULT_TAIL,
     DEFAULT_WARMUP,
-    parse_layer_count,
 )
 from d3cli.settings import DEFAULT_MAX_NEW_TOKENS, DecodeSettings
 
@@ -118,18 +116,10 @@ def generate(
     Token i of the reply runs floor(L·α^i) of the model's L layers (never fewer than --min-layers).
     On a terminal the text streams with a bar of each token's layer count; piped, only the text is printed.
     """
-    settings = DecodeSettings(
-        alpha=alpha,
-        min_layers=parse_layer_count(min_layers, "min-layers"),
-        warmup=warmup,
-        head=parse_layer_count(head, "head"),
-        tail=parse_layer_count(tail, "tail"),
-        skip_order=getattr(skip_order, "value", skip_order),
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-        stop=tuple(stop or ()),
-        chat=chat,
-        system=system,
+    settings = DecodeSettings.from_options(
+        alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+        chat=chat, system=system,
     )
     if as_json and jsonl:
         raise UserError("--json and --jsonl cannot be combined: --jsonl already prints JSON, one line per prompt")
@@ -150,8 +140,7 @@ def generate(
 
     from d3cli.loader import load
 
-    loaded = load(model, device=getattr(device, "value", device), dtype=getattr(dtype, "value", dtype),
-                  device_map=getattr(device_map, "value", device_map), trust_remote_code=trust_remote_code)
+    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     if jsonl:
         run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)
     else:

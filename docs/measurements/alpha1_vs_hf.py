@@ -14,7 +14,6 @@ import time
 
 import torch
 
-from d3cli.engine import generate
 from d3cli.loader import load
 from d3cli.prompts import encode_chat
 from d3cli.schedule import DecaySchedule
