@@ -169,3 +169,14 @@ def test_arrow_up_recalls_the_previous_message(tiny_model_dir, tmp_path):
     child.expect("you ❯ ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+
+
+def test_a_full_context_drops_the_oldest_turns_with_a_notice(cli, tiny_model_dir):
+    long_message = ("word " * 150).strip()  # the tiny model has 512 positions
+    result = cli([*chat_args(tiny_model_dir), "--jsonl", "--system", "Be calm."],
+                 stdin=("\n".join([long_message] * 4) + "\n").encode())
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 4
+    assert "dropped the" in result.stderr and "oldest" in result.stderr
+    assert all(record["prompt_tokens"] + record["generated_tokens"] <= 512 for record in records)
