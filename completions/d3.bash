@@ -7,6 +7,7 @@ _d3() {
         case "$path:${COMP_WORDS[i]}" in
             ":generate") path="generate" ;;
             ":chat") path="chat" ;;
+            ":bench") path="bench" ;;
             ":completions") path="completions" ;;
             ":config") path="config" ;;
             "config:show") path="config show" ;;
@@ -49,14 +50,36 @@ _d3() {
         "chat:--seed") COMPREPLY=(); return ;;
         "chat:--stop") COMPREPLY=(); return ;;
         "chat:--system"|"chat:-s") COMPREPLY=(); return ;;
+        "bench:--task") COMPREPLY=(); return ;;
+        "bench:--subtasks") COMPREPLY=(); return ;;
+        "bench:--limit") COMPREPLY=(); return ;;
+        "bench:--shots") COMPREPLY=(); return ;;
+        "bench:--data-dir") COMPREPLY=(); return ;;
+        "bench:--methods") COMPREPLY=(); return ;;
+        "bench:--model"|"bench:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "bench:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
+        "bench:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+        "bench:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "bench:--alpha"|"bench:-a") COMPREPLY=(); return ;;
+        "bench:--min-layers") COMPREPLY=(); return ;;
+        "bench:--warmup") COMPREPLY=(); return ;;
+        "bench:--head") COMPREPLY=(); return ;;
+        "bench:--tail") COMPREPLY=(); return ;;
+        "bench:--skip-order") COMPREPLY=($(compgen -W "middle late" -- "$cur")); return ;;
+        "bench:--max-new-tokens"|"bench:-n") COMPREPLY=(); return ;;
+        "bench:--temperature"|"bench:-t") COMPREPLY=(); return ;;
+        "bench:--seed") COMPREPLY=(); return ;;
+        "bench:--batch-size"|"bench:-b") COMPREPLY=(); return ;;
+        "bench:--output"|"bench:-o") COMPREPLY=(); return ;;
     esac
     case "$path" in
-        "") options="--version --help -h"; words="generate chat completions config" ;;
+        "") options="--version --help -h"; words="generate chat bench completions config" ;;
         "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
         "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
+        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;
         "config") options="--help -h"; words="show path" ;;
-        "config show") options="--json --help -h"; words="generate chat" ;;
+        "config show") options="--json --help -h"; words="generate chat bench" ;;
         "config path") options="--help -h"; words="" ;;
     esac
     if [[ "$cur" == -* ]]; then

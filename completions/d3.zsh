@@ -5,7 +5,7 @@
 _d3() {
     local curcontext="$curcontext" state line
     local -a subcommands
-    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
+    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
     _arguments -C \
         '(--version)--version[Print the version and exit.]' \
         '(--help -h)--help[Show this message and exit.]' \
@@ -17,6 +17,7 @@ _d3() {
             case $words[1] in
                 generate) _d3_generate ;;
                 chat) _d3_chat ;;
+                bench) _d3_bench ;;
                 completions) _d3_completions ;;
                 config) _d3_config ;;
             esac ;;
@@ -93,6 +94,44 @@ _d3_chat() {
         '*::argument: '
 }
 
+_d3_bench() {
+    _arguments -s \
+        '(--task)--task[gsm8k or bbh.]:value: ' \
+        '(--subtasks)--subtasks[BBH subtasks, comma-separated (default\: all 27).]:value: ' \
+        '(--limit)--limit[Only the first N examples (per BBH subtask).]:value: ' \
+        '(--shots)--shots[Few-shot exemplars (gsm8k\: 8, bbh\: 3).]:value: ' \
+        '(--chat)--chat[Zero-shot through the model'\''s chat template instead of few-shot.]' \
+        '(--data-dir)--data-dir[Folder with gsm8k/ and bbh/ (default\: $D3_DATA_DIR, else a download cache under ~/.cache/d3/data).]:value: ' \
+        '(--methods)--methods[Which of d3, static, linear to run beside full depth.]:value: ' \
+        '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
+        '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
+        '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
+        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
+        '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--alpha -a)--alpha[D3 decay rates, comma-separated\: one D3 run (and its matched baselines) each.]:value: ' \
+        '(--alpha -a)-a[D3 decay rates, comma-separated\: one D3 run (and its matched baselines) each.]:value: ' \
+        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
+        '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
+        '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
+        '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
+        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward) or late (deepest first).]:value:(middle late)' \
+        '(--max-new-tokens -n)--max-new-tokens[Most tokens per answer.]:value: ' \
+        '(--max-new-tokens -n)-n[Most tokens per answer.]:value: ' \
+        '(--temperature -t)--temperature[0 = greedy; above 0 samples.]:value: ' \
+        '(--temperature -t)-t[0 = greedy; above 0 samples.]:value: ' \
+        '(--seed)--seed[Seed for sampling, for a reproducible reply.]:value: ' \
+        '(--batch-size -b)--batch-size[Examples decoded at once (rows share each step'\''s depth).]:value: ' \
+        '(--batch-size -b)-b[Examples decoded at once (rows share each step'\''s depth).]:value: ' \
+        '(--output -o)--output[Per-example results, JSONL (default\: d3-bench-TASK-MODEL.jsonl here).]:value: ' \
+        '(--output -o)-o[Per-example results, JSONL (default\: d3-bench-TASK-MODEL.jsonl here).]:value: ' \
+        '(--resume)--resume[Continue the run in --output\: only unfinished examples run.]' \
+        '(--json)--json[Print the summary as JSON on stdout (the table goes to stderr).]' \
+        '(--help -h)--help[Show this message and exit.]' \
+        '(--help -h)-h[Show this message and exit.]' \
+        '*::argument: '
+}
+
 _d3_completions() {
     _arguments -s \
         '(--help -h)--help[Show this message and exit.]' \
@@ -123,7 +162,7 @@ _d3_config_show() {
         '(--json)--json[Print the settings as JSON.]' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
-        '1::argument:(generate chat)'
+        '1::argument:(generate chat bench)'
 }
 
 _d3_config_path() {

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli import __version__
+from d3cli.commands.bench import bench
 from d3cli.commands.chat import chat
 from d3cli.commands.config import ConfigState, config_app
 from d3cli.commands.generate import generate
@@ -36,6 +37,7 @@ app = typer.Typer(
 )
 app.command()(generate)
 app.command()(chat)
+app.command()(bench)
 app.add_typer(config_app, name="config")
 
 
@@ -53,7 +55,7 @@ def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish."
     write_stdout(script(app, shell.value))
 
 
-# `bench` and `profile-ppl` are registered here the same way, each from its own module in d3cli/commands/.
+# `profile-ppl` is registered here the same way, from its own module in d3cli/commands/.
 
 
 def show_version(value: bool) -> None:

@@ -141,6 +141,17 @@ def check_value(spec: OptionSpec, value: object) -> object:
         if not isinstance(values, list) or not all(isinstance(item, str) for item in values):
             raise UserError(f"must be {spec.describe()}, not {json_type(value)}")
         return values
+    if spec.key == "alpha" and spec.kind == "text":  # bench's comma-separated list of decay rates
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"must be a number or numbers separated by commas, not {json_type(value)}")
+        for part in str(value).split(","):
+            try:
+                number = float(part)
+            except ValueError:
+                raise UserError(f"must be numbers separated by commas, not {value!r}") from None
+            if problem := VALUE_CHECKS["alpha"](number):
+                raise UserError(f"{problem}, not {number:g}")
+        return str(value)
     if spec.key in LAYER_COUNT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UserError(f"must be {spec.describe()}, not {json_type(value)}")
@@ -297,15 +308,14 @@ def apply_table(configuration: Configuration, table: dict, shared_keys: dict[str
                 raise UserError(f"{path}: unknown table [{key}]{did_you_mean(key, commands)} "
                                 f"(tables: {', '.join(commands)})")
             continue
-        spec = shared_keys.get(key)
-        if spec is None:
+        if key not in shared_keys:
             raise UserError(f"{path}: unknown key {key!r}{did_you_mean(key, shared_keys)}")
-        try:
-            checked = check_value(spec, value)
-        except UserError as error:
-            raise UserError(f"{path}: key {key!r} {error}") from None
         for command, command_specs in commands.items():
-            if key in command_specs:
+            if key in command_specs:  # each subcommand checks it by its own option's type
+                try:
+                    checked = check_value(command_specs[key], value)
+                except UserError as error:
+                    raise UserError(f"{path}: key {key!r} {error}") from None
                 configuration.by_command[command][key] = Setting(checked, source)
     for command, command_specs in commands.items():
         section = table.get(command)

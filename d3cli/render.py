@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -256,3 +257,59 @@ def print_settings(console: Console, rows: dict[str, dict[str, dict]]) -> None:
             table.add_row(key, json.dumps(setting["value"], ensure_ascii=False),
                           Text(source, style="dim" if source == "default" else "cyan"))
         console.print(table)
+
+
+class BenchProgress:
+    """One progress bar per method with its ETA, on stderr."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> BenchProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+    def add(self, key: str, label: str, total: int, completed: int) -> None:
+        self.tasks[key] = self.progress.add_task(label, total=total, completed=completed, start=False)
+
+    def start(self, key: str) -> None:
+        self.progress.start_task(self.tasks[key])
+
+    def advance(self, key: str) -> None:
+        self.progress.advance(self.tasks[key])
+
+
+def _points(value) -> str:
+    return "" if value is None else f"{value:+.1f}"
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def print_bench_table(console: Console, summary: dict) -> None:
+    """`d3 bench`'s summary: one row per method (every number is also in --json)."""
+    table = Table(title=f"d3 bench · {summary['task']} · {summary['model']} · {summary['examples']} examples",
+                  title_justify="left", header_style="bold", box=None, padding=(0, 1))
+    table.add_column("method", no_wrap=True)
+    for heading in ("strict", "flex", "Δpts", "agree", "layers", "tokens", "tok/s", "speedup"):
+        table.add_column(heading, justify="right", no_wrap=True)
+    for row in summary["methods"]:
+        table.add_row(
+            row["label"], _percent(row["accuracy"]), _percent(row["accuracy_flexible"]),
+            _points(row["delta_points"]), _percent(row["agreement"]), f"{row['mean_layers']:.1f}",
+            str(row["generated_tokens"]), f"{row['tokens_per_s']:.1f}",
+            "" if row["measured_speedup"] is None else f"{row['measured_speedup']:.2f}×",
+        )
+    console.print(table)
+    console.print(Text("strict, flex: accuracy by the two answer extractors; Δpts: strict accuracy minus full "
+                       "depth's; agree: same flexible answer as full depth; static and linear use the mean depth "
+                       "of the d3 run with their α; speedup: tokens/s over full depth's", style="dim"))
+    console.print(Text(f"per-example results: {summary['output']}", style="dim"))

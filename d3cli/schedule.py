@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
 from d3cli.errors import UserError
@@ -193,16 +193,60 @@ class DecaySchedule:
         """True when every step runs every layer (alpha = 1 or a floor of L)."""
         return self.alpha == 1.0 or self.min_layers == self.num_layers
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "alpha": self.alpha,
-            "min_layers": self.min_layers,
-            "warmup": self.warmup,
-            "head": self.head,
-            "tail": self.tail,
-            "skip_order": self.skip_order,
-            "num_layers": self.num_layers,
-        }
+    @property
+    def method(self) -> str:
+        return "d3"
+
+
+def _base_fields(schedule: DecaySchedule) -> dict[str, object]:
+    return {item.name: getattr(schedule, item.name) for item in fields(DecaySchedule)}
+
+
+@dataclass(frozen=True)
+class StaticSchedule(DecaySchedule):
+    """A baseline without position awareness: every generated token after the first runs the same `depth` layers,
+    dropped in the same skip order (the first token comes from the full-depth prefill, as in D3)."""
+
+    depth: int = 0
+
+    @classmethod
+    def like(cls, schedule: DecaySchedule, depth: int) -> StaticSchedule:
+        depth = max(schedule.head + schedule.tail, min(schedule.num_layers, depth))
+        return cls(**_base_fields(schedule), depth=depth)
+
+    def layers_at(self, step: int) -> int:
+        return self.num_layers if step == 0 else self.depth
+
+    def is_full_depth(self) -> bool:
+        return self.depth == self.num_layers
+
+    @property
+    def method(self) -> str:
+        return "static"
+
+
+@dataclass(frozen=True)
+class LinearSchedule(DecaySchedule):
+    """A SkipDecode-style baseline: depth falls linearly with position, `slope` layers per token, down to the core
+    layers (head + tail), dropped in the same skip order."""
+
+    slope: float = 0.0
+
+    @classmethod
+    def like(cls, schedule: DecaySchedule, slope: float) -> LinearSchedule:
+        base = _base_fields(schedule) | {"min_layers": schedule.head + schedule.tail}
+        return cls(**base, slope=max(0.0, slope))
+
+    def layers_at(self, step: int) -> int:
+        depth = math.floor(self.num_layers - self.slope * step + 0.5)
+        return max(self.min_layers, min(self.num_layers, depth))
+
+    def is_full_depth(self) -> bool:
+        return self.slope == 0.0
+
+    @property
+    def method(self) -> str:
+        return "linear"
 
 
 @lru_cache(maxsize=4096)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("D3_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,6 +43,14 @@ def clean_working_directory(tmp_path, monkeypatch):
     for variable in list(os.environ):
         if variable.startswith("D3_") and variable != "D3_CACHE_DIR":
             monkeypatch.delenv(variable)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The benchmark data beside the checkout (../shared/data), as CI has it."""
+    if not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file():
+        pytest.skip(f"no benchmark data in {SHARED_DATA} (set D3_TEST_DATA)")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

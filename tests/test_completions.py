@@ -24,7 +24,7 @@ def test_committed_scripts_are_up_to_date(shell):
 def test_the_tree_has_every_subcommand_option_and_choice():
     root = app_completion(app)
     commands = {sub.name: sub for sub in root.subcommands}
-    assert {"generate", "chat", "config", "completions"} <= commands.keys()
+    assert {"generate", "chat", "bench", "config", "completions"} <= commands.keys()
     generate = {name: option for option in commands["generate"].options for name in option.names}
     assert generate["--device"].choices == ("auto", "cpu", "cuda", "mps")
     assert generate["--skip-order"].choices == ("middle", "late")
@@ -44,7 +44,7 @@ def bash_complete(words: list[str]) -> list[str]:
 
 
 def test_bash_completes_subcommands_options_and_choices():
-    assert bash_complete(["d3", "''"]) == ["generate", "chat", "completions", "config"]
+    assert bash_complete(["d3", "''"]) == ["generate", "chat", "bench", "completions", "config"]
     assert bash_complete(["d3", "gen"]) == ["generate"]
     assert set(bash_complete(["d3", "generate", "--dev"])) == {"--device", "--device-map"}
     assert bash_complete(["d3", "chat", "--skip-order", "''"]) == ["middle", "late"]
@@ -52,6 +52,7 @@ def test_bash_completes_subcommands_options_and_choices():
     assert bash_complete(["d3", "config", "''"]) == ["show", "path"]
     assert bash_complete(["d3", "config", "show", "g"]) == ["generate"]
     assert bash_complete(["d3", "completions", "z"]) == ["zsh"]
+    assert set(bash_complete(["d3", "bench", "--ta"])) == {"--task", "--tail"}
 
 
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")

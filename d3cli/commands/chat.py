@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +19,7 @@ import typer
 
 from d3cli import render
 from d3cli.errors import UserError
+from d3cli.files import write_atomically
 from d3cli.options import (
     OUTPUT_PANEL,
     AlphaOption,
@@ -313,26 +313,6 @@ COMMANDS: dict[str, SlashCommand] = {
 def write_text(event) -> None:
     if event.text:
         render.write_stdout(event.text)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def read_saved_chat(path: Path, base: DecodeSettings):

@@ -1,0 +1,303 @@
+"""`d3 bench` runs: full depth against D3 and matched-compute baselines, on the same examples, resumable.
+
+Methods, in the order they run: `full` (every layer, the reference), `d3` at each α, then for each α the baselines
+matched to that D3 run's mean depth over its generated tokens: `static` (one depth for every token after the first,
+the same skip order) and `linear` (SkipDecode-style: depth falls linearly with position).
+
+Every finished example is appended to a JSONL file at once (flushed and fsynced); `--resume` reads it back and runs
+only what is missing, and the summary is computed from that file alone, so an interrupted-and-resumed run and an
+uninterrupted one summarize the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from d3cli import __version__
+from d3cli.errors import UserError
+from d3cli.schedule import DecaySchedule, LinearSchedule, StaticSchedule
+from d3cli.settings import DecodeSettings, settings_as_options
+from d3cli.tasks.base import Example, TaskOptions
+
+METHODS = ("full", "d3", "static", "linear")
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    method: str  # full, d3, static, linear
+    alpha: float | None  # the D3 α this run is, or is matched to
+
+    @property
+    def key(self) -> str:
+        return self.method if self.alpha is None else f"{self.method}@{self.alpha:g}"
+
+    @property
+    def label(self) -> str:
+        if self.method == "full":
+            return "full"
+        return f"{self.method} α={self.alpha:g}"  # a baseline's α: the D3 run whose mean depth it matches
+
+
+def method_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[MethodRun]:
+    """`full` first, then every D3 run, then the baselines matched to each D3 run."""
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r} (choose from: {', '.join(METHODS)})")
+    if ("static" in methods or "linear" in methods) and "d3" not in methods:
+        raise UserError("the static and linear baselines are matched to a d3 run: add d3 to --methods")
+    runs = [MethodRun("full", None)]
+    runs += [MethodRun("d3", alpha) for alpha in alphas if "d3" in methods]
+    runs += [MethodRun(method, alpha) for alpha in alphas for method in ("static", "linear") if method in methods]
+    return runs
+
+
+def prompt_digest(example: Example) -> str:
+    return hashlib.sha256(f"{example.chat}\n{example.prompt}".encode()).hexdigest()[:16]
+
+
+class ResultsFile:
+    """The JSONL file of a bench: a "run" line per session, then one "example" line per finished example."""
+
+    def __init__(self, path: Path, identity: dict, resume: bool):
+        self.path = path
+        self.records: list[dict] = []
+        if path.exists():
+            if not resume:
+                raise UserError(f"{path} already holds results: add --resume to continue that run, or pick "
+                                "another --output")
+            self._read(identity)
+        elif resume:
+            raise UserError(f"nothing to resume: {path} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a", encoding="utf-8")
+        self._append({"type": "run", "d3": __version__, "started": time.time(), **identity})
+
+    def _read(self, identity: dict) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last line of a killed run may be cut short
+                    break
+                raise UserError(f"{self.path}:{number}: not a d3 bench record") from None
+            if record.get("type") == "run":
+                mismatch = [key for key in identity if key not in ("methods", "alphas") and
+                            record.get(key) != identity[key]]
+                if mismatch:
+                    raise UserError(f"{self.path} is a run with other settings ({', '.join(mismatch)} differ): "
+                                    "resume it with the same options, or pick another --output")
+            elif record.get("type") == "example":
+                self.records.append(record)
+        with open(self.path, "rb+") as handle:  # drop a cut-short last line so the file stays valid JSONL
+            content = handle.read()
+            if content and not content.endswith(b"\n"):
+                handle.truncate(content.rfind(b"\n") + 1)
+
+    def _append(self, record: dict) -> None:
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def add(self, record: dict) -> None:
+        self._append(record)
+        self.records.append(record)
+
+    def done(self, key: str, examples: Sequence[Example]) -> dict[str, dict]:
+        """This method's finished records of these examples (with the same prompt), by example id."""
+        wanted = {example.id: prompt_digest(example) for example in examples}
+        return {record["id"]: record for record in self.records
+                if record["method"] == key and wanted.get(record["id"]) == record["prompt_sha256"]}
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def matched_static(d3_schedule: DecaySchedule, records: Sequence[dict]) -> StaticSchedule:
+    """The one depth for tokens after the first whose mean over the D3 run's token counts is closest to D3's."""
+    tokens = sum(record["tokens"] for record in records)
+    target = sum(sum(record["layers"]) for record in records) / tokens
+    examples = len(records)
+    if tokens == examples:  # one-token replies: only the prefill's full depth
+        return StaticSchedule.like(d3_schedule, d3_schedule.num_layers)
+    depth = round((target * tokens - examples * d3_schedule.num_layers) / (tokens - examples))
+    return StaticSchedule.like(d3_schedule, depth)
+
+
+def matched_linear(d3_schedule: DecaySchedule, records: Sequence[dict]) -> LinearSchedule:
+    """The slope whose mean depth over the D3 run's token counts is closest to D3's (bisection)."""
+    lengths = [record["tokens"] for record in records]
+    target = sum(sum(record["layers"]) for record in records) / sum(lengths)
+
+    def mean_depth(slope: float) -> float:
+        schedule = LinearSchedule.like(d3_schedule, slope)
+        return sum(schedule.layers_at(i) for length in lengths for i in range(length)) / sum(lengths)
+
+    low, high = 0.0, float(d3_schedule.num_layers)
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_depth(middle) > target else (low, middle)
+    best = min((low, high), key=lambda slope: abs(mean_depth(slope) - target))
+    return LinearSchedule.like(d3_schedule, best)
+
+
+def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, results: ResultsFile,
+                 examples: Sequence[Example]) -> DecaySchedule:
+    if run.method == "full":
+        return settings.full_depth().schedule_for(num_layers)
+    d3_schedule = dataclasses.replace(settings, alpha=run.alpha).schedule_for(num_layers)
+    if run.method == "d3":
+        return d3_schedule
+    d3_records = list(results.done(MethodRun("d3", run.alpha).key, examples).values())
+    if not d3_records:
+        raise UserError(f"{run.label} is matched to the d3 α={run.alpha:g} run, which has no results")
+    match = matched_static if run.method == "static" else matched_linear
+    return match(d3_schedule, d3_records)
+
+
+def encode_examples(loaded, examples: Sequence[Example]) -> dict[str, list[int]]:
+    """Every example's prompt as token ids, once for all methods; a prompt too long for the model is a UserError."""
+    from d3cli.loader import context_length
+    from d3cli.prompts import encode_chat
+
+    context = context_length(loaded.model)
+    encoded = {}
+    for example in examples:
+        if example.chat:
+            token_ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": example.prompt}])
+        else:
+            token_ids = list(loaded.tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+        if context is not None and len(token_ids) >= context:
+            raise UserError(f"{example.id}'s prompt is {len(token_ids)} tokens, the model's context {context}: "
+                            "use fewer --shots")
+        encoded[example.id] = token_ids
+    return encoded
+
+
+def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, list[int]], run: MethodRun,
+               schedule: DecaySchedule, settings: DecodeSettings, batch_size: int, results: ResultsFile,
+               on_example=None) -> None:
+    """Decode every example this method has not finished yet; each result is written the moment its row ends."""
+    from d3cli import engine
+    from d3cli.loader import context_length
+    from d3cli.results import ReplyCollector
+    from d3cli.sampling import make_sampler
+
+    done = results.done(run.key, examples)
+    todo = [example for example in examples if example.id not in done]
+    context = context_length(loaded.model)
+    stop_strings = tuple(task.stop_strings) + settings.stop
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        batch_prompts = [prompts[example.id] for example in batch]
+        longest = max(len(prompt) for prompt in batch_prompts)
+        max_new_tokens = settings.max_new_tokens if context is None else min(settings.max_new_tokens,
+                                                                           context - longest)
+        sampler = make_sampler(settings.sampling, engine.model_device(loaded.model))
+        collector = ReplyCollector(len(batch))
+        batch_id = f"{run.key}/{time.time():.6f}"
+        events = engine.stream_generate(loaded.model, loaded.tokenizer, batch_prompts, schedule, sampler,
+                                        max_new_tokens, stop_strings)
+        try:
+            for event in events:
+                collector.add(event)
+                if event.finish_reason is None:
+                    continue
+                example, reply = batch[event.row], collector.replies[event.row]
+                answer = task.extract(reply.text, example)
+                results.add({
+                    "type": "example", "method": run.key, "id": example.id, "subtask": example.subtask,
+                    "prompt_sha256": prompt_digest(example), "output": reply.text, "strict": answer.strict,
+                    "flexible": answer.flexible, "gold": example.gold,
+                    "correct": task.is_correct(answer.strict, example),
+                    "correct_flexible": task.is_correct(answer.flexible, example),
+                    "tokens": reply.generated_tokens, "layers": reply.layers_per_token,
+                    "seconds": round(reply.time_s, 4), "batch": batch_id, "finish_reason": reply.finish_reason,
+                })
+                if on_example is not None:
+                    on_example(run)
+        finally:
+            events.close()
+
+
+def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequence[Example],
+              num_layers: int) -> list[dict]:
+    """One row per method from the records of these examples: accuracy, agreement with full, depth and speed."""
+    ids = {example.id: prompt_digest(example) for example in examples}
+    by_method: dict[str, dict[str, dict]] = {}
+    for record in records:
+        if ids.get(record["id"]) == record["prompt_sha256"]:
+            by_method.setdefault(record["method"], {})[record["id"]] = record
+    full = by_method.get("full", {})
+    full_row = None
+    rows = []
+    for run in runs:
+        done = by_method.get(run.key, {})
+        if not done:
+            continue
+        tokens = sum(record["tokens"] for record in done.values())
+        batch_seconds: dict[str, float] = {}
+        for record in done.values():
+            batch_seconds[record["batch"]] = max(batch_seconds.get(record["batch"], 0.0), record["seconds"])
+        seconds = sum(batch_seconds.values())
+        mean_layers = sum(sum(record["layers"]) for record in done.values()) / tokens if tokens else 0.0
+        shared = [example_id for example_id in done if example_id in full]
+        row = {
+            "name": run.method,
+            "alpha": run.alpha,
+            "label": run.label,
+            "examples": len(done),
+            "accuracy": _mean(record["correct"] for record in done.values()),
+            "accuracy_flexible": _mean(record["correct_flexible"] for record in done.values()),
+            "agreement": _mean(done[i]["flexible"] == full[i]["flexible"] for i in shared) if shared else None,
+            "mean_layers": round(mean_layers, 3),
+            "layer_ratio": round(mean_layers / num_layers, 4) if num_layers else None,
+            "generated_tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
+            "seconds_per_example": round(seconds / len(done), 3),
+        }
+        if run.method == "full":
+            full_row = row
+        rows.append(row)
+    for row in rows:
+        if full_row is not None:
+            row["delta_points"] = round(100 * (row["accuracy"] - full_row["accuracy"]), 2)
+            row["delta_points_flexible"] = round(100 * (row["accuracy_flexible"] - full_row["accuracy_flexible"]), 2)
+            row["measured_speedup"] = (round(row["tokens_per_s"] / full_row["tokens_per_s"], 3)
+                                       if full_row["tokens_per_s"] else None)
+        else:
+            row["delta_points"] = row["delta_points_flexible"] = row["measured_speedup"] = None
+    return rows
+
+
+def _mean(values) -> float:
+    values = [bool(value) for value in values]
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def by_subtask(records: Sequence[dict], examples: Sequence[Example]) -> dict[str, dict[str, float]]:
+    """Flexible accuracy per method per subtask (BBH)."""
+    subtask_of = {example.id: example.subtask for example in examples if example.subtask}
+    table: dict[str, dict[str, list[bool]]] = {}
+    for record in records:
+        subtask = subtask_of.get(record["id"])
+        if subtask:
+            table.setdefault(record["method"], {}).setdefault(subtask, []).append(record["correct_flexible"])
+    return {method: {subtask: _mean(values) for subtask, values in subtasks.items()}
+            for method, subtasks in table.items()}
+
+
+def run_identity(task_name: str, model_name: str, options: TaskOptions, settings: DecodeSettings,
+                 alphas: Sequence[float], methods: Sequence[str]) -> dict:
+    """What a results file must agree on to be resumed (methods and alphas may grow)."""
+    decode = {key: value for key, value in settings_as_options(settings).items() if key not in ("alpha", "chat",
+                                                                                             "system")}
+    return {"task": task_name, "model": model_name, "shots": options.shots, "chat": options.chat,
+            "decode": decode, "alphas": list(alphas), "methods": list(methods)}

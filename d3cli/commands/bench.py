@@ -1,0 +1,192 @@
+"""`d3 bench`: GSM8K or BBH at full depth, with D3 and with matched-compute baselines, side by side."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from d3cli import render
+from d3cli.errors import UserError
+from d3cli.options import (
+    OUTPUT_PANEL,
+    DeviceMapOption,
+    DeviceOption,
+    DTypeOption,
+    HeadOption,
+    MinLayersOption,
+    ModelOption,
+    SeedOption,
+    SkipOrderOption,
+    TailOption,
+    TemperatureOption,
+    TrustRemoteCodeOption,
+    WarmupOption,
+)
+from d3cli.schedule import DEFAULT_ALPHA, DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFAULT_SKIP_ORDER, DEFAULT_TAIL, \
+    DEFAULT_WARMUP
+from d3cli.settings import DecodeSettings
+
+TASK_PANEL = "Task"
+BENCH_MAX_NEW_TOKENS = 256
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    try:
+        alphas = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--alpha takes numbers separated by commas, like 0.98,0.99, not {text!r}") from None
+    if not alphas:
+        raise UserError("--alpha needs at least one value")
+    for alpha in alphas:
+        if not 0.0 < alpha <= 1.0:
+            raise UserError(f"every --alpha must lie in (0, 1], not {alpha:g}")
+    return tuple(dict.fromkeys(alphas))
+
+
+def parse_list(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def model_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace(" (embedded)", "")).strip("-").lower() or "model"
+
+
+def bench(
+    task: Annotated[str, typer.Option("--task", help="gsm8k or bbh.", rich_help_panel=TASK_PANEL)] = "gsm8k",
+    subtasks: Annotated[
+        Optional[str], typer.Option(help="BBH subtasks, comma-separated (default: all 27).",
+                                    rich_help_panel=TASK_PANEL, show_default=False),
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option(help="Only the first N examples (per BBH subtask).", rich_help_panel=TASK_PANEL,
+                                    show_default=False),
+    ] = None,
+    shots: Annotated[
+        Optional[int], typer.Option(help="Few-shot exemplars (gsm8k: 8, bbh: 3).", rich_help_panel=TASK_PANEL,
+                                    show_default=False),
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Zero-shot through the model's chat template instead of few-shot.",
+                           rich_help_panel=TASK_PANEL),
+    ] = False,
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else a download "
+                                          "cache under ~/.cache/d3/data).", rich_help_panel=TASK_PANEL,
+                                     show_default=False),
+    ] = None,
+    methods: Annotated[
+        str, typer.Option(help="Which of d3, static, linear to run beside full depth.", rich_help_panel=TASK_PANEL),
+    ] = "full,d3,static,linear",
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    alpha: Annotated[
+        str, typer.Option("--alpha", "-a", help="D3 decay rates, comma-separated: one D3 run (and its matched "
+                          "baselines) each.", rich_help_panel="Depth decay"),
+    ] = str(DEFAULT_ALPHA),
+    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS,
+    warmup: WarmupOption = DEFAULT_WARMUP,
+    head: HeadOption = DEFAULT_HEAD,
+    tail: TailOption = DEFAULT_TAIL,
+    skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.",
+                          rich_help_panel="Sampling and length"),
+    ] = BENCH_MAX_NEW_TOKENS,
+    temperature: TemperatureOption = 0.0,
+    seed: SeedOption = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Examples decoded at once (rows share each step's depth).",
+                          rich_help_panel=OUTPUT_PANEL),
+    ] = 1,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Per-example results, JSONL (default: "
+                                     "d3-bench-TASK-MODEL.jsonl here).", rich_help_panel=OUTPUT_PANEL,
+                                     show_default=False),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --output: only unfinished examples run.",
+                           rich_help_panel=OUTPUT_PANEL),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON on stdout (the table goes to stderr).",
+                           rich_help_panel=OUTPUT_PANEL),
+    ] = False,
+) -> None:
+    """Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.
+
+    Data: gsm8k/{test,train}.jsonl, bbh/tasks/*.json and bbh/cot-prompts/*.txt from the official repositories;
+    downloaded into the cache on first use when there is internet.
+    """
+    from d3cli import bench as runner
+    from d3cli.datasets import data_dir as resolve_data_dir
+    from d3cli.datasets import require
+    from d3cli.tasks import get_task
+    from d3cli.tasks.base import TaskOptions
+
+    alphas = parse_alphas(alpha)
+    chosen_methods = tuple(dict.fromkeys(("full", *parse_list(methods))))
+    runs = runner.method_runs(chosen_methods, alphas)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, not {limit}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    settings = DecodeSettings.from_options(
+        alpha=alphas[0], min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed, stop=None,
+    )
+    benchmark = get_task(task)
+    options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit)
+    folder, downloadable = resolve_data_dir(data_dir)
+    require(folder, benchmark.files(options), downloadable,
+            on_download=lambda name: render.print_warning(f"downloading {name} into {folder}"))
+    examples = benchmark.examples(folder, options)
+    if not examples:
+        raise UserError(f"{task} has no examples in {folder}")
+
+    from d3cli.loader import load, num_decoder_layers
+
+    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    num_layers = num_decoder_layers(loaded.model)
+    for run in runs:  # every schedule must fit this model before anything runs
+        if run.method in ("full", "d3"):
+            runner.schedule_for(run, settings, num_layers, None, examples)
+    prompts = runner.encode_examples(loaded, examples)
+    path = output or Path(f"d3-bench-{task}-{model_slug(loaded.name)}.jsonl")
+    identity = runner.run_identity(task, loaded.name, options, settings, alphas, chosen_methods)
+    results = runner.ResultsFile(path, identity, resume)
+    interrupted = False
+    try:
+        with render.BenchProgress(render.stderr_console()) as progress:
+            for run in runs:
+                progress.add(run.key, run.label, len(examples), len(results.done(run.key, examples)))
+            for run in runs:
+                schedule = runner.schedule_for(run, settings, num_layers, results, examples)
+                progress.start(run.key)
+                runner.run_method(loaded, benchmark, examples, prompts, run, schedule, settings, batch_size, results,
+                                  on_example=lambda finished: progress.advance(finished.key))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        results.close()
+    summary = {
+        "task": task,
+        "model": loaded.name,
+        "examples": len(examples),
+        "output": str(path),
+        "methods": runner.summarize(results.records, runs, examples, num_layers),
+    }
+    if task == "bbh":
+        summary["by_subtask"] = runner.by_subtask(results.records, examples)
+    console = render.stderr_console() if as_json else render.stdout_console()
+    render.print_bench_table(console, summary)
+    if as_json:
+        render.write_json_line(summary)
+    if interrupted:
+        render.print_warning(f"interrupted: finished examples are in {path}; add --resume to continue")
+        raise typer.Exit(130)

@@ -1,0 +1,72 @@
+"""What a benchmark task is: data in, prompts out, answers extracted and scored. No torch here.
+
+A task is data plus three small functions, as in lm-evaluation-harness: it builds each example's prompt, names its
+stop strings, and extracts two answers from an output, a strict one (the stated "The answer is ..." form) and a
+flexible one (the last number or option anywhere). A failed extraction is "[invalid]", never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from d3cli.errors import UserError
+
+INVALID = "[invalid]"
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    shots: int | None = None  # None: the task's default
+    chat: bool = False  # zero-shot through the model's chat template
+    subtasks: tuple[str, ...] = ()  # empty: all
+    limit: int | None = None  # the first N examples (per subtask)
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str  # stable across runs: "gsm8k/17", "bbh/navigate/3"
+    prompt: str  # the text to continue, or the user message when `chat`
+    gold: str
+    chat: bool = False
+    subtask: str = ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    strict: str
+    flexible: str
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a bad line is a UserError naming the file and line."""
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object")
+        rows.append({**row, "_line": number})
+    return rows
+
+
+def read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg})") from None
+
+
+def take(examples: list[Example], limit: int | None) -> list[Example]:
+    return examples if limit is None else examples[:limit]
