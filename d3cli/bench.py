@@ -219,7 +219,8 @@ def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, lis
                     "correct": task.is_correct(answer.strict, example),
                     "correct_flexible": task.is_correct(answer.flexible, example),
                     "tokens": reply.generated_tokens, "layers": reply.layers_per_token,
-                    "seconds": round(reply.time_s, 4), "batch": batch_id, "finish_reason": reply.finish_reason,
+                    "seconds": round(reply.time_s, 4), "first_token_seconds": round(reply.first_token_s or 0.0, 4),
+                    "batch": batch_id, "finish_reason": reply.finish_reason,
                 })
                 if on_example is not None:
                     on_example(run)
@@ -244,9 +245,14 @@ def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequ
             continue
         tokens = sum(record["tokens"] for record in done.values())
         batch_seconds: dict[str, float] = {}
+        batch_prefill: dict[str, float] = {}  # a batch's prompts share one prefill: its first tokens come together
         for record in done.values():
             batch_seconds[record["batch"]] = max(batch_seconds.get(record["batch"], 0.0), record["seconds"])
+            batch_prefill[record["batch"]] = max(batch_prefill.get(record["batch"], 0.0),
+                                                 record.get("first_token_seconds", 0.0))
         seconds = sum(batch_seconds.values())
+        decode_seconds = seconds - sum(batch_prefill.values())
+        decode_tokens = tokens - len(done)
         mean_layers = sum(sum(record["layers"]) for record in done.values()) / tokens if tokens else 0.0
         shared = [example_id for example_id in done if example_id in full]
         row = {
@@ -261,6 +267,7 @@ def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequ
             "layer_ratio": round(mean_layers / num_layers, 4) if num_layers else None,
             "generated_tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
+            "decode_tokens_per_s": round(decode_tokens / decode_seconds, 3) if decode_seconds > 0 else None,
             "seconds_per_example": round(seconds / len(done), 3),
         }
         if run.method == "full":
@@ -272,8 +279,11 @@ def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequ
             row["delta_points_flexible"] = round(100 * (row["accuracy_flexible"] - full_row["accuracy_flexible"]), 2)
             row["measured_speedup"] = (round(row["tokens_per_s"] / full_row["tokens_per_s"], 3)
                                        if full_row["tokens_per_s"] else None)
+            row["decode_speedup"] = (round(row["decode_tokens_per_s"] / full_row["decode_tokens_per_s"], 3)
+                                     if row["decode_tokens_per_s"] and full_row["decode_tokens_per_s"] else None)
         else:
             row["delta_points"] = row["delta_points_flexible"] = row["measured_speedup"] = None
+            row["decode_speedup"] = None
     return rows
 
 

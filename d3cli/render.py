@@ -290,6 +290,10 @@ def _points(value) -> str:
     return "" if value is None else f"{value:+.1f}"
 
 
+def _times(value) -> str:
+    return "" if value is None else f"{value:.2f}×"
+
+
 def _percent(value) -> str:
     return "" if value is None else f"{100 * value:.1f}%"
 
@@ -299,17 +303,18 @@ def print_bench_table(console: Console, summary: dict) -> None:
     table = Table(title=f"d3 bench · {summary['task']} · {summary['model']} · {summary['examples']} examples",
                   title_justify="left", header_style="bold", box=None, padding=(0, 1))
     table.add_column("method", no_wrap=True)
-    for heading in ("strict", "flex", "Δpts", "agree", "layers", "tokens", "tok/s", "speedup"):
+    for heading in ("strict", "flex", "Δpts", "agree", "layers", "tokens", "tok/s", "speedup", "decode"):
         table.add_column(heading, justify="right", no_wrap=True)
     for row in summary["methods"]:
         table.add_row(
             row["label"], _percent(row["accuracy"]), _percent(row["accuracy_flexible"]),
             _points(row["delta_points"]), _percent(row["agreement"]), f"{row['mean_layers']:.1f}",
-            str(row["generated_tokens"]), f"{row['tokens_per_s']:.1f}",
-            "" if row["measured_speedup"] is None else f"{row['measured_speedup']:.2f}×",
+            str(row["generated_tokens"]), f"{row['tokens_per_s']:.1f}", _times(row["measured_speedup"]),
+            _times(row.get("decode_speedup")),
         )
     console.print(table)
     console.print(Text("strict, flex: accuracy by the two answer extractors; Δpts: strict accuracy minus full "
                        "depth's; agree: same flexible answer as full depth; static and linear use the mean depth "
-                       "of the d3 run with their α; speedup: tokens/s over full depth's", style="dim"))
+                       "of the d3 run with their α; speedup: tokens/s over full depth's, prefill included; decode: "
+                       "the same without the prefill", style="dim"))
     console.print(Text(f"per-example results: {summary['output']}", style="dim"))

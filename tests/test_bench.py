@@ -24,7 +24,7 @@ from d3cli.schedule import DecaySchedule
 from d3cli.tasks.base import Example
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
-TIMING_KEYS = {"tokens_per_s", "seconds_per_example", "measured_speedup"}
+TIMING_KEYS = {"tokens_per_s", "seconds_per_example", "measured_speedup", "decode_tokens_per_s", "decode_speedup"}
 
 
 def test_methods_run_full_first_then_d3_then_the_baselines():
@@ -59,10 +59,11 @@ def test_baselines_match_the_d3_runs_mean_depth(alpha):
     assert set(static.kept_layers(5)) <= set(static.kept_layers(1))  # same skip order, nested
 
 
-def record(method, example_id, correct, flexible, tokens=10, layers=30, seconds=1.0, batch=None):
+def record(method, example_id, correct, flexible, tokens=10, layers=30, seconds=1.0, batch=None, prefill=0.1):
     return {"type": "example", "method": method, "id": example_id, "prompt_sha256": _digest(example_id),
             "correct": correct, "correct_flexible": correct, "flexible": flexible, "tokens": tokens,
-            "layers": [layers] * tokens, "seconds": seconds, "batch": batch or f"{method}/{example_id}"}
+            "layers": [layers] * tokens, "seconds": seconds, "first_token_seconds": prefill,
+            "batch": batch or f"{method}/{example_id}"}
 
 
 def _digest(example_id):
@@ -85,6 +86,10 @@ def test_summary_accuracy_agreement_delta_and_speed():
     assert d3["mean_layers"] == 20 and d3["layer_ratio"] == pytest.approx(0.6667, abs=1e-4)
     assert d3["tokens_per_s"] == pytest.approx(40 / 3.5, abs=1e-3) and full["tokens_per_s"] == 5.0
     assert d3["measured_speedup"] == pytest.approx(40 / 3.5 / 5.0, abs=1e-3)
+    # without the prefills: full decodes 36 tokens in 4 x (2.0 - 0.1) s; d3 decodes 36 in 3.5 - 3 x 0.1 s
+    assert full["decode_tokens_per_s"] == pytest.approx(36 / 7.6, abs=1e-3)
+    assert d3["decode_tokens_per_s"] == pytest.approx(36 / 3.2, abs=1e-3)
+    assert d3["decode_speedup"] == pytest.approx((36 / 3.2) / (36 / 7.6), abs=1e-2)
 
 
 def test_results_file_refuses_to_overwrite_and_checks_settings_on_resume(tmp_path):
