@@ -8,6 +8,7 @@ _d3() {
             ":generate") path="generate" ;;
             ":chat") path="chat" ;;
             ":bench") path="bench" ;;
+            ":profile-ppl") path="profile-ppl" ;;
             ":completions") path="completions" ;;
             ":config") path="config" ;;
             "config:show") path="config show" ;;
@@ -24,7 +25,8 @@ _d3() {
         "generate:--warmup") COMPREPLY=(); return ;;
         "generate:--head") COMPREPLY=(); return ;;
         "generate:--tail") COMPREPLY=(); return ;;
-        "generate:--skip-order") COMPREPLY=($(compgen -W "middle late" -- "$cur")); return ;;
+        "generate:--skip-order") COMPREPLY=($(compgen -W "middle late importance" -- "$cur")); return ;;
+        "generate:--profile") COMPREPLY=(); return ;;
         "generate:--max-new-tokens"|"generate:-n") COMPREPLY=(); return ;;
         "generate:--temperature"|"generate:-t") COMPREPLY=(); return ;;
         "generate:--top-k") COMPREPLY=(); return ;;
@@ -42,7 +44,8 @@ _d3() {
         "chat:--warmup") COMPREPLY=(); return ;;
         "chat:--head") COMPREPLY=(); return ;;
         "chat:--tail") COMPREPLY=(); return ;;
-        "chat:--skip-order") COMPREPLY=($(compgen -W "middle late" -- "$cur")); return ;;
+        "chat:--skip-order") COMPREPLY=($(compgen -W "middle late importance" -- "$cur")); return ;;
+        "chat:--profile") COMPREPLY=(); return ;;
         "chat:--max-new-tokens"|"chat:-n") COMPREPLY=(); return ;;
         "chat:--temperature"|"chat:-t") COMPREPLY=(); return ;;
         "chat:--top-k") COMPREPLY=(); return ;;
@@ -65,21 +68,51 @@ _d3() {
         "bench:--warmup") COMPREPLY=(); return ;;
         "bench:--head") COMPREPLY=(); return ;;
         "bench:--tail") COMPREPLY=(); return ;;
-        "bench:--skip-order") COMPREPLY=($(compgen -W "middle late" -- "$cur")); return ;;
+        "bench:--skip-order") COMPREPLY=($(compgen -W "middle late importance" -- "$cur")); return ;;
+        "bench:--profile") COMPREPLY=(); return ;;
         "bench:--max-new-tokens"|"bench:-n") COMPREPLY=(); return ;;
         "bench:--temperature"|"bench:-t") COMPREPLY=(); return ;;
         "bench:--seed") COMPREPLY=(); return ;;
         "bench:--batch-size"|"bench:-b") COMPREPLY=(); return ;;
         "bench:--output"|"bench:-o") COMPREPLY=(); return ;;
+        "profile-ppl:--task") COMPREPLY=(); return ;;
+        "profile-ppl:--text-file") COMPREPLY=(); return ;;
+        "profile-ppl:--subtasks") COMPREPLY=(); return ;;
+        "profile-ppl:--limit") COMPREPLY=(); return ;;
+        "profile-ppl:--offset") COMPREPLY=(); return ;;
+        "profile-ppl:--shots") COMPREPLY=(); return ;;
+        "profile-ppl:--data-dir") COMPREPLY=(); return ;;
+        "profile-ppl:--prompt-tokens") COMPREPLY=(); return ;;
+        "profile-ppl:--max-positions") COMPREPLY=(); return ;;
+        "profile-ppl:--model"|"profile-ppl:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "profile-ppl:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
+        "profile-ppl:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+        "profile-ppl:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "profile-ppl:--alpha"|"profile-ppl:-a") COMPREPLY=(); return ;;
+        "profile-ppl:--min-layers") COMPREPLY=(); return ;;
+        "profile-ppl:--warmup") COMPREPLY=(); return ;;
+        "profile-ppl:--head") COMPREPLY=(); return ;;
+        "profile-ppl:--tail") COMPREPLY=(); return ;;
+        "profile-ppl:--skip-order") COMPREPLY=($(compgen -W "middle late importance" -- "$cur")); return ;;
+        "profile-ppl:--profile") COMPREPLY=(); return ;;
+        "profile-ppl:--bucket-size") COMPREPLY=(); return ;;
+        "profile-ppl:--late-from") COMPREPLY=(); return ;;
+        "profile-ppl:--save-profile") COMPREPLY=(); return ;;
+        "profile-ppl:--target-speedup") COMPREPLY=(); return ;;
+        "profile-ppl:--target-layer-ratio") COMPREPLY=(); return ;;
+        "profile-ppl:--reply-tokens") COMPREPLY=(); return ;;
+        "profile-ppl:--csv") COMPREPLY=(); return ;;
+        "profile-ppl:--plot") COMPREPLY=(); return ;;
     esac
     case "$path" in
-        "") options="--version --help -h"; words="generate chat bench completions config" ;;
-        "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
-        "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
-        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --help -h"; words="" ;;
+        "") options="--version --help -h"; words="generate chat bench profile-ppl completions config" ;;
+        "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
+        "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
+        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --help -h"; words="" ;;
+        "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;
         "config") options="--help -h"; words="show path" ;;
-        "config show") options="--json --help -h"; words="generate chat bench" ;;
+        "config show") options="--json --help -h"; words="generate chat bench profile-ppl" ;;
         "config path") options="--help -h"; words="" ;;
     esac
     if [[ "$cur" == -* ]]; then

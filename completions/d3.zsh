@@ -5,7 +5,7 @@
 _d3() {
     local curcontext="$curcontext" state line
     local -a subcommands
-    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
+    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.' 'profile-ppl:Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
     _arguments -C \
         '(--version)--version[Print the version and exit.]' \
         '(--help -h)--help[Show this message and exit.]' \
@@ -18,6 +18,7 @@ _d3() {
                 generate) _d3_generate ;;
                 chat) _d3_chat ;;
                 bench) _d3_bench ;;
+                profile-ppl) _d3_profile_ppl ;;
                 completions) _d3_completions ;;
                 config) _d3_config ;;
             esac ;;
@@ -38,7 +39,8 @@ _d3_generate() {
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
-        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward) or late (deepest first).]:value:(middle late)' \
+        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward), late (deepest first) or importance (least important first, from --profile).]:value:(middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:value: ' \
         '(--max-new-tokens -n)--max-new-tokens[Most tokens to generate per reply.]:value: ' \
         '(--max-new-tokens -n)-n[Most tokens to generate per reply.]:value: ' \
         '(--temperature -t)--temperature[0 = greedy; above 0 samples.]:value: ' \
@@ -77,7 +79,8 @@ _d3_chat() {
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
-        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward) or late (deepest first).]:value:(middle late)' \
+        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward), late (deepest first) or importance (least important first, from --profile).]:value:(middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:value: ' \
         '(--max-new-tokens -n)--max-new-tokens[Most tokens to generate per reply.]:value: ' \
         '(--max-new-tokens -n)-n[Most tokens to generate per reply.]:value: ' \
         '(--temperature -t)--temperature[0 = greedy; above 0 samples.]:value: ' \
@@ -115,7 +118,8 @@ _d3_bench() {
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
-        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward) or late (deepest first).]:value:(middle late)' \
+        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward), late (deepest first) or importance (least important first, from --profile).]:value:(middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:value: ' \
         '(--max-new-tokens -n)--max-new-tokens[Most tokens per answer.]:value: ' \
         '(--max-new-tokens -n)-n[Most tokens per answer.]:value: ' \
         '(--temperature -t)--temperature[0 = greedy; above 0 samples.]:value: ' \
@@ -127,6 +131,48 @@ _d3_bench() {
         '(--output -o)-o[Per-example results, JSONL (default\: d3-bench-TASK-MODEL.jsonl here).]:value: ' \
         '(--resume)--resume[Continue the run in --output\: only unfinished examples run.]' \
         '(--json)--json[Print the summary as JSON on stdout (the table goes to stderr).]' \
+        '(--help -h)--help[Show this message and exit.]' \
+        '(--help -h)-h[Show this message and exit.]' \
+        '*::argument: '
+}
+
+_d3_profile_ppl() {
+    _arguments -s \
+        '(--task)--task[Score a task'\''s reference answers after its prompts\: gsm8k or bbh (default gsm8k unless --text-file).]:value: ' \
+        '(--text-file)--text-file[Score documents of this file (blank-line separated), each split after --prompt-tokens; a .jsonl file gives prompt/continuation pairs.]:value: ' \
+        '(--self)--self[Score the model'\''s own greedy continuations of the task prompts.]' \
+        '(--subtasks)--subtasks[BBH subtasks, comma-separated (default\: all 27).]:value: ' \
+        '(--limit)--limit[Texts to score (per BBH subtask).]:value: ' \
+        '(--offset)--offset[Skip the first N examples (per BBH subtask)\: score texts a layer profile was not measured on.]:value: ' \
+        '(--shots)--shots[Few-shot exemplars in task prompts (gsm8k\: 8, bbh\: 3).]:value: ' \
+        '(--chat)--chat[Task prompts through the chat template, zero-shot.]' \
+        '(--data-dir)--data-dir[Folder with gsm8k/ and bbh/ (default\: $D3_DATA_DIR, else the download cache).]:value: ' \
+        '(--prompt-tokens)--prompt-tokens[With --text-file\: tokens of each document that form its prompt.]:value: ' \
+        '(--max-positions)--max-positions[Score at most this many continuation tokens per text.]:value: ' \
+        '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
+        '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
+        '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
+        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
+        '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--alpha -a)--alpha[Also profile D3 at these decay rates (comma-separated).]:value: ' \
+        '(--alpha -a)-a[Also profile D3 at these decay rates (comma-separated).]:value: ' \
+        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
+        '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
+        '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
+        '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
+        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward), late (deepest first) or importance (least important first, from --profile).]:value:(middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:value: ' \
+        '(--bucket-size)--bucket-size[Positions per row of the chart.]:value: ' \
+        '(--layers)--layers[Measure the layer profile\: block influence and the NLL cost of skipping each layer alone at late positions (L extra forwards per text).]' \
+        '(--late-from)--late-from[Positions from here on are '\''late'\'' for the layer profile.]:value: ' \
+        '(--save-profile)--save-profile[Write the layer profile here (implies --layers), for --skip-order importance --profile FILE.]:value: ' \
+        '(--target-speedup)--target-speedup[Recommend α and min-layers that reach this decode speedup.]:value: ' \
+        '(--target-layer-ratio)--target-layer-ratio[Recommend α and min-layers whose mean layers per token are this fraction of L.]:value: ' \
+        '(--reply-tokens)--reply-tokens[Typical reply length the calibration plans for.]:value: ' \
+        '(--json)--json[Print everything as one JSON object on stdout (the chart goes to stderr).]' \
+        '(--csv)--csv[Write the per-position buckets as CSV to this file.]:value: ' \
+        '(--plot)--plot[Draw the profile into this PNG (needs pip install '\''d3cli\[plot\]'\'').]:value: ' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
         '*::argument: '
@@ -162,7 +208,7 @@ _d3_config_show() {
         '(--json)--json[Print the settings as JSON.]' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
-        '1::argument:(generate chat bench)'
+        '1::argument:(generate chat bench profile-ppl)'
 }
 
 _d3_config_path() {

@@ -307,7 +307,7 @@ def by_subtask(records: Sequence[dict], examples: Sequence[Example]) -> dict[str
 def run_identity(task_name: str, model_name: str, options: TaskOptions, settings: DecodeSettings,
                  alphas: Sequence[float], methods: Sequence[str]) -> dict:
     """What a results file must agree on to be resumed (methods and alphas may grow)."""
-    decode = {key: value for key, value in settings_as_options(settings).items() if key not in ("alpha", "chat",
-                                                                                             "system")}
+    decode = {key: value for key, value in settings_as_options(settings).items()
+              if key not in ("alpha", "chat", "system") and not (key == "profile" and value is None)}
     return {"task": task_name, "model": model_name, "shots": options.shots, "chat": options.chat,
             "decode": decode, "alphas": list(alphas), "methods": list(methods)}

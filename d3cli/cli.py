@@ -18,6 +18,7 @@ from d3cli.commands.bench import bench
 from d3cli.commands.chat import chat
 from d3cli.commands.config import ConfigState, config_app
 from d3cli.commands.generate import generate
+from d3cli.commands.profile_ppl import profile_ppl
 from d3cli.config import load_configuration, option_defaults, subcommands
 from d3cli.errors import OutputClosed, UserError
 from d3cli.render import print_error, write_stdout
@@ -38,6 +39,7 @@ app = typer.Typer(
 app.command()(generate)
 app.command()(chat)
 app.command()(bench)
+app.command("profile-ppl")(profile_ppl)
 app.add_typer(config_app, name="config")
 
 
@@ -55,7 +57,6 @@ def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish."
     write_stdout(script(app, shell.value))
 
 
-# `profile-ppl` is registered here the same way, from its own module in d3cli/commands/.
 
 
 def show_version(value: bool) -> None:

@@ -309,3 +309,22 @@ def context_length(model) -> int | None:
 
 def num_decoder_layers(model) -> int:
     return int(model.config.get_text_config(decoder=True).num_hidden_layers)
+
+
+def model_identity(loaded: LoadedModel) -> dict:
+    """What a saved layer profile records about its model, to refuse another model later: the architecture facts
+    and a fingerprint of the weights (mean |w| of the first embedding rows, stable across dtypes)."""
+    import torch
+
+    config = loaded.model.config.get_text_config(decoder=True)
+    embedding = loaded.model.get_input_embeddings().weight
+    with torch.no_grad():
+        fingerprint = float(embedding[:1024].detach().float().abs().mean())
+    return {
+        "name": loaded.name,
+        "model_type": getattr(config, "model_type", None),
+        "num_layers": num_decoder_layers(loaded.model),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "fingerprint": fingerprint,
+    }

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from d3cli.schedule import SKIP_ORDERS
+from d3cli.schedule import SKIP_ORDER_NAMES
 
 MODEL_PANEL = "Model"
 SCHEDULE_PANEL = "Depth decay"
@@ -33,7 +34,7 @@ class DeviceMap(str, Enum):
     auto = "auto"
 
 
-SkipOrderChoice = Enum("SkipOrderChoice", {name: name for name in SKIP_ORDERS}, type=str)
+SkipOrderChoice = Enum("SkipOrderChoice", {name: name for name in SKIP_ORDER_NAMES}, type=str)
 
 ModelOption = Annotated[
     Optional[str],
@@ -84,8 +85,14 @@ TailOption = Annotated[
 ]
 SkipOrderOption = Annotated[
     SkipOrderChoice,
-    typer.Option(help="Which flex layers go first: middle (centre outward) or late (deepest first).",
+    typer.Option(help="Which flex layers go first: middle (centre outward), late (deepest first) or importance "
+                      "(least important first, from --profile).",
                  rich_help_panel=SCHEDULE_PANEL),
+]
+ProfileOption = Annotated[
+    Optional[Path],
+    typer.Option(help="Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).",
+                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
 ]
 
 MaxNewTokensOption = Annotated[

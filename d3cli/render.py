@@ -318,3 +318,99 @@ def print_bench_table(console: Console, summary: dict) -> None:
                        "of the d3 run with their α; speedup: tokens/s over full depth's, prefill included; decode: "
                        "the same without the prefill", style="dim"))
     console.print(Text(f"per-example results: {summary['output']}", style="dim"))
+
+
+def _bar_with_marker(value: float, marker: float | None, scale: float, width: int = BAR_WIDTH) -> Text:
+    """A horizontal bar of `value` (full width = `scale`), with a ┃ where `marker` falls."""
+    filled = max(0, min(width, round(width * value / scale))) if scale > 0 else 0
+    cells = ["█"] * filled + [" "] * (width - filled)
+    styles = ["cyan"] * filled + [""] * (width - filled)
+    if marker is not None and scale > 0:
+        spot = max(0, min(width - 1, round(width * marker / scale) - 1))
+        cells[spot], styles[spot] = "┃", "bold magenta"
+    text = Text()
+    for cell, style in zip(cells, styles):
+        text.append(cell, style=style)
+    return text
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
+
+
+def print_ppl_profile(console: Console, result: dict) -> None:
+    """profile-ppl's per-position chart: one row per position bucket, a bar of its perplexity with the fit marked."""
+    profile = result["profile"]
+    table = Table(title=f"d3 profile-ppl · {result['corpus']} · {result['model']} · {profile['texts']} texts, "
+                        f"{profile['tokens']} tokens", title_justify="left", header_style="bold", box=None,
+                  padding=(0, 1))
+    scale = max((max(row["perplexity"], row["fit"] or 0.0) for row in profile["buckets"]), default=1.0)
+    rows = []
+    for index, row in enumerate(profile["buckets"]):
+        cells = [f"{row['first']}–{row['last']}", str(row["count"]), f"{row['mean_nll']:.3f}", _ppl(row["perplexity"]),
+                 f"{_ppl(row['perplexity_low'])}–{_ppl(row['perplexity_high'])}"]
+        cells += [f"{decayed['buckets'][index]['nll_increase']:+.3f}" for decayed in profile["d3"]]
+        rows.append((cells, _bar_with_marker(row["perplexity"], row["fit"], scale, 12)))
+    headings = ["positions", "tokens", "NLL", "ppl", "95% CI", *(f"Δ{row['label']}" for row in profile["d3"])]
+    for column, heading in enumerate(headings):  # numbers never shrink; the bar does
+        width = max([len(heading), *(len(cells[column]) for cells, _ in rows)])
+        table.add_column(heading, justify="left" if column == 0 else "right", no_wrap=True, min_width=width)
+        if column == 4:
+            table.add_column("ppl ┃ fit", no_wrap=True, min_width=8)
+    for cells, bar in rows:
+        table.add_row(*cells[:5], bar, *cells[5:])
+    console.print(table)
+    fit = profile["fit"]
+    if fit:
+        console.print(Text(f"fit: ppl(i) ≈ {fit['c']:.3f} + {fit['a']:.3f}·(i+1)^(−{fit['b']:.3f})   "
+                           f"R² {fit['r2']:.3f}, RMSE {fit['rmse']:.3f} over {fit['points']} positions"))
+    else:
+        console.print(Text("fit: too few positions with two or more tokens for a power-law fit", style="dim"))
+    for decayed in profile["d3"]:
+        console.print(Text(f"{decayed['label']} ({decayed['skip_order']}): mean {decayed['mean_layers']:.2f} layers, "
+                           f"NLL {decayed['mean_nll']:.4f} ({decayed['nll_increase']:+.4f} nats over full depth "
+                           f"{profile['mean_nll']:.4f}), same top token as full depth at "
+                           f"{100 * decayed['top1_agreement']:.1f}% of positions"))
+
+
+def print_layer_profile(console: Console, result: dict) -> None:
+    """profile-ppl's layer table: block influence and the NLL cost of skipping each layer alone late in replies."""
+    layers = result["layers"]
+    table = Table(title=f"layer profile · late positions ≥ {result['late_from']}", title_justify="left",
+                  header_style="bold", box=None, padding=(0, 1))
+    for heading, justify in (("layer", "right"), ("kind", "left"), ("influence", "right"), ("", "left"),
+                             ("ΔNLL", "right"), ("", "left"), ("drop", "right")):
+        table.add_column(heading, justify=justify, no_wrap=True, min_width=len(heading))
+    top_influence = max((row["block_influence"] for row in layers), default=1.0) or 1.0
+    top_increase = max((max(row["nll_increase"], 0.0) for row in layers), default=1.0) or 1.0
+    for row in layers:
+        table.add_row(str(row["layer"]), "core" if row["core"] else "flex", f"{row['block_influence']:.4f}",
+                      _bar_with_marker(row["block_influence"], None, top_influence, 16),
+                      f"{row['nll_increase']:+.4f}", _bar_with_marker(max(row["nll_increase"], 0.0), None,
+                                                                     top_increase, 16),
+                      "" if row["core"] else str(row["importance_rank"]))
+    console.print(table)
+    console.print(Text("influence: 1 − cos(layer input, output); ΔNLL: nats per late token when the layer alone is "
+                       "skipped; drop: the order --skip-order importance drops flex layers in (0 first)", style="dim"))
+
+
+def print_calibration(console: Console, calibration: dict) -> None:
+    costs, chosen = calibration["step_costs"], calibration["recommended"]
+    console.print(Text(f"step cost on this machine: T(k) ≈ {costs['t_fixed_ms']:.2f} ms + k × "
+                       f"{costs['t_layer_ms']:.3f} ms (R² {costs['r2']:.3f})"))
+    table = Table(title=f"calibration · target {calibration['target']} · {calibration['reply_tokens']}-token replies",
+                  title_justify="left", header_style="bold", box=None, padding=(0, 1))
+    for heading in ("α", "min layers", "layer ratio", "speedup (pred.)", "ΔNLL (pred.)", ""):
+        table.add_column(heading, justify="right", no_wrap=True)
+    for row in calibration["candidates"]:
+        is_chosen = row["alpha"] == chosen["alpha"] and row["min_layers"] == chosen["min_layers"]
+        table.add_row(f"{row['alpha']:.4f}", str(row["min_layers"]), f"{row['predicted_layer_ratio']:.3f}",
+                      f"{row['predicted_speedup']:.3f}×", f"{row['predicted_nll_increase']:+.4f}",
+                      "← recommended" if is_chosen else "", style="bold" if is_chosen else None)
+    console.print(table)
+    check = calibration["check"]
+    console.print(Text(f"recommended: --alpha {chosen['alpha']:.4f} --min-layers {chosen['min_layers']}   "
+                       f"decode speedup predicted {chosen['predicted_speedup']:.3f}×, measured "
+                       f"{check['measured_speedup']:.3f}×; ΔNLL predicted {chosen['predicted_nll_increase']:+.4f}, "
+                       f"measured {check['measured_nll_increase']:+.4f} nats ({check['texts']} held-out texts)",
+                       style="bold green"))

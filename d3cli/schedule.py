@@ -42,6 +42,10 @@ SKIP_ORDERS: dict[str, SkipOrder] = {
     "middle": drop_middle_first,
     "late": drop_late_first,
 }
+# "importance" drops the flex layers a measured layer profile found least important first (layer_profile.py); it
+# needs that profile, so DecodeSettings builds it and hands the schedule a callable.
+MEASURED_SKIP_ORDER = "importance"
+SKIP_ORDER_NAMES = (*SKIP_ORDERS, MEASURED_SKIP_ORDER)
 
 # Defaults, chosen from measurements on the embedded SmolLM2-135M-Instruct (30 layers); docs/DEFAULTS.md has the
 # numbers. A value with a decimal point is a fraction of the model's layer count.
@@ -120,8 +124,8 @@ def check_parameters(
             raise UserError(f"{name} must be >= 0, not {count}")
     if all(isinstance(count, int) for count in counts.values()):
         check_layer_counts(counts["head"], counts["tail"], counts["min-layers"])
-    if not callable(skip_order) and skip_order not in SKIP_ORDERS:
-        raise UserError(f"unknown skip order {skip_order!r} (choose from: {', '.join(SKIP_ORDERS)})")
+    if not callable(skip_order) and skip_order not in SKIP_ORDER_NAMES:
+        raise UserError(f"unknown skip order {skip_order!r} (choose from: {', '.join(SKIP_ORDER_NAMES)})")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,9 @@ class DecaySchedule:
 
         if callable(skip_order):
             order_fn, order_name = skip_order, skip_order_name or getattr(skip_order, "__name__", "custom")
+        elif skip_order == MEASURED_SKIP_ORDER:
+            raise UserError("--skip-order importance needs a layer profile: add --profile FILE "
+                            "(made by d3 profile-ppl --save-profile FILE)")
         else:
             order_fn, order_name = SKIP_ORDERS[skip_order], skip_order
         flex_layers = list(range(head_layers, num_layers - tail_layers))

@@ -18,6 +18,7 @@ from d3cli.schedule import (
     DEFAULT_SKIP_ORDER,
     DEFAULT_TAIL,
     DEFAULT_WARMUP,
+    MEASURED_SKIP_ORDER,
     DecaySchedule,
     check_parameters,
     parse_layer_count,
@@ -39,6 +40,7 @@ class DecodeSettings:
     stop: tuple[str, ...] = ()
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     system: str | None = None
+    profile: str | None = None  # the layer profile behind --skip-order importance
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -48,10 +50,16 @@ class DecodeSettings:
         if self.chat is False and self.system is not None:
             raise UserError("--system needs the chat template; it cannot be combined with --no-chat")
         check_parameters(self.alpha, self.min_layers, self.warmup, self.head, self.tail, self.skip_order)
+        if self.profile is not None and self.skip_order != MEASURED_SKIP_ORDER:
+            raise UserError(f"--profile is used by --skip-order importance only, not with skip order "
+                            f"{self.skip_order!r}")
+        if self.profile is None and self.skip_order == MEASURED_SKIP_ORDER:
+            raise UserError("--skip-order importance needs a layer profile: add --profile FILE "
+                            "(made by d3 profile-ppl --save-profile FILE)")
 
     @classmethod
     def from_options(cls, *, alpha, min_layers, warmup, head, tail, skip_order, max_new_tokens, temperature, top_k,
-                     top_p, seed, stop, chat=None, system=None) -> DecodeSettings:
+                     top_p, seed, stop, chat=None, system=None, profile=None) -> DecodeSettings:
         """The settings of a subcommand's command-line options (layer counts as typed, the skip order's enum)."""
         return cls(
             alpha=alpha,
@@ -65,9 +73,19 @@ class DecodeSettings:
             stop=tuple(stop or ()),
             chat=chat,
             system=system,
+            profile=str(profile) if profile is not None else None,
         )
 
     def schedule_for(self, num_layers: int) -> DecaySchedule:
+        skip_order = self.skip_order
+        if skip_order == MEASURED_SKIP_ORDER:
+            from d3cli.layer_profile import importance_order, load_profile
+
+            profile = load_profile(self.profile)
+            if profile.num_layers != num_layers:
+                raise UserError(f"the layer profile {self.profile} is for a model with {profile.num_layers} layers, "
+                                f"this one has {num_layers}")
+            skip_order = importance_order(profile)
         return DecaySchedule.build(
             num_layers,
             alpha=self.alpha,
@@ -75,8 +93,16 @@ class DecodeSettings:
             warmup=self.warmup,
             head=self.head,
             tail=self.tail,
-            skip_order=self.skip_order,
+            skip_order=skip_order,
+            skip_order_name=self.skip_order,
         )
+
+    def check_model(self, identity: dict) -> None:
+        """With --skip-order importance, the profile must have been measured on this model (UserError if not)."""
+        if self.profile is not None:
+            from d3cli.layer_profile import check_profile_matches, load_profile
+
+            check_profile_matches(load_profile(self.profile), identity, self.profile)
 
     def full_depth(self) -> DecodeSettings:
         """The same reply settings with no layer skipping: the baseline of --compare."""
@@ -103,9 +129,10 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "stop": (str, list),
     "chat": (bool,),
     "system": (str,),
+    "profile": (str,),
 }
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
-NULLABLE_KEYS = ("seed", "chat", "system")  # null means "not set"
+NULLABLE_KEYS = ("seed", "chat", "system", "profile")  # null means "not set"
 
 
 def did_you_mean(word: str, choices) -> str:

@@ -146,3 +146,40 @@ class DepthDecayCache(DynamicCache):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
         return total
+
+
+def skipped_at_positions(model: nn.Module, skipped: torch.Tensor, observe=None) -> _PositionHooks:
+    """Score many decoding steps in one forward: while active, layer j's output is replaced by its input at every
+    position p with `skipped[j, p]` True, so a teacher-forced forward sees exactly what cached D3 decoding computes
+    (the nesting means no later kept position ever reads what a skipped one wrote). `observe(layer, input, output)`,
+    if given, sees each layer's hidden states before the replacement."""
+    return _PositionHooks(find_decoder_layers(model), skipped, observe)
+
+
+class _PositionHooks:
+    def __init__(self, layers: nn.ModuleList, skipped: torch.Tensor | None, observe):
+        self.layers, self.skipped, self.observe, self.handles = layers, skipped, observe, []
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            if self.observe is not None:
+                self.observe(index, hidden_in, hidden_out)
+            if self.skipped is None or not bool(self.skipped[index].any()):
+                return output
+            replaced = torch.where(self.skipped[index].to(hidden_out.device)[None, :, None], hidden_in, hidden_out)
+            return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+        return hook
+
+    def __enter__(self) -> _PositionHooks:
+        if self.skipped is not None and self.skipped.shape[0] != len(self.layers):
+            raise ValueError(f"skip mask is for {self.skipped.shape[0]} layers, the model has {len(self.layers)}")
+        self.handles = [layer.register_forward_hook(self._hook(index), with_kwargs=True)
+                        for index, layer in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []

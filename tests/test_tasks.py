@@ -28,6 +28,18 @@ def test_gsm8k_examples_and_the_eight_shot_prompt(shared_data):
         task.examples(shared_data, TaskOptions(shots=9))
 
 
+def test_references_and_offsets(shared_data):
+    gsm8k = get_task("gsm8k")
+    later = gsm8k.examples(shared_data, TaskOptions(limit=3, offset=2))
+    assert [example.id for example in later] == ["gsm8k/2", "gsm8k/3", "gsm8k/4"]
+    first = gsm8k.examples(shared_data, TaskOptions(limit=1))[0]
+    assert first.reference.startswith(" ") and first.reference.endswith("The answer is 18.")
+    assert "<<" not in first.reference and "####" not in first.reference
+    bbh = get_task("bbh").examples(shared_data, TaskOptions(subtasks=("navigate",), limit=2, offset=1))
+    assert [example.id for example in bbh] == ["bbh/navigate/1", "bbh/navigate/2"]
+    assert bbh[0].reference == f"So the answer is {bbh[0].gold}."
+
+
 @pytest.mark.parametrize(
     "output, strict, flexible",
     [

@@ -19,6 +19,7 @@ from d3cli.options import (
     MinLayersOption,
     ModelOption,
     SeedOption,
+    ProfileOption,
     SkipOrderOption,
     TailOption,
     TemperatureOption,
@@ -94,6 +95,7 @@ def bench(
     head: HeadOption = DEFAULT_HEAD,
     tail: TailOption = DEFAULT_TAIL,
     skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
+    profile: ProfileOption = None,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.",
                           rich_help_panel="Sampling and length"),
@@ -138,6 +140,7 @@ def bench(
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     settings = DecodeSettings.from_options(
         alpha=alphas[0], min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
+        profile=profile,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed, stop=None,
     )
     benchmark = get_task(task)
@@ -149,9 +152,10 @@ def bench(
     if not examples:
         raise UserError(f"{task} has no examples in {folder}")
 
-    from d3cli.loader import load, num_decoder_layers
+    from d3cli.loader import load, model_identity, num_decoder_layers
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    settings.check_model(model_identity(loaded))
     num_layers = num_decoder_layers(loaded.model)
     for run in runs:  # every schedule must fit this model before anything runs
         if run.method in ("full", "d3"):

@@ -31,6 +31,7 @@ from d3cli.options import (
     MinLayersOption,
     ModelOption,
     SeedOption,
+    ProfileOption,
     SkipOrderOption,
     StopOption,
     SystemOption,
@@ -70,6 +71,7 @@ def chat(
     head: HeadOption = DEFAULT_HEAD,
     tail: TailOption = DEFAULT_TAIL,
     skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
+    profile: ProfileOption = None,
     max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
     temperature: TemperatureOption = 0.0,
     top_k: TopKOption = 0,
@@ -88,13 +90,15 @@ def chat(
     """
     settings = DecodeSettings.from_options(
         alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
+        profile=profile,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
         chat=True,
     )
     from d3cli.conversation import Conversation
-    from d3cli.loader import load
+    from d3cli.loader import load, model_identity
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    settings.check_model(model_identity(loaded))
     conversation = Conversation(loaded, settings, system=system)
     conversation.settings.schedule_for(conversation.num_layers)  # the depth options fit this model
     scripted = jsonl or not sys.stdin.isatty()

@@ -26,6 +26,7 @@ from d3cli.options import (
     ModelOption,
     OUTPUT_PANEL,
     SeedOption,
+    ProfileOption,
     SkipOrderOption,
     StopOption,
     SystemOption,
@@ -78,6 +79,7 @@ def generate(
     head: HeadOption = DEFAULT_HEAD,
     tail: TailOption = DEFAULT_TAIL,
     skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
+    profile: ProfileOption = None,
     max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
     temperature: TemperatureOption = 0.0,
     top_k: TopKOption = 0,
@@ -118,6 +120,7 @@ def generate(
     """
     settings = DecodeSettings.from_options(
         alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
+        profile=profile,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
         chat=chat, system=system,
     )
@@ -138,9 +141,10 @@ def generate(
         if not prompt.strip():
             raise UserError("the prompt is empty")
 
-    from d3cli.loader import load
+    from d3cli.loader import load, model_identity
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    settings.check_model(model_identity(loaded))
     if jsonl:
         run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)
     else:

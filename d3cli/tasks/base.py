@@ -22,6 +22,7 @@ class TaskOptions:
     chat: bool = False  # zero-shot through the model's chat template
     subtasks: tuple[str, ...] = ()  # empty: all
     limit: int | None = None  # the first N examples (per subtask)
+    offset: int = 0  # skip this many examples first (per subtask)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Example:
     gold: str
     chat: bool = False
     subtask: str = ""
+    reference: str = ""  # a worked reference answer that continues `prompt` (profile-ppl scores it), or ""
 
 
 @dataclass(frozen=True)
@@ -68,5 +70,7 @@ def read_json(path: Path) -> object:
         raise UserError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg})") from None
 
 
-def take(examples: list[Example], limit: int | None) -> list[Example]:
-    return examples if limit is None else examples[:limit]
+def take(examples: list[Example], options: TaskOptions) -> list[Example]:
+    """The examples `options` asks for: `limit` of them after skipping `offset`."""
+    examples = examples[options.offset:]
+    return examples if options.limit is None else examples[:options.limit]

@@ -98,9 +98,10 @@ class BbhTask:
                     prompt = CHAT_INSTRUCTION.format(input=row["input"])
                 else:
                     prompt = f"{prefix}Q: {row['input']}\n{COT_CUE}"
-                subtask_examples.append(Example(f"bbh/{subtask}/{number}", prompt, str(row["target"]),
-                                                chat=options.chat, subtask=subtask))
-            examples += take(subtask_examples, options.limit)
+                target = str(row["target"])
+                subtask_examples.append(Example(f"bbh/{subtask}/{number}", prompt, target, chat=options.chat,
+                                                subtask=subtask, reference=f"So the answer is {target}."))
+            examples += take(subtask_examples, options)
         return examples
 
     def extract(self, output: str, example: Example) -> Answer:

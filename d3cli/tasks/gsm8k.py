@@ -82,8 +82,10 @@ class Gsm8kTask:
                 prompt = CHAT_INSTRUCTION.format(question=row["question"])
             else:
                 prompt = f"{prefix}Question: {row['question']}\nAnswer:"
-            examples.append(Example(f"gsm8k/{number}", prompt, gold, chat=options.chat))
-        return take(examples, options.limit)
+            reference = solution_text(row["answer"])
+            examples.append(Example(f"gsm8k/{number}", prompt, gold, chat=options.chat,
+                                    reference=reference if options.chat else f" {reference}"))
+        return take(examples, options)
 
     @staticmethod
     def _checked(row: dict, path: Path) -> dict:

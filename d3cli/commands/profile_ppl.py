@@ -1,0 +1,365 @@
+"""`d3 profile-ppl`: the per-position perplexity profile, the layer profile, and calibration of α and the floor."""
+
+from __future__ import annotations
+
+import csv
+import io
+import dataclasses
+import random
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from d3cli import render
+from d3cli.commands.bench import parse_alphas, parse_list
+from d3cli.errors import UserError
+from d3cli.options import (
+    OUTPUT_PANEL,
+    SCHEDULE_PANEL,
+    DeviceMapOption,
+    DeviceOption,
+    DTypeOption,
+    HeadOption,
+    MinLayersOption,
+    ModelOption,
+    ProfileOption,
+    SkipOrderOption,
+    TailOption,
+    TrustRemoteCodeOption,
+    WarmupOption,
+)
+from d3cli.schedule import DecaySchedule, DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFAULT_SKIP_ORDER, DEFAULT_TAIL, DEFAULT_WARMUP
+from d3cli.settings import DecodeSettings
+
+CORPUS_PANEL = "Corpus"
+PROFILE_PANEL = "Profile"
+CALIBRATION_PANEL = "Calibration"
+
+
+def profile_ppl(
+    task: Annotated[
+        Optional[str], typer.Option("--task", help="Score a task's reference answers after its prompts: gsm8k or "
+                                    "bbh (default gsm8k unless --text-file).", rich_help_panel=CORPUS_PANEL,
+                                    show_default=False),
+    ] = None,
+    text_file: Annotated[
+        Optional[Path], typer.Option("--text-file", help="Score documents of this file (blank-line separated), "
+                                     "each split after --prompt-tokens; a .jsonl file gives prompt/continuation "
+                                     "pairs.", rich_help_panel=CORPUS_PANEL, show_default=False),
+    ] = None,
+    self_generated: Annotated[
+        bool, typer.Option("--self", help="Score the model's own greedy continuations of the task prompts.",
+                           rich_help_panel=CORPUS_PANEL),
+    ] = False,
+    subtasks: Annotated[
+        Optional[str], typer.Option(help="BBH subtasks, comma-separated (default: all 27).",
+                                    rich_help_panel=CORPUS_PANEL, show_default=False),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(help="Texts to score (per BBH subtask).", rich_help_panel=CORPUS_PANEL),
+    ] = 32,
+    offset: Annotated[
+        int, typer.Option(help="Skip the first N examples (per BBH subtask): score texts a layer profile was not "
+                          "measured on.", rich_help_panel=CORPUS_PANEL),
+    ] = 0,
+    shots: Annotated[
+        Optional[int], typer.Option(help="Few-shot exemplars in task prompts (gsm8k: 8, bbh: 3).",
+                                    rich_help_panel=CORPUS_PANEL, show_default=False),
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Task prompts through the chat template, zero-shot.",
+                           rich_help_panel=CORPUS_PANEL),
+    ] = False,
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else the download "
+                                          "cache).", rich_help_panel=CORPUS_PANEL, show_default=False),
+    ] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option(help="With --text-file: tokens of each document that form its prompt.",
+                          rich_help_panel=CORPUS_PANEL),
+    ] = 64,
+    max_positions: Annotated[
+        int, typer.Option(help="Score at most this many continuation tokens per text.", rich_help_panel=CORPUS_PANEL),
+    ] = 256,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    alpha: Annotated[
+        Optional[str], typer.Option("--alpha", "-a", help="Also profile D3 at these decay rates (comma-separated).",
+                                    rich_help_panel=SCHEDULE_PANEL, show_default=False),
+    ] = None,
+    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS,
+    warmup: WarmupOption = DEFAULT_WARMUP,
+    head: HeadOption = DEFAULT_HEAD,
+    tail: TailOption = DEFAULT_TAIL,
+    skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
+    profile: ProfileOption = None,
+    bucket_size: Annotated[
+        int, typer.Option(help="Positions per row of the chart.", rich_help_panel=PROFILE_PANEL),
+    ] = 16,
+    layers: Annotated[
+        bool, typer.Option("--layers", help="Measure the layer profile: block influence and the NLL cost of skipping "
+                           "each layer alone at late positions (L extra forwards per text).",
+                           rich_help_panel=PROFILE_PANEL),
+    ] = False,
+    late_from: Annotated[
+        int, typer.Option(help="Positions from here on are 'late' for the layer profile.",
+                          rich_help_panel=PROFILE_PANEL),
+    ] = 16,
+    save_profile: Annotated[
+        Optional[Path], typer.Option(help="Write the layer profile here (implies --layers), for --skip-order "
+                                     "importance --profile FILE.", rich_help_panel=PROFILE_PANEL, show_default=False),
+    ] = None,
+    target_speedup: Annotated[
+        Optional[float], typer.Option(help="Recommend α and min-layers that reach this decode speedup.",
+                                      rich_help_panel=CALIBRATION_PANEL, show_default=False),
+    ] = None,
+    target_layer_ratio: Annotated[
+        Optional[float], typer.Option(help="Recommend α and min-layers whose mean layers per token are this "
+                                      "fraction of L.", rich_help_panel=CALIBRATION_PANEL, show_default=False),
+    ] = None,
+    reply_tokens: Annotated[
+        int, typer.Option(help="Typical reply length the calibration plans for.", rich_help_panel=CALIBRATION_PANEL),
+    ] = 128,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print everything as one JSON object on stdout (the chart goes to stderr).",
+                           rich_help_panel=OUTPUT_PANEL),
+    ] = False,
+    csv_file: Annotated[
+        Optional[Path], typer.Option("--csv", help="Write the per-position buckets as CSV to this file.",
+                                     rich_help_panel=OUTPUT_PANEL, show_default=False),
+    ] = None,
+    plot: Annotated[
+        Optional[Path], typer.Option("--plot", help="Draw the profile into this PNG (needs pip install "
+                                     "'d3cli[plot]').", rich_help_panel=OUTPUT_PANEL, show_default=False),
+    ] = None,
+) -> None:
+    """Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.
+
+    For every continuation token, its NLL at full depth by its position i after the prompt, in buckets with 95%
+    intervals and a fitted power law ppl(i) ≈ c + a·(i+1)^(−b); with --alpha the same under D3.
+    """
+    if sum(source is not None and source is not False for source in (text_file, self_generated or None)) > 1:
+        raise UserError("--text-file and --self are two different corpora: pick one")
+    if text_file is not None and (task is not None or subtasks or shots is not None or chat or offset):
+        raise UserError("--task, --subtasks, --offset, --shots and --chat choose task prompts; --text-file brings "
+                        "its own text")
+    for name, value, least in (("--limit", limit, 1), ("--max-positions", max_positions, 2),
+                               ("--bucket-size", bucket_size, 1), ("--reply-tokens", reply_tokens, 2),
+                               ("--late-from", late_from, 0), ("--offset", offset, 0)):
+        if value < least:
+            raise UserError(f"{name} must be at least {least}, not {value}")
+    if target_speedup is not None and target_layer_ratio is not None:
+        raise UserError("give one of --target-speedup and --target-layer-ratio, not both")
+    calibrate = target_speedup is not None or target_layer_ratio is not None
+    if calibrate and limit < 2:
+        raise UserError("calibration needs --limit 2 or more: half the texts calibrate, the other half check")
+    alphas = parse_alphas(alpha) if alpha is not None else ()
+    settings = DecodeSettings.from_options(
+        alpha=alphas[0] if alphas else 1.0, min_layers=min_layers, warmup=warmup, head=head, tail=tail,
+        skip_order=skip_order, profile=profile, max_new_tokens=max_positions, temperature=0.0, top_k=0, top_p=1.0,
+        seed=None, stop=None,
+    )
+    if plot is not None:
+        _require_matplotlib()
+    layers = layers or save_profile is not None
+
+    examples, corpus_name, stop_strings = [], str(text_file), ()
+    if text_file is None:
+        from d3cli.datasets import data_dir as resolve_data_dir
+        from d3cli.datasets import require
+        from d3cli.tasks import get_task
+        from d3cli.tasks.base import TaskOptions
+
+        benchmark = get_task(task or "gsm8k")
+        options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit, offset=offset)
+        folder, downloadable = resolve_data_dir(data_dir)
+        require(folder, benchmark.files(options), downloadable,
+                on_download=lambda name: render.print_warning(f"downloading {name} into {folder}"))
+        examples = benchmark.examples(folder, options)
+        corpus_name = f"{benchmark.name} {'own greedy continuations' if self_generated else 'reference answers'}"
+        stop_strings = benchmark.stop_strings
+
+    from d3cli import corpus, profiling
+    from d3cli.loader import context_length, load, model_identity, num_decoder_layers
+
+    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    identity = model_identity(loaded)
+    settings.check_model(identity)
+    num_layers = num_decoder_layers(loaded.model)
+    schedules = {f"α={value:g}": dataclasses.replace(settings, alpha=value).schedule_for(num_layers)
+                 for value in alphas}
+    base_schedule = settings.schedule_for(num_layers)
+    context = context_length(loaded.model)
+    console = render.stderr_console()
+
+    if text_file is not None:
+        texts = corpus.file_texts(loaded.tokenizer, text_file, prompt_tokens, max_positions, context, limit)
+    elif self_generated:
+        with render.Spinner(console, "generating the model's own continuations") as spinner:
+            done = iter(range(1, len(examples) + 1))
+            texts = corpus.self_texts(loaded, examples, stop_strings, max_positions, context,
+                                      on_text=lambda: spinner.update(f"generating continuations: {next(done)}/"
+                                                                     f"{len(examples)}"))
+    else:
+        texts = corpus.reference_texts(loaded.tokenizer, examples, max_positions, context)
+    if not texts:
+        raise UserError(f"no text to score in {corpus_name}")
+
+    with render.Spinner(console, f"scoring {len(texts)} texts") as spinner:
+        done = iter(range(1, len(texts) + 1))
+        found = profiling.measure(loaded.model, texts, schedules, num_layers, layer_profile=layers,
+                                  late_from=late_from,
+                                  on_text=lambda: spinner.update(f"scoring texts: {next(done)}/{len(texts)}"))
+    result = {"model": loaded.name, "corpus": corpus_name, "num_layers": num_layers,
+              "profile": profiling.report(found, schedules, bucket_size, max_positions)}
+    if layers:
+        layer_profile = profiling.layer_profile_of(found, identity, corpus_name, len(texts), late_from)
+        result["late_from"] = late_from
+        result["layers"] = profiling.layer_rows(layer_profile, base_schedule.head, base_schedule.tail)
+        result["importance_ranking"] = layer_profile.importance_ranking()
+        if save_profile is not None:
+            layer_profile.save(save_profile)
+            result["saved_profile"] = str(save_profile)
+    if calibrate:
+        result["calibration"] = run_calibration(loaded.model, texts, base_schedule, reply_tokens, target_speedup,
+                                                target_layer_ratio, console)
+
+    out = console if as_json else render.stdout_console()
+    render.print_ppl_profile(out, result)
+    if layers:
+        render.print_layer_profile(out, result)
+        if save_profile is not None:
+            render.print_info(out, f"layer profile written to {save_profile}")
+    if calibrate:
+        render.print_calibration(out, result["calibration"])
+    if csv_file is not None:
+        from d3cli.files import write_atomically
+
+        write_atomically(csv_file, profile_csv(result["profile"]))
+    if plot is not None:
+        draw_plot(result, plot)
+    if as_json:
+        render.write_json_line(result)
+
+
+def run_calibration(model, texts, base_schedule, reply_tokens, target_speedup, target_layer_ratio, console) -> dict:
+    """Measure step costs, pick α and the floor on half the texts, check by decoding the other half."""
+    from d3cli import calibration
+    from d3cli.scoring import mean_nll_under, teacher_forced_nll
+
+    shuffled = list(texts)
+    random.Random(0).shuffle(shuffled)
+    calibration_texts, check_texts = shuffled[0::2], shuffled[1::2]
+    full = DecaySchedule.build(base_schedule.num_layers, alpha=1.0, min_layers=base_schedule.num_layers,
+                                         head=base_schedule.head, tail=base_schedule.tail)
+    with render.Spinner(console, "timing decode steps at several depths") as spinner:
+        costs = calibration.measure_step_costs(model, check_texts[0].prompt_ids, base_schedule)
+        spinner.update("scoring candidate schedules")
+        full_nll = mean_nll_under(model, calibration_texts, [full])[0]
+        chosen, candidates = calibration.recommend(
+            base_schedule, reply_tokens, costs, target_speedup, target_layer_ratio,
+            lambda schedules: mean_nll_under(model, calibration_texts, schedules), full_nll)
+        recommended = DecaySchedule.build(
+            base_schedule.num_layers, alpha=chosen.alpha, min_layers=chosen.min_layers, warmup=base_schedule.warmup,
+            head=base_schedule.head, tail=base_schedule.tail, skip_order=lambda _: base_schedule.drop_order,
+            skip_order_name=base_schedule.skip_order)
+        spinner.update("checking the recommendation by decoding held-out texts")
+        measured = calibration.measured_decode_speedup(model, [text.prompt_ids for text in check_texts],
+                                                       recommended, reply_tokens)
+        increase, tokens = 0.0, 0
+        for text in check_texts:
+            increase += float((teacher_forced_nll(model, text, recommended)
+                               - teacher_forced_nll(model, text, full)).sum())
+            tokens += text.steps
+    target = f"speedup {target_speedup:g}×" if target_speedup is not None else f"layer ratio {target_layer_ratio:g}"
+    return {
+        "target": target,
+        "target_speedup": target_speedup,
+        "target_layer_ratio": target_layer_ratio,
+        "reply_tokens": reply_tokens,
+        "step_costs": costs.as_dict(),
+        "calibration_texts": len(calibration_texts),
+        "recommended": chosen.as_dict(),
+        "candidates": [candidate.as_dict() for candidate in candidates],
+        "check": {"texts": len(check_texts), "measured_speedup": measured,
+                  "measured_nll_increase": increase / max(tokens, 1),
+                  "measured_layer_ratio": calibration.layer_ratio(recommended, reply_tokens)},
+    }
+
+
+def profile_csv(profile: dict) -> str:
+    """One row per position bucket: the full-depth profile, the fit, and each D3 schedule's NLL and increase."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    labels = [decayed["label"] for decayed in profile["d3"]]
+    writer.writerow(["first", "last", "tokens", "mean_nll", "nll_low", "nll_high", "perplexity", "perplexity_low",
+                     "perplexity_high", "fit", *[f"{kind} {label}" for label in labels
+                                                 for kind in ("mean_nll", "nll_increase")]])
+    for index, row in enumerate(profile["buckets"]):
+        decayed = [value for item in profile["d3"] for value in (item["buckets"][index]["mean_nll"],
+                                                                  item["buckets"][index]["nll_increase"])]
+        writer.writerow([row["first"], row["last"], row["count"], *(_number(row[key]) for key in (
+            "mean_nll", "nll_low", "nll_high", "perplexity", "perplexity_low", "perplexity_high")),
+            "" if row["fit"] is None else _number(row["fit"]), *(_number(value) for value in decayed)])
+    return buffer.getvalue()
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _require_matplotlib() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install 'd3cli[plot]' (or pip install matplotlib)")
+
+
+def draw_plot(result: dict, path: Path) -> None:
+    """The perplexity profile with its 95% intervals, the fit and each D3 schedule; the layer profile beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profile = result["profile"]
+    panels = 2 if "layers" in result else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    left = axes[0][0]
+    middles = [(row["first"] + row["last"]) / 2 for row in profile["buckets"]]
+    ppl = [row["perplexity"] for row in profile["buckets"]]
+    errors = [[p - row["perplexity_low"] for p, row in zip(ppl, profile["buckets"])],
+              [row["perplexity_high"] - p for p, row in zip(ppl, profile["buckets"])]]
+    left.errorbar(middles, ppl, yerr=errors, fmt="o", capsize=3, label="full depth (95% CI)")
+    fit = profile["fit"]
+    if fit:
+        xs = list(range(int(profile["buckets"][-1]["last"]) + 1))
+        left.plot(xs, [fit["c"] + fit["a"] * (x + 1) ** (-fit["b"]) for x in xs],
+                  label=f"fit {fit['c']:.2f} + {fit['a']:.2f}(i+1)^-{fit['b']:.2f}, R² {fit['r2']:.2f}")
+    for decayed in profile["d3"]:
+        import math
+
+        left.plot(middles, [math.exp(bucket["mean_nll"]) for bucket in decayed["buckets"]], marker=".",
+                  label=f"D3 {decayed['label']}")
+    left.set_xlabel("position after the prompt")
+    left.set_ylabel("perplexity")
+    left.set_title(f"{result['model']} · {result['corpus']}", fontsize=9)
+    left.legend(fontsize=8)
+    if panels == 2:
+        right = axes[0][1]
+        rows = result["layers"]
+        right.bar([row["layer"] for row in rows], [row["nll_increase"] for row in rows],
+                  color=["grey" if row["core"] else "tab:blue" for row in rows])
+        right.set_xlabel("layer (grey: core)")
+        right.set_ylabel(f"ΔNLL when skipped at positions ≥ {result['late_from']}")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    from d3cli.files import write_atomically
+
+    write_atomically(path, buffer.getvalue())
