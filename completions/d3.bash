@@ -75,6 +75,7 @@ _d3() {
         "bench:--seed") COMPREPLY=(); return ;;
         "bench:--batch-size"|"bench:-b") COMPREPLY=(); return ;;
         "bench:--output"|"bench:-o") COMPREPLY=(); return ;;
+        "bench:--repeats") COMPREPLY=(); return ;;
         "profile-ppl:--task") COMPREPLY=(); return ;;
         "profile-ppl:--text-file") COMPREPLY=(); return ;;
         "profile-ppl:--subtasks") COMPREPLY=(); return ;;
@@ -108,7 +109,7 @@ _d3() {
         "") options="--version --help -h"; words="generate chat bench profile-ppl completions config" ;;
         "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
         "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
-        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --help -h"; words="" ;;
+        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
         "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;
         "config") options="--help -h"; words="show path" ;;

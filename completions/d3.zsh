@@ -99,7 +99,7 @@ _d3_chat() {
 
 _d3_bench() {
     _arguments -s \
-        '(--task)--task[gsm8k or bbh.]:value: ' \
+        '(--task)--task[gsm8k, bbh, or speed (timings only\: α = 1 against the model'\''s own generate, step cost per layer, D3 against its ideal, batches, KV cache, first token).]:value: ' \
         '(--subtasks)--subtasks[BBH subtasks, comma-separated (default\: all 27).]:value: ' \
         '(--limit)--limit[Only the first N examples (per BBH subtask).]:value: ' \
         '(--shots)--shots[Few-shot exemplars (gsm8k\: 8, bbh\: 3).]:value: ' \
@@ -131,6 +131,7 @@ _d3_bench() {
         '(--output -o)-o[Per-example results, JSONL (default\: d3-bench-TASK-MODEL.jsonl here).]:value: ' \
         '(--resume)--resume[Continue the run in --output\: only unfinished examples run.]' \
         '(--json)--json[Print the summary as JSON on stdout (the table goes to stderr).]' \
+        '(--repeats)--repeats[--task speed\: timed runs per measurement (medians; a warm-up is never timed).]:value: ' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
         '*::argument: '

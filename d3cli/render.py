@@ -414,3 +414,41 @@ def print_calibration(console: Console, calibration: dict) -> None:
                        f"{check['measured_speedup']:.3f}×; ΔNLL predicted {chosen['predicted_nll_increase']:+.4f}, "
                        f"measured {check['measured_nll_increase']:+.4f} nats ({check['texts']} held-out texts)",
                        style="bold green"))
+
+
+def print_speed_report(console: Console, report: dict) -> None:
+    """`d3 bench --task speed`: α = 1 against the model's own generate, the step-cost fit, D3 against its ideal,
+    batches, the KV cache and the first token (every number is also in --json)."""
+    machine = report["machine"]
+    console.print(Text(f"d3 bench · speed · {report['model']} · {machine['device']} {machine['dtype']}, torch "
+                       f"{machine['torch']}, {machine['threads']} threads · {report['tokens']}-token replies, "
+                       f"medians of {report['repeats']}", style="bold"))
+    console.print(Text(f"model.generate {report['hf_tokens_per_s']:.2f} tok/s · d3 α=1 "
+                       f"{report['d3_alpha1_tokens_per_s']:.2f} tok/s · ratio {report['alpha1_ratio']:.3f} · "
+                       f"same tokens: {'yes' if report['same_tokens'] else 'NO'}"))
+    console.print(Text(f"step time T(k) ≈ {report['t_fixed_ms']:.2f} ms + k × {report['t_layer_ms']:.3f} ms "
+                       f"(R² {report['r2']:.4f}); measured: " + ", ".join(
+                           f"{row['layers']}→{row['ms']:.1f}" for row in report["step_ms"]) + " ms"))
+    table = Table(header_style="bold", box=None, padding=(0, 1))
+    for heading in ("α", "k̄", "ideal", "measured", "efficiency"):
+        table.add_column(heading, justify="right", no_wrap=True)
+    for row in report["alphas"]:
+        table.add_row(f"{row['alpha']:g}", f"{row['mean_layers']:.2f}", _times(row["ideal_speedup"]),
+                      _times(row["measured_speedup"]), f"{row['efficiency']:.3f}")
+    console.print(table)
+    batches = Table(header_style="bold", box=None, padding=(0, 1))
+    for heading in ("batch", "full tok/s", "d3 tok/s", "speedup"):
+        batches.add_column(heading, justify="right", no_wrap=True)
+    for row in report["batches"]:
+        batches.add_row(str(row["batch_size"]), f"{row['full_tokens_per_s']:.1f}", f"{row['d3_tokens_per_s']:.1f}",
+                        _times(row["speedup"]))
+    console.print(batches)
+    kv = report["kv_cache"]
+    console.print(Text(f"KV cache after {kv['tokens']} tokens: {kv['full_bytes'] / 2**20:.1f} MiB at full depth, "
+                       f"{kv['d3_bytes'] / 2**20:.1f} MiB with D3 ({100 * kv['ratio']:.1f} %)"))
+    first = report["first_token"]
+    console.print(Text(f"first token from a new process: cold {first['cold_s']:.1f} s (empty d3 cache), warm "
+                       f"{first['warm_s']:.1f} s"))
+    console.print(Text("ideal = T(L) / (T_fixed + k̄·T_layer) with the fitted costs; measured: decode time at full "
+                       "depth over decode time with D3 (prefill excluded); efficiency = measured / ideal",
+                       style="dim"))

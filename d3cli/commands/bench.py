@@ -56,7 +56,9 @@ def model_slug(name: str) -> str:
 
 
 def bench(
-    task: Annotated[str, typer.Option("--task", help="gsm8k or bbh.", rich_help_panel=TASK_PANEL)] = "gsm8k",
+    task: Annotated[str, typer.Option("--task", help="gsm8k, bbh, or speed (timings only: α = 1 against the model's "
+                                      "own generate, step cost per layer, D3 against its ideal, batches, KV cache, "
+                                      "first token).", rich_help_panel=TASK_PANEL)] = "gsm8k",
     subtasks: Annotated[
         Optional[str], typer.Option(help="BBH subtasks, comma-separated (default: all 27).",
                                     rich_help_panel=TASK_PANEL, show_default=False),
@@ -119,6 +121,10 @@ def bench(
         bool, typer.Option("--json", help="Print the summary as JSON on stdout (the table goes to stderr).",
                            rich_help_panel=OUTPUT_PANEL),
     ] = False,
+    repeats: Annotated[
+        int, typer.Option(help="--task speed: timed runs per measurement (medians; a warm-up is never timed).",
+                          rich_help_panel=OUTPUT_PANEL),
+    ] = 5,
 ) -> None:
     """Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.
 
@@ -132,6 +138,18 @@ def bench(
     from d3cli.tasks.base import TaskOptions
 
     alphas = parse_alphas(alpha)
+    if task == "speed":
+        from d3cli.commands.bench_speed import run_speed
+
+        settings = DecodeSettings.from_options(
+            alpha=alphas[0], min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
+            profile=profile, max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+            stop=None,
+        )
+        model_options = {"model": model, "device": device, "dtype": dtype, "device_map": device_map,
+                         "trust_remote_code": trust_remote_code}
+        run_speed(model_options, settings, alphas, repeats, as_json)
+        return
     chosen_methods = tuple(dict.fromkeys(("full", *parse_list(methods))))
     runs = runner.method_runs(chosen_methods, alphas)
     if limit is not None and limit < 1:

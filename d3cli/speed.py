@@ -1,0 +1,184 @@
+"""`d3 bench --task speed`: where decoding time goes, and how close D3 comes to the layer-skipping limit.
+
+The limit on a machine is ideal(k̄) = T_step(L) / (T_fixed + k̄·T_layer): a step that runs k layers costs
+T_fixed (embedding, final norm, LM head, sampling, Python) plus k·T_layer. Every timing is a median of repeated runs
+after an untimed warm-up, with the device synchronised before each clock read; decode times exclude the prefill.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import torch
+
+from d3cli.calibration import decode_seconds, fit_line
+from d3cli.engine import generate_steps, make_prompt_batch, model_device, stream_generate
+from d3cli.schedule import DecaySchedule, StaticSchedule
+from d3cli.skipping import DepthDecayCache
+
+NO_EOS = frozenset({-1})  # both sides produce exactly the tokens asked for
+
+
+def _synchronize(model) -> None:
+    if model_device(model).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, repeats: int) -> dict:
+    """Tokens/s of the model's own greedy `generate` and of d3's engine at α = 1 (events, detokenizing and all),
+    alternating, same prompt, same number of tokens."""
+    input_ids = torch.tensor([list(prompt_ids)], device=model_device(model))
+    full = DecaySchedule.build(len_layers(model), alpha=1.0)
+
+    def run_hf() -> tuple[float, list[int]]:
+        _synchronize(model)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
+                                    min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        _synchronize(model)
+        return time.perf_counter() - started, output[0, input_ids.shape[1]:].tolist()
+
+    def run_d3() -> tuple[float, list[int]]:
+        _synchronize(model)
+        started = time.perf_counter()
+        token_ids = [event.token_id for event in stream_generate(model, tokenizer, [list(prompt_ids)], full,
+                                                                 max_new_tokens=tokens, eos_ids=NO_EOS)]
+        _synchronize(model)
+        return time.perf_counter() - started, token_ids
+
+    run_hf(), run_d3()  # warm-up
+    hf_times, d3_times = [], []
+    same = True
+    for _ in range(repeats):
+        hf_seconds, hf_tokens = run_hf()
+        d3_seconds, d3_tokens = run_d3()
+        hf_times.append(hf_seconds)
+        d3_times.append(d3_seconds)
+        same = same and hf_tokens == d3_tokens
+    hf_rate = tokens / statistics.median(hf_times)
+    d3_rate = tokens / statistics.median(d3_times)
+    return {"hf_tokens_per_s": hf_rate, "d3_alpha1_tokens_per_s": d3_rate, "alpha1_ratio": d3_rate / hf_rate,
+            "same_tokens": same}
+
+
+def len_layers(model) -> int:
+    from d3cli.loader import num_decoder_layers
+
+    return num_decoder_layers(model)
+
+
+def step_times(model, prompt_ids: Sequence[int], base: DecaySchedule, tokens: int, repeats: int) -> dict:
+    """Median decode-step time at depths from the core layers to L, and the line T_fixed + k·T_layer through them."""
+    floor, num_layers = base.head + base.tail, base.num_layers
+    depths = sorted({floor, num_layers, *range(floor, num_layers + 1, max(1, (num_layers - floor) // 8))})
+    decode_seconds(model, prompt_ids, StaticSchedule.like(base, num_layers), min(tokens, 8))  # warm-up
+    samples = []
+    for depth in depths:
+        schedule = StaticSchedule.like(base, depth)
+        per_step = [value for _ in range(repeats) for value in decode_seconds(model, prompt_ids, schedule, tokens)]
+        samples.append((depth, statistics.median(per_step)))
+    t_fixed, t_layer, r2 = fit_line(samples)
+    return {"t_fixed_ms": t_fixed * 1e3, "t_layer_ms": t_layer * 1e3, "r2": r2,
+            "step_ms": [{"layers": depth, "ms": seconds * 1e3} for depth, seconds in samples]}
+
+
+def mean_decode_layers(schedule: DecaySchedule, tokens: int) -> float:
+    """k̄: the mean layers of the decode steps 1..N−1 (step 0 is the prefill's token)."""
+    steps = range(1, max(tokens, 2))
+    return sum(schedule.layers_at(step) for step in steps) / len(steps)
+
+
+def alpha_rows(model, prompt_ids: Sequence[int], schedules: Sequence[DecaySchedule], tokens: int, repeats: int,
+               t_fixed_ms: float, t_layer_ms: float) -> list[dict]:
+    """Per schedule: k̄, ideal(k̄) from the fitted costs, the measured decode speedup over full depth, and their
+    ratio. Full depth and each schedule alternate so drifts in machine speed hit both alike."""
+    if not schedules:
+        return []
+    full = StaticSchedule.like(schedules[0], schedules[0].num_layers)
+    decode_seconds(model, prompt_ids, full, min(tokens, 8))  # warm-up
+    rows = []
+    for schedule in schedules:
+        full_times, d3_times = [], []
+        for _ in range(repeats):
+            full_times.append(sum(decode_seconds(model, prompt_ids, full, tokens)))
+            d3_times.append(sum(decode_seconds(model, prompt_ids, schedule, tokens)))
+        k_bar = mean_decode_layers(schedule, tokens)
+        full_step = t_fixed_ms + schedule.num_layers * t_layer_ms
+        ideal = full_step / (t_fixed_ms + k_bar * t_layer_ms)
+        measured = statistics.median(full_times) / statistics.median(d3_times)
+        rows.append({"alpha": schedule.alpha, "min_layers": schedule.min_layers, "mean_layers": k_bar,
+                     "ideal_speedup": ideal, "measured_speedup": measured, "efficiency": measured / ideal})
+    return rows
+
+
+def batch_rows(model, prompts: Sequence[Sequence[int]], schedule: DecaySchedule, batch_sizes: Sequence[int],
+               tokens: int, repeats: int) -> list[dict]:
+    """Generated tokens per second (all rows) at each batch size, at full depth and with `schedule`."""
+    full = StaticSchedule.like(schedule, schedule.num_layers)
+    device = model_device(model)
+
+    def seconds(batch_size: int, chosen: DecaySchedule) -> float:
+        rows = [prompts[index % len(prompts)] for index in range(batch_size)]
+        batch = make_prompt_batch(rows, pad_token_id=0, device=device)
+        _synchronize(model)
+        started = time.perf_counter()
+        for _ in generate_steps(model, batch, chosen, max_new_tokens=tokens):
+            pass
+        _synchronize(model)
+        return time.perf_counter() - started
+
+    results = []
+    for batch_size in batch_sizes:
+        seconds(batch_size, full)  # warm-up at this shape
+        full_times, d3_times = [], []
+        for _ in range(repeats):
+            full_times.append(seconds(batch_size, full))
+            d3_times.append(seconds(batch_size, schedule))
+        full_rate = batch_size * tokens / statistics.median(full_times)
+        d3_rate = batch_size * tokens / statistics.median(d3_times)
+        results.append({"batch_size": batch_size, "full_tokens_per_s": full_rate, "d3_tokens_per_s": d3_rate,
+                        "speedup": d3_rate / full_rate})
+    return results
+
+
+def kv_cache_bytes(model, prompt_ids: Sequence[int], schedule: DecaySchedule, tokens: int) -> dict:
+    """Bytes of cached keys and values after a `tokens`-token reply, at full depth and with `schedule` (a skipped
+    layer stores nothing for the tokens that skip it)."""
+    batch = make_prompt_batch([list(prompt_ids)], pad_token_id=0, device=model_device(model))
+    sizes = {}
+    for name, chosen in (("full", StaticSchedule.like(schedule, schedule.num_layers)), ("d3", schedule)):
+        cache = DepthDecayCache(config=model.config)
+        for _ in generate_steps(model, batch, chosen, max_new_tokens=tokens, cache=cache):
+            pass
+        sizes[name] = cache.kv_bytes()
+    return {"tokens": tokens, "prompt_tokens": len(prompt_ids), "full_bytes": sizes["full"], "d3_bytes": sizes["d3"],
+            "ratio": sizes["d3"] / sizes["full"] if sizes["full"] else float("nan")}
+
+
+def first_token_seconds(model_args: Sequence[str], repeats: int) -> dict:
+    """Wall seconds from starting `d3 generate -n 1` in a new process to its exit right after the first token:
+    cold (an empty d3 cache, so a GGUF model is converted again) and warm (the cache filled), medians."""
+    command = [sys.executable, "-m", "d3cli", "generate", "-n", "1", "--json", *model_args, "Hello"]
+
+    def run(cache_dir: str) -> float:
+        environment = dict(os.environ, D3_CACHE_DIR=cache_dir)
+        started = time.perf_counter()
+        finished = subprocess.run(command, env=environment, capture_output=True, text=True)
+        elapsed = time.perf_counter() - started
+        if finished.returncode != 0:
+            raise RuntimeError(f"d3 generate failed while timing the first token: {finished.stderr.strip()}")
+        return elapsed
+
+    cold, warm = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="d3-speed-") as cache_dir:
+            cold.append(run(cache_dir))
+            warm.append(run(cache_dir))
+    return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm), "runs": repeats}

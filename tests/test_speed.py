@@ -1,0 +1,50 @@
+"""`d3 bench --task speed`: the benchmark runs and its numbers are consistent (no timing thresholds here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from d3cli.schedule import DecaySchedule
+from d3cli.speed import kv_cache_bytes, mean_decode_layers
+
+TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
+
+
+def test_mean_decode_layers_is_the_schedules_mean_over_decode_steps():
+    schedule = DecaySchedule.build(30, alpha=0.9, min_layers=24)
+    assert mean_decode_layers(schedule, 11) == pytest.approx(sum(schedule.layers_at(i) for i in range(1, 11)) / 10)
+    assert mean_decode_layers(DecaySchedule.build(30, alpha=1.0), 50) == 30
+
+
+def test_the_kv_cache_shrinks_by_the_skipped_layers_entries(tiny_models):
+    schedule = DecaySchedule.build(8, alpha=0.7, min_layers=3, head=1, tail=1)
+    sizes = kv_cache_bytes(tiny_models["llama"], [1, 4093, 314, 260], schedule, 20)
+    per_entry = sizes["full_bytes"] / (8 * (4 + 20 - 1))  # every layer holds prompt + 19 fed tokens at full depth
+    held = sum(4 + sum(1 for step in range(1, 20) if layer in schedule.kept_layers(step)) for layer in range(8))
+    assert sizes["d3_bytes"] == pytest.approx(per_entry * held)
+    assert sizes["ratio"] < 1
+
+
+def test_speed_bench_json_is_complete_and_consistent(cli, tiny_model_dir):
+    result = cli(["bench", "--task", "speed", "--model", str(tiny_model_dir), "-n", "12", "--repeats", "1",
+                  "--alpha", "0.8,0.9", *TINY, "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {"hf_tokens_per_s", "d3_alpha1_tokens_per_s", "alpha1_ratio", "t_fixed_ms", "t_layer_ms", "r2",
+            "alphas"} <= report.keys()
+    assert report["same_tokens"] is True
+    assert report["alpha1_ratio"] == pytest.approx(report["d3_alpha1_tokens_per_s"] / report["hf_tokens_per_s"])
+    assert report["t_layer_ms"] > 0 and report["r2"] <= 1
+    assert [row["layers"] for row in report["step_ms"]][0] == 2 and report["step_ms"][-1]["layers"] == 8
+    for row, alpha in zip(report["alphas"], (0.8, 0.9)):
+        schedule = DecaySchedule.build(8, alpha=alpha, min_layers=3, head=1, tail=1)
+        assert row["alpha"] == alpha and row["mean_layers"] == pytest.approx(mean_decode_layers(schedule, 12))
+        assert row["ideal_speedup"] > 1 and row["measured_speedup"] > 0
+        assert row["efficiency"] == pytest.approx(row["measured_speedup"] / row["ideal_speedup"])
+    assert [row["batch_size"] for row in report["batches"]] == [1, 4, 16]
+    assert all(row["full_tokens_per_s"] > 0 and row["d3_tokens_per_s"] > 0 for row in report["batches"])
+    assert 0 < report["kv_cache"]["d3_bytes"] < report["kv_cache"]["full_bytes"]
+    assert report["first_token"]["cold_s"] > 0 and report["first_token"]["warm_s"] > 0
+    assert "efficiency" in result.stderr
