@@ -18,6 +18,9 @@ from pathlib import Path
 from d3cli.errors import UserError
 
 PROFILE_FORMAT = "d3-layer-profile/1"
+# The embedded SmolLM2-135M-Instruct's profile ships with d3 (measured on 32 GSM8K reference answers), so
+# `--skip-order importance` works on it without --profile; every other model needs its own.
+BUNDLED_PROFILE = Path(__file__).parent / "profiles" / "smollm2-135m-instruct.json"
 FINGERPRINT_TOLERANCE = 1e-2  # relative; survives a dtype change, not a different model
 
 
@@ -104,6 +107,14 @@ def load_profile(path: str | Path) -> LayerProfile:
 
 def check_profile_matches(profile: LayerProfile, identity: dict, path: str | Path) -> None:
     """A profile measured on another model (architecture, size or weights) is a UserError."""
+    if Path(path) == BUNDLED_PROFILE:
+        try:
+            check_profile_matches(profile, identity, "bundled")
+        except UserError:
+            raise UserError(f"--skip-order importance needs a layer profile of {identity['name']}: make one with "
+                            "d3 profile-ppl --save-profile FILE and add --profile FILE (d3 ships one only for the "
+                            "embedded SmolLM2-135M-Instruct)") from None
+        return
     measured = profile.model
     if profile.num_layers != identity["num_layers"]:
         raise UserError(f"the layer profile {path} is for a model with {profile.num_layers} layers, "

@@ -165,8 +165,7 @@ class DecaySchedule:
         if callable(skip_order):
             order_fn, order_name = skip_order, skip_order_name or getattr(skip_order, "__name__", "custom")
         elif skip_order == MEASURED_SKIP_ORDER:
-            raise UserError("--skip-order importance needs a layer profile: add --profile FILE "
-                            "(made by d3 profile-ppl --save-profile FILE)")
+            raise UserError("the importance skip order needs a layer profile (DecodeSettings.schedule_for loads it)")
         else:
             order_fn, order_name = SKIP_ORDERS[skip_order], skip_order
         flex_layers = list(range(head_layers, num_layers - tail_layers))

@@ -40,7 +40,7 @@ class DecodeSettings:
     stop: tuple[str, ...] = ()
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     system: str | None = None
-    profile: str | None = None  # the layer profile behind --skip-order importance
+    profile: str | None = None  # the layer profile behind --skip-order importance (None: the bundled one)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -53,9 +53,6 @@ class DecodeSettings:
         if self.profile is not None and self.skip_order != MEASURED_SKIP_ORDER:
             raise UserError(f"--profile is used by --skip-order importance only, not with skip order "
                             f"{self.skip_order!r}")
-        if self.profile is None and self.skip_order == MEASURED_SKIP_ORDER:
-            raise UserError("--skip-order importance needs a layer profile: add --profile FILE "
-                            "(made by d3 profile-ppl --save-profile FILE)")
 
     @classmethod
     def from_options(cls, *, alpha, min_layers, warmup, head, tail, skip_order, max_new_tokens, temperature, top_k,
@@ -81,7 +78,10 @@ class DecodeSettings:
         if skip_order == MEASURED_SKIP_ORDER:
             from d3cli.layer_profile import importance_order, load_profile
 
-            profile = load_profile(self.profile)
+            profile = load_profile(self.profile_path())
+            if profile.num_layers != num_layers and self.profile is None:
+                raise UserError(f"--skip-order importance needs a layer profile of this {num_layers}-layer model: "
+                                "make one with d3 profile-ppl --save-profile FILE and add --profile FILE")
             if profile.num_layers != num_layers:
                 raise UserError(f"the layer profile {self.profile} is for a model with {profile.num_layers} layers, "
                                 f"this one has {num_layers}")
@@ -97,12 +97,18 @@ class DecodeSettings:
             skip_order_name=self.skip_order,
         )
 
+    def profile_path(self) -> str:
+        """The layer profile of --skip-order importance: --profile, else the one shipped for the embedded model."""
+        from d3cli.layer_profile import BUNDLED_PROFILE
+
+        return self.profile if self.profile is not None else str(BUNDLED_PROFILE)
+
     def check_model(self, identity: dict) -> None:
         """With --skip-order importance, the profile must have been measured on this model (UserError if not)."""
-        if self.profile is not None:
+        if self.skip_order == MEASURED_SKIP_ORDER:
             from d3cli.layer_profile import check_profile_matches, load_profile
 
-            check_profile_matches(load_profile(self.profile), identity, self.profile)
+            check_profile_matches(load_profile(self.profile_path()), identity, self.profile_path())
 
     def full_depth(self) -> DecodeSettings:
         """The same reply settings with no layer skipping: the baseline of --compare."""

@@ -51,13 +51,18 @@ def test_a_schedule_with_the_importance_order_drops_the_cheapest_layers_first(tm
         settings.schedule_for(8)
 
 
-def test_importance_needs_a_profile_and_a_profile_needs_importance(tmp_path):
-    with pytest.raises(UserError, match="needs a layer profile"):
-        DecodeSettings(skip_order="importance")
+def test_a_profile_needs_importance_and_importance_defaults_to_the_bundled_profile(tmp_path):
     with pytest.raises(UserError, match="importance only"):
         DecodeSettings(skip_order="middle", profile="p.json")
     with pytest.raises(UserError, match="needs a layer profile"):
         DecaySchedule.build(6, skip_order="importance")
+    bundled = DecodeSettings(skip_order="importance")
+    schedule = bundled.schedule_for(30)  # the embedded model's shipped profile
+    assert schedule.drop_order[:3] == (3, 5, 4)
+    with pytest.raises(UserError, match="make one with d3 profile-ppl --save-profile"):
+        bundled.schedule_for(8)
+    with pytest.raises(UserError, match="make one with d3 profile-ppl --save-profile"):
+        bundled.check_model(IDENTITY)
 
 
 def test_a_profile_of_another_model_is_refused(tmp_path):

@@ -117,12 +117,13 @@ def test_text_file_and_self_corpora(cli, tiny_model_dir, shared_data, tmp_path):
     (["--text-file", "missing.txt"], "missing.txt"),
     (["--text-file", "x.txt", "--task", "bbh"], "brings its own text"),
     (["--target-speedup", "1.5", "--target-layer-ratio", "0.5"], "not both"),
-    (["--skip-order", "importance"], "needs a layer profile"),
+    (["--skip-order", "importance", "--model", "MODEL"], "needs a layer profile of"),
     (["--profile", "p.json"], "importance only"),
     (["--task", "mmlu"], "unknown task 'mmlu'"),
 ])
-def test_bad_profile_options_are_one_line(cli, shared_data, tmp_path, args, fragment):
+def test_bad_profile_options_are_one_line(cli, shared_data, tiny_model_dir, tmp_path, args, fragment):
     (tmp_path / "x.txt").write_text("text")
+    args = [str(tiny_model_dir) if arg == "MODEL" else arg for arg in args]
     result = cli(["profile-ppl", "--data-dir", str(shared_data), *args])
     assert result.exit_code == 2, result.stderr
     assert result.stderr.count("\n") == 1 and fragment in result.stderr
@@ -156,3 +157,11 @@ def test_plot_draws_a_png(cli, tiny_model_dir, shared_data, tmp_path):
                               "--plot", str(picture)))
     assert result.exit_code == 0, result.stderr
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+
+
+def test_the_embedded_model_ships_its_layer_profile(cli):
+    result = cli(["generate", "--skip-order", "importance", "-n", "16", "--alpha", "0.9", "--json",
+                  "Name a colour."])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["skip_order"] == "importance" and record["layers_per_token"][-1] == 24
