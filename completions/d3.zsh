@@ -145,9 +145,9 @@ _d3_profile_ppl() {
         '(--subtasks)--subtasks[BBH subtasks, comma-separated (default\: all 27).]:value: ' \
         '(--limit)--limit[Texts to score (per BBH subtask).]:value: ' \
         '(--offset)--offset[Skip the first N examples (per BBH subtask)\: score texts a layer profile was not measured on.]:value: ' \
-        '(--shots)--shots[Few-shot exemplars in task prompts (gsm8k\: 8, bbh\: 3).]:value: ' \
-        '(--chat)--chat[Task prompts through the chat template, zero-shot.]' \
-        '(--data-dir)--data-dir[Folder with gsm8k/ and bbh/ (default\: $D3_DATA_DIR, else the download cache).]:value: ' \
+        '(--shots)--shots[Few-shot exemplars (gsm8k\: 8, bbh\: 3).]:value: ' \
+        '(--chat)--chat[Zero-shot through the model'\''s chat template instead of few-shot.]' \
+        '(--data-dir)--data-dir[Folder with gsm8k/ and bbh/ (default\: $D3_DATA_DIR, else a download cache under ~/.cache/d3/data).]:value: ' \
         '(--prompt-tokens)--prompt-tokens[With --text-file\: tokens of each document that form its prompt.]:value: ' \
         '(--max-positions)--max-positions[Score at most this many continuation tokens per text.]:value: ' \
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \

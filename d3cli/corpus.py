@@ -7,14 +7,13 @@ prompts (`--self`), or documents in a text file split into a prompt part and a c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from d3cli.errors import UserError
 from d3cli.prompts import decode_utf8
 from d3cli.scoring import ScoringText
-from d3cli.tasks.base import Example
+from d3cli.tasks.base import Example, read_jsonl
 
 MIN_CONTINUATION = 2  # a continuation needs positions to profile
 
@@ -74,25 +73,18 @@ def self_texts(loaded, examples: Sequence[Example], stop_strings: Sequence[str],
 
 def read_documents(path: Path) -> list[tuple[str, str | None]]:
     """(text, None) per blank-line-separated document of a text file, or (prompt, continuation) per JSONL line."""
+    if path.suffix == ".jsonl":
+        documents = []
+        for row in read_jsonl(path):
+            if not (isinstance(row.get("prompt"), str) and isinstance(row.get("continuation"), str)):
+                raise UserError(f"{path}:{row['_line']}: needs \"prompt\" and \"continuation\" strings")
+            documents.append((row["prompt"], row["continuation"]))
+        return documents
     try:
         data = path.read_bytes()
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror}") from None
     content = decode_utf8(data, str(path))
-    if path.suffix == ".jsonl":
-        documents = []
-        for number, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
-                    and isinstance(row.get("continuation"), str)):
-                raise UserError(f"{path}:{number}: needs \"prompt\" and \"continuation\" strings")
-            documents.append((row["prompt"], row["continuation"]))
-        return documents
     blocks, current = [], []
     for line in content.splitlines():
         if line.strip():

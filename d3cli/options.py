@@ -14,6 +14,7 @@ MODEL_PANEL = "Model"
 SCHEDULE_PANEL = "Depth decay"
 SAMPLING_PANEL = "Sampling and length"
 OUTPUT_PANEL = "Output"
+TASK_PANEL = "Task"
 
 
 class Device(str, Enum):
@@ -126,4 +127,21 @@ ChatOption = Annotated[
 SystemOption = Annotated[
     Optional[str], typer.Option("--system", "-s", help="System message for the chat template.",
                                 rich_help_panel=SAMPLING_PANEL, show_default=False),
+]
+
+SubtasksOption = Annotated[
+    Optional[str], typer.Option(help="BBH subtasks, comma-separated (default: all 27).", rich_help_panel=TASK_PANEL,
+                                show_default=False),
+]
+ShotsOption = Annotated[
+    Optional[int], typer.Option(help="Few-shot exemplars (gsm8k: 8, bbh: 3).", rich_help_panel=TASK_PANEL,
+                                show_default=False),
+]
+TaskChatOption = Annotated[
+    bool, typer.Option("--chat", help="Zero-shot through the model's chat template instead of few-shot.",
+                       rich_help_panel=TASK_PANEL),
+]
+DataDirOption = Annotated[
+    Optional[Path], typer.Option(help="Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else a download cache "
+                                      "under ~/.cache/d3/data).", rich_help_panel=TASK_PANEL, show_default=False),
 ]

@@ -11,6 +11,11 @@ import typer
 from d3cli import render
 from d3cli.errors import UserError
 from d3cli.options import (
+    TASK_PANEL,
+    DataDirOption,
+    ShotsOption,
+    SubtasksOption,
+    TaskChatOption,
     OUTPUT_PANEL,
     DeviceMapOption,
     DeviceOption,
@@ -30,7 +35,6 @@ from d3cli.schedule import DEFAULT_ALPHA, DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFA
     DEFAULT_WARMUP
 from d3cli.settings import DecodeSettings
 
-TASK_PANEL = "Task"
 BENCH_MAX_NEW_TOKENS = 256
 
 
@@ -59,27 +63,14 @@ def bench(
     task: Annotated[str, typer.Option("--task", help="gsm8k, bbh, or speed (timings only: α = 1 against the model's "
                                       "own generate, step cost per layer, D3 against its ideal, batches, KV cache, "
                                       "first token).", rich_help_panel=TASK_PANEL)] = "gsm8k",
-    subtasks: Annotated[
-        Optional[str], typer.Option(help="BBH subtasks, comma-separated (default: all 27).",
-                                    rich_help_panel=TASK_PANEL, show_default=False),
-    ] = None,
+    subtasks: SubtasksOption = None,
     limit: Annotated[
         Optional[int], typer.Option(help="Only the first N examples (per BBH subtask).", rich_help_panel=TASK_PANEL,
                                     show_default=False),
     ] = None,
-    shots: Annotated[
-        Optional[int], typer.Option(help="Few-shot exemplars (gsm8k: 8, bbh: 3).", rich_help_panel=TASK_PANEL,
-                                    show_default=False),
-    ] = None,
-    chat: Annotated[
-        bool, typer.Option("--chat", help="Zero-shot through the model's chat template instead of few-shot.",
-                           rich_help_panel=TASK_PANEL),
-    ] = False,
-    data_dir: Annotated[
-        Optional[Path], typer.Option(help="Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else a download "
-                                          "cache under ~/.cache/d3/data).", rich_help_panel=TASK_PANEL,
-                                     show_default=False),
-    ] = None,
+    shots: ShotsOption = None,
+    chat: TaskChatOption = False,
+    data_dir: DataDirOption = None,
     methods: Annotated[
         str, typer.Option(help="Which of d3, static, linear to run beside full depth.", rich_help_panel=TASK_PANEL),
     ] = "full,d3,static,linear",

@@ -15,6 +15,11 @@ from d3cli import render
 from d3cli.commands.bench import parse_alphas, parse_list
 from d3cli.errors import UserError
 from d3cli.options import (
+    TASK_PANEL,
+    DataDirOption,
+    ShotsOption,
+    SubtasksOption,
+    TaskChatOption,
     OUTPUT_PANEL,
     SCHEDULE_PANEL,
     DeviceMapOption,
@@ -32,7 +37,6 @@ from d3cli.options import (
 from d3cli.schedule import DecaySchedule, DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFAULT_SKIP_ORDER, DEFAULT_TAIL, DEFAULT_WARMUP
 from d3cli.settings import DecodeSettings
 
-CORPUS_PANEL = "Corpus"
 PROFILE_PANEL = "Profile"
 CALIBRATION_PANEL = "Calibration"
 
@@ -40,47 +44,35 @@ CALIBRATION_PANEL = "Calibration"
 def profile_ppl(
     task: Annotated[
         Optional[str], typer.Option("--task", help="Score a task's reference answers after its prompts: gsm8k or "
-                                    "bbh (default gsm8k unless --text-file).", rich_help_panel=CORPUS_PANEL,
+                                    "bbh (default gsm8k unless --text-file).", rich_help_panel=TASK_PANEL,
                                     show_default=False),
     ] = None,
     text_file: Annotated[
         Optional[Path], typer.Option("--text-file", help="Score documents of this file (blank-line separated), "
                                      "each split after --prompt-tokens; a .jsonl file gives prompt/continuation "
-                                     "pairs.", rich_help_panel=CORPUS_PANEL, show_default=False),
+                                     "pairs.", rich_help_panel=TASK_PANEL, show_default=False),
     ] = None,
     self_generated: Annotated[
         bool, typer.Option("--self", help="Score the model's own greedy continuations of the task prompts.",
-                           rich_help_panel=CORPUS_PANEL),
+                           rich_help_panel=TASK_PANEL),
     ] = False,
-    subtasks: Annotated[
-        Optional[str], typer.Option(help="BBH subtasks, comma-separated (default: all 27).",
-                                    rich_help_panel=CORPUS_PANEL, show_default=False),
-    ] = None,
+    subtasks: SubtasksOption = None,
     limit: Annotated[
-        int, typer.Option(help="Texts to score (per BBH subtask).", rich_help_panel=CORPUS_PANEL),
+        int, typer.Option(help="Texts to score (per BBH subtask).", rich_help_panel=TASK_PANEL),
     ] = 32,
     offset: Annotated[
         int, typer.Option(help="Skip the first N examples (per BBH subtask): score texts a layer profile was not "
-                          "measured on.", rich_help_panel=CORPUS_PANEL),
+                          "measured on.", rich_help_panel=TASK_PANEL),
     ] = 0,
-    shots: Annotated[
-        Optional[int], typer.Option(help="Few-shot exemplars in task prompts (gsm8k: 8, bbh: 3).",
-                                    rich_help_panel=CORPUS_PANEL, show_default=False),
-    ] = None,
-    chat: Annotated[
-        bool, typer.Option("--chat", help="Task prompts through the chat template, zero-shot.",
-                           rich_help_panel=CORPUS_PANEL),
-    ] = False,
-    data_dir: Annotated[
-        Optional[Path], typer.Option(help="Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else the download "
-                                          "cache).", rich_help_panel=CORPUS_PANEL, show_default=False),
-    ] = None,
+    shots: ShotsOption = None,
+    chat: TaskChatOption = False,
+    data_dir: DataDirOption = None,
     prompt_tokens: Annotated[
         int, typer.Option(help="With --text-file: tokens of each document that form its prompt.",
-                          rich_help_panel=CORPUS_PANEL),
+                          rich_help_panel=TASK_PANEL),
     ] = 64,
     max_positions: Annotated[
-        int, typer.Option(help="Score at most this many continuation tokens per text.", rich_help_panel=CORPUS_PANEL),
+        int, typer.Option(help="Score at most this many continuation tokens per text.", rich_help_panel=TASK_PANEL),
     ] = 256,
     model: ModelOption = None,
     device: DeviceOption = "auto",
