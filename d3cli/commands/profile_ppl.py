@@ -134,7 +134,7 @@ def profile_ppl(
     For every continuation token, its NLL at full depth by its position i after the prompt, in buckets with 95%
     intervals and a fitted power law ppl(i) ≈ c + a·(i+1)^(−b); with --alpha the same under D3.
     """
-    if sum(source is not None and source is not False for source in (text_file, self_generated or None)) > 1:
+    if text_file is not None and self_generated:
         raise UserError("--text-file and --self are two different corpora: pick one")
     if text_file is not None and (task is not None or subtasks or shots is not None or chat or offset):
         raise UserError("--task, --subtasks, --offset, --shots and --chat choose task prompts; --text-file brings "
