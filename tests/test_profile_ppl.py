@@ -65,6 +65,14 @@ def test_layer_profile_drives_the_importance_skip_order(cli, tiny_model_dir, sha
     record = json.loads(result.stdout)
     assert record["skip_order"] == "importance" and min(record["layers_per_token"]) == 3
 
+    result = cli(["bench", "--task", "gsm8k", "--limit", "2", "--shots", "1", "--model", str(tiny_model_dir),
+                  "--data-dir", str(shared_data), "-n", "8", "--alpha", "0.8", *TINY, "--methods", "d3,static",
+                  "--skip-order", "importance", "--profile", str(saved), "--output", str(tmp_path / "b.jsonl"),
+                  "--json"])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert records[0]["decode"]["skip_order"] == "importance" and records[0]["decode"]["profile"] == str(saved)
+
     other = dict(profile, model=dict(profile["model"], fingerprint=profile["model"]["fingerprint"] * 2))
     stranger = tmp_path / "other.json"
     stranger.write_text(json.dumps(other))
