@@ -14,9 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-import torch
-
-from d3cli.engine import generate_steps, make_prompt_batch, model_device
+from d3cli.engine import generate_steps, make_prompt_batch, model_device, synchronize
 from d3cli.errors import UserError
 from d3cli.schedule import DecaySchedule, StaticSchedule
 
@@ -55,9 +53,8 @@ def decode_seconds(model, prompt_ids: Sequence[int], schedule: DecaySchedule, to
     """Wall seconds of each decode step (steps 1..tokens−1) of greedy decoding with `schedule`."""
     batch = make_prompt_batch([list(prompt_ids)], pad_token_id=0, device=model_device(model))
     durations, last = [], None
-    synchronize = torch.cuda.synchronize if model_device(model).type == "cuda" else (lambda: None)
     for step in generate_steps(model, batch, schedule, max_new_tokens=tokens):
-        synchronize()
+        synchronize(model)
         now = time.perf_counter()
         if step.index > 0:
             durations.append(now - last)
@@ -110,10 +107,7 @@ def candidate_schedules(base: DecaySchedule, reaches: Callable[[DecaySchedule], 
                         max_candidates: int = 8) -> list[DecaySchedule]:
     """For each floor (at most `max_candidates`, spread from the core layers to L−1), the largest α, to 4 decimals,
     whose schedule `reaches` the target; floors that cannot reach it even at the tiniest α are left out."""
-    def schedule(alpha: float, floor: int) -> DecaySchedule:
-        return DecaySchedule.build(base.num_layers, alpha=alpha, min_layers=floor, warmup=base.warmup,
-                                   head=base.head, tail=base.tail, skip_order=lambda _: base.drop_order,
-                                   skip_order_name=base.skip_order)
+    schedule = base.retuned
 
     floors = list(range(base.head + base.tail, base.num_layers))
     if len(floors) > max_candidates:
@@ -133,9 +127,10 @@ def candidate_schedules(base: DecaySchedule, reaches: Callable[[DecaySchedule], 
 
 
 def recommend(base: DecaySchedule, reply_tokens: int, costs: StepCosts, target_speedup: float | None,
-              target_layer_ratio: float | None, nll_of: Callable[[Sequence[DecaySchedule]], list[float]],
-              full_nll: float) -> tuple[Candidate, list[Candidate]]:
-    """The candidate that reaches the target with the smallest NLL increase, and every candidate considered."""
+              target_layer_ratio: float | None, nll_of: Callable[[Sequence[DecaySchedule]], list[float]]
+              ) -> tuple[Candidate, list[Candidate]]:
+    """The candidate that reaches the target with the smallest NLL increase, and every candidate considered.
+    `nll_of(schedules)` gives each schedule's mean NLL; it is called once, with full depth first."""
     if (target_speedup is None) == (target_layer_ratio is None):
         raise UserError("give one of --target-speedup and --target-layer-ratio")
     if target_speedup is not None:
@@ -153,11 +148,10 @@ def recommend(base: DecaySchedule, reply_tokens: int, costs: StepCosts, target_s
 
     schedules = candidate_schedules(base, reaches)
     if not schedules:
-        best = predicted_speedup(DecaySchedule.build(base.num_layers, alpha=1e-4, min_layers=base.head + base.tail,
-                                                     head=base.head, tail=base.tail), reply_tokens, costs)
+        best = predicted_speedup(base.retuned(1e-4, base.head + base.tail), reply_tokens, costs)
         raise UserError(f"no α and floor reach that target for a {reply_tokens}-token reply: even running only the "
                         f"{base.head + base.tail} core layers gives {best:.2f}x; lower the target or --head/--tail")
-    nlls = nll_of(schedules)
+    full_nll, *nlls = nll_of([base.retuned(1.0, base.num_layers), *schedules])
     candidates = [Candidate(schedule.alpha, schedule.min_layers, predicted_speedup(schedule, reply_tokens, costs),
                             layer_ratio(schedule, reply_tokens), nll - full_nll)
                   for schedule, nll in zip(schedules, nlls)]
@@ -166,12 +160,18 @@ def recommend(base: DecaySchedule, reply_tokens: int, costs: StepCosts, target_s
 
 
 def measured_decode_speedup(model, prompts: Sequence[Sequence[int]], schedule: DecaySchedule,
-                            reply_tokens: int) -> float:
-    """Total decode time at full depth over total decode time with `schedule`, the two alternating per prompt."""
+                            reply_tokens: int, repeats: int = 1) -> float:
+    """Decode time at full depth over decode time with `schedule` (each summed over the prompts; the median of
+    `repeats` rounds), the two alternating per prompt so drifts in machine speed hit both alike."""
     full = StaticSchedule.like(schedule, schedule.num_layers)
     decode_seconds(model, prompts[0], full, min(reply_tokens, 8))  # warm-up
-    full_total = d3_total = 0.0
-    for prompt in prompts:
-        full_total += sum(decode_seconds(model, prompt, full, reply_tokens))
-        d3_total += sum(decode_seconds(model, prompt, schedule, reply_tokens))
-    return full_total / d3_total if d3_total > 0 else float("nan")
+    full_totals, d3_totals = [], []
+    for _ in range(repeats):
+        full_total = d3_total = 0.0
+        for prompt in prompts:
+            full_total += sum(decode_seconds(model, prompt, full, reply_tokens))
+            d3_total += sum(decode_seconds(model, prompt, schedule, reply_tokens))
+        full_totals.append(full_total)
+        d3_totals.append(d3_total)
+    d3_median = statistics.median(d3_totals)
+    return statistics.median(full_totals) / d3_median if d3_median > 0 else float("nan")

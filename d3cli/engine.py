@@ -81,6 +81,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def synchronize(model: torch.nn.Module) -> None:
+    """Wait for the model's device to finish queued work, so a clock read after it measures that work."""
+    if model_device(model).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def prefill(model, batch: PromptBatch, cache: DepthDecayCache) -> torch.Tensor:
     """Run the whole prompt through every layer; return the next-token logits per row."""
     output = model(

@@ -105,26 +105,30 @@ def load_profile(path: str | Path) -> LayerProfile:
     return _read_profile(str(path), modified_ns)
 
 
-def check_profile_matches(profile: LayerProfile, identity: dict, path: str | Path) -> None:
-    """A profile measured on another model (architecture, size or weights) is a UserError."""
-    if Path(path) == BUNDLED_PROFILE:
-        try:
-            check_profile_matches(profile, identity, "bundled")
-        except UserError:
-            raise UserError(f"--skip-order importance needs a layer profile of {identity['name']}: make one with "
-                            "d3 profile-ppl --save-profile FILE and add --profile FILE (d3 ships one only for the "
-                            "embedded SmolLM2-135M-Instruct)") from None
-        return
+def profile_mismatch(profile: LayerProfile, identity: dict) -> str | None:
+    """Why `profile` was not measured on the model with `identity` (layer count, architecture, weights), or None."""
     measured = profile.model
     if profile.num_layers != identity["num_layers"]:
-        raise UserError(f"the layer profile {path} is for a model with {profile.num_layers} layers, "
-                        f"{identity['name']} has {identity['num_layers']}")
+        return f"it is for a model with {profile.num_layers} layers, {identity['name']} has {identity['num_layers']}"
     for key in ("model_type", "hidden_size", "vocab_size"):
         if key in measured and measured[key] != identity.get(key):
-            raise UserError(f"the layer profile {path} was measured on {measured.get('name')} "
-                            f"({key} {measured[key]}), not on {identity['name']} ({key} {identity.get(key)})")
+            return (f"it was measured on {measured.get('name')} ({key} {measured[key]}), not on {identity['name']} "
+                    f"({key} {identity.get(key)})")
     expected, actual = measured.get("fingerprint"), identity.get("fingerprint")
     if expected is not None and actual is not None:
         if abs(expected - actual) > FINGERPRINT_TOLERANCE * max(abs(expected), abs(actual), 1e-12):
-            raise UserError(f"the layer profile {path} was measured on {measured.get('name')}, whose weights differ "
-                            f"from {identity['name']}'s: measure this model with d3 profile-ppl --save-profile")
+            return f"it was measured on {measured.get('name')}, whose weights differ from {identity['name']}'s"
+    return None
+
+
+def check_profile_matches(profile: LayerProfile, identity: dict, path: str | Path) -> None:
+    """A profile measured on another model is a UserError that says how to make the right one."""
+    reason = profile_mismatch(profile, identity)
+    if reason is None:
+        return
+    if Path(path) == BUNDLED_PROFILE:
+        raise UserError(f"--skip-order importance needs a layer profile of {identity['name']}: make one with "
+                        "d3 profile-ppl --save-profile FILE and add --profile FILE (d3 ships one only for the "
+                        "embedded SmolLM2-135M-Instruct)")
+    raise UserError(f"the layer profile {path} does not fit this model: {reason}; make one with d3 profile-ppl "
+                    "--save-profile FILE")

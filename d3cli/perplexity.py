@@ -11,20 +11,6 @@ Z_95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
-class PositionStats:
-    """The NLLs of every scored token at one position i, as count, mean and sample standard deviation."""
-
-    position: int
-    count: int
-    mean_nll: float
-    std_nll: float
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.mean_nll)
-
-
-@dataclass(frozen=True)
 class Bucket:
     """Positions first..last together: mean NLL, perplexity, and a 95% confidence interval of both."""
 
@@ -44,19 +30,8 @@ class Bucket:
                 "perplexity_high": math.exp(self.nll_high)}
 
 
-def position_stats(nll_per_text: Sequence[Sequence[float]], max_positions: int | None = None) -> list[PositionStats]:
-    """Per position i, the statistics of the i-th continuation token's NLL over every text long enough to have one."""
-    longest = max((len(values) for values in nll_per_text), default=0)
-    if max_positions is not None:
-        longest = min(longest, max_positions)
-    stats = []
-    for position in range(longest):
-        values = [values[position] for values in nll_per_text if len(values) > position]
-        stats.append(PositionStats(position, len(values), _mean(values), _std(values)))
-    return stats
-
-
-def buckets(nll_per_text: Sequence[Sequence[float]], bucket_size: int, max_positions: int | None = None) -> list[Bucket]:
+def buckets(nll_per_text: Sequence[Sequence[float]], bucket_size: int,
+            max_positions: int | None = None) -> list[Bucket]:
     """Positions grouped `bucket_size` at a time; the interval is mean ± 1.96 standard errors (a point when n = 1)."""
     if bucket_size < 1:
         raise ValueError("bucket_size must be at least 1")
@@ -75,7 +50,7 @@ def buckets(nll_per_text: Sequence[Sequence[float]], bucket_size: int, max_posit
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """ppl(i) ≈ c + a·(i+1)^(−b), fitted by weighted least squares; r2 is the weighted coefficient of determination."""
+    """ppl(i) ≈ c + a·(i+1)^(−b), by weighted least squares; r2 is the weighted coefficient of determination."""
 
     a: float
     b: float
@@ -132,14 +107,15 @@ def fit_power_law(positions: Sequence[int], values: Sequence[float], weights: Se
     return PowerLawFit(a=a, b=b, c=c, r2=r2, rmse=math.sqrt(sse / total), points=len(values))
 
 
-def fit_profile(stats: Sequence[PositionStats], min_count: int = 2) -> PowerLawFit | None:
+def fit_profile(nll_per_text: Sequence[Sequence[float]], max_positions: int | None = None,
+                min_count: int = 2) -> PowerLawFit | None:
     """The power law through each position's perplexity, weighted by how many tokens it averages; None when fewer
     than three positions have `min_count` tokens."""
-    usable = [stat for stat in stats if stat.count >= min_count]
-    if len({stat.position for stat in usable}) < 3:
+    usable = [bucket for bucket in buckets(nll_per_text, 1, max_positions) if bucket.count >= min_count]
+    if len(usable) < 3:
         return None
-    return fit_power_law([stat.position for stat in usable], [stat.perplexity for stat in usable],
-                         [stat.count for stat in usable])
+    return fit_power_law([bucket.first for bucket in usable], [bucket.perplexity for bucket in usable],
+                         [bucket.count for bucket in usable])
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -14,7 +14,7 @@ import torch
 
 from d3cli.errors import UserError
 from d3cli.layer_profile import LayerProfile, LayerScore
-from d3cli.perplexity import buckets, fit_profile, position_stats
+from d3cli.perplexity import buckets, fit_profile
 from d3cli.schedule import DecaySchedule
 from d3cli.scoring import (
     ContinuationScorer,
@@ -36,7 +36,8 @@ class Measurements:
 
 
 def measure(model, texts: Sequence[ScoringText], schedules: dict[str, DecaySchedule], num_layers: int,
-            layer_profile: bool = False, late_from: int = 16, on_text: Callable[[], None] | None = None) -> Measurements:
+            layer_profile: bool = False, late_from: int = 16,
+            on_text: Callable[[], None] | None = None) -> Measurements:
     """Score every text at full depth, under each schedule, and (with `layer_profile`) with each layer skipped."""
     found = Measurements(schedule_nll={label: [] for label in schedules},
                          schedule_agreement={label: [0, 0] for label in schedules})
@@ -86,8 +87,7 @@ def _mean_all(per_text: Sequence[Sequence[float]]) -> float:
 
 def report(found: Measurements, schedules: dict[str, DecaySchedule], bucket_size: int, max_positions: int) -> dict:
     """The per-position profile as JSON-ready data: buckets with intervals and the fit, and each schedule's cost."""
-    stats = position_stats(found.full_nll, max_positions)
-    fit = fit_profile(stats)
+    fit = fit_profile(found.full_nll, max_positions)
     full_buckets = buckets(found.full_nll, bucket_size, max_positions)
     rows = []
     for bucket in full_buckets:

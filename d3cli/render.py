@@ -347,7 +347,8 @@ def print_ppl_profile(console: Console, result: dict) -> None:
     scale = max((max(row["perplexity"], row["fit"] or 0.0) for row in profile["buckets"]), default=1.0)
     rows = []
     for index, row in enumerate(profile["buckets"]):
-        cells = [f"{row['first']}–{row['last']}", str(row["count"]), f"{row['mean_nll']:.3f}", _ppl(row["perplexity"]),
+        cells = [f"{row['first']}–{row['last']}", str(row["count"]), f"{row['mean_nll']:.3f}",
+                 _ppl(row["perplexity"]),
                  f"{_ppl(row['perplexity_low'])}–{_ppl(row['perplexity_high'])}"]
         cells += [f"{decayed['buckets'][index]['nll_increase']:+.3f}" for decayed in profile["d3"]]
         rows.append((cells, _bar_with_marker(row["perplexity"], row["fit"], scale, 12)))

@@ -184,6 +184,14 @@ class DecaySchedule:
             drop_order=drop_order,
         )
 
+    def retuned(self, alpha: float, min_layers: int) -> DecaySchedule:
+        """The same core layers and drop order with another α and floor (validated like `build`)."""
+        check_parameters(alpha, min_layers, self.warmup, self.head, self.tail, lambda flex: flex)  # order is fixed
+        check_layer_counts(self.head, self.tail, min_layers, self.num_layers)
+        return DecaySchedule(num_layers=self.num_layers, alpha=float(alpha), min_layers=min_layers,
+                             warmup=self.warmup, head=self.head, tail=self.tail, skip_order=self.skip_order,
+                             drop_order=self.drop_order)
+
     def layers_at(self, step: int) -> int:
         """k_i: how many layers run for generated token `step`."""
         if step < self.warmup:

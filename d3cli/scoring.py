@@ -17,7 +17,7 @@ import torch
 
 from d3cli.engine import model_device
 from d3cli.schedule import DecaySchedule
-from d3cli.skipping import DepthDecayCache, skipped_at_positions
+from d3cli.skipping import DepthDecayCache, find_decoder_layers, skipped_at_positions
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ class ContinuationScorer:
         if plan is not None and plan.shape[1] != self.text.steps:
             raise ValueError(f"the plan covers {plan.shape[1]} steps, the continuation has {self.text.steps}")
         cache = self._prefilled_cache()
+        if plan is not None:
+            plan = plan.to(self.device)  # once, not once per layer inside the hooks
         with skipped_at_positions(self.model, plan, observe):
             output = self.model(input_ids=self.segment_ids, position_ids=self.segment_positions,
                                 past_key_values=cache, use_cache=cache is not None)
@@ -107,8 +109,6 @@ def block_influence(model, scorer: ContinuationScorer, late_from: int
 
     Returns ([layers] float64 sums, [C] NLL, [C] top tokens): sums over the late steps, so callers can average
     over texts."""
-    from d3cli.skipping import find_decoder_layers
-
     totals = torch.zeros(len(find_decoder_layers(model)), dtype=torch.float64)
 
     def observe(layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:

@@ -79,12 +79,11 @@ class DecodeSettings:
             from d3cli.layer_profile import importance_order, load_profile
 
             profile = load_profile(self.profile_path())
-            if profile.num_layers != num_layers and self.profile is None:
-                raise UserError(f"--skip-order importance needs a layer profile of this {num_layers}-layer model: "
-                                "make one with d3 profile-ppl --save-profile FILE and add --profile FILE")
             if profile.num_layers != num_layers:
-                raise UserError(f"the layer profile {self.profile} is for a model with {profile.num_layers} layers, "
-                                f"this one has {num_layers}")
+                source = self.profile if self.profile is not None else "shipped for the embedded model"
+                raise UserError(f"the layer profile {source} is for a model with {profile.num_layers} layers, this "
+                                f"one has {num_layers}: make one with d3 profile-ppl --save-profile FILE and add "
+                                "--profile FILE")
             skip_order = importance_order(profile)
         return DecaySchedule.build(
             num_layers,
@@ -103,12 +102,13 @@ class DecodeSettings:
 
         return self.profile if self.profile is not None else str(BUNDLED_PROFILE)
 
-    def check_model(self, identity: dict) -> None:
+    def check_model(self, loaded) -> None:
         """With --skip-order importance, the profile must have been measured on this model (UserError if not)."""
         if self.skip_order == MEASURED_SKIP_ORDER:
             from d3cli.layer_profile import check_profile_matches, load_profile
+            from d3cli.loader import model_identity
 
-            check_profile_matches(load_profile(self.profile_path()), identity, self.profile_path())
+            check_profile_matches(load_profile(self.profile_path()), model_identity(loaded), self.profile_path())
 
     def full_depth(self) -> DecodeSettings:
         """The same reply settings with no layer skipping: the baseline of --compare."""

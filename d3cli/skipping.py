@@ -4,6 +4,10 @@
 `kept_layers` is swapped for a pass-through in the model's own layer list, so the model's own forward (masks, rotary
 embeddings, sliding-window layer types, final norm, soft-capping) runs unchanged around it. The swap is undone on exit.
 
+Teacher-forced scoring (scoring.py) needs a per-position version of the same skip: `skipped_at_positions` replaces a
+layer's output by its input at the positions whose step skips it, in one forward over a whole continuation. Because
+the kept sets are nested this computes what cached decoding with `LayerSkipper` computes (tests/test_scoring.py).
+
 `DepthDecayCache` is the model's own `DynamicCache` with one change: a skipped layer stops growing, so its length is
 stale, and the attention mask must never be sized from it. Transformers sizes masks from the first layer of each kind
 (full attention, sliding window); this cache answers those questions from the layer of that kind that wrote last,
@@ -168,7 +172,7 @@ class _PositionHooks:
                 self.observe(index, hidden_in, hidden_out)
             if self.skipped is None or not bool(self.skipped[index].any()):
                 return output
-            replaced = torch.where(self.skipped[index].to(hidden_out.device)[None, :, None], hidden_in, hidden_out)
+            replaced = torch.where(self.skipped[index][None, :, None], hidden_in, hidden_out)
             return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
         return hook
 

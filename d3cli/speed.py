@@ -17,40 +17,36 @@ from collections.abc import Sequence
 
 import torch
 
-from d3cli.calibration import decode_seconds, fit_line
-from d3cli.engine import generate_steps, make_prompt_batch, model_device, stream_generate
+from d3cli.calibration import measure_step_costs, measured_decode_speedup
+from d3cli.engine import generate_steps, make_prompt_batch, model_device, stream_generate, synchronize
+from d3cli.loader import num_decoder_layers
 from d3cli.schedule import DecaySchedule, StaticSchedule
 from d3cli.skipping import DepthDecayCache
 
 NO_EOS = frozenset({-1})  # both sides produce exactly the tokens asked for
 
 
-def _synchronize(model) -> None:
-    if model_device(model).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, repeats: int) -> dict:
     """Tokens/s of the model's own greedy `generate` and of d3's engine at α = 1 (events, detokenizing and all),
     alternating, same prompt, same number of tokens."""
     input_ids = torch.tensor([list(prompt_ids)], device=model_device(model))
-    full = DecaySchedule.build(len_layers(model), alpha=1.0)
+    full = DecaySchedule.build(num_decoder_layers(model), alpha=1.0)
 
     def run_hf() -> tuple[float, list[int]]:
-        _synchronize(model)
+        synchronize(model)
         started = time.perf_counter()
         with torch.inference_mode():
             output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
                                     min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        _synchronize(model)
+        synchronize(model)
         return time.perf_counter() - started, output[0, input_ids.shape[1]:].tolist()
 
     def run_d3() -> tuple[float, list[int]]:
-        _synchronize(model)
+        synchronize(model)
         started = time.perf_counter()
         token_ids = [event.token_id for event in stream_generate(model, tokenizer, [list(prompt_ids)], full,
                                                                  max_new_tokens=tokens, eos_ids=NO_EOS)]
-        _synchronize(model)
+        synchronize(model)
         return time.perf_counter() - started, token_ids
 
     run_hf(), run_d3()  # warm-up
@@ -68,25 +64,11 @@ def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, 
             "same_tokens": same}
 
 
-def len_layers(model) -> int:
-    from d3cli.loader import num_decoder_layers
-
-    return num_decoder_layers(model)
-
-
 def step_times(model, prompt_ids: Sequence[int], base: DecaySchedule, tokens: int, repeats: int) -> dict:
     """Median decode-step time at depths from the core layers to L, and the line T_fixed + k·T_layer through them."""
     floor, num_layers = base.head + base.tail, base.num_layers
     depths = sorted({floor, num_layers, *range(floor, num_layers + 1, max(1, (num_layers - floor) // 8))})
-    decode_seconds(model, prompt_ids, StaticSchedule.like(base, num_layers), min(tokens, 8))  # warm-up
-    samples = []
-    for depth in depths:
-        schedule = StaticSchedule.like(base, depth)
-        per_step = [value for _ in range(repeats) for value in decode_seconds(model, prompt_ids, schedule, tokens)]
-        samples.append((depth, statistics.median(per_step)))
-    t_fixed, t_layer, r2 = fit_line(samples)
-    return {"t_fixed_ms": t_fixed * 1e3, "t_layer_ms": t_layer * 1e3, "r2": r2,
-            "step_ms": [{"layers": depth, "ms": seconds * 1e3} for depth, seconds in samples]}
+    return measure_step_costs(model, prompt_ids, base, depths, tokens, repeats).as_dict()
 
 
 def mean_decode_layers(schedule: DecaySchedule, tokens: int) -> float:
@@ -99,20 +81,11 @@ def alpha_rows(model, prompt_ids: Sequence[int], schedules: Sequence[DecaySchedu
                t_fixed_ms: float, t_layer_ms: float) -> list[dict]:
     """Per schedule: k̄, ideal(k̄) from the fitted costs, the measured decode speedup over full depth, and their
     ratio. Full depth and each schedule alternate so drifts in machine speed hit both alike."""
-    if not schedules:
-        return []
-    full = StaticSchedule.like(schedules[0], schedules[0].num_layers)
-    decode_seconds(model, prompt_ids, full, min(tokens, 8))  # warm-up
     rows = []
     for schedule in schedules:
-        full_times, d3_times = [], []
-        for _ in range(repeats):
-            full_times.append(sum(decode_seconds(model, prompt_ids, full, tokens)))
-            d3_times.append(sum(decode_seconds(model, prompt_ids, schedule, tokens)))
         k_bar = mean_decode_layers(schedule, tokens)
-        full_step = t_fixed_ms + schedule.num_layers * t_layer_ms
-        ideal = full_step / (t_fixed_ms + k_bar * t_layer_ms)
-        measured = statistics.median(full_times) / statistics.median(d3_times)
+        ideal = (t_fixed_ms + schedule.num_layers * t_layer_ms) / (t_fixed_ms + k_bar * t_layer_ms)
+        measured = measured_decode_speedup(model, [prompt_ids], schedule, tokens, repeats)
         rows.append({"alpha": schedule.alpha, "min_layers": schedule.min_layers, "mean_layers": k_bar,
                      "ideal_speedup": ideal, "measured_speedup": measured, "efficiency": measured / ideal})
     return rows
@@ -127,11 +100,11 @@ def batch_rows(model, prompts: Sequence[Sequence[int]], schedule: DecaySchedule,
     def seconds(batch_size: int, chosen: DecaySchedule) -> float:
         rows = [prompts[index % len(prompts)] for index in range(batch_size)]
         batch = make_prompt_batch(rows, pad_token_id=0, device=device)
-        _synchronize(model)
+        synchronize(model)
         started = time.perf_counter()
         for _ in generate_steps(model, batch, chosen, max_new_tokens=tokens):
             pass
-        _synchronize(model)
+        synchronize(model)
         return time.perf_counter() - started
 
     results = []

@@ -56,15 +56,15 @@ def test_recommend_picks_the_candidate_with_the_smallest_nll_cost():
     def nll_of(schedules):  # pretend the model likes high floors: cost falls with the floor
         return [3.0 + (30 - schedule.min_layers) * 0.01 for schedule in schedules]
 
-    chosen, candidates = recommend(base, 128, COSTS, 1.25, None, nll_of, full_nll=3.0)
+    chosen, candidates = recommend(base, 128, COSTS, 1.25, None, nll_of)
     assert chosen.min_layers == max(candidate.min_layers for candidate in candidates)
     assert chosen.predicted_nll_increase == pytest.approx((30 - chosen.min_layers) * 0.01)
-    by_ratio, _ = recommend(base, 128, COSTS, None, 0.8, nll_of, full_nll=3.0)
+    by_ratio, _ = recommend(base, 128, COSTS, None, 0.8, nll_of)
     assert by_ratio.predicted_layer_ratio <= 0.8
     with pytest.raises(UserError, match="no α and floor reach"):
-        recommend(base, 128, COSTS, 50.0, None, nll_of, full_nll=3.0)
+        recommend(base, 128, COSTS, 50.0, None, nll_of)
     with pytest.raises(UserError, match="above 1"):
-        recommend(base, 128, COSTS, 0.9, None, nll_of, full_nll=3.0)
+        recommend(base, 128, COSTS, 0.9, None, nll_of)
 
 
 def test_measured_step_costs_are_positive_and_cover_the_depths(tiny_models):

@@ -62,7 +62,7 @@ def test_a_profile_needs_importance_and_importance_defaults_to_the_bundled_profi
     with pytest.raises(UserError, match="make one with d3 profile-ppl --save-profile"):
         bundled.schedule_for(8)
     with pytest.raises(UserError, match="make one with d3 profile-ppl --save-profile"):
-        bundled.check_model(IDENTITY)
+        check_profile_matches(load_profile(bundled.profile_path()), IDENTITY, bundled.profile_path())
 
 
 def test_a_profile_of_another_model_is_refused(tmp_path):

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from d3cli.perplexity import buckets, fit_power_law, fit_profile, position_stats
+from d3cli.perplexity import buckets, fit_power_law, fit_profile
 
 
 @pytest.mark.parametrize("a, b, c", [(12.0, 0.6, 3.0), (40.0, 1.3, 1.5), (5.0, 0.25, 8.0)])
@@ -43,15 +43,18 @@ def test_weights_decide_which_points_the_fit_follows():
 def test_a_fit_needs_three_positions():
     with pytest.raises(ValueError):
         fit_power_law([0, 1], [2.0, 1.0])
-    assert fit_profile(position_stats([[1.0, 2.0]])) is None
+    assert fit_profile([[1.0, 2.0]]) is None
+    planted = [[math.log(2.0 + 6.0 * (i + 1) ** -0.7) for i in range(40)] for _ in range(3)]
+    fit = fit_profile(planted)
+    assert (fit.a, fit.b, fit.c) == pytest.approx((6.0, 0.7, 2.0), rel=1e-3)
 
 
-def test_position_stats_and_buckets_average_the_right_tokens():
+def test_buckets_average_the_right_tokens():
     per_text = [[3.0, 2.0, 1.0, 1.0], [1.0, 2.0], [2.0, 2.0, 3.0]]
-    stats = position_stats(per_text)
+    stats = buckets(per_text, bucket_size=1)
     assert [stat.count for stat in stats] == [3, 3, 2, 1]
     assert stats[0].mean_nll == pytest.approx(2.0)
-    assert stats[0].std_nll == pytest.approx(1.0)
+    assert stats[0].nll_high - 2.0 == pytest.approx(1.959963984540054 * 1.0 / math.sqrt(3))  # sample std 1
     assert stats[0].perplexity == pytest.approx(math.exp(2.0))
     rows = buckets(per_text, bucket_size=2)
     assert [(row.first, row.last, row.count) for row in rows] == [(0, 1, 6), (2, 3, 3)]

@@ -34,7 +34,6 @@ def test_profile_json_and_csv(cli, tiny_model_dir, shared_data, tmp_path):
     decayed = profile["d3"][0]
     assert decayed["mean_layers"] < 8 and decayed["nll_increase"] == pytest.approx(
         decayed["mean_nll"] - profile["mean_nll"])
-    assert decayed["buckets"][0]["nll_increase"] == pytest.approx(0.0, abs=0.5)
     assert 0.0 <= decayed["top1_agreement"] <= 1.0
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
     assert len(rows) == len(profile["buckets"])

@@ -161,10 +161,10 @@ def bench(
     if not examples:
         raise UserError(f"{task} has no examples in {folder}")
 
-    from d3cli.loader import load, model_identity, num_decoder_layers
+    from d3cli.loader import load, num_decoder_layers
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    settings.check_model(model_identity(loaded))
+    settings.check_model(loaded)
     num_layers = num_decoder_layers(loaded.model)
     for run in runs:  # every schedule must fit this model before anything runs
         if run.method in ("full", "d3"):

@@ -26,14 +26,14 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
 
     from d3cli import speed
     from d3cli.errors import UserError
-    from d3cli.loader import context_length, load, model_identity, num_decoder_layers
+    from d3cli.loader import context_length, load, num_decoder_layers
     from d3cli.prompts import encode_prompt
 
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, not {repeats}")
     loaded = load(model_options["model"], device=model_options["device"], dtype=model_options["dtype"],
                   device_map=model_options["device_map"], trust_remote_code=model_options["trust_remote_code"])
-    settings.check_model(model_identity(loaded))
+    settings.check_model(loaded)
     num_layers = num_decoder_layers(loaded.model)
     schedules = [dataclasses.replace(settings, alpha=alpha).schedule_for(num_layers) for alpha in alphas]
     tokens = settings.max_new_tokens

@@ -95,10 +95,10 @@ def chat(
         chat=True,
     )
     from d3cli.conversation import Conversation
-    from d3cli.loader import load, model_identity
+    from d3cli.loader import load
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    settings.check_model(model_identity(loaded))
+    settings.check_model(loaded)
     conversation = Conversation(loaded, settings, system=system)
     conversation.settings.schedule_for(conversation.num_layers)  # the depth options fit this model
     scripted = jsonl or not sys.stdin.isatty()

@@ -141,10 +141,10 @@ def generate(
         if not prompt.strip():
             raise UserError("the prompt is empty")
 
-    from d3cli.loader import load, model_identity
+    from d3cli.loader import load
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    settings.check_model(model_identity(loaded))
+    settings.check_model(loaded)
     if jsonl:
         run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)
     else:

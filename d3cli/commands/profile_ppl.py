@@ -34,7 +34,7 @@ from d3cli.options import (
     TrustRemoteCodeOption,
     WarmupOption,
 )
-from d3cli.schedule import DecaySchedule, DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFAULT_SKIP_ORDER, DEFAULT_TAIL, DEFAULT_WARMUP
+from d3cli.schedule import DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFAULT_SKIP_ORDER, DEFAULT_TAIL, DEFAULT_WARMUP
 from d3cli.settings import DecodeSettings
 
 PROFILE_PANEL = "Profile"
@@ -179,8 +179,7 @@ def profile_ppl(
     from d3cli.loader import context_length, load, model_identity, num_decoder_layers
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    identity = model_identity(loaded)
-    settings.check_model(identity)
+    settings.check_model(loaded)
     num_layers = num_decoder_layers(loaded.model)
     schedules = {f"α={value:g}": dataclasses.replace(settings, alpha=value).schedule_for(num_layers)
                  for value in alphas}
@@ -209,7 +208,7 @@ def profile_ppl(
     result = {"model": loaded.name, "corpus": corpus_name, "num_layers": num_layers,
               "profile": profiling.report(found, schedules, bucket_size, max_positions)}
     if layers:
-        layer_profile = profiling.layer_profile_of(found, identity, corpus_name, len(texts), late_from)
+        layer_profile = profiling.layer_profile_of(found, model_identity(loaded), corpus_name, len(texts), late_from)
         result["late_from"] = late_from
         result["layers"] = profiling.layer_rows(layer_profile, base_schedule.head, base_schedule.tail)
         result["importance_ranking"] = layer_profile.importance_ranking()
@@ -246,19 +245,14 @@ def run_calibration(model, texts, base_schedule, reply_tokens, target_speedup, t
     shuffled = list(texts)
     random.Random(0).shuffle(shuffled)
     calibration_texts, check_texts = shuffled[0::2], shuffled[1::2]
-    full = DecaySchedule.build(base_schedule.num_layers, alpha=1.0, min_layers=base_schedule.num_layers,
-                                         head=base_schedule.head, tail=base_schedule.tail)
+    full = base_schedule.retuned(1.0, base_schedule.num_layers)
     with render.Spinner(console, "timing decode steps at several depths") as spinner:
         costs = calibration.measure_step_costs(model, check_texts[0].prompt_ids, base_schedule)
         spinner.update("scoring candidate schedules")
-        full_nll = mean_nll_under(model, calibration_texts, [full])[0]
         chosen, candidates = calibration.recommend(
             base_schedule, reply_tokens, costs, target_speedup, target_layer_ratio,
-            lambda schedules: mean_nll_under(model, calibration_texts, schedules), full_nll)
-        recommended = DecaySchedule.build(
-            base_schedule.num_layers, alpha=chosen.alpha, min_layers=chosen.min_layers, warmup=base_schedule.warmup,
-            head=base_schedule.head, tail=base_schedule.tail, skip_order=lambda _: base_schedule.drop_order,
-            skip_order_name=base_schedule.skip_order)
+            lambda schedules: mean_nll_under(model, calibration_texts, schedules))
+        recommended = base_schedule.retuned(chosen.alpha, chosen.min_layers)
         spinner.update("checking the recommendation by decoding held-out texts")
         measured = calibration.measured_decode_speedup(model, [text.prompt_ids for text in check_texts],
                                                        recommended, reply_tokens)
