@@ -449,7 +449,8 @@ def print_speed_report(console: Console, report: dict) -> None:
                        f"{kv['d3_bytes'] / 2**20:.1f} MiB with D3 ({100 * kv['ratio']:.1f} %)"))
     first = report["first_token"]
     console.print(Text(f"first token from a new process: cold {first['cold_s']:.1f} s (empty d3 cache), warm "
-                       f"{first['warm_s']:.1f} s"))
+                       f"{first['warm_s']:.1f} s (exit {first['warm_exit_s']:.1f} s); importing torch and "
+                       f"transformers alone takes {first['imports_s']:.1f} s"))
     console.print(Text("ideal = T(L) / (T_fixed + k̄·T_layer) with the fitted costs; measured: decode time at full "
                        "depth over decode time with D3 (prefill excluded); efficiency = measured / ideal",
                        style="dim"))

@@ -135,23 +135,42 @@ def kv_cache_bytes(model, prompt_ids: Sequence[int], schedule: DecaySchedule, to
             "ratio": sizes["d3"] / sizes["full"] if sizes["full"] else float("nan")}
 
 
-def first_token_seconds(model_args: Sequence[str], repeats: int) -> dict:
-    """Wall seconds from starting `d3 generate -n 1` in a new process to its exit right after the first token:
-    cold (an empty d3 cache, so a GGUF model is converted again) and warm (the cache filled), medians."""
-    command = [sys.executable, "-m", "d3cli", "generate", "-n", "1", "--json", *model_args, "Hello"]
+def first_token_seconds(model_args: Sequence[str], model_class: str, repeats: int) -> dict:
+    """Wall seconds from starting `d3 generate -n 1` in a new process to its first token on standard output
+    (one JSONL line), cold (an empty d3 cache, so a GGUF model is converted again) and warm (the cache filled);
+    the warm process's exit; and the floor under all of them: a new process that only imports torch and the model's
+    transformers class. Medians of `repeats` runs."""
+    command = [sys.executable, "-m", "d3cli", "generate", "-n", "1", "--jsonl", *model_args]
+    imports = [sys.executable, "-c", f"import torch, transformers; transformers.{model_class}"]
 
-    def run(cache_dir: str) -> float:
+    def run(cache_dir: str) -> tuple[float, float]:
         environment = dict(os.environ, D3_CACHE_DIR=cache_dir)
         started = time.perf_counter()
-        finished = subprocess.run(command, env=environment, capture_output=True, text=True)
-        elapsed = time.perf_counter() - started
-        if finished.returncode != 0:
-            raise RuntimeError(f"d3 generate failed while timing the first token: {finished.stderr.strip()}")
-        return elapsed
+        process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        process.stdin.write('{"prompt": "Hello"}\n')
+        process.stdin.close()
+        first_line = process.stdout.readline()
+        first_token = time.perf_counter() - started
+        errors = process.stderr.read()
+        process.wait()
+        exited = time.perf_counter() - started
+        if process.returncode != 0 or not first_line:
+            raise RuntimeError(f"d3 generate failed while timing the first token: {errors.strip()}")
+        return first_token, exited
 
-    cold, warm = [], []
+    def import_seconds() -> float:
+        started = time.perf_counter()
+        subprocess.run(imports, check=True, capture_output=True)
+        return time.perf_counter() - started
+
+    cold, warm, warm_exit, floor = [], [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="d3-speed-") as cache_dir:
-            cold.append(run(cache_dir))
-            warm.append(run(cache_dir))
-    return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm), "runs": repeats}
+            cold.append(run(cache_dir)[0])
+            first_token, exited = run(cache_dir)
+            warm.append(first_token)
+            warm_exit.append(exited)
+        floor.append(import_seconds())
+    return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm),
+            "warm_exit_s": statistics.median(warm_exit), "imports_s": statistics.median(floor), "runs": repeats}

@@ -70,7 +70,8 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
         spinner.update("measuring the KV cache of a long reply")
         report["kv_cache"] = speed.kv_cache_bytes(loaded.model, prompt, schedules[0], long_tokens)
         spinner.update("timing the first token in new processes")
-        report["first_token"] = speed.first_token_seconds(model_args, max(1, min(repeats, 3)))
+        report["first_token"] = speed.first_token_seconds(model_args, type(loaded.model).__name__,
+                                                          max(1, min(repeats, 3)))
 
     render.print_speed_report(console if as_json else render.stdout_console(), report)
     if as_json:
