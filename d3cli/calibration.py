@@ -64,17 +64,19 @@ def decode_seconds(model, prompt_ids: Sequence[int], schedule: DecaySchedule, to
 
 def measure_step_costs(model, prompt_ids: Sequence[int], base: DecaySchedule, depths: Sequence[int] | None = None,
                        tokens: int = 24, repeats: int = 3) -> StepCosts:
-    """Median step time at several fixed depths (a warm-up run excluded), and the straight line through them."""
+    """Median step time at several fixed depths (a warm-up run excluded), and the straight line through them.
+    The depths take turns within each repeat, so a drift in machine speed bends no part of the line alone."""
     num_layers = base.num_layers
     if depths is None:
         floor = base.head + base.tail
         depths = sorted({num_layers, floor, *(floor + (num_layers - floor) * part // 4 for part in (1, 2, 3))})
     decode_seconds(model, prompt_ids, StaticSchedule.like(base, num_layers), min(tokens, 8))  # warm-up
-    samples = []
-    for depth in depths:
-        schedule = StaticSchedule.like(base, depth)
-        runs = [decode_seconds(model, prompt_ids, schedule, tokens) for _ in range(repeats)]
-        samples.append((schedule.depth, statistics.median(value for run in runs for value in run)))
+    schedules = [StaticSchedule.like(base, depth) for depth in depths]
+    step_seconds: list[list[float]] = [[] for _ in schedules]
+    for _ in range(repeats):
+        for seconds, schedule in zip(step_seconds, schedules):
+            seconds.extend(decode_seconds(model, prompt_ids, schedule, tokens))
+    samples = [(schedule.depth, statistics.median(seconds)) for schedule, seconds in zip(schedules, step_seconds)]
     t_fixed, t_layer, r2 = fit_line(samples)
     return StepCosts(num_layers, max(t_fixed, 0.0), max(t_layer, 1e-9), r2, tuple(samples))
 

@@ -12,6 +12,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from rich.markup import render as render_markup
+
 PATH_OPTIONS = {"model"}  # options whose value is a file or folder
 HELP_NAMES = ("--help", "-h")
 
@@ -36,7 +38,8 @@ class CommandCompletion:
 
 
 def _first_line(text: str | None) -> str:
-    return (inspect.cleandoc(text).splitlines() or [""])[0] if text else ""
+    """The first line of a help text as the terminal shows it (Rich markup such as an escaped `\\[plot]` undone)."""
+    return (render_markup(inspect.cleandoc(text)).plain.splitlines() or [""])[0] if text else ""
 
 
 def _strip_optional(annotation):

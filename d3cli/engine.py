@@ -149,7 +149,9 @@ def generate_steps(
         for index in range(max_new_tokens):
             kept_layers = schedule.kept_layers(index)
             if index > 0:
+                stopped = skipper.kept.difference(kept_layers)
                 skipper.keep(kept_layers)  # the one place where layers stop running
+                cache.compact(stopped)  # a layer that stops never runs again in this reply: no spare room needed
                 position_ids = position_ids + 1
                 if attention_mask is not None:
                     attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch.size, 1))], dim=-1)

@@ -446,7 +446,9 @@ def print_speed_report(console: Console, report: dict) -> None:
     console.print(batches)
     kv = report["kv_cache"]
     console.print(Text(f"KV cache after {kv['tokens']} tokens: {kv['full_bytes'] / 2**20:.1f} MiB at full depth, "
-                       f"{kv['d3_bytes'] / 2**20:.1f} MiB with D3 ({100 * kv['ratio']:.1f} %)"))
+                       f"{kv['d3_bytes'] / 2**20:.1f} MiB with D3 ({100 * kv['ratio']:.1f} %); allocated with "
+                       f"spare room {kv['full_allocated_bytes'] / 2**20:.1f} and "
+                       f"{kv['d3_allocated_bytes'] / 2**20:.1f} MiB"))
     first = report["first_token"]
     console.print(Text(f"first token from a new process: cold {first['cold_s']:.1f} s (empty d3 cache), warm "
                        f"{first['warm_s']:.1f} s (exit {first['warm_exit_s']:.1f} s); importing torch and "

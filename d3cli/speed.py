@@ -123,16 +123,17 @@ def batch_rows(model, prompts: Sequence[Sequence[int]], schedule: DecaySchedule,
 
 def kv_cache_bytes(model, prompt_ids: Sequence[int], schedule: DecaySchedule, tokens: int) -> dict:
     """Bytes of cached keys and values after a `tokens`-token reply, at full depth and with `schedule` (a skipped
-    layer stores nothing for the tokens that skip it)."""
+    layer stores nothing for the tokens that skip it), and the bytes allocated for them, spare capacity included."""
     batch = make_prompt_batch([list(prompt_ids)], pad_token_id=0, device=model_device(model))
-    sizes = {}
+    report = {"tokens": tokens, "prompt_tokens": len(prompt_ids)}
     for name, chosen in (("full", StaticSchedule.like(schedule, schedule.num_layers)), ("d3", schedule)):
         cache = DepthDecayCache(config=model.config)
         for _ in generate_steps(model, batch, chosen, max_new_tokens=tokens, cache=cache):
             pass
-        sizes[name] = cache.kv_bytes()
-    return {"tokens": tokens, "prompt_tokens": len(prompt_ids), "full_bytes": sizes["full"], "d3_bytes": sizes["d3"],
-            "ratio": sizes["d3"] / sizes["full"] if sizes["full"] else float("nan")}
+        report[f"{name}_bytes"] = cache.kv_bytes()
+        report[f"{name}_allocated_bytes"] = cache.capacity_bytes()
+    report["ratio"] = report["d3_bytes"] / report["full_bytes"] if report["full_bytes"] else float("nan")
+    return report
 
 
 def first_token_seconds(model_args: Sequence[str], model_class: str, repeats: int) -> dict:

@@ -45,7 +45,9 @@ def test_speed_bench_json_is_complete_and_consistent(cli, tiny_model_dir):
         assert row["efficiency"] == pytest.approx(row["measured_speedup"] / row["ideal_speedup"])
     assert [row["batch_size"] for row in report["batches"]] == [1, 4, 16]
     assert all(row["full_tokens_per_s"] > 0 and row["d3_tokens_per_s"] > 0 for row in report["batches"])
-    assert 0 < report["kv_cache"]["d3_bytes"] < report["kv_cache"]["full_bytes"]
+    kv = report["kv_cache"]
+    assert 0 < kv["d3_bytes"] < kv["full_bytes"]
+    assert kv["d3_bytes"] <= kv["d3_allocated_bytes"] and kv["full_bytes"] <= kv["full_allocated_bytes"]
     first = report["first_token"]
     assert 0 < first["imports_s"] and 0 < first["warm_s"] <= first["warm_exit_s"] and first["cold_s"] > 0
     assert "efficiency" in result.stderr

@@ -126,7 +126,7 @@ def profile_ppl(
     ] = None,
     plot: Annotated[
         Optional[Path], typer.Option("--plot", help="Draw the profile into this PNG (needs pip install "
-                                     "'d3cli[plot]').", rich_help_panel=OUTPUT_PANEL, show_default=False),
+                                     "'d3cli\\[plot]').", rich_help_panel=OUTPUT_PANEL, show_default=False),
     ] = None,
 ) -> None:
     """Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.
