@@ -13,6 +13,8 @@ stopping policies come in as arguments, never as CLI flags.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -81,6 +83,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def cache_argument(model, cache) -> dict:
+    """The keyword argument that hands `cache` to the model's forward: `cache` from transformers 5.24 on (where the
+    old name warns), `past_key_values` before."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def synchronize(model: torch.nn.Module) -> None:
     """Wait for the model's device to finish queued work, so a clock read after it measures that work."""
     if model_device(model).type == "cuda":
@@ -93,7 +107,7 @@ def prefill(model, batch: PromptBatch, cache: DepthDecayCache) -> torch.Tensor:
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
-        past_key_values=cache,
+        **cache_argument(model, cache),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -112,7 +126,7 @@ def decode_one_token(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **cache_argument(model, cache),
         use_cache=True,
     )
     return output.logits[:, -1, :].float()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from d3cli.engine import model_device
+from d3cli.engine import cache_argument, model_device
 from d3cli.schedule import DecaySchedule
 from d3cli.skipping import DepthDecayCache, find_decoder_layers, skipped_at_positions
 
@@ -77,7 +77,7 @@ class ContinuationScorer:
         self.cache = DepthDecayCache(config=self.model.config)
         prefix = torch.tensor([self.text.prompt_ids[:-1]], dtype=torch.long, device=self.device)
         self.model(input_ids=prefix, position_ids=torch.arange(self.prefix_length, device=self.device)[None, :],
-                   past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                   **cache_argument(self.model, self.cache), use_cache=True, logits_to_keep=1)
         return self.cache
 
     @torch.inference_mode()
@@ -93,7 +93,7 @@ class ContinuationScorer:
             plan = plan.to(self.device)  # once, not once per layer inside the hooks
         with skipped_at_positions(self.model, plan, observe):
             output = self.model(input_ids=self.segment_ids, position_ids=self.segment_positions,
-                                past_key_values=cache, use_cache=cache is not None)
+                                **cache_argument(self.model, cache), use_cache=cache is not None)
         log_probs = torch.log_softmax(output.logits[0].float(), dim=-1)
         return -log_probs.gather(-1, self.targets[:, None])[:, 0].cpu(), log_probs.argmax(-1).cpu()
 

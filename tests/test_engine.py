@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from d3cli.engine import generate, generate_steps, make_prompt_batch, stream_generate
+from d3cli.engine import cache_argument, generate, generate_steps, make_prompt_batch, stream_generate
 from d3cli.sampling import SamplingSettings, make_sampler
 from d3cli.schedule import DecaySchedule
 from d3cli.skipping import SkippedLayer, find_decoder_layers
@@ -228,3 +228,16 @@ def test_interrupt_keeps_the_partial_replies(tiny_models, tokenizer):
     assert reply.finish_reason == "interrupted"
     assert reply.token_ids == [event.token_id for event in seen]
     assert not any(isinstance(layer, SkippedLayer) for layer in find_decoder_layers(model))
+
+
+def test_the_cache_goes_under_the_name_the_model_takes():
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); older releases take only the old."""
+    class Renamed(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    held = object()
+    assert cache_argument(Renamed(), held) == {"cache": held}
+    assert cache_argument(Older(), held) == {"past_key_values": held}
