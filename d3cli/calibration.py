@@ -163,17 +163,22 @@ def recommend(base: DecaySchedule, reply_tokens: int, costs: StepCosts, target_s
 
 def measured_decode_speedup(model, prompts: Sequence[Sequence[int]], schedule: DecaySchedule,
                             reply_tokens: int, repeats: int = 1) -> float:
-    """Decode time at full depth over decode time with `schedule` (each summed over the prompts; the median of
-    `repeats` rounds), the two alternating per prompt so drifts in machine speed hit both alike."""
+    """Decode time at full depth over decode time with `schedule`: each step's median over `repeats` rounds, summed
+    over the steps and prompts (a median per step drops a stall that hit one round). The two alternate per prompt,
+    each going first in every other round, so drifts in machine speed hit both alike."""
     full = StaticSchedule.like(schedule, schedule.num_layers)
     decode_seconds(model, prompts[0], full, min(reply_tokens, 8))  # warm-up
-    full_totals, d3_totals = [], []
-    for _ in range(repeats):
-        full_total = d3_total = 0.0
+    full_rounds, d3_rounds = [], []
+    for round_index in range(repeats):
+        full_steps, d3_steps = [], []
         for prompt in prompts:
-            full_total += sum(decode_seconds(model, prompt, full, reply_tokens))
-            d3_total += sum(decode_seconds(model, prompt, schedule, reply_tokens))
-        full_totals.append(full_total)
-        d3_totals.append(d3_total)
-    d3_median = statistics.median(d3_totals)
-    return statistics.median(full_totals) / d3_median if d3_median > 0 else float("nan")
+            if round_index % 2 == 0:
+                full_steps += decode_seconds(model, prompt, full, reply_tokens)
+                d3_steps += decode_seconds(model, prompt, schedule, reply_tokens)
+            else:
+                d3_steps += decode_seconds(model, prompt, schedule, reply_tokens)
+                full_steps += decode_seconds(model, prompt, full, reply_tokens)
+        full_rounds.append(full_steps)
+        d3_rounds.append(d3_steps)
+    d3_total = sum(map(statistics.median, zip(*d3_rounds)))
+    return sum(map(statistics.median, zip(*full_rounds))) / d3_total if d3_total > 0 else float("nan")

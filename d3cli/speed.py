@@ -7,6 +7,7 @@ after an untimed warm-up, with the device synchronised before each clock read; d
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import subprocess
@@ -28,16 +29,20 @@ NO_EOS = frozenset({-1})  # both sides produce exactly the tokens asked for
 
 def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, repeats: int) -> dict:
     """Tokens/s of the model's own greedy `generate` and of d3's engine at α = 1 (events, detokenizing and all),
-    alternating, same prompt, same number of tokens."""
+    same prompt, same number of tokens; the two take turns, each going first in every other round."""
     input_ids = torch.tensor([list(prompt_ids)], device=model_device(model))
     full = DecaySchedule.build(num_decoder_layers(model), alpha=1.0)
+    # No end-of-sequence token on either side: `min_new_tokens` would mask EOS in the model's scores, which d3 (told
+    # only not to stop) does not, and the two would part at the first step where EOS is the likeliest token.
+    endless = copy.deepcopy(model.generation_config)
+    endless.eos_token_id, endless.pad_token_id = [], None
 
     def run_hf() -> tuple[float, list[int]]:
         synchronize(model)
         started = time.perf_counter()
         with torch.inference_mode():
-            output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
-                                    min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=endless,
+                                    max_new_tokens=tokens, do_sample=False)
         synchronize(model)
         return time.perf_counter() - started, output[0, input_ids.shape[1]:].tolist()
 
@@ -52,9 +57,11 @@ def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, 
     run_hf(), run_d3()  # warm-up
     hf_times, d3_times = [], []
     same = True
-    for _ in range(repeats):
-        hf_seconds, hf_tokens = run_hf()
-        d3_seconds, d3_tokens = run_d3()
+    for round_index in range(repeats):
+        if round_index % 2 == 0:
+            (hf_seconds, hf_tokens), (d3_seconds, d3_tokens) = run_hf(), run_d3()
+        else:
+            (d3_seconds, d3_tokens), (hf_seconds, hf_tokens) = run_d3(), run_hf()
         hf_times.append(hf_seconds)
         d3_times.append(d3_seconds)
         same = same and hf_tokens == d3_tokens

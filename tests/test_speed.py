@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from d3cli.schedule import DecaySchedule
-from d3cli.speed import kv_cache_bytes, mean_decode_layers
+from d3cli.speed import alpha1_against_hf, kv_cache_bytes, mean_decode_layers
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
 
@@ -16,6 +17,21 @@ def test_mean_decode_layers_is_the_schedules_mean_over_decode_steps():
     schedule = DecaySchedule.build(30, alpha=0.9, min_layers=24)
     assert mean_decode_layers(schedule, 11) == pytest.approx(sum(schedule.layers_at(i) for i in range(1, 11)) / 10)
     assert mean_decode_layers(DecaySchedule.build(30, alpha=1.0), 50) == 30
+
+
+def test_alpha1_compares_the_same_tokens_when_the_model_would_end_at_once(tiny_models, tokenizer):
+    """Both sides run past EOS without masking it: the model's `generate` must not suppress a token d3 would pick."""
+    model, prompt = tiny_models["llama"], [1, 4093, 314, 260]
+    with torch.inference_mode():
+        first_token = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = first_token  # the model "ends" at once
+    try:
+        result = alpha1_against_hf(model, tokenizer, prompt, 6, 2)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert result["same_tokens"] is True
+    assert result["alpha1_ratio"] > 0
 
 
 def test_the_kv_cache_shrinks_by_the_skipped_layers_entries(tiny_models):
