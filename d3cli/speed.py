@@ -27,9 +27,27 @@ from d3cli.skipping import DepthDecayCache
 NO_EOS = frozenset({-1})  # both sides produce exactly the tokens asked for
 
 
+class _TokenClock:
+    """A `generate` streamer that only notes when each token arrives (the first `put` is the prompt)."""
+
+    def __init__(self, started: float):
+        self.stamps = [started]
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.stamps.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
 def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, repeats: int) -> dict:
     """Tokens/s of the model's own greedy `generate` and of d3's engine at α = 1 (events, detokenizing and all),
-    same prompt, same number of tokens; the two take turns, each going first in every other round."""
+    same prompt, same number of tokens. The two take turns, each going first in every other round; each token's
+    time (the first one's includes the prefill) is its median over the rounds, so a stall in one round moves
+    neither side."""
     input_ids = torch.tensor([list(prompt_ids)], device=model_device(model))
     full = DecaySchedule.build(num_decoder_layers(model), alpha=1.0)
     # No end-of-sequence token on either side: `min_new_tokens` would mask EOS in the model's scores, which d3 (told
@@ -37,38 +55,43 @@ def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, 
     endless = copy.deepcopy(model.generation_config)
     endless.eos_token_id, endless.pad_token_id = [], None
 
-    def run_hf() -> tuple[float, list[int]]:
+    def run_hf() -> tuple[list[float], list[int]]:
         synchronize(model)
-        started = time.perf_counter()
+        clock = _TokenClock(time.perf_counter())
         with torch.inference_mode():
             output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=endless,
-                                    max_new_tokens=tokens, do_sample=False)
-        synchronize(model)
-        return time.perf_counter() - started, output[0, input_ids.shape[1]:].tolist()
+                                    max_new_tokens=tokens, do_sample=False, streamer=clock)
+        return _durations(clock.stamps), output[0, input_ids.shape[1]:].tolist()
 
-    def run_d3() -> tuple[float, list[int]]:
+    def run_d3() -> tuple[list[float], list[int]]:
         synchronize(model)
-        started = time.perf_counter()
-        token_ids = [event.token_id for event in stream_generate(model, tokenizer, [list(prompt_ids)], full,
-                                                                 max_new_tokens=tokens, eos_ids=NO_EOS)]
-        synchronize(model)
-        return time.perf_counter() - started, token_ids
+        stamps, token_ids = [time.perf_counter()], []
+        for event in stream_generate(model, tokenizer, [list(prompt_ids)], full, max_new_tokens=tokens,
+                                     eos_ids=NO_EOS):
+            stamps.append(time.perf_counter())
+            token_ids.append(event.token_id)
+        return _durations(stamps), token_ids
 
-    run_hf(), run_d3()  # warm-up
-    hf_times, d3_times = [], []
+    for _ in range(2):  # warm-up: the first runs after loading are slower and vary the most
+        run_hf(), run_d3()
+    hf_rounds, d3_rounds = [], []
     same = True
     for round_index in range(repeats):
         if round_index % 2 == 0:
-            (hf_seconds, hf_tokens), (d3_seconds, d3_tokens) = run_hf(), run_d3()
+            (hf_steps, hf_tokens), (d3_steps, d3_tokens) = run_hf(), run_d3()
         else:
-            (d3_seconds, d3_tokens), (hf_seconds, hf_tokens) = run_d3(), run_hf()
-        hf_times.append(hf_seconds)
-        d3_times.append(d3_seconds)
+            (d3_steps, d3_tokens), (hf_steps, hf_tokens) = run_d3(), run_hf()
+        hf_rounds.append(hf_steps)
+        d3_rounds.append(d3_steps)
         same = same and hf_tokens == d3_tokens
-    hf_rate = tokens / statistics.median(hf_times)
-    d3_rate = tokens / statistics.median(d3_times)
+    hf_rate = tokens / sum(map(statistics.median, zip(*hf_rounds)))
+    d3_rate = tokens / sum(map(statistics.median, zip(*d3_rounds)))
     return {"hf_tokens_per_s": hf_rate, "d3_alpha1_tokens_per_s": d3_rate, "alpha1_ratio": d3_rate / hf_rate,
             "same_tokens": same}
+
+
+def _durations(stamps: Sequence[float]) -> list[float]:
+    return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
 
 
 def step_times(model, prompt_ids: Sequence[int], base: DecaySchedule, tokens: int, repeats: int) -> dict:
