@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -27,17 +27,26 @@ from d3cli.skipping import DepthDecayCache
 NO_EOS = frozenset({-1})  # both sides produce exactly the tokens asked for
 
 
-class _TokenClock:
-    """A `generate` streamer that only notes when each token arrives (the first `put` is the prompt)."""
+class _Lockstep:
+    """A `generate` streamer that, each time the model's own loop hands it a token, advances d3's event stream by
+    one token: the two decode side by side, so both sides of every step see the same machine. It notes how long
+    each side took for each token (the first token's time includes the prefill); the model's time excludes d3's."""
 
-    def __init__(self, started: float):
-        self.stamps = [started]
-        self.prompt_seen = False
+    def __init__(self, d3_events: Iterator):
+        self.d3_events = d3_events
+        self.hf_seconds: list[float] = []
+        self.d3_seconds: list[float] = []
+        self.d3_token_ids: list[int] = []
+        self.since: float | None = None
 
     def put(self, value) -> None:
-        if self.prompt_seen:
-            self.stamps.append(time.perf_counter())
-        self.prompt_seen = True
+        now = time.perf_counter()
+        if self.since is not None:  # the first call carries the prompt, before the model's prefill
+            self.hf_seconds.append(now - self.since)
+            event = next(self.d3_events)
+            self.d3_seconds.append(time.perf_counter() - now)
+            self.d3_token_ids.append(event.token_id)
+        self.since = time.perf_counter()
 
     def end(self) -> None:
         pass
@@ -45,9 +54,9 @@ class _TokenClock:
 
 def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, repeats: int) -> dict:
     """Tokens/s of the model's own greedy `generate` and of d3's engine at α = 1 (events, detokenizing and all),
-    same prompt, same number of tokens. The two take turns, each going first in every other round; each token's
-    time (the first one's includes the prefill) is its median over the rounds, so a stall in one round moves
-    neither side."""
+    same prompt, same number of tokens, decoded in lockstep (one token of each in turn); each token's time is its
+    median over `repeats` rounds after an untimed one, so neither a drift in machine speed nor a stall in one
+    round favours either side."""
     input_ids = torch.tensor([list(prompt_ids)], device=model_device(model))
     full = DecaySchedule.build(num_decoder_layers(model), alpha=1.0)
     # No end-of-sequence token on either side: `min_new_tokens` would mask EOS in the model's scores, which d3 (told
@@ -55,43 +64,30 @@ def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, 
     endless = copy.deepcopy(model.generation_config)
     endless.eos_token_id, endless.pad_token_id = [], None
 
-    def run_hf() -> tuple[list[float], list[int]]:
-        synchronize(model)
-        clock = _TokenClock(time.perf_counter())
-        with torch.inference_mode():
-            output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=endless,
-                                    max_new_tokens=tokens, do_sample=False, streamer=clock)
-        return _durations(clock.stamps), output[0, input_ids.shape[1]:].tolist()
+    def run() -> tuple[_Lockstep, list[int]]:
+        d3_events = stream_generate(model, tokenizer, [list(prompt_ids)], full, max_new_tokens=tokens, eos_ids=NO_EOS)
+        lockstep = _Lockstep(iter(d3_events))
+        try:
+            with torch.inference_mode():
+                output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                        generation_config=endless, max_new_tokens=tokens, do_sample=False,
+                                        streamer=lockstep)
+        finally:
+            d3_events.close()  # gives the model its layers back
+        return lockstep, output[0, input_ids.shape[1]:].tolist()
 
-    def run_d3() -> tuple[list[float], list[int]]:
-        synchronize(model)
-        stamps, token_ids = [time.perf_counter()], []
-        for event in stream_generate(model, tokenizer, [list(prompt_ids)], full, max_new_tokens=tokens,
-                                     eos_ids=NO_EOS):
-            stamps.append(time.perf_counter())
-            token_ids.append(event.token_id)
-        return _durations(stamps), token_ids
-
-    for _ in range(2):  # warm-up: the first runs after loading are slower and vary the most
-        run_hf(), run_d3()
+    run()  # warm-up
     hf_rounds, d3_rounds = [], []
     same = True
-    for round_index in range(repeats):
-        if round_index % 2 == 0:
-            (hf_steps, hf_tokens), (d3_steps, d3_tokens) = run_hf(), run_d3()
-        else:
-            (d3_steps, d3_tokens), (hf_steps, hf_tokens) = run_d3(), run_hf()
-        hf_rounds.append(hf_steps)
-        d3_rounds.append(d3_steps)
-        same = same and hf_tokens == d3_tokens
+    for _ in range(repeats):
+        lockstep, hf_tokens = run()
+        hf_rounds.append(lockstep.hf_seconds)
+        d3_rounds.append(lockstep.d3_seconds)
+        same = same and hf_tokens == lockstep.d3_token_ids
     hf_rate = tokens / sum(map(statistics.median, zip(*hf_rounds)))
     d3_rate = tokens / sum(map(statistics.median, zip(*d3_rounds)))
     return {"hf_tokens_per_s": hf_rate, "d3_alpha1_tokens_per_s": d3_rate, "alpha1_ratio": d3_rate / hf_rate,
             "same_tokens": same}
-
-
-def _durations(stamps: Sequence[float]) -> list[float]:
-    return [later - earlier for earlier, later in zip(stamps, stamps[1:])]
 
 
 def step_times(model, prompt_ids: Sequence[int], base: DecaySchedule, tokens: int, repeats: int) -> dict:
