@@ -168,17 +168,22 @@ def measured_decode_speedup(model, prompts: Sequence[Sequence[int]], schedule: D
     each going first in every other round, so drifts in machine speed hit both alike."""
     full = StaticSchedule.like(schedule, schedule.num_layers)
     decode_seconds(model, prompts[0], full, min(reply_tokens, 8))  # warm-up
-    full_rounds, d3_rounds = [], []
+    rounds: dict[str, list[list[float]]] = {"full": [], "d3": []}
     for round_index in range(repeats):
-        full_steps, d3_steps = [], []
+        sides = [("full", full), ("d3", schedule)]
+        if round_index % 2:
+            sides.reverse()
+        steps: dict[str, list[float]] = {"full": [], "d3": []}
         for prompt in prompts:
-            if round_index % 2 == 0:
-                full_steps += decode_seconds(model, prompt, full, reply_tokens)
-                d3_steps += decode_seconds(model, prompt, schedule, reply_tokens)
-            else:
-                d3_steps += decode_seconds(model, prompt, schedule, reply_tokens)
-                full_steps += decode_seconds(model, prompt, full, reply_tokens)
-        full_rounds.append(full_steps)
-        d3_rounds.append(d3_steps)
-    d3_total = sum(map(statistics.median, zip(*d3_rounds)))
-    return sum(map(statistics.median, zip(*full_rounds))) / d3_total if d3_total > 0 else float("nan")
+            for name, chosen in sides:
+                steps[name] += decode_seconds(model, prompt, chosen, reply_tokens)
+        for name in rounds:
+            rounds[name].append(steps[name])
+    d3_total = median_total(rounds["d3"])
+    return median_total(rounds["full"]) / d3_total if d3_total > 0 else float("nan")
+
+
+def median_total(rounds: Sequence[Sequence[float]]) -> float:
+    """The sum over positions of each position's median across rounds (each round times the same steps): a stall
+    that hit one round moves no total, as it would a total per round."""
+    return sum(map(statistics.median, zip(*rounds, strict=True)))

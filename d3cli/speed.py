@@ -1,8 +1,10 @@
 """`d3 bench --task speed`: where decoding time goes, and how close D3 comes to the layer-skipping limit.
 
 The limit on a machine is ideal(k̄) = T_step(L) / (T_fixed + k̄·T_layer): a step that runs k layers costs
-T_fixed (embedding, final norm, LM head, sampling, Python) plus k·T_layer. Every timing is a median of repeated runs
-after an untimed warm-up, with the device synchronised before each clock read; decode times exclude the prefill.
+T_fixed (embedding, final norm, LM head, sampling, Python) plus k·T_layer. Every timing comes after an untimed
+warm-up, with the device synchronised before each clock read. Compared sides take turns (α = 1 and the model's own
+`generate` decode in lockstep) and each step's time is its median over the rounds, so a machine whose speed drifts
+moves both sides alike; decode times exclude the prefill.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from d3cli.calibration import measure_step_costs, measured_decode_speedup
+from d3cli.calibration import measure_step_costs, measured_decode_speedup, median_total
 from d3cli.engine import generate_steps, make_prompt_batch, model_device, stream_generate, synchronize
 from d3cli.loader import num_decoder_layers
 from d3cli.schedule import DecaySchedule, StaticSchedule
@@ -66,7 +68,7 @@ def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, 
 
     def run() -> tuple[_Lockstep, list[int]]:
         d3_events = stream_generate(model, tokenizer, [list(prompt_ids)], full, max_new_tokens=tokens, eos_ids=NO_EOS)
-        lockstep = _Lockstep(iter(d3_events))
+        lockstep = _Lockstep(d3_events)
         try:
             with torch.inference_mode():
                 output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
@@ -84,8 +86,8 @@ def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, 
         hf_rounds.append(lockstep.hf_seconds)
         d3_rounds.append(lockstep.d3_seconds)
         same = same and hf_tokens == lockstep.d3_token_ids
-    hf_rate = tokens / sum(map(statistics.median, zip(*hf_rounds)))
-    d3_rate = tokens / sum(map(statistics.median, zip(*d3_rounds)))
+    hf_rate = tokens / median_total(hf_rounds)
+    d3_rate = tokens / median_total(d3_rounds)
     return {"hf_tokens_per_s": hf_rate, "d3_alpha1_tokens_per_s": d3_rate, "alpha1_ratio": d3_rate / hf_rate,
             "same_tokens": same}
 
@@ -173,17 +175,19 @@ def first_token_seconds(model_args: Sequence[str], model_class: str, repeats: in
     def run(cache_dir: str) -> tuple[float, float]:
         environment = dict(os.environ, D3_CACHE_DIR=cache_dir)
         started = time.perf_counter()
-        process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        process.stdin.write('{"prompt": "Hello"}\n')
-        process.stdin.close()
-        first_line = process.stdout.readline()
-        first_token = time.perf_counter() - started
-        errors = process.stderr.read()
-        process.wait()
-        exited = time.perf_counter() - started
-        if process.returncode != 0 or not first_line:
-            raise RuntimeError(f"d3 generate failed while timing the first token: {errors.strip()}")
+        with tempfile.TemporaryFile(mode="w+") as errors:  # a file, not a pipe: stderr can never stall the child
+            process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=errors, text=True)
+            process.stdin.write('{"prompt": "Hello"}\n')
+            process.stdin.close()
+            first_line = process.stdout.readline()
+            first_token = time.perf_counter() - started
+            process.stdout.read()
+            process.wait()
+            exited = time.perf_counter() - started
+            if process.returncode != 0 or not first_line:
+                errors.seek(0)
+                raise RuntimeError(f"d3 generate failed while timing the first token: {errors.read().strip()}")
         return first_token, exited
 
     def import_seconds() -> float:

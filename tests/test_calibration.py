@@ -10,6 +10,7 @@ from d3cli.calibration import (
     fit_line,
     layer_ratio,
     measure_step_costs,
+    median_total,
     predicted_speedup,
     recommend,
 )
@@ -17,6 +18,13 @@ from d3cli.errors import UserError
 from d3cli.schedule import DecaySchedule
 
 COSTS = StepCosts(num_layers=30, t_fixed_s=3.2e-3, t_layer_s=0.96e-3, r2=1.0, samples=())
+
+
+def test_a_stall_in_one_round_moves_no_median_total():
+    rounds = [[0.05, 0.06, 0.05], [0.05, 3.00, 0.05], [0.05, 0.06, 0.05]]  # round 2 stalled at its second step
+    assert median_total(rounds) == pytest.approx(0.16)
+    with pytest.raises(ValueError):
+        median_total([[0.05, 0.06], [0.05]])  # rounds that timed different steps cannot be compared
 
 
 def test_fit_line_recovers_intercept_and_slope():
