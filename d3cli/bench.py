@@ -2,7 +2,9 @@
 
 Methods, in the order they run: `full` (every layer, the reference), `d3` at each α, then for each α the baselines
 matched to that D3 run's mean depth over its generated tokens: `static` (one depth for every token after the first,
-the same skip order) and `linear` (SkipDecode-style: depth falls linearly with position).
+the same skip order) and `linear` (SkipDecode-style: depth falls linearly with position). Each of d3, static and
+linear also comes as `METHOD+bridges`: the same schedule with the model's calibrated bridges standing in for the
+skipped runs (the plain methods skip them); a bridged baseline is matched to the bridged D3 run.
 
 Every finished example is appended to a JSONL file at once (flushed and fsynced); `--resume` reads it back and runs
 only what is missing, and the summary is computed from that file alone, so an interrupted-and-resumed run and an
@@ -26,35 +28,57 @@ from d3cli.schedule import DecaySchedule, LinearSchedule, StaticSchedule
 from d3cli.settings import DecodeSettings, settings_as_options
 from d3cli.tasks.base import Example, TaskOptions
 
-METHODS = ("full", "d3", "static", "linear")
+BRIDGED = "+bridges"
+SCHEDULES = ("d3", "static", "linear")
+METHODS = ("full", *SCHEDULES, *(f"{name}{BRIDGED}" for name in SCHEDULES))
+DEFAULT_METHODS = ("full", "d3", f"d3{BRIDGED}", "static", f"static{BRIDGED}", "linear")
 
 
 @dataclass(frozen=True)
 class MethodRun:
     method: str  # full, d3, static, linear
     alpha: float | None  # the D3 α this run is, or is matched to
+    bridged: bool = False  # the calibration's bridges stand in for skipped runs
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}{BRIDGED}" if self.bridged else self.method
 
     @property
     def key(self) -> str:
-        return self.method if self.alpha is None else f"{self.method}@{self.alpha:g}"
+        return self.name if self.alpha is None else f"{self.name}@{self.alpha:g}"
 
     @property
     def label(self) -> str:
         if self.method == "full":
             return "full"
-        return f"{self.method} α={self.alpha:g}"  # a baseline's α: the D3 run whose mean depth it matches
+        return f"{self.name} α={self.alpha:g}"  # a baseline's α: the D3 run whose mean depth it matches
+
+
+def default_methods(d3_schedule: DecaySchedule) -> tuple[str, ...]:
+    """What `d3 bench` runs when --methods is not given: the bridged methods only when there are bridges."""
+    if d3_schedule.bridges is None:
+        return tuple(method for method in DEFAULT_METHODS if not method.endswith(BRIDGED))
+    return DEFAULT_METHODS
 
 
 def method_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[MethodRun]:
-    """`full` first, then every D3 run, then the baselines matched to each D3 run."""
+    """`full` first, then every D3 run (plain, then bridged), then the baselines matched to each D3 run."""
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r} (choose from: {', '.join(METHODS)})")
-    if ("static" in methods or "linear" in methods) and "d3" not in methods:
-        raise UserError("the static and linear baselines are matched to a d3 run: add d3 to --methods")
+    for bridged in ("", BRIDGED):
+        baselines = [f"{name}{bridged}" for name in ("static", "linear") if f"{name}{bridged}" in methods]
+        if baselines and f"d3{bridged}" not in methods:
+            raise UserError(f"{' and '.join(baselines)} {'is' if len(baselines) == 1 else 'are'} matched to a "
+                            f"d3{bridged} run: add d3{bridged} to --methods")
+    def wanted(method: str, alpha: float) -> list[MethodRun]:
+        return [MethodRun(method, alpha, bridged) for bridged in (False, True)
+                if f"{method}{BRIDGED if bridged else ''}" in methods]
+
     runs = [MethodRun("full", None)]
-    runs += [MethodRun("d3", alpha) for alpha in alphas if "d3" in methods]
-    runs += [MethodRun(method, alpha) for alpha in alphas for method in ("static", "linear") if method in methods]
+    runs += [run for alpha in alphas for run in wanted("d3", alpha)]
+    runs += [run for alpha in alphas for method in ("static", "linear") for run in wanted(method, alpha)]
     return runs
 
 
@@ -148,16 +172,23 @@ def matched_linear(d3_schedule: DecaySchedule, records: Sequence[dict]) -> Linea
     return LinearSchedule.like(d3_schedule, best)
 
 
-def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, results: ResultsFile,
-                 examples: Sequence[Example]) -> DecaySchedule:
+def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, results: ResultsFile | None,
+                 examples: Sequence[Example], calibration=None) -> DecaySchedule:
+    """The schedule of `run` for a model with `num_layers` layers and `calibration`; a baseline is matched to the
+    finished records of its D3 run in `results`."""
     if run.method == "full":
         return settings.full_depth().schedule_for(num_layers)
-    d3_schedule = dataclasses.replace(settings, alpha=run.alpha).schedule_for(num_layers)
+    d3_schedule = dataclasses.replace(settings, alpha=run.alpha).schedule_for(num_layers, calibration)
+    if run.bridged and d3_schedule.bridges is None:
+        raise UserError(f"{run.name} needs bridges: this model's calibration has none (make it with d3 calibrate), "
+                        "or bridges are off")
+    d3_schedule = d3_schedule.with_bridges(d3_schedule.bridges if run.bridged else None)
     if run.method == "d3":
         return d3_schedule
-    d3_records = list(results.done(MethodRun("d3", run.alpha).key, examples).values())
+    d3_run = MethodRun("d3", run.alpha, run.bridged)
+    d3_records = list(results.done(d3_run.key, examples).values()) if results is not None else []
     if not d3_records:
-        raise UserError(f"{run.label} is matched to the d3 α={run.alpha:g} run, which has no results")
+        raise UserError(f"{run.label} is matched to the {d3_run.label} run, which has no results")
     match = matched_static if run.method == "static" else matched_linear
     return match(d3_schedule, d3_records)
 
@@ -256,7 +287,9 @@ def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequ
         mean_layers = sum(sum(record["layers"]) for record in done.values()) / tokens if tokens else 0.0
         shared = [example_id for example_id in done if example_id in full]
         row = {
-            "name": run.method,
+            "name": run.name,
+            "method": run.method,
+            "bridges": run.bridged,
             "alpha": run.alpha,
             "label": run.label,
             "examples": len(done),
@@ -305,9 +338,12 @@ def by_subtask(records: Sequence[dict], examples: Sequence[Example]) -> dict[str
 
 
 def run_identity(task_name: str, model_name: str, options: TaskOptions, settings: DecodeSettings,
-                 alphas: Sequence[float], methods: Sequence[str]) -> dict:
+                 alphas: Sequence[float], methods: Sequence[str], calibration=None) -> dict:
     """What a results file must agree on to be resumed (methods and alphas may grow)."""
     decode = {key: value for key, value in settings_as_options(settings).items()
-              if key not in ("alpha", "chat", "system") and not (key == "profile" and value is None)}
-    return {"task": task_name, "model": model_name, "shots": options.shots, "chat": options.chat,
-            "decode": decode, "alphas": list(alphas), "methods": list(methods)}
+              if key not in ("alpha", "chat", "system", "bridges") and not (key == "profile" and value is None)}
+    identity = {"task": task_name, "model": model_name, "shots": options.shots, "chat": options.chat,
+                "decode": decode, "alphas": list(alphas), "methods": list(methods)}
+    if calibration is not None:  # another calibration means other bridges and maybe another skip order
+        identity["calibration"] = calibration.label
+    return identity

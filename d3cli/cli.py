@@ -15,6 +15,7 @@ import typer
 
 from d3cli import __version__
 from d3cli.commands.bench import bench
+from d3cli.commands.calibrate import calibrate
 from d3cli.commands.chat import chat
 from d3cli.commands.config import ConfigState, config_app
 from d3cli.commands.generate import generate
@@ -40,6 +41,7 @@ app.command()(generate)
 app.command()(chat)
 app.command()(bench)
 app.command("profile-ppl")(profile_ppl)
+app.command()(calibrate)
 app.add_typer(config_app, name="config")
 
 

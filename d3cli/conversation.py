@@ -56,6 +56,10 @@ class Conversation:
     def num_layers(self) -> int:
         return num_decoder_layers(self.loaded.model)
 
+    def schedule(self, settings: DecodeSettings | None = None):
+        """The depth schedule of `settings` (default: the conversation's) for this model and its calibration."""
+        return (settings or self.settings).schedule_for(self.num_layers, self.loaded.calibration)
+
     def reset(self) -> None:
         """Forget every turn (the system message stays)."""
         self.messages = []
@@ -104,7 +108,7 @@ class Conversation:
         plan = plan or self.plan(user_text)
         if self.cache is None or not self.cache.crop_to(plan.reused):
             self.cache, plan.reused = DepthDecayCache(config=self.loaded.model.config), 0
-        schedule = self.settings.schedule_for(self.num_layers)
+        schedule = self.schedule()
         context = context_length(self.loaded.model)
         max_new_tokens = self.settings.max_new_tokens
         if context is not None:

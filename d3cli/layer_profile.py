@@ -107,17 +107,25 @@ def load_profile(path: str | Path) -> LayerProfile:
 
 def profile_mismatch(profile: LayerProfile, identity: dict) -> str | None:
     """Why `profile` was not measured on the model with `identity` (layer count, architecture, weights), or None."""
-    measured = profile.model
     if profile.num_layers != identity["num_layers"]:
         return f"it is for a model with {profile.num_layers} layers, {identity['name']} has {identity['num_layers']}"
+    return identity_mismatch(profile.model, identity)
+
+
+def identity_mismatch(recorded: dict, identity: dict) -> str | None:
+    """Why a file made for the model `recorded` (a `loader.model_identity`) does not fit the model with `identity`:
+    another layer count, architecture, hidden or vocabulary size, or other weights (the fingerprint); None if it fits."""
+    if "num_layers" in recorded and recorded["num_layers"] != identity["num_layers"]:
+        return (f"it is for a model with {recorded['num_layers']} layers, {identity['name']} has "
+                f"{identity['num_layers']}")
     for key in ("model_type", "hidden_size", "vocab_size"):
-        if key in measured and measured[key] != identity.get(key):
-            return (f"it was measured on {measured.get('name')} ({key} {measured[key]}), not on {identity['name']} "
+        if key in recorded and recorded[key] != identity.get(key):
+            return (f"it was made for {recorded.get('name')} ({key} {recorded[key]}), not for {identity['name']} "
                     f"({key} {identity.get(key)})")
-    expected, actual = measured.get("fingerprint"), identity.get("fingerprint")
+    expected, actual = recorded.get("fingerprint"), identity.get("fingerprint")
     if expected is not None and actual is not None:
         if abs(expected - actual) > FINGERPRINT_TOLERANCE * max(abs(expected), abs(actual), 1e-12):
-            return f"it was measured on {measured.get('name')}, whose weights differ from {identity['name']}'s"
+            return f"it was made for {recorded.get('name')}, whose weights differ from {identity['name']}'s"
     return None
 
 

@@ -39,6 +39,7 @@ class LoadedModel(NamedTuple):
     model: object  # a transformers causal LM, in eval mode
     tokenizer: object
     name: str  # what the user asked for, as reported in JSON output
+    calibration: object = None  # its model_calibration.ModelCalibration, once DecodeSettings.with_calibration found it
 
 
 def cache_home() -> Path:

@@ -86,14 +86,26 @@ TailOption = Annotated[
 ]
 SkipOrderOption = Annotated[
     SkipOrderChoice,
-    typer.Option(help="Which flex layers go first: middle (centre outward), late (deepest first) or importance "
-                      "(least important first, from --profile).",
+    typer.Option(help="Which flex layers go first: importance (least important first, from the model's calibration "
+                      "or --profile), middle (centre outward), late (deepest first); auto is importance when the "
+                      "model is calibrated, else middle.",
                  rich_help_panel=SCHEDULE_PANEL),
 ]
 ProfileOption = Annotated[
     Optional[Path],
     typer.Option(help="Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).",
                  rich_help_panel=SCHEDULE_PANEL, show_default=False),
+]
+CalibrationOption = Annotated[
+    Optional[Path],
+    typer.Option(help="The model's calibration file (from d3 calibrate). Default: the one d3 calibrate cached for "
+                      "this model, or the bundled one of the embedded model.",
+                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
+]
+BridgesOption = Annotated[
+    bool,
+    typer.Option("--bridges/--no-bridges", help="Stand in for skipped layers with the calibration's fitted linear "
+                 "bridges (--no-bridges: skip them plainly).", rich_help_panel=SCHEDULE_PANEL),
 ]
 
 MaxNewTokensOption = Annotated[

@@ -20,7 +20,6 @@ from d3cli.scoring import (
     ContinuationScorer,
     ScoringText,
     block_influence,
-    plan_for_schedule,
     plan_skipping_one_layer,
 )
 
@@ -57,8 +56,7 @@ def measure(model, texts: Sequence[ScoringText], schedules: dict[str, DecaySched
             full, full_top = scorer.score()
         found.full_nll.append(full.tolist())
         for label, schedule in schedules.items():
-            nll, top = (full, full_top) if schedule.is_full_depth() else scorer.score(
-                plan_for_schedule(schedule, text.steps))
+            nll, top = (full, full_top) if schedule.is_full_depth() else scorer.score_schedule(schedule)
             found.schedule_nll[label].append(nll.tolist())
             found.schedule_agreement[label][0] += int((top == full_top).sum())
             found.schedule_agreement[label][1] += text.steps

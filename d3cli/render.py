@@ -165,6 +165,7 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
     rows = [
         ("schedule", f"α={record['alpha']}, min-layers {record['min_layers']}, head {record['head']}, "
                      f"tail {record['tail']}, warmup {record['warmup']}, skip order {record['skip_order']}"),
+        ("calibration", calibration_text(record)),
         ("tokens", f"{record['generated_tokens']} ({record['finish_reason']})"),
         ("mean layers", f"{record['mean_layers']:.1f} of {num_layers}"),
         ("layer compute", f"{100 * record['layer_ratio']:.1f}% of full depth"),
@@ -179,6 +180,19 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
             ("identical to full depth", "yes" if record["identical"] else "no"),
         ]
     return rows
+
+
+def calibration_text(record: dict) -> str:
+    """Which calibration a reply used and what its bridges did, or how to make one."""
+    if record.get("calibration") is None:
+        return "none for this model (d3 calibrate fits its layer order and bridges)"
+    if not record.get("bridges"):
+        return f"{record['calibration']}, bridges off"
+    runs = ", ".join(f"{first}" if first == last else f"{first}–{last}" for first, last in record["bridged_runs"])
+    text = f"{record['calibration']}, bridges over layers {runs}" if runs else f"{record['calibration']}, bridges on"
+    if record.get("unbridged_runs"):
+        text += f" (no bridge for {len(record['unbridged_runs'])} run(s): skipped plainly)"
+    return text
 
 
 def summary_panel(record: dict) -> Panel:
@@ -282,8 +296,8 @@ class BenchProgress:
     def start(self, key: str) -> None:
         self.progress.start_task(self.tasks[key])
 
-    def advance(self, key: str) -> None:
-        self.progress.advance(self.tasks[key])
+    def advance(self, key: str, amount: int = 1) -> None:
+        self.progress.advance(self.tasks[key], amount)
 
 
 def _points(value) -> str:
@@ -430,11 +444,17 @@ def print_speed_report(console: Console, report: dict) -> None:
     console.print(Text(f"step time T(k) ≈ {report['t_fixed_ms']:.2f} ms + k × {report['t_layer_ms']:.3f} ms "
                        f"(R² {report['r2']:.4f}); measured: " + ", ".join(
                            f"{row['layers']}→{row['ms']:.1f}" for row in report["step_ms"]) + " ms"))
+    if "t_bridge_ms" in report:
+        console.print(Text(f"bridges ({report['calibration']}): {report['t_bridge_ms']:.3f} ms per bridged run and "
+                           "step; with bridges: " + ", ".join(
+                               f"{row['layers']}→{row['ms']:.1f} ({row['bridged_runs']} runs)"
+                               for row in report["bridged_step_ms"]) + " ms"))
     table = Table(header_style="bold", box=None, padding=(0, 1))
-    for heading in ("α", "k̄", "ideal", "measured", "efficiency"):
+    for heading in ("α", "bridges", "k̄", "r̄", "ideal", "measured", "efficiency"):
         table.add_column(heading, justify="right", no_wrap=True)
     for row in report["alphas"]:
-        table.add_row(f"{row['alpha']:g}", f"{row['mean_layers']:.2f}", _times(row["ideal_speedup"]),
+        table.add_row(f"{row['alpha']:g}", "yes" if row.get("bridges") else "no", f"{row['mean_layers']:.2f}",
+                      f"{row.get('mean_bridged_runs', 0.0):.2f}", _times(row["ideal_speedup"]),
                       _times(row["measured_speedup"]), f"{row['efficiency']:.3f}")
     console.print(table)
     batches = Table(header_style="bold", box=None, padding=(0, 1))
@@ -453,6 +473,23 @@ def print_speed_report(console: Console, report: dict) -> None:
     console.print(Text(f"first token from a new process: cold {first['cold_s']:.1f} s (empty d3 cache), warm "
                        f"{first['warm_s']:.1f} s (exit {first['warm_exit_s']:.1f} s); importing torch and "
                        f"transformers alone takes {first['imports_s']:.1f} s"))
-    console.print(Text("ideal = T(L) / (T_fixed + k̄·T_layer) with the fitted costs; measured: decode time at full "
+    console.print(Text("ideal = T(L) / (T_fixed + k̄·T_layer + r̄·T_bridge) with the fitted costs (r̄: bridged runs "
+                       "per step); measured: decode time at full "
                        "depth over decode time with D3 (prefill excluded); efficiency = measured / ideal",
                        style="dim"))
+
+
+def print_calibration_made(console: Console, record: dict) -> None:
+    """`d3 calibrate`'s closing summary."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    runs = ", ".join(f"{first}" if first == last else f"{first}–{last}" for first, last in record["bridged_runs"])
+    table.add_row("written to", record["calibration"])
+    table.add_row("corpus", f"{record['texts']} replies, {record['tokens']} tokens")
+    table.add_row("skip order", "importance: " + " ".join(str(layer) for layer in record["drop_order"]))
+    table.add_row("bridges", f"{len(record['bridged_runs'])} runs ({runs}), "
+                             f"{record['bridge_bytes'] / 2**20:.1f} MiB"
+                             + (f", rank {record['rank']}" if record["rank"] else ""))
+    table.add_row("time", ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record["seconds"].items()))
+    console.print(Panel(table, title=f"d3 calibrate · {record['model']}", expand=False, border_style="cyan"))

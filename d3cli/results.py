@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from d3cli.schedule import DecaySchedule
+from d3cli.schedule import DecaySchedule, _kept_for_depth, skipped_runs
 
 
 @dataclass
@@ -66,10 +66,37 @@ def estimated_speedup(reply: Reply, num_layers: int) -> float:
     return num_layers / reply.mean_layers if reply.mean_layers else 0.0
 
 
+def runs_skipped(schedule: DecaySchedule, layers_per_token) -> list[tuple[int, int]]:
+    """The skipped runs of the depths a reply used, each once, in order of first use."""
+    runs: list[tuple[int, int]] = []
+    for depth in dict.fromkeys(layers_per_token):
+        for run in skipped_runs(_kept_for_depth(schedule.num_layers, schedule.drop_order, depth), schedule.num_layers):
+            if run not in runs:
+                runs.append(run)
+    return runs
+
+
+def calibration_fields(schedule: DecaySchedule, layers_per_token, calibration=None) -> dict[str, object]:
+    """What a reply's JSON says about the model's calibration: which file (None: the model has none, "bundled":
+    the one d3 ships), whether bridges stood in for skipped runs, and which runs they were."""
+    bridges = schedule.bridges or {}
+    runs = runs_skipped(schedule, layers_per_token)
+    fields = {
+        "calibration": getattr(calibration, "label", None),
+        "bridges": schedule.bridges is not None,
+        "bridged_runs": [list(run) for run in runs if run in bridges],
+    }
+    if schedule.bridges is not None:
+        fields["unbridged_runs"] = [list(run) for run in runs if run not in bridges]
+    return fields
+
+
 def reply_record(
-    reply: Reply, schedule: DecaySchedule, model_name: str, prompt_tokens: int, baseline: Reply | None = None
+    reply: Reply, schedule: DecaySchedule, model_name: str, prompt_tokens: int, baseline: Reply | None = None,
+    calibration=None,
 ) -> dict[str, object]:
-    """The JSON object of `generate --json` / `--jsonl` for one reply."""
+    """The JSON object of `generate --json` / `--jsonl` for one reply; `calibration` is the model's
+    (model_calibration.ModelCalibration) or None."""
     record: dict[str, object] = {
         "model": model_name,
         "alpha": schedule.alpha,
@@ -78,6 +105,7 @@ def reply_record(
         "head": schedule.head,
         "tail": schedule.tail,
         "skip_order": schedule.skip_order,
+        **calibration_fields(schedule, reply.layers_per_token, calibration),
         "num_layers": schedule.num_layers,
         "prompt_tokens": prompt_tokens,
         "generated_tokens": reply.generated_tokens,

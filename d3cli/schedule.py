@@ -13,6 +13,7 @@ nobody ever reads the cache entry it did not write.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -43,9 +44,12 @@ SKIP_ORDERS: dict[str, SkipOrder] = {
     "late": drop_late_first,
 }
 # "importance" drops the flex layers a measured layer profile found least important first (layer_profile.py); it
-# needs that profile, so DecodeSettings builds it and hands the schedule a callable.
+# needs that profile, so DecodeSettings builds it and hands the schedule a callable. "auto" is importance when the
+# model has a calibration (model_calibration.py) or --profile, else middle.
 MEASURED_SKIP_ORDER = "importance"
-SKIP_ORDER_NAMES = (*SKIP_ORDERS, MEASURED_SKIP_ORDER)
+AUTO_SKIP_ORDER = "auto"
+UNMEASURED_SKIP_ORDER = "middle"  # what auto means for a model d3 knows nothing about
+SKIP_ORDER_NAMES = (AUTO_SKIP_ORDER, *SKIP_ORDERS, MEASURED_SKIP_ORDER)
 
 # Defaults, chosen from measurements on the embedded SmolLM2-135M-Instruct (30 layers); docs/DEFAULTS.md has the
 # numbers. A value with a decimal point is a fraction of the model's layer count.
@@ -54,7 +58,8 @@ DEFAULT_MIN_LAYERS = "0.8"  # 24 of 30: the knee of the quality curve (below it 
 DEFAULT_HEAD = "2"  # skipping layer 0 or 1 alone costs +9.3 / +4.0 nats; layer 2 costs +0.15, like a middle layer
 DEFAULT_TAIL = "2"  # layers 29 and 28 are the costliest after those two (+1.03 / +0.60 nats); layer 27 +0.13
 DEFAULT_WARMUP = 0
-DEFAULT_SKIP_ORDER = "middle"  # at the same mean depth, dropping the last layers first costs +10.6 nats, middle +0.93
+# importance when the model is calibrated: at 24.35 layers +0.45 nats against middle's +0.99 (late: +8.25)
+DEFAULT_SKIP_ORDER = AUTO_SKIP_ORDER
 
 
 def parse_layer_count(text: str | int | float, name: str) -> int | float:
@@ -140,6 +145,9 @@ class DecaySchedule:
     tail: int
     skip_order: str
     drop_order: tuple[int, ...] = field(repr=False)
+    # What stands in for a run of skipped layers: None (each passes its input through) or the model's fitted bridges
+    # (bridges.Bridges, opaque here). Never used at full depth, so alpha = 1 stays the model's own forward.
+    bridges: object = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -150,8 +158,9 @@ class DecaySchedule:
         warmup: int = DEFAULT_WARMUP,
         head: int | float | str = DEFAULT_HEAD,
         tail: int | float | str = DEFAULT_TAIL,
-        skip_order: str | SkipOrder = DEFAULT_SKIP_ORDER,
+        skip_order: str | SkipOrder = UNMEASURED_SKIP_ORDER,
         skip_order_name: str | None = None,
+        bridges: object = None,
     ) -> DecaySchedule:
         """Validate every parameter against the model's layer count and fix the drop order of the flex layers."""
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -164,8 +173,9 @@ class DecaySchedule:
 
         if callable(skip_order):
             order_fn, order_name = skip_order, skip_order_name or getattr(skip_order, "__name__", "custom")
-        elif skip_order == MEASURED_SKIP_ORDER:
-            raise UserError("the importance skip order needs a layer profile (DecodeSettings.schedule_for loads it)")
+        elif skip_order in (MEASURED_SKIP_ORDER, AUTO_SKIP_ORDER):
+            raise UserError(f"the {skip_order} skip order needs the model's layer profile (DecodeSettings.schedule_for "
+                            "finds it)")
         else:
             order_fn, order_name = SKIP_ORDERS[skip_order], skip_order
         flex_layers = list(range(head_layers, num_layers - tail_layers))
@@ -182,6 +192,7 @@ class DecaySchedule:
             tail=tail_layers,
             skip_order=order_name,
             drop_order=drop_order,
+            bridges=bridges,
         )
 
     def retuned(self, alpha: float, min_layers: int) -> DecaySchedule:
@@ -190,7 +201,7 @@ class DecaySchedule:
         check_layer_counts(self.head, self.tail, min_layers, self.num_layers)
         return DecaySchedule(num_layers=self.num_layers, alpha=float(alpha), min_layers=min_layers,
                              warmup=self.warmup, head=self.head, tail=self.tail, skip_order=self.skip_order,
-                             drop_order=self.drop_order)
+                             drop_order=self.drop_order, bridges=self.bridges)
 
     def layers_at(self, step: int) -> int:
         """k_i: how many layers run for generated token `step`."""
@@ -206,6 +217,18 @@ class DecaySchedule:
     def is_full_depth(self) -> bool:
         """True when every step runs every layer (alpha = 1 or a floor of L)."""
         return self.alpha == 1.0 or self.min_layers == self.num_layers
+
+    def depths(self, steps: int) -> list[int]:
+        """The distinct depths of steps 0..steps-1, deepest first."""
+        return sorted({self.layers_at(step) for step in range(steps)}, reverse=True)
+
+    def runs_at(self, step: int) -> tuple[tuple[int, int], ...]:
+        """The runs of consecutive layers that step `step` skips, as (first, last) pairs."""
+        return skipped_runs(self.kept_layers(step), self.num_layers)
+
+    def with_bridges(self, bridges: object) -> DecaySchedule:
+        """The same schedule with other stand-ins for skipped runs (None: plain skipping)."""
+        return dataclasses.replace(self, bridges=bridges)
 
     @property
     def method(self) -> str:
@@ -267,3 +290,32 @@ class LinearSchedule(DecaySchedule):
 def _kept_for_depth(num_layers: int, drop_order: tuple[int, ...], depth: int) -> tuple[int, ...]:
     dropped = set(drop_order[: num_layers - depth])
     return tuple(layer for layer in range(num_layers) if layer not in dropped)
+
+
+def skipped_runs(kept_layers: Sequence[int], num_layers: int) -> tuple[tuple[int, int], ...]:
+    """The maximal runs of consecutive layers not in `kept_layers`, as (first, last) pairs in layer order.
+
+    A bridge stands in for one such run: it maps the run's input (the output of layer first - 1) to an estimate of
+    the output of layer last."""
+    kept = set(kept_layers)
+    runs, start = [], None
+    for layer in range(num_layers):
+        if layer not in kept and start is None:
+            start = layer
+        elif layer in kept and start is not None:
+            runs.append((start, layer - 1))
+            start = None
+    if start is not None:
+        runs.append((start, num_layers - 1))
+    return tuple(runs)
+
+
+def runs_of_drop_order(num_layers: int, drop_order: Sequence[int], fewest_layers: int) -> tuple[tuple[int, int], ...]:
+    """Every run that some depth from L - 1 down to `fewest_layers` skips under `drop_order`: one new run per
+    dropped layer (the run that layer joins), so at most L of them. These are the bridges a calibration fits."""
+    found: list[tuple[int, int]] = []
+    for depth in range(num_layers - 1, max(fewest_layers, num_layers - len(drop_order)) - 1, -1):
+        for run in skipped_runs(_kept_for_depth(num_layers, tuple(drop_order), depth), num_layers):
+            if run not in found:
+                found.append(run)
+    return tuple(found)

@@ -82,25 +82,32 @@ class ContinuationScorer:
 
     @torch.inference_mode()
     def score(self, plan: torch.Tensor | None = None,
-              observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+              observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None, bridges=None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Under `plan` (None: full depth): each continuation token's NLL (nats, float32) and the model's most likely
-        token at that step (what greedy decoding would pick there); both of shape [C]."""
+        """Under `plan` (None: full depth) with `bridges` standing in for its skipped runs (None: plain skipping):
+        each continuation token's NLL (nats, float32) and the model's most likely token at that step (what greedy
+        decoding would pick there); both of shape [C]."""
         if plan is not None and plan.shape[1] != self.text.steps:
             raise ValueError(f"the plan covers {plan.shape[1]} steps, the continuation has {self.text.steps}")
         cache = self._prefilled_cache()
         if plan is not None:
             plan = plan.to(self.device)  # once, not once per layer inside the hooks
-        with skipped_at_positions(self.model, plan, observe):
+        with skipped_at_positions(self.model, plan, observe, bridges):
             output = self.model(input_ids=self.segment_ids, position_ids=self.segment_positions,
                                 **cache_argument(self.model, cache), use_cache=cache is not None)
         log_probs = torch.log_softmax(output.logits[0].float(), dim=-1)
         return -log_probs.gather(-1, self.targets[:, None])[:, 0].cpu(), log_probs.argmax(-1).cpu()
 
     def nll(self, plan: torch.Tensor | None = None,
-            observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+            observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None, bridges=None) -> torch.Tensor:
         """The NLL of each continuation token under `plan` (None: full depth); shape [C]."""
-        return self.score(plan, observe)[0]
+        return self.score(plan, observe, bridges)[0]
+
+    def score_schedule(self, schedule: DecaySchedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score` as decoding with `schedule` would see it: its skip plan and its bridges."""
+        if schedule.is_full_depth():
+            return self.score()
+        return self.score(plan_for_schedule(schedule, self.text.steps), bridges=schedule.bridges)
 
 
 def block_influence(model, scorer: ContinuationScorer, late_from: int
@@ -150,7 +157,6 @@ def mean_nll_under(model, texts: Sequence[ScoringText], schedules: Sequence[Deca
     for text in texts:
         scorer = ContinuationScorer(model, text)
         for index, schedule in enumerate(schedules):
-            plan = None if schedule.is_full_depth() else plan_for_schedule(schedule, text.steps)
-            totals[index] += float(scorer.nll(plan).sum())
+            totals[index] += float(scorer.score_schedule(schedule)[0].sum())
         count += text.steps
     return [total / max(count, 1) for total in totals]

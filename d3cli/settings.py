@@ -18,7 +18,9 @@ from d3cli.schedule import (
     DEFAULT_SKIP_ORDER,
     DEFAULT_TAIL,
     DEFAULT_WARMUP,
+    AUTO_SKIP_ORDER,
     MEASURED_SKIP_ORDER,
+    UNMEASURED_SKIP_ORDER,
     DecaySchedule,
     check_parameters,
     parse_layer_count,
@@ -40,7 +42,9 @@ class DecodeSettings:
     stop: tuple[str, ...] = ()
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     system: str | None = None
-    profile: str | None = None  # the layer profile behind --skip-order importance (None: the bundled one)
+    profile: str | None = None  # a layer profile for --skip-order importance (None: the model's calibration's)
+    calibration: str | None = None  # the model's calibration file (None: found in the cache, or the bundled one)
+    bridges: bool = True  # bridge skipped runs with the calibration's fitted maps, when it has them
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -50,13 +54,16 @@ class DecodeSettings:
         if self.chat is False and self.system is not None:
             raise UserError("--system needs the chat template; it cannot be combined with --no-chat")
         check_parameters(self.alpha, self.min_layers, self.warmup, self.head, self.tail, self.skip_order)
-        if self.profile is not None and self.skip_order != MEASURED_SKIP_ORDER:
+        if self.profile is not None and self.skip_order not in (MEASURED_SKIP_ORDER, AUTO_SKIP_ORDER):
             raise UserError(f"--profile is used by --skip-order importance only, not with skip order "
                             f"{self.skip_order!r}")
+        if not isinstance(self.bridges, bool):
+            raise UserError(f"bridges must be true or false, not {self.bridges!r}")
 
     @classmethod
     def from_options(cls, *, alpha, min_layers, warmup, head, tail, skip_order, max_new_tokens, temperature, top_k,
-                     top_p, seed, stop, chat=None, system=None, profile=None) -> DecodeSettings:
+                     top_p, seed, stop, chat=None, system=None, profile=None, calibration=None,
+                     bridges=True) -> DecodeSettings:
         """The settings of a subcommand's command-line options (layer counts as typed, the skip order's enum)."""
         return cls(
             alpha=alpha,
@@ -71,20 +78,33 @@ class DecodeSettings:
             chat=chat,
             system=system,
             profile=str(profile) if profile is not None else None,
+            calibration=str(calibration) if calibration is not None else None,
+            bridges=bridges,
         )
 
-    def schedule_for(self, num_layers: int) -> DecaySchedule:
-        skip_order = self.skip_order
-        if skip_order == MEASURED_SKIP_ORDER:
-            from d3cli.layer_profile import importance_order, load_profile
+    def schedule_for(self, num_layers: int, calibration=None) -> DecaySchedule:
+        """The schedule of these settings for a model with `num_layers` layers whose calibration (a
+        model_calibration.ModelCalibration from `calibration_for`, or None) is `calibration`: the skip order `auto`
+        resolved (importance from --profile or the calibration, else middle), and the calibration's bridges unless
+        bridges are off."""
+        from d3cli.layer_profile import importance_order
 
-            profile = load_profile(self.profile_path())
+        profile = self.layer_profile(calibration)
+        skip_order, name = self.skip_order, self.skip_order
+        if skip_order == AUTO_SKIP_ORDER:
+            name = MEASURED_SKIP_ORDER if profile is not None else UNMEASURED_SKIP_ORDER
+            skip_order = name
+        if skip_order == MEASURED_SKIP_ORDER:
+            if profile is None:
+                raise UserError("--skip-order importance needs a layer profile of this model: make its calibration "
+                                "with d3 calibrate, or pass --profile FILE")
             if profile.num_layers != num_layers:
-                source = self.profile if self.profile is not None else "shipped for the embedded model"
-                raise UserError(f"the layer profile {source} is for a model with {profile.num_layers} layers, this "
-                                f"one has {num_layers}: make one with d3 profile-ppl --save-profile FILE and add "
-                                "--profile FILE")
+                raise UserError(f"the layer profile {self.profile} is for a model with {profile.num_layers} layers, "
+                                f"this one has {num_layers}: make one with d3 profile-ppl --save-profile FILE")
             skip_order = importance_order(profile)
+        bridges = None
+        if self.bridges and calibration is not None and calibration.active_bridges:
+            bridges = calibration.active_bridges
         return DecaySchedule.build(
             num_layers,
             alpha=self.alpha,
@@ -93,22 +113,33 @@ class DecodeSettings:
             head=self.head,
             tail=self.tail,
             skip_order=skip_order,
-            skip_order_name=self.skip_order,
+            skip_order_name=name,
+            bridges=bridges,
         )
 
-    def profile_path(self) -> str:
-        """The layer profile of --skip-order importance: --profile, else the one shipped for the embedded model."""
-        from d3cli.layer_profile import BUNDLED_PROFILE
+    def layer_profile(self, calibration=None):
+        """The layer profile behind the importance order: --profile, else the calibration's, else None."""
+        if self.profile is not None:
+            from d3cli.layer_profile import load_profile
 
-        return self.profile if self.profile is not None else str(BUNDLED_PROFILE)
+            return load_profile(self.profile)
+        return getattr(calibration, "profile", None)
 
-    def check_model(self, loaded) -> None:
-        """With --skip-order importance, the profile must have been measured on this model (UserError if not)."""
-        if self.skip_order == MEASURED_SKIP_ORDER:
-            from d3cli.layer_profile import check_profile_matches, load_profile
-            from d3cli.loader import model_identity
+    def with_calibration(self, loaded):
+        """`loaded` with its calibration (model_calibration.ModelCalibration, bridges on the model's device and
+        dtype) or None; a --calibration or --profile file made for another model is a UserError."""
+        from d3cli.layer_profile import check_profile_matches, load_profile
+        from d3cli.loader import model_identity
+        from d3cli.model_calibration import load_for_model
 
-            check_profile_matches(load_profile(self.profile_path()), model_identity(loaded), self.profile_path())
+        identity = model_identity(loaded)
+        if self.profile is not None:
+            check_profile_matches(load_profile(self.profile), identity, self.profile)
+        calibration = load_for_model(identity, self.calibration)
+        if calibration is not None:
+            weight = loaded.model.get_input_embeddings().weight
+            calibration.activate(weight.device, weight.dtype)
+        return loaded._replace(calibration=calibration)
 
     def full_depth(self) -> DecodeSettings:
         """The same reply settings with no layer skipping: the baseline of --compare."""
@@ -136,6 +167,7 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "chat": (bool,),
     "system": (str,),
     "profile": (str,),
+    "bridges": (bool,),
 }
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
 NULLABLE_KEYS = ("seed", "chat", "system", "profile")  # null means "not set"

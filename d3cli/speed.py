@@ -1,7 +1,9 @@
 """`d3 bench --task speed`: where decoding time goes, and how close D3 comes to the layer-skipping limit.
 
 The limit on a machine is ideal(k̄) = T_step(L) / (T_fixed + k̄·T_layer): a step that runs k layers costs
-T_fixed (embedding, final norm, LM head, sampling, Python) plus k·T_layer. Every timing comes after an untimed
+T_fixed (embedding, final norm, LM head, sampling, Python) plus k·T_layer. With bridges each bridged run adds
+T_bridge (one d×d matmul, or two thin ones when low-rank), so the bridged limit is T_step(L) / (T_fixed + k̄·T_layer
++ r̄·T_bridge), r̄ the mean bridged runs per decode step. Every timing comes after an untimed
 warm-up, with the device synchronised before each clock read. Compared sides take turns (α = 1 and the model's own
 `generate` decode in lockstep) and each step's time is its median over the rounds, so a machine whose speed drifts
 moves both sides alike; decode times exclude the prefill.
@@ -20,7 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from d3cli.calibration import measure_step_costs, measured_decode_speedup, median_total
+from d3cli.calibration import decode_seconds, fit_line, measured_decode_speedup, median_total
 from d3cli.engine import generate_steps, make_prompt_batch, model_device, stream_generate, synchronize
 from d3cli.loader import num_decoder_layers
 from d3cli.schedule import DecaySchedule, StaticSchedule
@@ -93,10 +95,42 @@ def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, 
 
 
 def step_times(model, prompt_ids: Sequence[int], base: DecaySchedule, tokens: int, repeats: int) -> dict:
-    """Median decode-step time at depths from the core layers to L, and the line T_fixed + k·T_layer through them."""
+    """Median decode-step time at depths from the core layers to L, and the line T_fixed + k·T_layer through them.
+    When `base` carries bridges, each depth is timed with them too (in turns with the plain step), and T_bridge is
+    the median extra time per bridged run."""
     floor, num_layers = base.head + base.tail, base.num_layers
     depths = sorted({floor, num_layers, *range(floor, num_layers + 1, max(1, (num_layers - floor) // 8))})
-    return measure_step_costs(model, prompt_ids, base, depths, tokens, repeats).as_dict()
+    plain = base.with_bridges(None)
+    variants = {"plain": [StaticSchedule.like(plain, depth) for depth in depths]}
+    if base.bridges is not None:
+        variants["bridged"] = [StaticSchedule.like(base, depth) for depth in depths]
+    decode_seconds(model, prompt_ids, variants["plain"][-1], min(tokens, 8))  # warm-up
+    seconds = {name: [[] for _ in depths] for name in variants}
+    for _ in range(repeats):
+        for index in range(len(depths)):
+            for name, schedules in variants.items():
+                seconds[name][index].extend(decode_seconds(model, prompt_ids, schedules[index], tokens))
+    plain_ms = [statistics.median(values) * 1e3 for values in seconds["plain"]]
+    t_fixed, t_layer, r2 = fit_line(list(zip(depths, plain_ms)))
+    report = {"t_fixed_ms": max(t_fixed, 0.0), "t_layer_ms": max(t_layer, 1e-9), "r2": r2,
+              "step_ms": [{"layers": depth, "ms": ms} for depth, ms in zip(depths, plain_ms)]}
+    if "bridged" in variants:
+        rows, per_run = [], []
+        for depth, schedule, values, plain_step in zip(depths, variants["bridged"], seconds["bridged"], plain_ms):
+            runs = bridged_runs_at(schedule, 1)
+            ms = statistics.median(values) * 1e3
+            rows.append({"layers": depth, "ms": ms, "bridged_runs": runs})
+            if runs:
+                per_run.append((ms - plain_step) / runs)
+        report["bridged_step_ms"] = rows
+        report["t_bridge_ms"] = statistics.median(per_run) if per_run else 0.0
+    return report
+
+
+def bridged_runs_at(schedule: DecaySchedule, step: int) -> int:
+    """How many of the runs step `step` skips have a bridge."""
+    bridges = schedule.bridges or {}
+    return sum(1 for run in schedule.runs_at(step) if run in bridges)
 
 
 def mean_decode_layers(schedule: DecaySchedule, tokens: int) -> float:
@@ -105,17 +139,27 @@ def mean_decode_layers(schedule: DecaySchedule, tokens: int) -> float:
     return sum(schedule.layers_at(step) for step in steps) / len(steps)
 
 
+def mean_bridged_runs(schedule: DecaySchedule, tokens: int) -> float:
+    """r̄: the mean bridged runs of the decode steps 1..N−1."""
+    steps = range(1, max(tokens, 2))
+    return sum(bridged_runs_at(schedule, step) for step in steps) / len(steps)
+
+
 def alpha_rows(model, prompt_ids: Sequence[int], schedules: Sequence[DecaySchedule], tokens: int, repeats: int,
-               t_fixed_ms: float, t_layer_ms: float) -> list[dict]:
-    """Per schedule: k̄, ideal(k̄) from the fitted costs, the measured decode speedup over full depth, and their
-    ratio. Full depth and each schedule alternate so drifts in machine speed hit both alike."""
+               t_fixed_ms: float, t_layer_ms: float, t_bridge_ms: float = 0.0) -> list[dict]:
+    """Per schedule: k̄ (and r̄, its mean bridged runs), ideal(k̄) from the fitted costs (bridges included), the
+    measured decode speedup over full depth, and their ratio. Full depth and each schedule alternate so drifts in
+    machine speed hit both alike."""
     rows = []
     for schedule in schedules:
         k_bar = mean_decode_layers(schedule, tokens)
-        ideal = (t_fixed_ms + schedule.num_layers * t_layer_ms) / (t_fixed_ms + k_bar * t_layer_ms)
+        r_bar = mean_bridged_runs(schedule, tokens)
+        ideal = (t_fixed_ms + schedule.num_layers * t_layer_ms) / (t_fixed_ms + k_bar * t_layer_ms
+                                                                   + r_bar * t_bridge_ms)
         measured = measured_decode_speedup(model, [prompt_ids], schedule, tokens, repeats)
-        rows.append({"alpha": schedule.alpha, "min_layers": schedule.min_layers, "mean_layers": k_bar,
-                     "ideal_speedup": ideal, "measured_speedup": measured, "efficiency": measured / ideal})
+        rows.append({"alpha": schedule.alpha, "min_layers": schedule.min_layers, "bridges": schedule.bridges is not None,
+                     "mean_layers": k_bar, "mean_bridged_runs": r_bar, "ideal_speedup": ideal,
+                     "measured_speedup": measured, "efficiency": measured / ideal})
     return rows
 
 

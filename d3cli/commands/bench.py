@@ -25,6 +25,8 @@ from d3cli.options import (
     ModelOption,
     SeedOption,
     ProfileOption,
+    CalibrationOption,
+    BridgesOption,
     SkipOrderOption,
     TailOption,
     TemperatureOption,
@@ -72,8 +74,11 @@ def bench(
     chat: TaskChatOption = False,
     data_dir: DataDirOption = None,
     methods: Annotated[
-        str, typer.Option(help="Which of d3, static, linear to run beside full depth.", rich_help_panel=TASK_PANEL),
-    ] = "full,d3,static,linear",
+        Optional[str], typer.Option(help="Which of d3, static, linear and their +bridges forms (d3+bridges...) to run "
+                                    "beside full depth. Default: d3, static, linear, and d3+bridges and "
+                                    "static+bridges when the model's calibration has bridges.",
+                                    rich_help_panel=TASK_PANEL, show_default=False),
+    ] = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     dtype: DTypeOption = "auto",
@@ -89,6 +94,8 @@ def bench(
     tail: TailOption = DEFAULT_TAIL,
     skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
     profile: ProfileOption = None,
+    calibration: CalibrationOption = None,
+    bridges: BridgesOption = True,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.",
                           rich_help_panel="Sampling and length"),
@@ -134,22 +141,23 @@ def bench(
 
         settings = DecodeSettings.from_options(
             alpha=alphas[0], min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
-            profile=profile, max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-            stop=None,
+            profile=profile, calibration=calibration, bridges=bridges, max_new_tokens=max_new_tokens,
+            temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
         )
         model_options = {"model": model, "device": device, "dtype": dtype, "device_map": device_map,
                          "trust_remote_code": trust_remote_code}
         run_speed(model_options, settings, alphas, repeats, as_json)
         return
-    chosen_methods = tuple(dict.fromkeys(("full", *parse_list(methods))))
-    runs = runner.method_runs(chosen_methods, alphas)
+    asked_methods = tuple(dict.fromkeys(("full", *parse_list(methods)))) if methods is not None else None
+    if asked_methods is not None:
+        runner.method_runs(asked_methods, alphas)  # a bad --methods fails before anything loads
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, not {limit}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     settings = DecodeSettings.from_options(
         alpha=alphas[0], min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
-        profile=profile,
+        profile=profile, calibration=calibration, bridges=bridges,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed, stop=None,
     )
     benchmark = get_task(task)
@@ -164,14 +172,16 @@ def bench(
     from d3cli.loader import load, num_decoder_layers
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    settings.check_model(loaded)
+    loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)
+    chosen_methods = asked_methods or runner.default_methods(settings.schedule_for(num_layers, loaded.calibration))
+    runs = runner.method_runs(chosen_methods, alphas)
     for run in runs:  # every schedule must fit this model before anything runs
         if run.method in ("full", "d3"):
-            runner.schedule_for(run, settings, num_layers, None, examples)
+            runner.schedule_for(run, settings, num_layers, None, examples, loaded.calibration)
     prompts = runner.encode_examples(loaded, examples)
     path = output or Path(f"d3-bench-{task}-{model_slug(loaded.name)}.jsonl")
-    identity = runner.run_identity(task, loaded.name, options, settings, alphas, chosen_methods)
+    identity = runner.run_identity(task, loaded.name, options, settings, alphas, chosen_methods, loaded.calibration)
     results = runner.ResultsFile(path, identity, resume)
     interrupted = False
     try:
@@ -179,7 +189,7 @@ def bench(
             for run in runs:
                 progress.add(run.key, run.label, len(examples), len(results.done(run.key, examples)))
             for run in runs:
-                schedule = runner.schedule_for(run, settings, num_layers, results, examples)
+                schedule = runner.schedule_for(run, settings, num_layers, results, examples, loaded.calibration)
                 progress.start(run.key)
                 runner.run_method(loaded, benchmark, examples, prompts, run, schedule, settings, batch_size, results,
                                   on_example=lambda finished: progress.advance(finished.key))
@@ -187,9 +197,12 @@ def bench(
         interrupted = True
     finally:
         results.close()
+    d3_schedule = settings.schedule_for(num_layers, loaded.calibration)
     summary = {
         "task": task,
         "model": loaded.name,
+        "calibration": loaded.calibration.label if loaded.calibration is not None else None,
+        "skip_order": d3_schedule.skip_order,
         "examples": len(examples),
         "output": str(path),
         "methods": runner.summarize(results.records, runs, examples, num_layers),

@@ -33,9 +33,12 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
         raise UserError(f"--repeats must be at least 1, not {repeats}")
     loaded = load(model_options["model"], device=model_options["device"], dtype=model_options["dtype"],
                   device_map=model_options["device_map"], trust_remote_code=model_options["trust_remote_code"])
-    settings.check_model(loaded)
+    loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)
-    schedules = [dataclasses.replace(settings, alpha=alpha).schedule_for(num_layers) for alpha in alphas]
+    schedules = [dataclasses.replace(settings, alpha=alpha).schedule_for(num_layers, loaded.calibration)
+                 for alpha in alphas]
+    if schedules[0].bridges is not None:  # bridged D3 beside plain D3 at each α
+        schedules = [variant for schedule in schedules for variant in (schedule, schedule.with_bridges(None))]
     tokens = settings.max_new_tokens
     prompt = encode_prompt(loaded.tokenizer, SPEED_PROMPT)
     batch_prompts = [encode_prompt(loaded.tokenizer, text) for text in BATCH_PROMPTS]
@@ -54,6 +57,8 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
                         "device": str(loaded.model.get_input_embeddings().weight.device),
                         "dtype": str(loaded.model.get_input_embeddings().weight.dtype).replace("torch.", "")},
             "num_layers": num_layers,
+            "calibration": loaded.calibration.label if loaded.calibration is not None else None,
+            "skip_order": schedules[0].skip_order,
             "prompt_tokens": len(prompt),
             "tokens": tokens,
             "repeats": repeats,
@@ -63,7 +68,7 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
         report.update(speed.step_times(loaded.model, prompt, schedules[0], tokens, repeats))
         spinner.update("timing D3 against full depth at each α")
         report["alphas"] = speed.alpha_rows(loaded.model, prompt, schedules, tokens, repeats,
-                                            report["t_fixed_ms"], report["t_layer_ms"])
+                                            report["t_fixed_ms"], report["t_layer_ms"], report.get("t_bridge_ms", 0.0))
         spinner.update("timing batches")
         report["batches"] = speed.batch_rows(loaded.model, batch_prompts, schedules[0], BATCH_SIZES,
                                              min(tokens, 64), max(1, repeats // 2))

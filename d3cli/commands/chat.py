@@ -32,6 +32,8 @@ from d3cli.options import (
     ModelOption,
     SeedOption,
     ProfileOption,
+    CalibrationOption,
+    BridgesOption,
     SkipOrderOption,
     StopOption,
     SystemOption,
@@ -72,6 +74,8 @@ def chat(
     tail: TailOption = DEFAULT_TAIL,
     skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
     profile: ProfileOption = None,
+    calibration: CalibrationOption = None,
+    bridges: BridgesOption = True,
     max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
     temperature: TemperatureOption = 0.0,
     top_k: TopKOption = 0,
@@ -90,7 +94,7 @@ def chat(
     """
     settings = DecodeSettings.from_options(
         alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
-        profile=profile,
+        profile=profile, calibration=calibration, bridges=bridges,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
         chat=True,
     )
@@ -98,9 +102,9 @@ def chat(
     from d3cli.loader import load
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    settings.check_model(loaded)
+    loaded = settings.with_calibration(loaded)
     conversation = Conversation(loaded, settings, system=system)
-    conversation.settings.schedule_for(conversation.num_layers)  # the depth options fit this model
+    conversation.schedule()  # the depth options fit this model
     scripted = jsonl or not sys.stdin.isatty()
     session = ChatSession(conversation, scripted=scripted, as_jsonl=jsonl)
     if scripted:
@@ -186,8 +190,8 @@ class ChatSession:
         except GenerationInterrupted as stopped:
             reply, interrupted = stopped.replies[0], True
         self.turn += 1
-        record = {"turn": self.turn, **reply_record(reply, conversation.settings.schedule_for(conversation.num_layers),
-                                                     conversation.loaded.name, len(plan.token_ids))}
+        record = {"turn": self.turn, **reply_record(reply, conversation.schedule(), conversation.loaded.name,
+                                                     len(plan.token_ids), calibration=conversation.loaded.calibration)}
         self.records.append(record)
         if self.as_jsonl:
             render.write_json_line(record)
@@ -217,13 +221,13 @@ class ChatSession:
             render.print_info(render.stdout_console(), message)
 
     def describe_settings(self) -> str:
-        schedule = self.conversation.settings.schedule_for(self.conversation.num_layers)
+        schedule = self.conversation.schedule()
         return (f"α={schedule.alpha}, min-layers {schedule.min_layers} of {schedule.num_layers}, head {schedule.head}, "
                 f"tail {schedule.tail}, skip order {schedule.skip_order}")
 
     def change_settings(self, **changes) -> None:
         updated = dataclasses.replace(self.conversation.settings, **changes)
-        updated.schedule_for(self.conversation.num_layers)  # validate against this model before accepting
+        self.conversation.schedule(updated)  # validate against this model before accepting
         self.conversation.settings = updated
         self.info(f"now {self.describe_settings()}")
 
@@ -281,7 +285,7 @@ class ChatSession:
             raise UserError("/load needs a file name, like /load chat.json")
         path = Path(argument).expanduser()
         system, settings, messages, model = read_saved_chat(path, self.conversation.settings)
-        settings.schedule_for(self.conversation.num_layers)
+        self.conversation.schedule(settings)
         self.conversation.settings = settings
         self.conversation.set_system(system)
         self.conversation.messages = messages

@@ -27,6 +27,8 @@ from d3cli.options import (
     OUTPUT_PANEL,
     SeedOption,
     ProfileOption,
+    CalibrationOption,
+    BridgesOption,
     SkipOrderOption,
     StopOption,
     SystemOption,
@@ -80,6 +82,8 @@ def generate(
     tail: TailOption = DEFAULT_TAIL,
     skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
     profile: ProfileOption = None,
+    calibration: CalibrationOption = None,
+    bridges: BridgesOption = True,
     max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
     temperature: TemperatureOption = 0.0,
     top_k: TopKOption = 0,
@@ -120,7 +124,7 @@ def generate(
     """
     settings = DecodeSettings.from_options(
         alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
-        profile=profile,
+        profile=profile, calibration=calibration, bridges=bridges,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
         chat=chat, system=system,
     )
@@ -144,7 +148,7 @@ def generate(
     from d3cli.loader import load
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    settings.check_model(loaded)
+    loaded = settings.with_calibration(loaded)
     if jsonl:
         run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)
     else:
@@ -165,7 +169,7 @@ def schedules(loaded, settings: DecodeSettings):
     from d3cli.loader import num_decoder_layers
 
     num_layers = num_decoder_layers(loaded.model)
-    return settings.schedule_for(num_layers), settings.full_depth().schedule_for(num_layers)
+    return settings.schedule_for(num_layers, loaded.calibration), settings.full_depth().schedule_for(num_layers)
 
 
 def decode(loaded, prompts: list[PreparedPrompt], schedule, on_event=None, seed: int | None = None) -> list[Reply]:
@@ -233,7 +237,7 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
         if reply is None:  # stopped during the D3 run, not during the baseline
             (reply,) = stopped.replies
 
-    record = reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline)
+    record = reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration)
     if as_json:
         render.write_json_line(record)
     elif on_terminal:
@@ -289,7 +293,7 @@ def line_record(loaded, prepared: PreparedPrompt, reply: Reply, schedule, baseli
     record = {"line": prepared.line}
     if prepared.request_id is not None:
         record["id"] = prepared.request_id
-    record.update(reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline))
+    record.update(reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration))
     return record
 
 

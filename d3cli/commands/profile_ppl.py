@@ -29,6 +29,8 @@ from d3cli.options import (
     MinLayersOption,
     ModelOption,
     ProfileOption,
+    CalibrationOption,
+    BridgesOption,
     SkipOrderOption,
     TailOption,
     TrustRemoteCodeOption,
@@ -89,6 +91,8 @@ def profile_ppl(
     tail: TailOption = DEFAULT_TAIL,
     skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
     profile: ProfileOption = None,
+    calibration: CalibrationOption = None,
+    bridges: BridgesOption = True,
     bucket_size: Annotated[
         int, typer.Option(help="Positions per row of the chart.", rich_help_panel=PROFILE_PANEL),
     ] = 16,
@@ -152,8 +156,8 @@ def profile_ppl(
     alphas = parse_alphas(alpha) if alpha is not None else ()
     settings = DecodeSettings.from_options(
         alpha=alphas[0] if alphas else 1.0, min_layers=min_layers, warmup=warmup, head=head, tail=tail,
-        skip_order=skip_order, profile=profile, max_new_tokens=max_positions, temperature=0.0, top_k=0, top_p=1.0,
-        seed=None, stop=None,
+        skip_order=skip_order, profile=profile, calibration=calibration, bridges=bridges,
+        max_new_tokens=max_positions, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
     )
     if plot is not None:
         _require_matplotlib()
@@ -179,11 +183,12 @@ def profile_ppl(
     from d3cli.loader import context_length, load, model_identity, num_decoder_layers
 
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    settings.check_model(loaded)
+    loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)
-    schedules = {f"α={value:g}": dataclasses.replace(settings, alpha=value).schedule_for(num_layers)
+    schedules = {f"α={value:g}": dataclasses.replace(settings, alpha=value).schedule_for(num_layers,
+                                                                                        loaded.calibration)
                  for value in alphas}
-    base_schedule = settings.schedule_for(num_layers)
+    base_schedule = settings.schedule_for(num_layers, loaded.calibration)
     context = context_length(loaded.model)
     console = render.stderr_console()
 
