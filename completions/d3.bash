@@ -9,6 +9,7 @@ _d3() {
             ":chat") path="chat" ;;
             ":bench") path="bench" ;;
             ":profile-ppl") path="profile-ppl" ;;
+            ":calibrate") path="calibrate" ;;
             ":completions") path="completions" ;;
             ":config") path="config" ;;
             "config:show") path="config show" ;;
@@ -25,8 +26,9 @@ _d3() {
         "generate:--warmup") COMPREPLY=(); return ;;
         "generate:--head") COMPREPLY=(); return ;;
         "generate:--tail") COMPREPLY=(); return ;;
-        "generate:--skip-order") COMPREPLY=($(compgen -W "middle late importance" -- "$cur")); return ;;
-        "generate:--profile") COMPREPLY=(); return ;;
+        "generate:--skip-order") COMPREPLY=($(compgen -W "auto middle late importance" -- "$cur")); return ;;
+        "generate:--profile") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "generate:--calibration") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "generate:--max-new-tokens"|"generate:-n") COMPREPLY=(); return ;;
         "generate:--temperature"|"generate:-t") COMPREPLY=(); return ;;
         "generate:--top-k") COMPREPLY=(); return ;;
@@ -44,8 +46,9 @@ _d3() {
         "chat:--warmup") COMPREPLY=(); return ;;
         "chat:--head") COMPREPLY=(); return ;;
         "chat:--tail") COMPREPLY=(); return ;;
-        "chat:--skip-order") COMPREPLY=($(compgen -W "middle late importance" -- "$cur")); return ;;
-        "chat:--profile") COMPREPLY=(); return ;;
+        "chat:--skip-order") COMPREPLY=($(compgen -W "auto middle late importance" -- "$cur")); return ;;
+        "chat:--profile") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "chat:--calibration") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "chat:--max-new-tokens"|"chat:-n") COMPREPLY=(); return ;;
         "chat:--temperature"|"chat:-t") COMPREPLY=(); return ;;
         "chat:--top-k") COMPREPLY=(); return ;;
@@ -68,8 +71,9 @@ _d3() {
         "bench:--warmup") COMPREPLY=(); return ;;
         "bench:--head") COMPREPLY=(); return ;;
         "bench:--tail") COMPREPLY=(); return ;;
-        "bench:--skip-order") COMPREPLY=($(compgen -W "middle late importance" -- "$cur")); return ;;
-        "bench:--profile") COMPREPLY=(); return ;;
+        "bench:--skip-order") COMPREPLY=($(compgen -W "auto middle late importance" -- "$cur")); return ;;
+        "bench:--profile") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "bench:--calibration") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "bench:--max-new-tokens"|"bench:-n") COMPREPLY=(); return ;;
         "bench:--temperature"|"bench:-t") COMPREPLY=(); return ;;
         "bench:--seed") COMPREPLY=(); return ;;
@@ -94,8 +98,9 @@ _d3() {
         "profile-ppl:--warmup") COMPREPLY=(); return ;;
         "profile-ppl:--head") COMPREPLY=(); return ;;
         "profile-ppl:--tail") COMPREPLY=(); return ;;
-        "profile-ppl:--skip-order") COMPREPLY=($(compgen -W "middle late importance" -- "$cur")); return ;;
-        "profile-ppl:--profile") COMPREPLY=(); return ;;
+        "profile-ppl:--skip-order") COMPREPLY=($(compgen -W "auto middle late importance" -- "$cur")); return ;;
+        "profile-ppl:--profile") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "profile-ppl:--calibration") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "profile-ppl:--bucket-size") COMPREPLY=(); return ;;
         "profile-ppl:--late-from") COMPREPLY=(); return ;;
         "profile-ppl:--save-profile") COMPREPLY=(); return ;;
@@ -104,16 +109,30 @@ _d3() {
         "profile-ppl:--reply-tokens") COMPREPLY=(); return ;;
         "profile-ppl:--csv") COMPREPLY=(); return ;;
         "profile-ppl:--plot") COMPREPLY=(); return ;;
+        "calibrate:--model"|"calibrate:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "calibrate:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
+        "calibrate:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+        "calibrate:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "calibrate:--prompts") COMPREPLY=(); return ;;
+        "calibrate:--reply-tokens") COMPREPLY=(); return ;;
+        "calibrate:--batch-size"|"calibrate:-b") COMPREPLY=(); return ;;
+        "calibrate:--profile-texts") COMPREPLY=(); return ;;
+        "calibrate:--rank") COMPREPLY=(); return ;;
+        "calibrate:--ridge") COMPREPLY=(); return ;;
+        "calibrate:--head") COMPREPLY=(); return ;;
+        "calibrate:--tail") COMPREPLY=(); return ;;
+        "calibrate:--output"|"calibrate:-o") COMPREPLY=(); return ;;
     esac
     case "$path" in
-        "") options="--version --help -h"; words="generate chat bench profile-ppl completions config" ;;
-        "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
-        "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
-        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
-        "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
+        "") options="--version --help -h"; words="generate chat bench profile-ppl calibrate completions config" ;;
+        "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
+        "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
+        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
+        "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
+        "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --output -o --json --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;
         "config") options="--help -h"; words="show path" ;;
-        "config show") options="--json --help -h"; words="generate chat bench profile-ppl" ;;
+        "config show") options="--json --help -h"; words="generate chat bench profile-ppl calibrate" ;;
         "config path") options="--help -h"; words="" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -5,7 +5,7 @@
 _d3() {
     local curcontext="$curcontext" state line
     local -a subcommands
-    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.' 'profile-ppl:Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
+    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.' 'profile-ppl:Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.' 'calibrate:Calibrate a model for D3\: its layer order and bridges over skipped layers.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
     _arguments -C \
         '(--version)--version[Print the version and exit.]' \
         '(--help -h)--help[Show this message and exit.]' \
@@ -19,6 +19,7 @@ _d3() {
                 chat) _d3_chat ;;
                 bench) _d3_bench ;;
                 profile-ppl) _d3_profile_ppl ;;
+                calibrate) _d3_calibrate ;;
                 completions) _d3_completions ;;
                 config) _d3_config ;;
             esac ;;
@@ -39,8 +40,11 @@ _d3_generate() {
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
-        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward), late (deepest first) or importance (least important first, from --profile).]:value:(middle late importance)' \
-        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:value: ' \
+        '(--skip-order)--skip-order[Which flex layers go first\: importance (least important first, from the model'\''s calibration or --profile), middle (centre outward), late (deepest first); auto is importance when the model is calibrated, else middle.]:value:(auto middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:path:_files' \
+        '(--calibration)--calibration[The model'\''s calibration file (from d3 calibrate). Default\: the one d3 calibrate cached for this model, or the bundled one of the embedded model.]:path:_files' \
+        '(--bridges --no-bridges)--bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
+        '(--bridges --no-bridges)--no-bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
         '(--max-new-tokens -n)--max-new-tokens[Most tokens to generate per reply.]:value: ' \
         '(--max-new-tokens -n)-n[Most tokens to generate per reply.]:value: ' \
         '(--temperature -t)--temperature[0 = greedy; above 0 samples.]:value: ' \
@@ -79,8 +83,11 @@ _d3_chat() {
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
-        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward), late (deepest first) or importance (least important first, from --profile).]:value:(middle late importance)' \
-        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:value: ' \
+        '(--skip-order)--skip-order[Which flex layers go first\: importance (least important first, from the model'\''s calibration or --profile), middle (centre outward), late (deepest first); auto is importance when the model is calibrated, else middle.]:value:(auto middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:path:_files' \
+        '(--calibration)--calibration[The model'\''s calibration file (from d3 calibrate). Default\: the one d3 calibrate cached for this model, or the bundled one of the embedded model.]:path:_files' \
+        '(--bridges --no-bridges)--bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
+        '(--bridges --no-bridges)--no-bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
         '(--max-new-tokens -n)--max-new-tokens[Most tokens to generate per reply.]:value: ' \
         '(--max-new-tokens -n)-n[Most tokens to generate per reply.]:value: ' \
         '(--temperature -t)--temperature[0 = greedy; above 0 samples.]:value: ' \
@@ -105,7 +112,7 @@ _d3_bench() {
         '(--shots)--shots[Few-shot exemplars (gsm8k\: 8, bbh\: 3).]:value: ' \
         '(--chat)--chat[Zero-shot through the model'\''s chat template instead of few-shot.]' \
         '(--data-dir)--data-dir[Folder with gsm8k/ and bbh/ (default\: $D3_DATA_DIR, else a download cache under ~/.cache/d3/data).]:value: ' \
-        '(--methods)--methods[Which of d3, static, linear to run beside full depth.]:value: ' \
+        '(--methods)--methods[Which of d3, static, linear and their +bridges forms (d3+bridges...) to run beside full depth. Default\: d3, static, linear, and d3+bridges and static+bridges when the model'\''s calibration has bridges.]:value: ' \
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
@@ -118,8 +125,11 @@ _d3_bench() {
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
-        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward), late (deepest first) or importance (least important first, from --profile).]:value:(middle late importance)' \
-        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:value: ' \
+        '(--skip-order)--skip-order[Which flex layers go first\: importance (least important first, from the model'\''s calibration or --profile), middle (centre outward), late (deepest first); auto is importance when the model is calibrated, else middle.]:value:(auto middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:path:_files' \
+        '(--calibration)--calibration[The model'\''s calibration file (from d3 calibrate). Default\: the one d3 calibrate cached for this model, or the bundled one of the embedded model.]:path:_files' \
+        '(--bridges --no-bridges)--bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
+        '(--bridges --no-bridges)--no-bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
         '(--max-new-tokens -n)--max-new-tokens[Most tokens per answer.]:value: ' \
         '(--max-new-tokens -n)-n[Most tokens per answer.]:value: ' \
         '(--temperature -t)--temperature[0 = greedy; above 0 samples.]:value: ' \
@@ -162,8 +172,11 @@ _d3_profile_ppl() {
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
-        '(--skip-order)--skip-order[Which flex layers go first\: middle (centre outward), late (deepest first) or importance (least important first, from --profile).]:value:(middle late importance)' \
-        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:value: ' \
+        '(--skip-order)--skip-order[Which flex layers go first\: importance (least important first, from the model'\''s calibration or --profile), middle (centre outward), late (deepest first); auto is importance when the model is calibrated, else middle.]:value:(auto middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:path:_files' \
+        '(--calibration)--calibration[The model'\''s calibration file (from d3 calibrate). Default\: the one d3 calibrate cached for this model, or the bundled one of the embedded model.]:path:_files' \
+        '(--bridges --no-bridges)--bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
+        '(--bridges --no-bridges)--no-bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
         '(--bucket-size)--bucket-size[Positions per row of the chart.]:value: ' \
         '(--layers)--layers[Measure the layer profile\: block influence and the NLL cost of skipping each layer alone at late positions (L extra forwards per text).]' \
         '(--late-from)--late-from[Positions from here on are '\''late'\'' for the layer profile.]:value: ' \
@@ -174,6 +187,31 @@ _d3_profile_ppl() {
         '(--json)--json[Print everything as one JSON object on stdout (the chart goes to stderr).]' \
         '(--csv)--csv[Write the per-position buckets as CSV to this file.]:value: ' \
         '(--plot)--plot[Draw the profile into this PNG (needs pip install '\''d3cli\[plot\]'\'').]:value: ' \
+        '(--help -h)--help[Show this message and exit.]' \
+        '(--help -h)-h[Show this message and exit.]' \
+        '*::argument: '
+}
+
+_d3_calibrate() {
+    _arguments -s \
+        '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
+        '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
+        '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
+        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
+        '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--prompts)--prompts[Use only the first N of the 128 built-in prompts (fewer\: faster, weaker bridges).]:value: ' \
+        '(--reply-tokens)--reply-tokens[Most tokens of each of the model'\''s replies.]:value: ' \
+        '(--batch-size -b)--batch-size[Replies generated at once.]:value: ' \
+        '(--batch-size -b)-b[Replies generated at once.]:value: ' \
+        '(--profile-texts)--profile-texts[Replies the layer profile (the importance order) is measured on.]:value: ' \
+        '(--rank)--rank[Low-rank bridges of this rank (default\: full rank). For large models\: a full bridge is hidden² numbers per skipped run.]:value: ' \
+        '(--ridge)--ridge[Ridge strength, relative to the mean diagonal of XᵀX.]:value: ' \
+        '(--head)--head[First layers that are never skipped (bridges are fitted for the others).]:value: ' \
+        '(--tail)--tail[Last layers that are never skipped.]:value: ' \
+        '(--output -o)--output[Write the calibration here instead of the user cache (then pass it with --calibration).]:value: ' \
+        '(--output -o)-o[Write the calibration here instead of the user cache (then pass it with --calibration).]:value: ' \
+        '(--json)--json[Print what was made as JSON.]' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
         '*::argument: '
@@ -209,7 +247,7 @@ _d3_config_show() {
         '(--json)--json[Print the settings as JSON.]' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
-        '1::argument:(generate chat bench profile-ppl)'
+        '1::argument:(generate chat bench profile-ppl calibrate)'
 }
 
 _d3_config_path() {

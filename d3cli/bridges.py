@@ -78,6 +78,9 @@ class Bridges(Mapping):
     def __iter__(self):
         return iter(self._by_run)
 
+    def __contains__(self, run) -> bool:
+        return run in self._by_run
+
     def __len__(self) -> int:
         return len(self._by_run)
 
@@ -89,11 +92,37 @@ class Bridges(Mapping):
         return [run for run in runs if run not in self._by_run]
 
     def to(self, device, dtype) -> Bridges:
+        """Every bridge on `device` in `dtype` now."""
         return Bridges((bridge.to(device, dtype) for bridge in self._by_run.values()), self.source)
+
+    def on(self, device, dtype) -> OnDevice:
+        """A view that moves each bridge to `device` in `dtype` when a step first needs it, so only the runs a
+        schedule reaches take device memory."""
+        return OnDevice(self, device, dtype)
 
     def nbytes(self, runs: Iterable[tuple[int, int]] | None = None) -> int:
         chosen = self._by_run if runs is None else {run: self._by_run[run] for run in runs if run in self._by_run}
         return sum(bridge.nbytes() for bridge in chosen.values())
+
+
+class OnDevice(Bridges):
+    """The bridges of `source`, each moved to the device on first use and kept there."""
+
+    def __init__(self, source: Bridges, device, dtype):
+        super().__init__((), source.source)
+        self._source, self.device, self.dtype = source, device, dtype
+        self._by_run = dict.fromkeys(source)  # the runs; a bridge is None until moved
+
+    def __getitem__(self, run: tuple[int, int]) -> Bridge:
+        bridge = self._by_run[run]
+        if bridge is None:
+            bridge = self._by_run[run] = self._source[run].to(self.device, self.dtype)
+        return bridge
+
+    def nbytes(self, runs: Iterable[tuple[int, int]] | None = None) -> int:
+        """Bytes on the device now (of `runs`, or of every bridge moved so far)."""
+        chosen = self._by_run if runs is None else {run: self._by_run.get(run) for run in runs}
+        return sum(bridge.nbytes() for bridge in chosen.values() if bridge is not None)
 
 
 def bridges_used(schedule, steps: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -135,7 +164,7 @@ class BridgeFitter:
         self.tokens += next(iter(inputs.values())).shape[0] if inputs else 0
 
     def solve(self, ridge: float = DEFAULT_RIDGE, rank: int | None = None) -> list[Bridge]:
-        """One bridge per run: W = (XᵀX + λI)⁻¹ XᵀΔ, λ = ridge · mean(diag(XᵀX)); truncated to `rank` by SVD."""
+        """One bridge per run: W = (XᵀX + λI)⁻¹ XᵀΔ with λ = ridge · mean(diag(XᵀX)), cut to `rank` by SVD."""
         bridges = []
         for first, last in self.runs:
             gram = self.gram[first]

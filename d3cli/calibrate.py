@@ -33,10 +33,10 @@ LATE_FROM = 16  # the layer profile and the bridges look at reply positions from
 
 @dataclass(frozen=True)
 class CalibrationOptions:
-    prompts: int | None = None  # how many of the built-in prompts (None: all)
+    prompts: int | None = 64  # how many of the built-in prompts (None: all 128)
     reply_tokens: int = 256  # most tokens per reply
-    batch_size: int = 8  # replies generated at once
-    profile_texts: int = 32  # replies the layer profile is measured on
+    batch_size: int = 16  # replies generated at once
+    profile_texts: int = 16  # replies the layer profile is measured on
     ridge: float = DEFAULT_RIDGE
     rank: int | None = None  # None: full-rank bridges
     head: int = 2  # the core layers the bridged runs avoid (as the schedule's defaults)
@@ -138,6 +138,16 @@ def fit_bridges(model, texts: Sequence[ScoringText], runs: Sequence[tuple[int, i
     return fitter.solve(options.ridge, options.rank), fitter.tokens
 
 
+def check_fits(loaded, options: CalibrationOptions) -> int:
+    """The model's layer count, once the options are known to fit it (a UserError if not)."""
+    from d3cli.loader import num_decoder_layers
+
+    num_layers = num_decoder_layers(loaded.model)
+    if options.head + options.tail >= num_layers:
+        raise UserError(f"head + tail ({options.head} + {options.tail}) leave no layer of {num_layers} to skip")
+    return num_layers
+
+
 @dataclass
 class CalibrationResult:
     path: Path
@@ -158,9 +168,7 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
     from d3cli.model_calibration import cache_path, write_calibration
     from d3cli.schedule import runs_of_drop_order
 
-    num_layers = num_decoder_layers(loaded.model)
-    if options.head + options.tail >= num_layers:
-        raise UserError(f"head + tail ({options.head} + {options.tail}) leave no layer of {num_layers} to skip")
+    num_layers = check_fits(loaded, options)
     fewest = options.fewest_layers if options.fewest_layers is not None else options.head + options.tail
     identity = model_identity(loaded)
     prompts = builtin_prompts(options.prompts)

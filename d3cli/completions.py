@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from rich.markup import render as render_markup
 
-PATH_OPTIONS = {"model"}  # options whose value is a file or folder
+PATH_OPTIONS = {"model", "calibration", "profile"}  # options whose value is a file or folder
 HELP_NAMES = ("--help", "-h")
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from d3cli.errors import UserError
 
 PROFILE_FORMAT = "d3-layer-profile/1"
-# The embedded SmolLM2-135M-Instruct's profile ships with d3 (measured on 32 GSM8K reference answers), so
-# `--skip-order importance` works on it without --profile; every other model needs its own.
+# The embedded SmolLM2-135M-Instruct's profile measured on 32 GSM8K reference answers (docs/PROFILE.md). The order d3
+# uses by default comes from the model's calibration (model_calibration.py), measured on the model's own replies.
 BUNDLED_PROFILE = Path(__file__).parent / "profiles" / "smollm2-135m-instruct.json"
 FINGERPRINT_TOLERANCE = 1e-2  # relative; survives a dtype change, not a different model
 
@@ -114,7 +114,7 @@ def profile_mismatch(profile: LayerProfile, identity: dict) -> str | None:
 
 def identity_mismatch(recorded: dict, identity: dict) -> str | None:
     """Why a file made for the model `recorded` (a `loader.model_identity`) does not fit the model with `identity`:
-    another layer count, architecture, hidden or vocabulary size, or other weights (the fingerprint); None if it fits."""
+    another layer count, architecture, hidden or vocabulary size, or other weights (the fingerprint); else None."""
     if "num_layers" in recorded and recorded["num_layers"] != identity["num_layers"]:
         return (f"it is for a model with {recorded['num_layers']} layers, {identity['name']} has "
                 f"{identity['num_layers']}")
@@ -134,9 +134,5 @@ def check_profile_matches(profile: LayerProfile, identity: dict, path: str | Pat
     reason = profile_mismatch(profile, identity)
     if reason is None:
         return
-    if Path(path) == BUNDLED_PROFILE:
-        raise UserError(f"--skip-order importance needs a layer profile of {identity['name']}: make one with "
-                        "d3 profile-ppl --save-profile FILE and add --profile FILE (d3 ships one only for the "
-                        "embedded SmolLM2-135M-Instruct)")
     raise UserError(f"the layer profile {path} does not fit this model: {reason}; make one with d3 profile-ppl "
                     "--save-profile FILE")

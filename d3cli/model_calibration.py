@@ -1,7 +1,8 @@
 """One calibration per model: what d3 learned about a model's layers, in one safetensors file.
 
-The file holds the bridges' matrices as tensors (`bridge.FIRST.LAST.weight`, or `.down` and `.up` when low-rank)
-and, in the safetensors header's metadata under "d3", a JSON object with the rest: the format, the model's identity
+The file holds the bridges' matrices as float16 tensors (`bridge.FIRST.LAST.weight`, or `.down` and `.up` when
+low-rank: half the bytes of float32, and their rounding is far below what a fit leaves unexplained) and, in the
+safetensors header's metadata under "d3", a JSON object with the rest: the format, the model's identity
 (architecture facts and a weight fingerprint, as `loader.model_identity`), the layer profile behind the `importance`
 skip order, the runs bridged and how they were fitted (corpus, tokens, ridge, rank).
 
@@ -22,6 +23,7 @@ from d3cli.errors import UserError
 from d3cli.layer_profile import LayerProfile, LayerScore, identity_mismatch
 
 CALIBRATION_FORMAT = "d3-calibration/1"
+STORED_DTYPE = "float16"  # how bridges are stored; they are used in the model's own dtype
 BUNDLED_CALIBRATION = Path(__file__).parent / "profiles" / "smollm2-135m-instruct.calibration.safetensors"
 _TENSOR_NAME = re.compile(r"^bridge\.(\d+)\.(\d+)\.(weight|down|up)$")
 
@@ -44,8 +46,8 @@ class ModelCalibration:
         return "bundled" if self.bundled else str(self.path)
 
     def activate(self, device, dtype) -> None:
-        """Move the bridges to the model's device and dtype: what schedules carry from then on."""
-        self.active_bridges = self.bridges.to(device, dtype) if len(self.bridges) else None
+        """The bridges as schedules carry them: on the model's device and dtype, each moved when first used."""
+        self.active_bridges = self.bridges.on(device, dtype) if len(self.bridges) else None
 
     def header(self) -> dict:
         return header_of(self.model, self.profile, self.fit)
@@ -60,11 +62,15 @@ def write_calibration(path: Path, identity: dict, profile: LayerProfile | None, 
     """Write the calibration to `path` through a temporary file and a rename, so a crash leaves no half file."""
     from safetensors.torch import save
 
+    import torch
+
     from d3cli.files import write_atomically
 
+    stored = getattr(torch, STORED_DTYPE)
     tensors = {}
     for bridge in bridges:
-        tensors.update({name: tensor.detach().to("cpu").contiguous() for name, tensor in bridge.tensors().items()})
+        tensors.update({name: tensor.detach().to("cpu", stored).contiguous()
+                        for name, tensor in bridge.tensors().items()})
     metadata = {"d3": json.dumps(header_of(identity, profile, fit))}
     write_atomically(Path(path), save(tensors, metadata=metadata), make_parents=True)
 
@@ -74,9 +80,20 @@ def read_header(path: Path) -> dict:
     header_bytes = _header_bytes(path)
     try:
         header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a d3 calibration file (not a safetensors file)") from None
+    try:
         payload = json.loads(header["__metadata__"]["d3"])
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is not a d3 calibration file (no d3 metadata in its header)") from None
+    try:
+        data_end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"),
+                       default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise UserError(f"{path} is damaged: its header lists a tensor without data offsets") from None
+    expected, actual = 8 + len(header_bytes) + data_end, path.stat().st_size
+    if actual < expected:
+        raise UserError(f"{path} is cut short: {actual} bytes of the {expected} its header describes")
     if not isinstance(payload, dict) or payload.get("format") != CALIBRATION_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else None
         raise UserError(f"{path} is not a d3 calibration file: format {found!r}, not {CALIBRATION_FORMAT!r}")

@@ -381,8 +381,14 @@ def print_ppl_profile(console: Console, result: dict) -> None:
                            f"R² {fit['r2']:.3f}, RMSE {fit['rmse']:.3f} over {fit['points']} positions"))
     else:
         console.print(Text("fit: too few positions with two or more tokens for a power-law fit", style="dim"))
+    calibration = result.get("calibration")
+    console.print(Text(f"calibration: {calibration}, bridges {'on' if result.get('bridges') else 'off'}"
+                       if calibration else "calibration: none for this model (d3 calibrate fits its layer order and "
+                       "bridges)", style="dim"))
     for decayed in profile["d3"]:
-        console.print(Text(f"{decayed['label']} ({decayed['skip_order']}): mean {decayed['mean_layers']:.2f} layers, "
+        bridged = ", bridged" if decayed.get("bridges") else ""
+        console.print(Text(f"{decayed['label']} ({decayed['skip_order']}{bridged}): mean "
+                           f"{decayed['mean_layers']:.2f} layers, "
                            f"NLL {decayed['mean_nll']:.4f} ({decayed['nll_increase']:+.4f} nats over full depth "
                            f"{profile['mean_nll']:.4f}), same top token as full depth at "
                            f"{100 * decayed['top1_agreement']:.1f}% of positions"))
@@ -473,9 +479,9 @@ def print_speed_report(console: Console, report: dict) -> None:
     console.print(Text(f"first token from a new process: cold {first['cold_s']:.1f} s (empty d3 cache), warm "
                        f"{first['warm_s']:.1f} s (exit {first['warm_exit_s']:.1f} s); importing torch and "
                        f"transformers alone takes {first['imports_s']:.1f} s"))
-    console.print(Text("ideal = T(L) / (T_fixed + k̄·T_layer + r̄·T_bridge) with the fitted costs (r̄: bridged runs "
-                       "per step); measured: decode time at full "
-                       "depth over decode time with D3 (prefill excluded); efficiency = measured / ideal",
+    console.print(Text("ideal = T(L) / (T_fixed + k̄·T_layer + r̄·T_bridge) with the fitted costs (r̄: bridged "
+                       "runs per step); measured: decode time at full depth over decode time with D3 (prefill "
+                       "excluded); efficiency = measured / ideal",
                        style="dim"))
 
 

@@ -157,8 +157,8 @@ def alpha_rows(model, prompt_ids: Sequence[int], schedules: Sequence[DecaySchedu
         ideal = (t_fixed_ms + schedule.num_layers * t_layer_ms) / (t_fixed_ms + k_bar * t_layer_ms
                                                                    + r_bar * t_bridge_ms)
         measured = measured_decode_speedup(model, [prompt_ids], schedule, tokens, repeats)
-        rows.append({"alpha": schedule.alpha, "min_layers": schedule.min_layers, "bridges": schedule.bridges is not None,
-                     "mean_layers": k_bar, "mean_bridged_runs": r_bar, "ideal_speedup": ideal,
+        rows.append({"alpha": schedule.alpha, "min_layers": schedule.min_layers,
+                     "bridges": schedule.bridges is not None, "mean_layers": k_bar, "mean_bridged_runs": r_bar, "ideal_speedup": ideal,
                      "measured_speedup": measured, "efficiency": measured / ideal})
     return rows
 

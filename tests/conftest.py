@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ def isolated_user_dirs(request, tmp_path_factory):
     saved = {key: os.environ.get(key) for key in ("D3_CACHE_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE")}
     home = tmp_path_factory.mktemp("home")
     os.environ["D3_CACHE_DIR"] = str(request.config.cache.mkdir("d3-cache"))
+    shutil.rmtree(Path(os.environ["D3_CACHE_DIR"]) / "calibrations", ignore_errors=True)  # none from earlier runs
     os.environ["XDG_CONFIG_HOME"] = str(home / "config")
     os.environ["XDG_CACHE_HOME"] = str(home / "cache")
     os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach for the internet
@@ -34,6 +36,14 @@ def isolated_user_dirs(request, tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def own_calibrations_folder(tmp_path, monkeypatch):
+    """Calibrations a test makes stay in that test (the GGUF conversion cache is shared, calibrations are not)."""
+    import d3cli.model_calibration
+
+    monkeypatch.setattr(d3cli.model_calibration, "calibrations_dir", lambda: tmp_path / "calibrations")
 
 
 @pytest.fixture(autouse=True)

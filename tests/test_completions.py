@@ -24,10 +24,11 @@ def test_committed_scripts_are_up_to_date(shell):
 def test_the_tree_has_every_subcommand_option_and_choice():
     root = app_completion(app)
     commands = {sub.name: sub for sub in root.subcommands}
-    assert {"generate", "chat", "bench", "profile-ppl", "config", "completions"} <= commands.keys()
+    assert {"generate", "chat", "bench", "profile-ppl", "calibrate", "config", "completions"} <= commands.keys()
     generate = {name: option for option in commands["generate"].options for name in option.names}
     assert generate["--device"].choices == ("auto", "cpu", "cuda", "mps")
-    assert generate["--skip-order"].choices == ("middle", "late", "importance")
+    assert generate["--skip-order"].choices == ("auto", "middle", "late", "importance")
+    assert generate["--calibration"].is_path and "--no-bridges" in generate
     assert generate["-m"].is_path and generate["--alpha"].takes_value and not generate["--compare"].takes_value
     assert "--no-chat" in generate and generate["--stop"].repeatable
     config = {sub.name: sub for sub in commands["config"].subcommands}
@@ -44,10 +45,11 @@ def bash_complete(words: list[str]) -> list[str]:
 
 
 def test_bash_completes_subcommands_options_and_choices():
-    assert bash_complete(["d3", "''"]) == ["generate", "chat", "bench", "profile-ppl", "completions", "config"]
+    assert bash_complete(["d3", "''"]) == ["generate", "chat", "bench", "profile-ppl", "calibrate", "completions",
+                                           "config"]
     assert bash_complete(["d3", "gen"]) == ["generate"]
     assert set(bash_complete(["d3", "generate", "--dev"])) == {"--device", "--device-map"}
-    assert bash_complete(["d3", "chat", "--skip-order", "''"]) == ["middle", "late", "importance"]
+    assert bash_complete(["d3", "chat", "--skip-order", "''"]) == ["auto", "middle", "late", "importance"]
     assert bash_complete(["d3", "generate", "--alpha", "''"]) == []
     assert bash_complete(["d3", "config", "''"]) == ["show", "path"]
     assert bash_complete(["d3", "config", "show", "g"]) == ["generate"]

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from d3cli.errors import UserError
-from d3cli.layer_profile import LayerProfile, LayerScore, check_profile_matches, importance_order, load_profile
+from d3cli.layer_profile import (
+    BUNDLED_PROFILE,
+    LayerProfile,
+    LayerScore,
+    check_profile_matches,
+    importance_order,
+    load_profile,
+)
 from d3cli.schedule import DecaySchedule
 from d3cli.settings import DecodeSettings
 
@@ -51,18 +58,25 @@ def test_a_schedule_with_the_importance_order_drops_the_cheapest_layers_first(tm
         settings.schedule_for(8)
 
 
-def test_a_profile_needs_importance_and_importance_defaults_to_the_bundled_profile(tmp_path):
+def test_importance_comes_from_a_profile_or_the_calibration(tmp_path):
+    from d3cli.model_calibration import BUNDLED_CALIBRATION, read_calibration
+
     with pytest.raises(UserError, match="importance only"):
         DecodeSettings(skip_order="middle", profile="p.json")
-    with pytest.raises(UserError, match="needs a layer profile"):
+    with pytest.raises(UserError, match="needs the model's layer profile"):
         DecaySchedule.build(6, skip_order="importance")
-    bundled = DecodeSettings(skip_order="importance")
-    schedule = bundled.schedule_for(30)  # the embedded model's shipped profile
-    assert schedule.drop_order[:3] == (3, 5, 4)
+    with pytest.raises(UserError, match="needs a layer profile of this model: make its calibration with d3 calibrate"):
+        DecodeSettings(skip_order="importance").schedule_for(30)
+    assert DecodeSettings().schedule_for(30).skip_order == "middle", "auto without a calibration is middle"
+    calibration = read_calibration(BUNDLED_CALIBRATION)
+    for order in ("importance", "auto"):
+        schedule = DecodeSettings(skip_order=order).schedule_for(30, calibration)
+        assert schedule.skip_order == "importance"
+        assert schedule.drop_order == tuple(calibration.fit["drop_order"])
+    with pytest.raises(UserError, match="30 layers, this one has 8"):
+        DecodeSettings(skip_order="importance", profile=str(BUNDLED_PROFILE)).schedule_for(8)
     with pytest.raises(UserError, match="make one with d3 profile-ppl --save-profile"):
-        bundled.schedule_for(8)
-    with pytest.raises(UserError, match="make one with d3 profile-ppl --save-profile"):
-        check_profile_matches(load_profile(bundled.profile_path()), IDENTITY, bundled.profile_path())
+        check_profile_matches(load_profile(BUNDLED_PROFILE), IDENTITY, BUNDLED_PROFILE)
 
 
 def test_a_profile_of_another_model_is_refused(tmp_path):

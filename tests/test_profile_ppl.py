@@ -85,7 +85,7 @@ def test_calibration_recommends_and_checks(cli, tiny_model_dir, shared_data):
     result = cli(profile_args(tiny_model_dir, shared_data, "--target-speedup", "1.3", "--reply-tokens", "24",
                               "--json"))
     assert result.exit_code == 0, result.stderr
-    calibration = json.loads(result.stdout)["calibration"]
+    calibration = json.loads(result.stdout)["recommendation"]
     assert calibration["step_costs"]["t_layer_ms"] > 0 and calibration["step_costs"]["t_fixed_ms"] >= 0
     chosen = calibration["recommended"]
     assert chosen["predicted_speedup"] >= 1.3 and 0 < chosen["alpha"] < 1
@@ -125,7 +125,7 @@ def test_text_file_and_self_corpora(cli, tiny_model_dir, shared_data, tmp_path):
     (["--text-file", "x.txt", "--task", "bbh"], "brings its own text"),
     (["--target-speedup", "1.5", "--target-layer-ratio", "0.5"], "not both"),
     (["--skip-order", "importance", "--model", "MODEL"], "needs a layer profile of"),
-    (["--profile", "p.json"], "importance only"),
+    (["--skip-order", "middle", "--profile", "p.json"], "importance only"),
     (["--task", "mmlu"], "unknown task 'mmlu'"),
 ])
 def test_bad_profile_options_are_one_line(cli, shared_data, tiny_model_dir, tmp_path, args, fragment):

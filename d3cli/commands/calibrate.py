@@ -32,19 +32,19 @@ def calibrate(
     device_map: DeviceMapOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     prompts: Annotated[
-        Optional[int], typer.Option(help="Use only the first N of the 128 built-in prompts (fewer: faster, weaker "
-                                    "bridges).", rich_help_panel=CALIBRATION_PANEL, show_default=False),
-    ] = None,
+        int, typer.Option(help="How many of the 128 built-in prompts the model answers (fewer: faster, weaker "
+                          "bridges).", rich_help_panel=CALIBRATION_PANEL),
+    ] = 64,
     reply_tokens: Annotated[
         int, typer.Option(help="Most tokens of each of the model's replies.", rich_help_panel=CALIBRATION_PANEL),
     ] = 256,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Replies generated at once.", rich_help_panel=CALIBRATION_PANEL),
-    ] = 8,
+    ] = 16,
     profile_texts: Annotated[
         int, typer.Option(help="Replies the layer profile (the importance order) is measured on.",
                           rich_help_panel=CALIBRATION_PANEL),
-    ] = 32,
+    ] = 16,
     rank: Annotated[
         Optional[int], typer.Option(help="Low-rank bridges of this rank (default: full rank). For large models: a "
                                     "full bridge is hidden² numbers per skipped run.",
@@ -77,13 +77,14 @@ def calibrate(
     run of layers that order skips. The result goes to the user cache, where
     generate, chat, bench and profile-ppl find it by themselves.
     """
-    from d3cli.calibrate import CalibrationOptions
+    from d3cli.calibrate import CalibrationOptions, check_fits
     from d3cli.calibrate import calibrate as make_calibration
     from d3cli.loader import load
 
     options = CalibrationOptions(prompts=prompts, reply_tokens=reply_tokens, batch_size=batch_size,
                                  profile_texts=profile_texts, ridge=ridge, rank=rank, head=head, tail=tail)
     loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    check_fits(loaded, options)
     labels = {"corpus": "replies (tokens)", "profile": "layer profile (texts)", "bridges": "bridges (texts)"}
     with render.BenchProgress(render.stderr_console()) as progress:
         def on_stage(stage: str, total: int) -> None:

@@ -211,6 +211,8 @@ def profile_ppl(
                                   late_from=late_from,
                                   on_text=lambda: spinner.update(f"scoring texts: {next(done)}/{len(texts)}"))
     result = {"model": loaded.name, "corpus": corpus_name, "num_layers": num_layers,
+              "calibration": loaded.calibration.label if loaded.calibration is not None else None,
+              "skip_order": base_schedule.skip_order, "bridges": base_schedule.bridges is not None,
               "profile": profiling.report(found, schedules, bucket_size, max_positions)}
     if layers:
         layer_profile = profiling.layer_profile_of(found, model_identity(loaded), corpus_name, len(texts), late_from)
@@ -221,7 +223,7 @@ def profile_ppl(
             layer_profile.save(save_profile)
             result["saved_profile"] = str(save_profile)
     if calibrate:
-        result["calibration"] = run_calibration(loaded.model, texts, base_schedule, reply_tokens, target_speedup,
+        result["recommendation"] = run_calibration(loaded.model, texts, base_schedule, reply_tokens, target_speedup,
                                                 target_layer_ratio, console)
 
     out = console if as_json else render.stdout_console()
@@ -231,7 +233,7 @@ def profile_ppl(
         if save_profile is not None:
             render.print_info(out, f"layer profile written to {save_profile}")
     if calibrate:
-        render.print_calibration(out, result["calibration"])
+        render.print_calibration(out, result["recommendation"])
     if csv_file is not None:
         from d3cli.files import write_atomically
 
