@@ -127,13 +127,9 @@ class OnDevice(Bridges):
 
 def bridges_used(schedule, steps: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The runs the first `steps` steps of `schedule` skip: (bridged, unbridged), each in order of first use."""
-    seen: list[tuple[int, int]] = []
-    for depth in schedule.depths(steps):
-        from d3cli.schedule import _kept_for_depth, skipped_runs
+    from d3cli.schedule import runs_at_depths
 
-        for run in skipped_runs(_kept_for_depth(schedule.num_layers, schedule.drop_order, depth), schedule.num_layers):
-            if run not in seen:
-                seen.append(run)
+    seen = runs_at_depths(schedule.num_layers, schedule.drop_order, schedule.depths(steps))
     bridges = schedule.bridges or {}
     return [run for run in seen if run in bridges], [run for run in seen if run not in bridges]
 

@@ -49,8 +49,9 @@ def measure(model, texts: Sequence[ScoringText], schedules: dict[str, DecaySched
     for text in texts:
         scorer = ContinuationScorer(model, text)
         late = layer_profile and text.steps > late_from
+        inputs: dict[int, torch.Tensor] = {}  # every layer's full-depth input: a skip-alone forward starts there
         if late:
-            influence, full, full_top = block_influence(model, scorer, late_from)
+            influence, full, full_top = block_influence(model, scorer, late_from, inputs)
             found.influence_sums += influence
         else:
             full, full_top = scorer.score()
@@ -62,7 +63,8 @@ def measure(model, texts: Sequence[ScoringText], schedules: dict[str, DecaySched
             found.schedule_agreement[label][1] += text.steps
         if late:
             for layer in range(num_layers):
-                skipped = scorer.nll(plan_skipping_one_layer(num_layers, layer, text.steps, late_from))
+                skipped = scorer.nll_from(layer, inputs[layer],
+                                          plan_skipping_one_layer(num_layers, layer, text.steps, late_from))
                 found.skip_increase_sums[layer] += float((skipped[late_from:] - full[late_from:]).double().sum())
             found.late_tokens += text.steps - late_from
         if on_text is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from d3cli.schedule import DecaySchedule, _kept_for_depth, skipped_runs
+from d3cli.schedule import DecaySchedule, runs_at_depths
 
 
 @dataclass
@@ -66,21 +66,11 @@ def estimated_speedup(reply: Reply, num_layers: int) -> float:
     return num_layers / reply.mean_layers if reply.mean_layers else 0.0
 
 
-def runs_skipped(schedule: DecaySchedule, layers_per_token) -> list[tuple[int, int]]:
-    """The skipped runs of the depths a reply used, each once, in order of first use."""
-    runs: list[tuple[int, int]] = []
-    for depth in dict.fromkeys(layers_per_token):
-        for run in skipped_runs(_kept_for_depth(schedule.num_layers, schedule.drop_order, depth), schedule.num_layers):
-            if run not in runs:
-                runs.append(run)
-    return runs
-
-
 def calibration_fields(schedule: DecaySchedule, layers_per_token, calibration=None) -> dict[str, object]:
     """What a reply's JSON says about the model's calibration: which file (None: the model has none, "bundled":
     the one d3 ships), whether bridges stood in for skipped runs, and which runs they were."""
     bridges = schedule.bridges or {}
-    runs = runs_skipped(schedule, layers_per_token)
+    runs = runs_at_depths(schedule.num_layers, schedule.drop_order, dict.fromkeys(layers_per_token))
     fields = {
         "calibration": getattr(calibration, "label", None),
         "bridges": schedule.bridges is not None,

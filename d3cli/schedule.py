@@ -51,14 +51,15 @@ AUTO_SKIP_ORDER = "auto"
 UNMEASURED_SKIP_ORDER = "middle"  # what auto means for a model d3 knows nothing about
 SKIP_ORDER_NAMES = (AUTO_SKIP_ORDER, *SKIP_ORDERS, MEASURED_SKIP_ORDER)
 
-# Defaults, chosen from measurements on the embedded SmolLM2-135M-Instruct (30 layers); docs/DEFAULTS.md has the
-# numbers. A value with a decimal point is a fraction of the model's layer count.
+# Defaults, chosen from measurements on the embedded SmolLM2-135M-Instruct (30 layers) with its calibration (bridges
+# and the measured order); docs/BRIDGES.md and docs/DEFAULTS.md have the numbers. A value with a decimal point is a
+# fraction of the model's layer count.
 DEFAULT_ALPHA = 0.98
-DEFAULT_MIN_LAYERS = "0.8"  # 24 of 30: the knee of the quality curve (below it each layer costs twice as much)
-DEFAULT_HEAD = "2"  # skipping layer 0 or 1 alone costs +9.3 / +4.0 nats; layer 2 costs +0.15, like a middle layer
-DEFAULT_TAIL = "2"  # layers 29 and 28 are the costliest after those two (+1.03 / +0.60 nats); layer 27 +0.13
+DEFAULT_MIN_LAYERS = "0.84"  # 25 of 30: quality first; the floor, not α, sets the cost of a long reply
+DEFAULT_HEAD = "2"  # layers 0 and 1 are by far the costliest to skip
+DEFAULT_TAIL = "2"  # then layers 29 and 28
 DEFAULT_WARMUP = 0
-# importance when the model is calibrated: at 24.35 layers +0.45 nats against middle's +0.99 (late: +8.25)
+# importance when the model is calibrated (bridges fitted for that order), middle otherwise
 DEFAULT_SKIP_ORDER = AUTO_SKIP_ORDER
 
 
@@ -310,12 +311,18 @@ def skipped_runs(kept_layers: Sequence[int], num_layers: int) -> tuple[tuple[int
     return tuple(runs)
 
 
-def runs_of_drop_order(num_layers: int, drop_order: Sequence[int], fewest_layers: int) -> tuple[tuple[int, int], ...]:
-    """Every run that some depth from L - 1 down to `fewest_layers` skips under `drop_order`: one new run per
-    dropped layer (the run that layer joins), so at most L of them. These are the bridges a calibration fits."""
+def runs_at_depths(num_layers: int, drop_order: Sequence[int], depths) -> list[tuple[int, int]]:
+    """The skipped runs of the given depths under `drop_order`, each once, in order of first appearance."""
     found: list[tuple[int, int]] = []
-    for depth in range(num_layers - 1, max(fewest_layers, num_layers - len(drop_order)) - 1, -1):
+    for depth in depths:
         for run in skipped_runs(_kept_for_depth(num_layers, tuple(drop_order), depth), num_layers):
             if run not in found:
                 found.append(run)
-    return tuple(found)
+    return found
+
+
+def runs_of_drop_order(num_layers: int, drop_order: Sequence[int], fewest_layers: int) -> tuple[tuple[int, int], ...]:
+    """Every run that some depth from L - 1 down to `fewest_layers` skips under `drop_order`: one new run per
+    dropped layer (the run that layer joins), so at most L of them. These are the bridges a calibration fits."""
+    lowest = max(fewest_layers, num_layers - len(drop_order))
+    return tuple(runs_at_depths(num_layers, drop_order, range(num_layers - 1, lowest - 1, -1)))

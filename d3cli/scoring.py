@@ -98,6 +98,15 @@ class ContinuationScorer:
         log_probs = torch.log_softmax(output.logits[0].float(), dim=-1)
         return -log_probs.gather(-1, self.targets[:, None])[:, 0].cpu(), log_probs.argmax(-1).cpu()
 
+    def nll_from(self, first_layer: int, hidden_in: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        """`nll(plan)` for a plan that skips nothing before `first_layer`, running only the layers from there on:
+        `hidden_in` is that layer's input at full depth (from an earlier `score(observe=...)`)."""
+        from d3cli.skipping import starting_at
+
+        self._prefilled_cache()  # now, with every layer in place: the forward below finds the prefix ready
+        with starting_at(self.model, first_layer, hidden_in):
+            return self.nll(plan)
+
     def nll(self, plan: torch.Tensor | None = None,
             observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None, bridges=None) -> torch.Tensor:
         """The NLL of each continuation token under `plan` (None: full depth); shape [C]."""
@@ -110,15 +119,17 @@ class ContinuationScorer:
         return self.score(plan_for_schedule(schedule, self.text.steps), bridges=schedule.bridges)
 
 
-def block_influence(model, scorer: ContinuationScorer, late_from: int
+def block_influence(model, scorer: ContinuationScorer, late_from: int, inputs: dict | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per layer, the mean of 1 - cos(input, output) over the steps from `late_from` on, and the full-depth NLL.
 
     Returns ([layers] float64 sums, [C] NLL, [C] top tokens): sums over the late steps, so callers can average
-    over texts."""
+    over texts. `inputs`, if given, receives every layer's full-depth input (for `ContinuationScorer.nll_from`)."""
     totals = torch.zeros(len(find_decoder_layers(model)), dtype=torch.float64)
 
     def observe(layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        if inputs is not None:
+            inputs[layer] = hidden_in.detach().clone()
         late_in, late_out = hidden_in[0, late_from:].float(), hidden_out[0, late_from:].float()
         if late_in.shape[0]:
             cosine = torch.nn.functional.cosine_similarity(late_in, late_out, dim=-1)

@@ -143,7 +143,8 @@ class DecodeSettings:
 
     def full_depth(self) -> DecodeSettings:
         """The same reply settings with no layer skipping: the baseline of --compare."""
-        return dataclasses.replace(self, alpha=1.0, min_layers=1.0, warmup=0)
+        return dataclasses.replace(self, alpha=1.0, min_layers=1.0, warmup=0, skip_order=UNMEASURED_SKIP_ORDER,
+                                   profile=None, bridges=False)  # no layer is skipped: no order, no bridges needed
 
     def batch_key(self) -> tuple:
         """Replies may share a batch when everything but the prompt format agrees (rows share each step's depth)."""

@@ -111,6 +111,42 @@ class LayerSkipper:
         self.restore()
 
 
+class _Replay(nn.Module):
+    """Stands in for layer 0 while a forward starts later: hands on hidden states computed before."""
+
+    def __init__(self, hidden_states: torch.Tensor):
+        super().__init__()
+        self.hidden_states = hidden_states
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.hidden_states
+
+
+class starting_at:  # noqa: N801 - a context manager, named for how it reads: `with starting_at(model, 12, h):`
+    """While active, a forward runs only layers `first`..L-1, layer `first` receiving `hidden_states` (its input as
+    an earlier forward of the same tokens computed it): the layers before it are stand-ins that write no cache.
+    Exact for anything that changes only layers from `first` on; it saves their share of the work."""
+
+    def __init__(self, model: nn.Module, first: int, hidden_states: torch.Tensor):
+        self.layers = find_decoder_layers(model)
+        self.first, self.hidden_states = first, hidden_states
+        self.saved: list[nn.Module] = []
+
+    def __enter__(self) -> starting_at:
+        if self.first == 0:
+            return self
+        self.saved = [self.layers[index] for index in range(self.first)]
+        self.layers[0] = _Replay(self.hidden_states)
+        for index in range(1, self.first):
+            self.layers[index] = SkippedLayer(index)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for index, layer in enumerate(self.saved):
+            self.layers[index] = layer
+        self.saved = []
+
+
 class GrowingLayer(DynamicLayer):
     """A full-attention cache layer that writes new positions into spare capacity.
 

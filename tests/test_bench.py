@@ -12,7 +12,9 @@ import pytest
 from conftest import d3_executable
 
 from d3cli.bench import (
+    DEFAULT_METHODS,
     MethodRun,
+    default_methods,
     ResultsFile,
     matched_linear,
     matched_static,
@@ -36,6 +38,18 @@ def test_methods_run_full_first_then_d3_then_the_baselines():
         method_runs(("full", "static"), (0.9,))
     with pytest.raises(UserError, match="unknown method"):
         method_runs(("full", "early-exit"), (0.9,))
+
+
+def test_bridged_methods_run_beside_the_plain_ones_and_match_their_own_d3():
+    runs = method_runs(DEFAULT_METHODS, (0.98,))
+    assert [run.key for run in runs] == ["full", "d3@0.98", "d3+bridges@0.98", "static@0.98",
+                                         "static+bridges@0.98", "linear@0.98"]
+    assert [run.label for run in runs][2] == "d3+bridges α=0.98"
+    with pytest.raises(UserError, match=r"static\+bridges is matched to a d3\+bridges run"):
+        method_runs(("full", "d3", "static+bridges"), (0.9,))
+    plain = DecaySchedule.build(8, alpha=0.9, min_layers=3, head=1, tail=1)
+    assert default_methods(plain) == ("full", "d3", "static", "linear")
+    assert default_methods(plain.with_bridges({(3, 4): object()})) == DEFAULT_METHODS
 
 
 def records_for(schedule, lengths):
@@ -191,6 +205,7 @@ def test_a_killed_bench_resumes_to_the_same_summary(tiny_model_dir, shared_data,
         (["--alpha", "0.9,fast"], "--alpha takes numbers"),
         (["--alpha", "0.9,1.5"], "(0, 1]"),
         (["--methods", "d3,magic"], "unknown method 'magic'"),
+        (["--methods", "d3,linear+bridges"], "add d3+bridges"),
         (["--shots", "12"], "0 to 8 shots"),
     ],
 )
@@ -208,3 +223,24 @@ def test_missing_or_malformed_data_is_one_line(cli, tmp_path, shared_data):
     (tmp_path / "gsm8k" / "train.jsonl").write_bytes((shared_data / "gsm8k" / "train.jsonl").read_bytes())
     result = cli(["bench", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "test.jsonl:2: not valid JSON" in result.stderr
+
+
+def test_bench_runs_bridged_methods_with_a_calibration(cli, tiny_model_dir, shared_data, tmp_path):
+    from test_model_calibration import calibration_file, identity_of
+
+    path = calibration_file(tmp_path, identity_of(tiny_model_dir))
+    output = tmp_path / "gsm8k.jsonl"
+    result = cli([*bench_args(tiny_model_dir, shared_data, output, "--json"), "--limit", "2", "--alpha", "0.9",
+                  "--calibration", path, "--methods", "d3,d3+bridges,static,static+bridges"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["calibration"] == path and summary["skip_order"] == "importance"
+    rows = {row["name"]: row for row in summary["methods"]}
+    assert list(rows) == ["full", "d3", "d3+bridges", "static", "static+bridges"]
+    assert rows["d3+bridges"]["bridges"] is True and rows["d3"]["bridges"] is False
+    assert rows["static+bridges"]["method"] == "static"
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert records[0]["calibration"] == path
+    without = cli(["bench", "--task", "gsm8k", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
+                   "--output", str(tmp_path / "plain.jsonl"), "--limit", "1", *TINY, "--methods", "d3+bridges"])
+    assert without.exit_code == 2 and "needs bridges" in without.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES
-from test_engine import PROMPTS, d3_tokens, hf_greedy, num_layers
+from test_engine import PROMPTS, d3_tokens, forward_without_cache, hf_greedy, num_layers
 
 from d3cli import skipping
 from d3cli.bridges import Bridge, BridgeFitter, Bridges, bridges_used, low_rank
@@ -36,7 +36,6 @@ def random_bridges(model, schedule: DecaySchedule, steps: int, scale: float = 0.
 def reference_logits(model, batch, generated, schedule):
     """Every step's logits from one cache-free forward, with each position's skips and bridges done by hand."""
     steps = generated.shape[1]
-    input_ids = torch.cat([batch.input_ids, generated[:, :-1]], dim=1)
     prompt_width = batch.input_ids.shape[1]
     layers = find_decoder_layers(model)
     skipped_by_position = {}  # position -> the set of layers its step skips
@@ -61,17 +60,7 @@ def reference_logits(model, batch, generated, schedule):
             return result
         return hook
 
-    mask = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
-    mask = torch.cat([mask, torch.ones_like(generated[:, :-1])], dim=1)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    return logits[:, prompt_width - 1:, :].float()
+    return forward_without_cache(model, batch, generated, hook_for)
 
 
 def cached_minus_reference(model, prompts, schedule, steps) -> float:

@@ -72,12 +72,10 @@ def test_full_depth_equals_model_generate_on_the_embedded_model(embedded):
 def recompute_logits(model, batch, generated, schedule):
     """Logits of every step from one forward over the whole sequence, without a cache: at each position whose
     step skipped a layer, that layer's output is replaced by its input."""
-    steps = generated.shape[1]
-    input_ids = torch.cat([batch.input_ids, generated[:, :-1]], dim=1)
     prompt_width = batch.input_ids.shape[1]
     layers = find_decoder_layers(model)
-    skipped = torch.zeros(len(layers), input_ids.shape[1], dtype=torch.bool)
-    for step in range(1, steps):  # generated token step-1 is the input of step `step`
+    skipped = torch.zeros(len(layers), prompt_width + generated.shape[1] - 1, dtype=torch.bool)
+    for step in range(1, generated.shape[1]):  # generated token step-1 is the input of step `step`
         kept = set(schedule.kept_layers(step))
         for layer in range(len(layers)):
             skipped[layer, prompt_width + step - 1] = layer not in kept
@@ -88,19 +86,27 @@ def recompute_logits(model, batch, generated, schedule):
             return torch.where(skipped[layer_index][None, :, None], hidden_in, output)
         return hook
 
+    return forward_without_cache(model, batch, generated, replace_skipped)
+
+
+def forward_without_cache(model, batch, generated, hook_for):
+    """The logits of every step (the prompt's last position on) from one cache-free forward over the prompt and the
+    generated tokens, with `hook_for(layer_index)` as a forward hook on each decoder layer."""
+    input_ids = torch.cat([batch.input_ids, generated[:, :-1]], dim=1)
     mask = batch.attention_mask
     if mask is None:
         mask = torch.ones_like(batch.input_ids)
     mask = torch.cat([mask, torch.ones_like(generated[:, :-1])], dim=1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    handles = [layer.register_forward_hook(replace_skipped(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    layers = find_decoder_layers(model)
+    handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     finally:
         for handle in handles:
             handle.remove()
-    return logits[:, prompt_width - 1:, :].float()
+    return logits[:, batch.input_ids.shape[1] - 1:, :].float()
 
 
 def assert_cache_matches_recompute(model, prompts, schedule, steps, tolerance=1e-4):

@@ -97,3 +97,16 @@ def test_mean_nll_under_weights_every_token_once(tiny_models):
     [mean] = mean_nll_under(model, [TEXT, short], [full])
     values = torch.cat([plain_nll(model, TEXT), plain_nll(model, short)])
     assert mean == pytest.approx(float(values.mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_forward_that_starts_at_a_later_layer_scores_the_same(family, tiny_models):
+    """The layer profile runs each skip-alone plan from the skipped layer on, from full-depth inputs saved before."""
+    model = tiny_models[family]
+    scorer = ContinuationScorer(model, TEXT)
+    inputs = {}
+    block_influence(model, scorer, 4, inputs)
+    for layer in (0, 3, 7):
+        plan = plan_skipping_one_layer(8, layer, TEXT.steps, late_from=4)
+        assert (scorer.nll_from(layer, inputs[layer], plan) - scorer.nll(plan)).abs().max().item() < 1e-5
+    assert (scorer.nll() - plain_nll(model, TEXT)).abs().max().item() < 1e-4, "the model is whole again"

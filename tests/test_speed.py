@@ -67,3 +67,41 @@ def test_speed_bench_json_is_complete_and_consistent(cli, tiny_model_dir):
     first = report["first_token"]
     assert 0 < first["imports_s"] and 0 < first["warm_s"] <= first["warm_exit_s"] and first["cold_s"] > 0
     assert "efficiency" in result.stderr
+
+
+def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_model_dir, tmp_path):
+    """With a calibration, T(k) is timed with bridges too, T_bridge is their extra cost per run, and each α runs
+    bridged and plain; the bridged ideal includes r̄·T_bridge."""
+    from test_model_calibration import identity_of, profile_for
+
+    from d3cli.bridges import Bridge
+    from d3cli.layer_profile import importance_order
+    from d3cli.model_calibration import write_calibration
+    from d3cli.schedule import runs_of_drop_order
+
+    identity = identity_of(tiny_model_dir)
+    profile = profile_for(identity)
+    order = importance_order(profile)(list(range(1, 7)))
+    runs = runs_of_drop_order(8, order, 2)
+    path = tmp_path / "c.safetensors"
+    write_calibration(path, identity, profile, [Bridge(a, b, weight=torch.randn(64, 64) / 8) for a, b in runs], {})
+    result = cli(["bench", "--task", "speed", "--model", str(tiny_model_dir), "-n", "12", "--repeats", "1",
+                  "--alpha", "0.8", *TINY, "--calibration", str(path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["calibration"] == str(path) and report["skip_order"] == "importance"
+    assert "t_bridge_ms" in report and "per bridged run" in " ".join(result.stderr.split())
+    expected_runs = {depth: len(runs_of_drop_order(8, order, depth)) and len(
+        [run for run in DecaySchedule.build(8, alpha=1.0, min_layers=2, head=1, tail=1, skip_order=lambda flex: order
+                                            ).retuned(1e-4, depth).runs_at(1)]) for depth in range(2, 9)}
+    for row in report["bridged_step_ms"]:
+        assert row["bridged_runs"] == expected_runs[row["layers"]]
+    bridged, plain = report["alphas"]
+    assert bridged["bridges"] is True and plain["bridges"] is False
+    assert bridged["mean_layers"] == plain["mean_layers"] and bridged["mean_bridged_runs"] > 0
+    assert plain["mean_bridged_runs"] == 0
+    t_fixed, t_layer, t_bridge = report["t_fixed_ms"], report["t_layer_ms"], report["t_bridge_ms"]
+    full = t_fixed + 8 * t_layer
+    assert bridged["ideal_speedup"] == pytest.approx(
+        full / (t_fixed + bridged["mean_layers"] * t_layer + bridged["mean_bridged_runs"] * t_bridge))
+    assert plain["ideal_speedup"] == pytest.approx(full / (t_fixed + plain["mean_layers"] * t_layer))

@@ -222,8 +222,11 @@ class ChatSession:
 
     def describe_settings(self) -> str:
         schedule = self.conversation.schedule()
-        return (f"α={schedule.alpha}, min-layers {schedule.min_layers} of {schedule.num_layers}, head {schedule.head}, "
-                f"tail {schedule.tail}, skip order {schedule.skip_order}")
+        calibration = self.conversation.loaded.calibration
+        bridges = (f"calibration {calibration.label}, bridges {'on' if schedule.bridges is not None else 'off'}"
+                   if calibration is not None else "not calibrated (d3 calibrate)")
+        return (f"α={schedule.alpha}, min-layers {schedule.min_layers} of {schedule.num_layers}, "
+                f"head {schedule.head}, tail {schedule.tail}, skip order {schedule.skip_order}, {bridges}")
 
     def change_settings(self, **changes) -> None:
         updated = dataclasses.replace(self.conversation.settings, **changes)
