@@ -133,7 +133,7 @@ complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l device -x -a 'auto 
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'Weights dtype: auto is float32 on CPU, bfloat16 (or float16) on GPU.'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l device-map -x -a 'auto' -d 'Spread a model too large for one device over all devices (accelerate).'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l trust-remote-code -d 'Allow a model repository\'s own Python code to run.'
-complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l prompts -x -d 'Use only the first N of the 128 built-in prompts (fewer: faster, weaker bridges).'
+complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l prompts -x -d 'How many of the 128 built-in prompts the model answers (fewer: faster, weaker bridges).'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l reply-tokens -x -d 'Most tokens of each of the model\'s replies.'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l batch-size -s b -x -d 'Replies generated at once.'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l profile-texts -x -d 'Replies the layer profile (the importance order) is measured on.'

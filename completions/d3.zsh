@@ -200,7 +200,7 @@ _d3_calibrate() {
         '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
-        '(--prompts)--prompts[Use only the first N of the 128 built-in prompts (fewer\: faster, weaker bridges).]:value: ' \
+        '(--prompts)--prompts[How many of the 128 built-in prompts the model answers (fewer\: faster, weaker bridges).]:value: ' \
         '(--reply-tokens)--reply-tokens[Most tokens of each of the model'\''s replies.]:value: ' \
         '(--batch-size -b)--batch-size[Replies generated at once.]:value: ' \
         '(--batch-size -b)-b[Replies generated at once.]:value: ' \

@@ -67,7 +67,7 @@ def test_fish_completes_subcommands_options_and_choices(tmp_path):
 
     assert {"generate", "chat", "config", "completions"} <= set(fish_complete("d3 "))
     assert set(fish_complete("d3 generate --dev")) == {"--device", "--device-map"}
-    assert set(fish_complete("d3 chat --skip-order ")) == {"middle", "late", "importance"}
+    assert set(fish_complete("d3 chat --skip-order ")) == {"auto", "middle", "late", "importance"}
     assert set(fish_complete("d3 config ")) == {"show", "path"}
 
 
