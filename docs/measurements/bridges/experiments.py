@@ -2,7 +2,7 @@
 
     .venv/bin/python docs/measurements/bridges/experiments.py DATA_DIR [PART ...] > docs/measurements/bridges/experiments.json
 
-Parts: texts, ridge, orders, rank (default: all). Every number is a teacher-forced score of held-out text
+Parts: texts, ridge, orders, rank (default: all); ridge at 24 layers, orders at 24 and 21, rank at 24 and 21. Every number is a teacher-forced score of held-out text
 (texts.py: GSM8K answers, BBH worked answers, the model's own replies, Python-docs prose, licence prose) on the
 embedded SmolLM2-135M-Instruct, float32, CPU: a static plan that skips the first L - k layers of a drop order at every
 reply position from 16 on (the positions D3 runs shallow), with or without bridges; reported as the mean NLL
@@ -103,6 +103,12 @@ class States:
         if max_tokens is not None:
             self.hidden = self.hidden[:max_tokens]
 
+    def first(self, tokens: int) -> "States":
+        """The states of the corpus's first `tokens` positions (whole texts in order, the last one cut)."""
+        cut = object.__new__(States)
+        cut.hidden = self.hidden[:tokens]
+        return cut
+
     @property
     def tokens(self) -> int:
         return self.hidden.shape[0]
@@ -167,36 +173,41 @@ def main() -> None:
             if isinstance(v, dict)))
         return result
 
+    states = {}
+
+    def states_of(name):  # each corpus's hidden states are gathered once, on first use
+        if name not in states:
+            states[name] = States(model, corpora[name])
+        return states[name]
+
     if "texts" in parts:  # which calibration text, how much of it
-        states = {name: States(model, texts) for name, texts in corpora.items()}
+        for name in corpora:
+            states_of(name)
         rows = [row("no bridges", importance, 24, None)]
         for name in ("gsm8k", "bbh", "self"):
             rows.append(row(f"{name} ({states[name].tokens} tokens)", importance, 24,
                             states[name].fit(runs_at(importance, 24))))
         for tokens in (3000, 6000, 12000):
-            cut = States(model, corpora["self"], max_tokens=tokens)
+            cut = states_of("self").first(tokens)
             rows.append(row(f"self, first {tokens} tokens", importance, 24, cut.fit(runs_at(importance, 24))))
         report["texts"] = rows
     if "ridge" in parts:
-        states = States(model, corpora["self"])
-        report["ridge"] = [row(f"self, ridge {ridge:g}", importance, depth, states.fit(runs_at(importance, depth),
-                                                                                         ridge))
-                           for depth in (24, 21) for ridge in (0.001, 0.01, 0.1, 0.3)]
+        report["ridge"] = [row(f"self, ridge {ridge:g}", importance, 24,
+                               states_of("self").fit(runs_at(importance, 24), ridge))
+                           for ridge in (0.001, 0.01, 0.1, 0.3)]
     if "orders" in parts:  # do the importance order and the bridges add up?
-        states = States(model, corpora["self"])
         rows = []
-        for depth in (27, 24, 21):
+        for depth in (24, 21):
             for name, order in (("middle", middle), ("importance (GSM8K answers)", gsm8k_importance),
                                 ("importance (own replies)", importance)):
                 rows.append(row(f"{name}, no bridges", order, depth, None))
-                rows.append(row(f"{name}, bridged", order, depth, states.fit(runs_at(order, depth))))
+                rows.append(row(f"{name}, bridged", order, depth, states_of("self").fit(runs_at(order, depth))))
         report["orders"] = rows
     if "rank" in parts:
-        states = States(model, corpora["self"])
         runs = list(runs_of_drop_order(L, importance, 20))
         rows = []
-        for rank in (16, 64, 128, 256, None):
-            bridges = states.fit(runs, rank=rank)
+        for rank in (32, 128, None):
+            bridges = states_of("self").fit(runs, rank=rank)
             for depth in (24, 21):
                 rows.append({**row(f"rank {rank or 'full'}", importance, depth, bridges), "rank": rank,
                              "bytes_per_bridge": bridges[runs[0]].nbytes()})
