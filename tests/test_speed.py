@@ -105,3 +105,31 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
     assert bridged["ideal_speedup"] == pytest.approx(
         full / (t_fixed + bridged["mean_layers"] * t_layer + bridged["mean_bridged_runs"] * t_bridge))
     assert plain["ideal_speedup"] == pytest.approx(full / (t_fixed + plain["mean_layers"] * t_layer))
+
+
+def test_first_token_children_load_the_model_as_the_run_did():
+    from d3cli.commands.bench_speed import child_generate_args
+    from d3cli.settings import DecodeSettings
+
+    model_options = {"model": "org/model", "device": "cpu", "dtype": "float32", "device_map": "auto",
+                     "trust_remote_code": True}
+    settings = DecodeSettings(calibration="/c.safetensors", profile=None, bridges=False)
+    args = child_generate_args(model_options, settings)
+    assert args == ["--model", "org/model", "--device", "cpu", "--dtype", "float32", "--device-map", "auto",
+                    "--trust-remote-code", "--calibration", "/c.safetensors", "--no-bridges"]
+    plain = child_generate_args({**model_options, "model": None, "device_map": None, "trust_remote_code": False},
+                                DecodeSettings())
+    assert plain == ["--device", "cpu", "--dtype", "float32"]
+    import typer.main
+
+    from d3cli.cli import app
+
+    generate = typer.main.get_command(app).commands["generate"]
+    parsed = generate.make_context("generate", list(args)).params  # d3 generate takes them as they are
+    assert (parsed["model"], parsed["trust_remote_code"], str(parsed["calibration"]), parsed["bridges"]) == \
+        ("org/model", True, "/c.safetensors", False)
+    assert _value_of(parsed["device_map"]) == "auto"
+
+
+def _value_of(option):
+    return getattr(option, "value", option)

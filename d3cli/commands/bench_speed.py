@@ -45,8 +45,7 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
     context = context_length(loaded.model)
     long_tokens = LONG_REPLY_TOKENS if context is None else max(2, min(LONG_REPLY_TOKENS, context - len(prompt) - 1))
     console = render.stderr_console()
-    model_args = [] if model_options["model"] is None else ["--model", str(model_options["model"])]
-    model_args += ["--device", _value(model_options["device"]), "--dtype", _value(model_options["dtype"])]
+    model_args = child_generate_args(model_options, settings)
 
     with render.Spinner(console, "timing model.generate against d3 at α = 1") as spinner:
         report = {
@@ -81,6 +80,24 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
     render.print_speed_report(console if as_json else render.stdout_console(), report)
     if as_json:
         render.write_json_line(report)
+
+
+def child_generate_args(model_options: dict, settings: DecodeSettings) -> list[str]:
+    """The options a new `d3 generate` process needs to load the model this run loaded, the same way: the model,
+    device, dtype, device map and remote-code permission, and the calibration or layer profile this run was given."""
+    args = [] if model_options["model"] is None else ["--model", str(model_options["model"])]
+    args += ["--device", _value(model_options["device"]), "--dtype", _value(model_options["dtype"])]
+    if model_options.get("device_map") is not None:
+        args += ["--device-map", _value(model_options["device_map"])]
+    if model_options.get("trust_remote_code"):
+        args.append("--trust-remote-code")
+    if settings.calibration is not None:
+        args += ["--calibration", settings.calibration]
+    if settings.profile is not None:
+        args += ["--profile", settings.profile]
+    if not settings.bridges:
+        args.append("--no-bridges")
+    return args
 
 
 def _value(option) -> str:
