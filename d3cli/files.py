@@ -10,7 +10,8 @@ from d3cli.errors import UserError
 
 
 def write_atomically(path: Path, content: str | bytes, make_parents: bool = False) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`. The file gets the
+    permissions a plain `open(path, "w")` would give it (0666 less the umask), not the temporary file's 0600."""
     data = content.encode("utf-8") if isinstance(content, str) else content
     folder = path.parent if str(path.parent) else Path(".")
     try:
@@ -24,9 +25,16 @@ def write_atomically(path: Path, content: str | bytes, make_parents: bool = Fals
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+            os.fchmod(file.fileno(), 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
