@@ -1,4 +1,4 @@
-"""The one model loader: `load(model_ref, ...) -> LoadedModel(model, tokenizer, name)`.
+"""The one model loader: `load(ModelOptions(...)) -> LoadedModel(model, tokenizer, name)`.
 
 A reference is a Hugging Face model id (from the local Hugging Face cache, or the hub when it can be reached), a
 local directory in Hugging Face format, or a `.gguf` file. No reference means the embedded default model,
@@ -22,6 +22,7 @@ import socket
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -33,6 +34,35 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto",)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to load and how: what the command line's model options say, once parsed. The CLI's enum members
+    are kept as their string values."""
+
+    model: str | None = None  # a Hugging Face id, a folder or a .gguf file; None: the embedded model
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        for name in ("device", "dtype", "device_map"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else str(getattr(value, "value", value)))
+        if self.model is not None:
+            object.__setattr__(self, "model", str(self.model))
+
+    def cli_args(self) -> list[str]:
+        """The command-line options that load the same model the same way in a new d3 process."""
+        args = [] if self.model is None else ["--model", self.model]
+        args += ["--device", self.device, "--dtype", self.dtype]
+        if self.device_map is not None:
+            args += ["--device-map", self.device_map]
+        if self.trust_remote_code:
+            args.append("--trust-remote-code")
+        return args
 
 
 class LoadedModel(NamedTuple):
@@ -255,19 +285,20 @@ def _load_hf(source: str, is_local_dir: bool, dtype, device_map, trust_remote_co
 
 
 def load(
-    model_ref: str | None = None,
+    options: ModelOptions | str | None = None,
     *,
     device: str = "auto",
     dtype: str = "auto",
     device_map: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, ready for decoding on the chosen device and dtype.
-
-    `device`, `dtype` and `device_map` may be the CLI's enum members or their string values."""
+    """Load a causal LM and its tokenizer, ready for decoding on the chosen device and dtype: `load(ModelOptions)`,
+    or (in tests and scripts) `load(model_ref, device=..., dtype=...)`."""
+    if not isinstance(options, ModelOptions):
+        options = ModelOptions(options, device, dtype, device_map, trust_remote_code)
     with _collector_paused_then_frozen():
-        return _load(model_ref, device=device, dtype=dtype, device_map=device_map,
-                     trust_remote_code=trust_remote_code)
+        return _load(options.model, device=options.device, dtype=options.dtype, device_map=options.device_map,
+                     trust_remote_code=options.trust_remote_code)
 
 
 @contextlib.contextmanager

@@ -82,6 +82,19 @@ def test_a_model_folder_loads_with_a_device_map(tiny_model_dir):
         loader.load(str(tiny_model_dir), device_map="everywhere")
 
 
+def test_model_options_load_the_same_model_and_travel_as_command_line_options(tiny_model_dir):
+    from d3cli.options import Device, DType
+
+    options = loader.ModelOptions(tiny_model_dir, Device("cpu"), DType("float32"))
+    assert (options.model, options.device, options.dtype) == (str(tiny_model_dir), "cpu", "float32")  # plain values
+    loaded = loader.load(options)
+    assert loaded.name == str(tiny_model_dir)
+    assert next(loaded.model.parameters()).dtype.is_floating_point
+    assert options.cli_args() == ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]
+    remote = loader.ModelOptions(None, device_map="auto", trust_remote_code=True)
+    assert remote.cli_args() == ["--device", "auto", "--dtype", "auto", "--device-map", "auto", "--trust-remote-code"]
+
+
 def hub_env(tmp_path, endpoint: str | None) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_DISABLE_XET": "1"}
     env.pop("HF_HUB_OFFLINE", None)

@@ -109,16 +109,15 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
 
 def test_first_token_children_load_the_model_as_the_run_did():
     from d3cli.commands.bench_speed import child_generate_args
+    from d3cli.loader import ModelOptions
     from d3cli.settings import DecodeSettings
 
-    model_options = {"model": "org/model", "device": "cpu", "dtype": "float32", "device_map": "auto",
-                     "trust_remote_code": True}
+    model_options = ModelOptions("org/model", "cpu", "float32", "auto", trust_remote_code=True)
     settings = DecodeSettings(calibration="/c.safetensors", profile=None, bridges=False)
     args = child_generate_args(model_options, settings)
     assert args == ["--model", "org/model", "--device", "cpu", "--dtype", "float32", "--device-map", "auto",
                     "--trust-remote-code", "--calibration", "/c.safetensors", "--no-bridges"]
-    plain = child_generate_args({**model_options, "model": None, "device_map": None, "trust_remote_code": False},
-                                DecodeSettings())
+    plain = child_generate_args(ModelOptions(device="cpu", dtype="float32"), DecodeSettings())
     assert plain == ["--device", "cpu", "--dtype", "float32"]
     import typer.main
 

@@ -144,9 +144,9 @@ def bench(
             profile=profile, calibration=calibration, bridges=bridges, max_new_tokens=max_new_tokens,
             temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
         )
-        model_options = {"model": model, "device": device, "dtype": dtype, "device_map": device_map,
-                         "trust_remote_code": trust_remote_code}
-        run_speed(model_options, settings, alphas, repeats, as_json)
+        from d3cli.loader import ModelOptions
+
+        run_speed(ModelOptions(model, device, dtype, device_map, trust_remote_code), settings, alphas, repeats, as_json)
         return
     asked_methods = tuple(dict.fromkeys(("full", *parse_list(methods)))) if methods is not None else None
     if asked_methods is not None:
@@ -169,9 +169,9 @@ def bench(
     if not examples:
         raise UserError(f"{task} has no examples in {folder}")
 
-    from d3cli.loader import load, num_decoder_layers
+    from d3cli.loader import ModelOptions, load, num_decoder_layers
 
-    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
     loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)
     chosen_methods = asked_methods or runner.default_methods(settings.schedule_for(num_layers, loaded.calibration))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 
 from d3cli import render
+from d3cli.loader import ModelOptions
 from d3cli.settings import DecodeSettings
 
 SPEED_PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
@@ -18,7 +19,7 @@ BATCH_PROMPTS = (
 LONG_REPLY_TOKENS = 1024
 
 
-def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: int, as_json: bool) -> None:
+def run_speed(model_options: ModelOptions, settings: DecodeSettings, alphas, repeats: int, as_json: bool) -> None:
     """Measure, then print the tables (stderr with --json) and the JSON report."""
     import dataclasses
 
@@ -31,8 +32,7 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
 
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, not {repeats}")
-    loaded = load(model_options["model"], device=model_options["device"], dtype=model_options["dtype"],
-                  device_map=model_options["device_map"], trust_remote_code=model_options["trust_remote_code"])
+    loaded = load(model_options)
     loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)
     schedules = [dataclasses.replace(settings, alpha=alpha).schedule_for(num_layers, loaded.calibration)
@@ -82,15 +82,10 @@ def run_speed(model_options: dict, settings: DecodeSettings, alphas, repeats: in
         render.write_json_line(report)
 
 
-def child_generate_args(model_options: dict, settings: DecodeSettings) -> list[str]:
-    """The options a new `d3 generate` process needs to load the model this run loaded, the same way: the model,
-    device, dtype, device map and remote-code permission, and the calibration or layer profile this run was given."""
-    args = [] if model_options["model"] is None else ["--model", str(model_options["model"])]
-    args += ["--device", _value(model_options["device"]), "--dtype", _value(model_options["dtype"])]
-    if model_options.get("device_map") is not None:
-        args += ["--device-map", _value(model_options["device_map"])]
-    if model_options.get("trust_remote_code"):
-        args.append("--trust-remote-code")
+def child_generate_args(model_options: ModelOptions, settings: DecodeSettings) -> list[str]:
+    """The options a new `d3 generate` process needs to load the model this run loaded, the same way: the model
+    options, and the calibration or layer profile this run was given."""
+    args = model_options.cli_args()
     if settings.calibration is not None:
         args += ["--calibration", settings.calibration]
     if settings.profile is not None:
@@ -98,7 +93,3 @@ def child_generate_args(model_options: dict, settings: DecodeSettings) -> list[s
     if not settings.bridges:
         args.append("--no-bridges")
     return args
-
-
-def _value(option) -> str:
-    return str(getattr(option, "value", option))

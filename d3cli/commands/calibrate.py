@@ -79,11 +79,11 @@ def calibrate(
     """
     from d3cli.calibrate import CalibrationOptions, check_fits
     from d3cli.calibrate import calibrate as make_calibration
-    from d3cli.loader import load
+    from d3cli.loader import ModelOptions, load
 
     options = CalibrationOptions(prompts=prompts, reply_tokens=reply_tokens, batch_size=batch_size,
                                  profile_texts=profile_texts, ridge=ridge, rank=rank, head=head, tail=tail)
-    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
     check_fits(loaded, options)
     labels = {"corpus": "replies (tokens)", "profile": "layer profile (texts)", "bridges": "bridges (texts)"}
     with render.BenchProgress(render.stderr_console()) as progress:

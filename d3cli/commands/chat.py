@@ -99,9 +99,9 @@ def chat(
         chat=True,
     )
     from d3cli.conversation import Conversation
-    from d3cli.loader import load
+    from d3cli.loader import ModelOptions, load
 
-    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
     loaded = settings.with_calibration(loaded)
     conversation = Conversation(loaded, settings, system=system)
     conversation.schedule()  # the depth options fit this model

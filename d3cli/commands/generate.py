@@ -145,9 +145,9 @@ def generate(
         if not prompt.strip():
             raise UserError("the prompt is empty")
 
-    from d3cli.loader import load
+    from d3cli.loader import ModelOptions, load
 
-    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
     loaded = settings.with_calibration(loaded)
     if jsonl:
         run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)

@@ -180,9 +180,9 @@ def profile_ppl(
         stop_strings = benchmark.stop_strings
 
     from d3cli import corpus, profiling
-    from d3cli.loader import context_length, load, model_identity, num_decoder_layers
+    from d3cli.loader import ModelOptions, context_length, load, model_identity, num_decoder_layers
 
-    loaded = load(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
     loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)
     schedules = {f"α={value:g}": dataclasses.replace(settings, alpha=value).schedule_for(num_layers,
