@@ -210,8 +210,9 @@ class Configuration:
 
 
 def user_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base).expanduser() / "d3" / "config.toml"
+    from d3cli.paths import config_home
+
+    return config_home() / "config.toml"
 
 
 def config_files(cwd: Path | None = None) -> list[tuple[Path, str]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from d3cli.errors import UserError
 from d3cli.files import write_atomically
-from d3cli.loader import cache_home
+from d3cli.paths import cache_home
 
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
 BBH_URL = "https://raw.githubusercontent.com/suzgunmirac/BIG-Bench-Hard/main"

