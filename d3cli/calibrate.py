@@ -164,7 +164,7 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
     """Make the model's calibration and write it to `output` (default: the user cache, where commands find it).
     `on_stage(stage, total)` announces each stage and its amount of work; `progress(stage, amount)` reports it."""
     from d3cli.layer_profile import importance_order
-    from d3cli.loader import model_identity, num_decoder_layers
+    from d3cli.loader import model_identity
     from d3cli.model_calibration import cache_path, write_calibration
     from d3cli.schedule import runs_of_drop_order
 

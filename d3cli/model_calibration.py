@@ -123,7 +123,7 @@ def read_calibration(path: str | Path, bundled: bool = False) -> ModelCalibratio
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from d3cli.bridges import Bridge, Bridges
+    from d3cli.bridges import Bridges
 
     path = Path(path).expanduser()
     payload = read_header(path)

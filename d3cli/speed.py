@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from d3cli.calibration import decode_seconds, fit_line, measured_decode_speedup, median_total
+from d3cli.timing import decode_seconds, fit_line, measured_decode_speedup, median_total
 from d3cli.engine import generate_steps, make_prompt_batch, model_device, stream_generate, synchronize
 from d3cli.loader import num_decoder_layers
 from d3cli.schedule import DecaySchedule, StaticSchedule

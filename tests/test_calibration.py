@@ -1,35 +1,15 @@
-"""Calibration: the step-cost fit, predicted speedups, and the search for α and the floor."""
+"""Calibration: predicted speedups, and the search for α and the floor."""
 
 from __future__ import annotations
 
 import pytest
 
-from d3cli.calibration import (
-    StepCosts,
-    candidate_schedules,
-    fit_line,
-    layer_ratio,
-    measure_step_costs,
-    median_total,
-    predicted_speedup,
-    recommend,
-)
+from d3cli.calibration import candidate_schedules, layer_ratio, predicted_speedup, recommend
 from d3cli.errors import UserError
 from d3cli.schedule import DecaySchedule
+from d3cli.timing import StepCosts
 
 COSTS = StepCosts(num_layers=30, t_fixed_s=3.2e-3, t_layer_s=0.96e-3, r2=1.0, samples=())
-
-
-def test_a_stall_in_one_round_moves_no_median_total():
-    rounds = [[0.05, 0.06, 0.05], [0.05, 3.00, 0.05], [0.05, 0.06, 0.05]]  # round 2 stalled at its second step
-    assert median_total(rounds) == pytest.approx(0.16)
-    with pytest.raises(ValueError):
-        median_total([[0.05, 0.06], [0.05]])  # rounds that timed different steps cannot be compared
-
-
-def test_fit_line_recovers_intercept_and_slope():
-    intercept, slope, r2 = fit_line([(k, 0.0032 + 0.00096 * k) for k in (6, 12, 18, 24, 30)])
-    assert intercept == pytest.approx(0.0032) and slope == pytest.approx(0.00096) and r2 == pytest.approx(1.0)
 
 
 def test_predicted_speedup_follows_the_step_cost_model():
@@ -73,11 +53,3 @@ def test_recommend_picks_the_candidate_with_the_smallest_nll_cost():
         recommend(base, 128, COSTS, 50.0, None, nll_of)
     with pytest.raises(UserError, match="above 1"):
         recommend(base, 128, COSTS, 0.9, None, nll_of)
-
-
-def test_measured_step_costs_are_positive_and_cover_the_depths(tiny_models):
-    base = DecaySchedule.build(8, alpha=0.9, min_layers=3, head=1, tail=1)
-    costs = measure_step_costs(tiny_models["llama"], [1, 4093, 314, 260], base, tokens=6, repeats=1)
-    assert [layers for layers, _ in costs.samples] == [2, 3, 5, 6, 8]
-    assert all(seconds > 0 for _, seconds in costs.samples)
-    assert costs.t_layer_s > 0 and costs.t_fixed_s >= 0

@@ -246,7 +246,7 @@ def profile_ppl(
 
 def run_calibration(model, texts, base_schedule, reply_tokens, target_speedup, target_layer_ratio, console) -> dict:
     """Measure step costs, pick α and the floor on half the texts, check by decoding the other half."""
-    from d3cli import calibration
+    from d3cli import calibration, timing
     from d3cli.scoring import mean_nll_under, teacher_forced_nll
 
     shuffled = list(texts)
@@ -254,14 +254,14 @@ def run_calibration(model, texts, base_schedule, reply_tokens, target_speedup, t
     calibration_texts, check_texts = shuffled[0::2], shuffled[1::2]
     full = base_schedule.retuned(1.0, base_schedule.num_layers)
     with render.Spinner(console, "timing decode steps at several depths") as spinner:
-        costs = calibration.measure_step_costs(model, check_texts[0].prompt_ids, base_schedule)
+        costs = timing.measure_step_costs(model, check_texts[0].prompt_ids, base_schedule)
         spinner.update("scoring candidate schedules")
         chosen, candidates = calibration.recommend(
             base_schedule, reply_tokens, costs, target_speedup, target_layer_ratio,
             lambda schedules: mean_nll_under(model, calibration_texts, schedules))
         recommended = base_schedule.retuned(chosen.alpha, chosen.min_layers)
         spinner.update("checking the recommendation by decoding held-out texts")
-        measured = calibration.measured_decode_speedup(model, [text.prompt_ids for text in check_texts],
+        measured = timing.measured_decode_speedup(model, [text.prompt_ids for text in check_texts],
                                                        recommended, reply_tokens)
         increase, tokens = 0.0, 0
         for text in check_texts:
