@@ -18,7 +18,7 @@ from d3cli.prompts import encode_chat, has_chat_template
 from d3cli.results import Reply
 from d3cli.sampling import make_sampler
 from d3cli.settings import DecodeSettings
-from d3cli.skipping import DepthDecayCache
+from d3cli.kv_cache import DepthDecayCache
 
 
 def common_prefix_length(first: list[int], second: list[int]) -> int:

@@ -25,7 +25,8 @@ from d3cli.detokenize import ReplyText
 from d3cli.results import Reply, ReplyCollector
 from d3cli.sampling import Sampler, greedy
 from d3cli.schedule import DecaySchedule
-from d3cli.skipping import DepthDecayCache, LayerSkipper
+from d3cli.kv_cache import DepthDecayCache
+from d3cli.skipping import LayerSkipper
 
 
 @dataclass(frozen=True)

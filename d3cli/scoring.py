@@ -17,7 +17,8 @@ import torch
 
 from d3cli.engine import cache_argument, model_device
 from d3cli.schedule import DecaySchedule
-from d3cli.skipping import DepthDecayCache, find_decoder_layers, skipped_at_positions
+from d3cli.kv_cache import DepthDecayCache
+from d3cli.skipping import find_decoder_layers, skipped_at_positions
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from d3cli.timing import decode_seconds, fit_line, measured_decode_speedup, medi
 from d3cli.engine import generate_steps, make_prompt_batch, model_device, stream_generate, synchronize
 from d3cli.loader import num_decoder_layers
 from d3cli.schedule import DecaySchedule, StaticSchedule
-from d3cli.skipping import DepthDecayCache
+from d3cli.kv_cache import DepthDecayCache
 
 NO_EOS = frozenset({-1})  # both sides produce exactly the tokens asked for
 

@@ -28,7 +28,7 @@ def _decoder(model, grad_mode=None, prompt_tokens: int = PROMPT_TOKENS, concaten
     from transformers.cache_utils import DynamicLayer
 
     from d3cli.engine import cache_argument
-    from d3cli.skipping import DepthDecayCache
+    from d3cli.kv_cache import DepthDecayCache
 
     grad_mode = grad_mode or torch.inference_mode
     cache = DepthDecayCache(config=model.config)
