@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from d3cli.schedule import SKIP_ORDER_NAMES
+from d3cli.errors import UserError
+from d3cli.schedule import SKIP_ORDER_NAMES, check_alpha
 
 MODEL_PANEL = "Model"
 SCHEDULE_PANEL = "Depth decay"
@@ -157,3 +158,21 @@ DataDirOption = Annotated[
     Optional[Path], typer.Option(help="Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else a download cache "
                                       "under ~/.cache/d3/data).", rich_help_panel=TASK_PANEL, show_default=False),
 ]
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """`--alpha 0.98,0.99` (bench, profile-ppl): the distinct rates in order, each checked as the schedule checks it."""
+    try:
+        alphas = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--alpha takes numbers separated by commas, like 0.98,0.99, not {text!r}") from None
+    if not alphas:
+        raise UserError("--alpha needs at least one value")
+    for alpha in alphas:
+        check_alpha(alpha)
+    return tuple(dict.fromkeys(alphas))
+
+
+def parse_list(text: str | None) -> tuple[str, ...]:
+    """A comma-separated option (`--methods`, `--subtasks`) as its non-empty parts."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())

@@ -108,6 +108,14 @@ def check_layer_counts(head: int, tail: int, min_layers: int, num_layers: int | 
         )
 
 
+def check_alpha(alpha: float) -> None:
+    """The one check of a decay rate: a number in (0, 1]."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
+        raise UserError(f"alpha must be a number in (0, 1], not {alpha!r}")
+    if not 0.0 < alpha <= 1.0:
+        raise UserError(f"alpha must lie in (0, 1], not {alpha:g}")
+
+
 def check_parameters(
     alpha: float,
     min_layers: int | float | str,
@@ -117,10 +125,7 @@ def check_parameters(
     skip_order: str | SkipOrder,
 ) -> None:
     """Every check that does not need the model's layer count, so bad options fail before a model loads."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
-        raise UserError(f"alpha must be a number in (0, 1], not {alpha!r}")
-    if not 0.0 < alpha <= 1.0:
-        raise UserError(f"alpha must lie in (0, 1], not {alpha}")
+    check_alpha(alpha)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise UserError(f"warmup must be a whole number of tokens >= 0, not {warmup!r}")
     counts = {name: parse_layer_count(value, name) for name, value in

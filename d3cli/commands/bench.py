@@ -12,6 +12,8 @@ from d3cli import render
 from d3cli.errors import UserError
 from d3cli.options import (
     TASK_PANEL,
+    parse_alphas,
+    parse_list,
     DataDirOption,
     ShotsOption,
     SubtasksOption,
@@ -38,23 +40,6 @@ from d3cli.schedule import DEFAULT_ALPHA, DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFA
 from d3cli.settings import DecodeSettings
 
 BENCH_MAX_NEW_TOKENS = 256
-
-
-def parse_alphas(text: str) -> tuple[float, ...]:
-    try:
-        alphas = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UserError(f"--alpha takes numbers separated by commas, like 0.98,0.99, not {text!r}") from None
-    if not alphas:
-        raise UserError("--alpha needs at least one value")
-    for alpha in alphas:
-        if not 0.0 < alpha <= 1.0:
-            raise UserError(f"every --alpha must lie in (0, 1], not {alpha:g}")
-    return tuple(dict.fromkeys(alphas))
-
-
-def parse_list(text: str | None) -> tuple[str, ...]:
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def model_slug(name: str) -> str:

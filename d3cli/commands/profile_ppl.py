@@ -12,10 +12,11 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli import render
-from d3cli.commands.bench import parse_alphas, parse_list
 from d3cli.errors import UserError
 from d3cli.options import (
     TASK_PANEL,
+    parse_alphas,
+    parse_list,
     DataDirOption,
     ShotsOption,
     SubtasksOption,
