@@ -196,15 +196,11 @@ def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, resu
 def encode_examples(loaded, examples: Sequence[Example]) -> dict[str, list[int]]:
     """Every example's prompt as token ids, once for all methods; a prompt too long for the model is a UserError."""
     from d3cli.loader import context_length
-    from d3cli.prompts import encode_chat
 
     context = context_length(loaded.model)
     encoded = {}
     for example in examples:
-        if example.chat:
-            token_ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": example.prompt}])
-        else:
-            token_ids = list(loaded.tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+        token_ids = example.prompt_ids(loaded.tokenizer)
         if context is not None and len(token_ids) >= context:
             raise UserError(f"{example.id}'s prompt is {len(token_ids)} tokens, the model's context {context}: "
                             "use fewer --shots")

@@ -18,15 +18,6 @@ from d3cli.tasks.base import Example, read_jsonl
 MIN_CONTINUATION = 2  # a continuation needs positions to profile
 
 
-def encode_task_prompt(tokenizer, example: Example) -> list[int]:
-    """The example's prompt as `d3 bench` encodes it (chat template when the example is a chat one)."""
-    from d3cli.prompts import encode_chat
-
-    if example.chat:
-        return encode_chat(tokenizer, [{"role": "user", "content": example.prompt}])
-    return list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
-
-
 def fit_to_context(prompt_ids: list[int], continuation_ids: list[int], max_positions: int,
                    context: int | None) -> list[int]:
     """The continuation cut to `max_positions` tokens and to what fits in the model's context after the prompt."""
@@ -41,7 +32,7 @@ def reference_texts(tokenizer, examples: Sequence[Example], max_positions: int,
     for example in examples:
         if not example.reference:
             continue
-        prompt_ids = encode_task_prompt(tokenizer, example)
+        prompt_ids = example.prompt_ids(tokenizer)
         continuation = list(tokenizer(example.reference, add_special_tokens=False)["input_ids"])
         continuation = fit_to_context(prompt_ids, continuation, max_positions, context)
         if len(continuation) >= MIN_CONTINUATION:
@@ -59,7 +50,7 @@ def self_texts(loaded, examples: Sequence[Example], stop_strings: Sequence[str],
     full_depth = DecaySchedule.build(num_decoder_layers(loaded.model), alpha=1.0)
     texts = []
     for example in examples:
-        prompt_ids = encode_task_prompt(loaded.tokenizer, example)
+        prompt_ids = example.prompt_ids(loaded.tokenizer)
         room = fit_to_context(prompt_ids, list(range(max_positions)), max_positions, context)
         if len(room) >= MIN_CONTINUATION:
             reply = generate(loaded.model, loaded.tokenizer, [prompt_ids], full_depth,

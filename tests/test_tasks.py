@@ -8,7 +8,7 @@ import pytest
 
 from d3cli.errors import UserError
 from d3cli.tasks import get_task
-from d3cli.tasks.base import INVALID, TaskOptions
+from d3cli.tasks.base import INVALID, Example, TaskOptions
 from d3cli.tasks.bbh import SUBTASKS, strip_canary
 from d3cli.tasks.gsm8k import normalize_number
 
@@ -139,3 +139,13 @@ def test_bbh_malformed_file_is_named(tmp_path):
     (tmp_path / "bbh" / "tasks" / "navigate.json").write_text('{"examples": [\n{"input": 1}\n')
     with pytest.raises(UserError, match=r"navigate.json:3:1: not valid JSON"):
         get_task("bbh").examples(tmp_path, TaskOptions(subtasks=("navigate",), chat=True))
+
+
+def test_an_example_encodes_its_prompt_as_every_command_does(tokenizer):
+    from d3cli.prompts import encode_chat
+
+    chat = Example("t/0", "What is 2 + 2?", "4", chat=True)
+    raw = Example("t/1", "Q: What is 2 + 2?\nA:", "4")
+    assert chat.prompt_ids(tokenizer) == encode_chat(tokenizer, [{"role": "user", "content": chat.prompt}])
+    assert raw.prompt_ids(tokenizer) == list(tokenizer(raw.prompt, add_special_tokens=True)["input_ids"])
+    assert chat.prompt_ids(tokenizer) != Example("t/0", chat.prompt, "4").prompt_ids(tokenizer)

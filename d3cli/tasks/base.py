@@ -34,6 +34,15 @@ class Example:
     subtask: str = ""
     reference: str = ""  # a worked reference answer that continues `prompt` (profile-ppl scores it), or ""
 
+    def prompt_ids(self, tokenizer) -> list[int]:
+        """The prompt as token ids, as every command encodes it: through the chat template when the example is a
+        chat one, else as raw text with the tokenizer's special tokens."""
+        from d3cli.prompts import encode_chat
+
+        if self.chat:
+            return encode_chat(tokenizer, [{"role": "user", "content": self.prompt}])
+        return list(tokenizer(self.prompt, add_special_tokens=True)["input_ids"])
+
 
 @dataclass(frozen=True)
 class Answer:
