@@ -83,7 +83,7 @@ def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: Calibra
     from d3cli.loader import num_decoder_layers
     from d3cli.schedule import DecaySchedule
 
-    full_depth = DecaySchedule.build(num_decoder_layers(loaded.model), alpha=1.0)
+    full_depth = DecaySchedule.full(num_decoder_layers(loaded.model))
     encoded = [encode_builtin(loaded.tokenizer, kind, text) for kind, text in prompts]
     texts = []
     for start in range(0, len(encoded), options.batch_size):

@@ -47,7 +47,7 @@ def self_texts(loaded, examples: Sequence[Example], stop_strings: Sequence[str],
     from d3cli.schedule import DecaySchedule
     from d3cli.loader import num_decoder_layers
 
-    full_depth = DecaySchedule.build(num_decoder_layers(loaded.model), alpha=1.0)
+    full_depth = DecaySchedule.full(num_decoder_layers(loaded.model))
     texts = []
     for example in examples:
         prompt_ids = example.prompt_ids(loaded.tokenizer)

@@ -156,6 +156,11 @@ class DecaySchedule:
     bridges: object = field(default=None, repr=False, compare=False)
 
     @classmethod
+    def full(cls, num_layers: int) -> DecaySchedule:
+        """Every layer at every step: the reference that D3 is measured against."""
+        return cls.build(num_layers, alpha=1.0)
+
+    @classmethod
     def build(
         cls,
         num_layers: int,

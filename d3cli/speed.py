@@ -62,7 +62,7 @@ def alpha1_against_hf(model, tokenizer, prompt_ids: Sequence[int], tokens: int, 
     median over `repeats` rounds after an untimed one, so neither a drift in machine speed nor a stall in one
     round favours either side."""
     input_ids = torch.tensor([list(prompt_ids)], device=model_device(model))
-    full = DecaySchedule.build(num_decoder_layers(model), alpha=1.0)
+    full = DecaySchedule.full(num_decoder_layers(model))
     # No end-of-sequence token on either side: `min_new_tokens` would mask EOS in the model's scores, which d3 (told
     # only not to stop) does not, and the two would part at the first step where EOS is the likeliest token.
     endless = copy.deepcopy(model.generation_config)
@@ -166,7 +166,7 @@ def alpha_rows(model, prompt_ids: Sequence[int], schedules: Sequence[DecaySchedu
 def batch_rows(model, prompts: Sequence[Sequence[int]], schedule: DecaySchedule, batch_sizes: Sequence[int],
                tokens: int, repeats: int) -> list[dict]:
     """Generated tokens per second (all rows) at each batch size, at full depth and with `schedule`."""
-    full = StaticSchedule.like(schedule, schedule.num_layers)
+    full = DecaySchedule.full(schedule.num_layers)
     device = model_device(model)
 
     def seconds(batch_size: int, chosen: DecaySchedule) -> float:
@@ -198,7 +198,7 @@ def kv_cache_bytes(model, prompt_ids: Sequence[int], schedule: DecaySchedule, to
     layer stores nothing for the tokens that skip it), and the bytes allocated for them, spare capacity included."""
     batch = make_prompt_batch([list(prompt_ids)], pad_token_id=0, device=model_device(model))
     report = {"tokens": tokens, "prompt_tokens": len(prompt_ids)}
-    for name, chosen in (("full", StaticSchedule.like(schedule, schedule.num_layers)), ("d3", schedule)):
+    for name, chosen in (("full", DecaySchedule.full(schedule.num_layers)), ("d3", schedule)):
         cache = DepthDecayCache(config=model.config)
         for _ in generate_steps(model, batch, chosen, max_new_tokens=tokens, cache=cache):
             pass

@@ -68,7 +68,7 @@ def measure_step_costs(model, prompt_ids: Sequence[int], base: DecaySchedule, de
     if depths is None:
         floor = base.head + base.tail
         depths = sorted({num_layers, floor, *(floor + (num_layers - floor) * part // 4 for part in (1, 2, 3))})
-    decode_seconds(model, prompt_ids, StaticSchedule.like(base, num_layers), min(tokens, 8))  # warm-up
+    decode_seconds(model, prompt_ids, DecaySchedule.full(num_layers), min(tokens, 8))  # warm-up
     schedules = [StaticSchedule.like(base, depth) for depth in depths]
     step_seconds: list[list[float]] = [[] for _ in schedules]
     for _ in range(repeats):
@@ -84,7 +84,7 @@ def measured_decode_speedup(model, prompts: Sequence[Sequence[int]], schedule: D
     """Decode time at full depth over decode time with `schedule`: each step's median over `repeats` rounds, summed
     over the steps and prompts (a median per step drops a stall that hit one round). The two alternate per prompt,
     each going first in every other round, so drifts in machine speed hit both alike."""
-    full = StaticSchedule.like(schedule, schedule.num_layers)
+    full = DecaySchedule.full(schedule.num_layers)
     decode_seconds(model, prompts[0], full, min(reply_tokens, 8))  # warm-up
     rounds: dict[str, list[list[float]]] = {"full": [], "d3": []}
     for round_index in range(repeats):

@@ -109,3 +109,10 @@ def test_a_custom_skip_order_is_a_plug_in():
 def test_invalid_parameters_are_rejected(kwargs, message):
     with pytest.raises(UserError, match=message):
         DecaySchedule.build(30, **{"min_layers": 10, "head": 2, "tail": 2, **kwargs})
+
+
+def test_the_full_schedule_runs_every_layer_at_every_step():
+    full = DecaySchedule.full(30)
+    assert full.is_full_depth() and full.alpha == 1.0
+    assert [full.layers_at(step) for step in (0, 1, 50, 5000)] == [30, 30, 30, 30]
+    assert full.kept_layers(5000) == tuple(range(30))
