@@ -213,25 +213,17 @@ def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, lis
                on_example=None) -> None:
     """Decode every example this method has not finished yet; each result is written the moment its row ends."""
     from d3cli import engine
-    from d3cli.loader import context_length
     from d3cli.results import ReplyCollector
-    from d3cli.sampling import make_sampler
 
     done = results.done(run.key, examples)
     todo = [example for example in examples if example.id not in done]
-    context = context_length(loaded.model)
     stop_strings = tuple(task.stop_strings) + settings.stop
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         batch_prompts = [prompts[example.id] for example in batch]
-        longest = max(len(prompt) for prompt in batch_prompts)
-        max_new_tokens = settings.max_new_tokens if context is None else min(settings.max_new_tokens,
-                                                                           context - longest)
-        sampler = make_sampler(settings.sampling, engine.model_device(loaded.model))
         collector = ReplyCollector(len(batch))
         batch_id = f"{run.key}/{time.time():.6f}"
-        events = engine.stream_generate(loaded.model, loaded.tokenizer, batch_prompts, schedule, sampler,
-                                        max_new_tokens, stop_strings)
+        events = engine.stream_decode(loaded, batch_prompts, schedule, settings, stop=stop_strings)
         try:
             for event in events:
                 collector.add(event)

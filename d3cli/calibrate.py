@@ -79,17 +79,18 @@ def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
 def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: CalibrationOptions,
                     progress: Progress) -> list[ScoringText]:
     """The model's greedy full-depth reply to each prompt (batched), as prompt + continuation."""
-    from d3cli.engine import generate
+    from d3cli.engine import decode
     from d3cli.loader import num_decoder_layers
     from d3cli.schedule import DecaySchedule
+    from d3cli.settings import DecodeSettings
 
     full_depth = DecaySchedule.full(num_decoder_layers(loaded.model))
     encoded = [encode_builtin(loaded.tokenizer, kind, text) for kind, text in prompts]
     texts = []
     for start in range(0, len(encoded), options.batch_size):
         batch = encoded[start:start + options.batch_size]
-        replies = generate(loaded.model, loaded.tokenizer, batch, full_depth, max_new_tokens=options.reply_tokens,
-                           on_event=lambda event: progress("corpus", 1))
+        replies = decode(loaded, batch, full_depth, DecodeSettings(max_new_tokens=options.reply_tokens),  # greedy
+                         on_event=lambda event: progress("corpus", 1))
         for offset, (prompt_ids, reply) in enumerate(zip(batch, replies)):
             progress("corpus", options.reply_tokens - reply.generated_tokens)  # a reply that ended early
             if reply.generated_tokens > 1:

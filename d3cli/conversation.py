@@ -16,7 +16,6 @@ from d3cli.errors import UserError
 from d3cli.loader import LoadedModel, context_length, num_decoder_layers
 from d3cli.prompts import encode_chat, has_chat_template
 from d3cli.results import Reply
-from d3cli.sampling import make_sampler
 from d3cli.settings import DecodeSettings
 from d3cli.kv_cache import DepthDecayCache
 
@@ -109,16 +108,9 @@ class Conversation:
         if self.cache is None or not self.cache.crop_to(plan.reused):
             self.cache, plan.reused = DepthDecayCache(config=self.loaded.model.config), 0
         schedule = self.schedule()
-        context = context_length(self.loaded.model)
-        max_new_tokens = self.settings.max_new_tokens
-        if context is not None:
-            max_new_tokens = min(max_new_tokens, context - len(plan.token_ids))
-        sampler = make_sampler(self.settings.sampling, engine.model_device(self.loaded.model))
         try:
-            (reply,) = engine.generate(
-                self.loaded.model, self.loaded.tokenizer, [plan.token_ids[plan.reused:]], schedule, sampler,
-                max_new_tokens, self.settings.stop, on_event=on_event, cache=self.cache, past_length=plan.reused,
-            )
+            (reply,) = engine.decode(self.loaded, [plan.token_ids[plan.reused:]], schedule, self.settings,
+                                     on_event=on_event, cache=self.cache, past_length=plan.reused)
         except engine.GenerationInterrupted as stopped:
             self._record(plan, user_text, stopped.replies[0])
             raise

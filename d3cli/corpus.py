@@ -43,9 +43,10 @@ def reference_texts(tokenizer, examples: Sequence[Example], max_positions: int,
 def self_texts(loaded, examples: Sequence[Example], stop_strings: Sequence[str], max_positions: int,
                context: int | None, on_text=None) -> list[ScoringText]:
     """Each prompt with the model's own greedy full-depth continuation (up to `max_positions` tokens)."""
-    from d3cli.engine import generate
-    from d3cli.schedule import DecaySchedule
+    from d3cli.engine import decode
     from d3cli.loader import num_decoder_layers
+    from d3cli.schedule import DecaySchedule
+    from d3cli.settings import DecodeSettings
 
     full_depth = DecaySchedule.full(num_decoder_layers(loaded.model))
     texts = []
@@ -53,8 +54,8 @@ def self_texts(loaded, examples: Sequence[Example], stop_strings: Sequence[str],
         prompt_ids = example.prompt_ids(loaded.tokenizer)
         room = fit_to_context(prompt_ids, list(range(max_positions)), max_positions, context)
         if len(room) >= MIN_CONTINUATION:
-            reply = generate(loaded.model, loaded.tokenizer, [prompt_ids], full_depth,
-                             max_new_tokens=len(room), stop_strings=stop_strings)[0]
+            settings = DecodeSettings(max_new_tokens=len(room), stop=tuple(stop_strings))  # greedy
+            (reply,) = decode(loaded, [prompt_ids], full_depth, settings)
             if len(reply.token_ids) >= MIN_CONTINUATION:
                 texts.append(ScoringText(example.id, tuple(prompt_ids), tuple(reply.token_ids)))
         if on_text is not None:

@@ -6,13 +6,17 @@ A ladder of small functions, each used by the one above it:
     generate_steps               the loop: schedule -> kept layers -> forward -> sampler, one `Step` per position
     stream_generate              detokenizing, EOS and stop strings, timing: one `TokenEvent` per generated token
     generate                     the replies, gathered from the events (partial ones too, on Ctrl-C)
+    stream_decode / decode       the entry point of every command: a loaded model, prompts and DecodeSettings
+                                 (sampler, stop strings, max_new_tokens clamped to the context) -> events / replies
 
-Every command (generate, chat, bench, profile-ppl) consumes `stream_generate` or `generate_steps`; sampling and
-stopping policies come in as arguments, never as CLI flags.
+Commands (generate, chat, bench, calibrate, profile-ppl's corpora) call `stream_decode` or `decode`; timing and
+scoring code that needs single steps uses `generate_steps`. Sampling and stopping come in as settings, never as CLI
+flags.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -23,7 +27,7 @@ import torch
 
 from d3cli.detokenize import ReplyText
 from d3cli.results import Reply, ReplyCollector
-from d3cli.sampling import Sampler, greedy
+from d3cli.sampling import Sampler, greedy, make_sampler
 from d3cli.schedule import DecaySchedule
 from d3cli.kv_cache import DepthDecayCache
 from d3cli.skipping import LayerSkipper
@@ -281,9 +285,15 @@ def generate(
     past_length: int = 0,
 ) -> list[Reply]:
     """Decode the prompts and return one `Reply` per prompt; `on_event(event)` sees every token as it comes."""
-    collector = ReplyCollector(len(prompts))
     events = stream_generate(model, tokenizer, prompts, schedule, sampler, max_new_tokens, stop_strings,
                              cache=cache, past_length=past_length)
+    return collect(events, len(prompts), on_event)
+
+
+def collect(events: Iterator[TokenEvent], rows: int, on_event=None) -> list[Reply]:
+    """Drain an event stream into one `Reply` per row. On Ctrl-C `GenerationInterrupted` carries the partial
+    replies; the stream is closed at once either way, so the model gets its own layers back."""
+    collector = ReplyCollector(rows)
     try:
         for event in events:
             collector.add(event)
@@ -295,3 +305,31 @@ def generate(
     finally:
         events.close()  # now, not whenever the generator is collected: the model gets its own layers back
     return collector.replies
+
+
+def stream_decode(loaded, prompts: Sequence[Sequence[int]], schedule: DecaySchedule, settings, *,
+                  stop: Sequence[str] | None = None, seed: int | None = None, cache: DepthDecayCache | None = None,
+                  past_length: int = 0) -> Iterator[TokenEvent]:
+    """The one decode entry point of every command: token-id prompts of `loaded` (a loader.LoadedModel) under
+    `schedule`, with the reply settings of `settings` (a settings.DecodeSettings): its sampler (`seed` overrides its
+    seed), its stop strings (or `stop`), and its `max_new_tokens` clamped so the longest prompt (after the
+    `past_length` positions already in `cache`) plus its reply fits the model's context. Yields the engine's events."""
+    from d3cli.loader import context_length
+
+    context = context_length(loaded.model)
+    longest = past_length + max(len(prompt) for prompt in prompts)
+    max_new_tokens = settings.max_new_tokens if context is None else min(settings.max_new_tokens, context - longest)
+    sampling = settings.sampling if seed is None else dataclasses.replace(settings.sampling, seed=seed)
+    sampler = make_sampler(sampling, model_device(loaded.model))
+    return stream_generate(loaded.model, loaded.tokenizer, prompts, schedule, sampler, max_new_tokens,
+                           settings.stop if stop is None else stop, cache=cache, past_length=past_length)
+
+
+def decode(loaded, prompts: Sequence[Sequence[int]], schedule: DecaySchedule, settings, *, on_event=None,
+           stop: Sequence[str] | None = None, seed: int | None = None, cache: DepthDecayCache | None = None,
+           past_length: int = 0) -> list[Reply]:
+    """`stream_decode`, collected: one `Reply` per prompt; `on_event(event)` sees every token as it comes. On Ctrl-C
+    `GenerationInterrupted` carries the partial replies."""
+    events = stream_decode(loaded, prompts, schedule, settings, stop=stop, seed=seed, cache=cache,
+                           past_length=past_length)
+    return collect(events, len(prompts), on_event)

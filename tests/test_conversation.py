@@ -144,3 +144,15 @@ def test_an_interrupted_reply_is_kept(tiny_models, tokenizer):
     assert conversation.messages[-1] == {"role": "assistant", "content": "".join(e.text for e in seen)}
     logits, token_ids, _ = first_logits_of_next_turn(conversation, "Continue")
     assert (logits - fresh_prefill_logits(loaded.model, token_ids)).abs().max().item() < 1e-4
+
+
+def test_a_reply_after_cached_turns_stops_at_the_context(tiny_models, tokenizer):
+    loaded = LoadedModel(tiny_models["llama"], tokenizer, "llama")  # 512 positions
+    conversation = Conversation(loaded, DecodeSettings(alpha=0.8, min_layers=3, head=1, tail=1, max_new_tokens=200))
+    conversation.reply("word " * 50)
+    plan = conversation.plan("word " * 50)
+    assert plan.reused > 0 and plan.dropped_turns == 0
+    assert len(plan.token_ids) + 200 > 512  # the room left is less than asked for
+    reply = conversation.reply("word " * 50, plan=plan)
+    assert reply.generated_tokens == 512 - len(plan.token_ids) or reply.finish_reason == "stop"
+    assert len(plan.token_ids) + reply.generated_tokens <= 512

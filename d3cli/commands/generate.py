@@ -175,19 +175,9 @@ def schedules(loaded, settings: DecodeSettings):
 def decode(loaded, prompts: list[PreparedPrompt], schedule, on_event=None, seed: int | None = None) -> list[Reply]:
     """Decode prompts that share their settings in one batch, with `schedule`."""
     from d3cli import engine
-    from d3cli.loader import context_length
-    from d3cli.sampling import make_sampler
 
-    settings = prompts[0].settings
-    context = context_length(loaded.model)
-    longest = max(len(prompt.token_ids) for prompt in prompts)
-    max_new_tokens = settings.max_new_tokens if context is None else min(settings.max_new_tokens, context - longest)
-    sampling = settings.sampling if seed is None else replace(settings.sampling, seed=seed)
-    sampler = make_sampler(sampling, engine.model_device(loaded.model))
-    return engine.generate(
-        loaded.model, loaded.tokenizer, [prompt.token_ids for prompt in prompts], schedule, sampler,
-        max_new_tokens, settings.stop, on_event=on_event,
-    )
+    return engine.decode(loaded, [prompt.token_ids for prompt in prompts], schedule, prompts[0].settings,
+                         on_event=on_event, seed=seed)
 
 
 def compare_seed(settings: DecodeSettings) -> int | None:
