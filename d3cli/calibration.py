@@ -9,6 +9,7 @@ whose teacher-forced NLL on the calibration texts rises least is recommended, th
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -95,3 +96,43 @@ def recommend(base: DecaySchedule, reply_tokens: int, costs: StepCosts, target_s
                   for schedule, nll in zip(schedules, nlls)]
     chosen = min(candidates, key=lambda candidate: (candidate.predicted_nll_increase, -candidate.min_layers))
     return chosen, candidates
+
+
+def recommend_and_check(model, texts, base_schedule: DecaySchedule, reply_tokens: int, target_speedup: float | None,
+                        target_layer_ratio: float | None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
+    """Measure step costs, pick α and the floor on half the texts, check by decoding the other half: profile-ppl's
+    `recommendation`. `on_stage(description)` announces each stage."""
+    from d3cli import timing
+    from d3cli.scoring import mean_nll_under, teacher_forced_nll
+
+    shuffled = list(texts)
+    random.Random(0).shuffle(shuffled)
+    calibration_texts, check_texts = shuffled[0::2], shuffled[1::2]
+    full = base_schedule.retuned(1.0, base_schedule.num_layers)
+    on_stage("timing decode steps at several depths")
+    costs = timing.measure_step_costs(model, check_texts[0].prompt_ids, base_schedule)
+    on_stage("scoring candidate schedules")
+    chosen, candidates = recommend(base_schedule, reply_tokens, costs, target_speedup, target_layer_ratio,
+                                   lambda schedules: mean_nll_under(model, calibration_texts, schedules))
+    recommended = base_schedule.retuned(chosen.alpha, chosen.min_layers)
+    on_stage("checking the recommendation by decoding held-out texts")
+    measured = timing.measured_decode_speedup(model, [text.prompt_ids for text in check_texts], recommended,
+                                              reply_tokens)
+    increase, tokens = 0.0, 0
+    for text in check_texts:
+        increase += float((teacher_forced_nll(model, text, recommended) - teacher_forced_nll(model, text, full)).sum())
+        tokens += text.steps
+    target = f"speedup {target_speedup:g}×" if target_speedup is not None else f"layer ratio {target_layer_ratio:g}"
+    return {
+        "target": target,
+        "target_speedup": target_speedup,
+        "target_layer_ratio": target_layer_ratio,
+        "reply_tokens": reply_tokens,
+        "step_costs": costs.as_dict(),
+        "calibration_texts": len(calibration_texts),
+        "recommended": chosen.as_dict(),
+        "candidates": [candidate.as_dict() for candidate in candidates],
+        "check": {"texts": len(check_texts), "measured_speedup": measured,
+                  "measured_nll_increase": increase / max(tokens, 1),
+                  "measured_layer_ratio": layer_ratio(recommended, reply_tokens)},
+    }

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import dataclasses
-import random
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from d3cli import render
+from d3cli import profile_files, render
 from d3cli.errors import UserError
 from d3cli.options import (
     TASK_PANEL,
@@ -161,7 +158,7 @@ def profile_ppl(
         max_new_tokens=max_positions, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
     )
     if plot is not None:
-        _require_matplotlib()
+        profile_files.require_matplotlib()
     layers = layers or save_profile is not None
 
     examples, corpus_name, stop_strings = [], str(text_file), ()
@@ -224,8 +221,11 @@ def profile_ppl(
             layer_profile.save(save_profile)
             result["saved_profile"] = str(save_profile)
     if calibrate:
-        result["recommendation"] = run_calibration(loaded.model, texts, base_schedule, reply_tokens, target_speedup,
-                                                target_layer_ratio, console)
+        from d3cli.calibration import recommend_and_check
+
+        with render.Spinner(console, "calibrating") as spinner:
+            result["recommendation"] = recommend_and_check(loaded.model, texts, base_schedule, reply_tokens,
+                                                           target_speedup, target_layer_ratio, spinner.update)
 
     out = console if as_json else render.stdout_console()
     render.print_ppl_profile(out, result)
@@ -236,124 +236,8 @@ def profile_ppl(
     if calibrate:
         render.print_calibration(out, result["recommendation"])
     if csv_file is not None:
-        from d3cli.files import write_atomically
-
-        write_atomically(csv_file, profile_csv(result["profile"]))
+        profile_files.write_csv(csv_file, result["profile"])
     if plot is not None:
-        draw_plot(result, plot)
+        profile_files.write_plot(plot, result)
     if as_json:
         render.write_json_line(result)
-
-
-def run_calibration(model, texts, base_schedule, reply_tokens, target_speedup, target_layer_ratio, console) -> dict:
-    """Measure step costs, pick α and the floor on half the texts, check by decoding the other half."""
-    from d3cli import calibration, timing
-    from d3cli.scoring import mean_nll_under, teacher_forced_nll
-
-    shuffled = list(texts)
-    random.Random(0).shuffle(shuffled)
-    calibration_texts, check_texts = shuffled[0::2], shuffled[1::2]
-    full = base_schedule.retuned(1.0, base_schedule.num_layers)
-    with render.Spinner(console, "timing decode steps at several depths") as spinner:
-        costs = timing.measure_step_costs(model, check_texts[0].prompt_ids, base_schedule)
-        spinner.update("scoring candidate schedules")
-        chosen, candidates = calibration.recommend(
-            base_schedule, reply_tokens, costs, target_speedup, target_layer_ratio,
-            lambda schedules: mean_nll_under(model, calibration_texts, schedules))
-        recommended = base_schedule.retuned(chosen.alpha, chosen.min_layers)
-        spinner.update("checking the recommendation by decoding held-out texts")
-        measured = timing.measured_decode_speedup(model, [text.prompt_ids for text in check_texts],
-                                                       recommended, reply_tokens)
-        increase, tokens = 0.0, 0
-        for text in check_texts:
-            increase += float((teacher_forced_nll(model, text, recommended)
-                               - teacher_forced_nll(model, text, full)).sum())
-            tokens += text.steps
-    target = f"speedup {target_speedup:g}×" if target_speedup is not None else f"layer ratio {target_layer_ratio:g}"
-    return {
-        "target": target,
-        "target_speedup": target_speedup,
-        "target_layer_ratio": target_layer_ratio,
-        "reply_tokens": reply_tokens,
-        "step_costs": costs.as_dict(),
-        "calibration_texts": len(calibration_texts),
-        "recommended": chosen.as_dict(),
-        "candidates": [candidate.as_dict() for candidate in candidates],
-        "check": {"texts": len(check_texts), "measured_speedup": measured,
-                  "measured_nll_increase": increase / max(tokens, 1),
-                  "measured_layer_ratio": calibration.layer_ratio(recommended, reply_tokens)},
-    }
-
-
-def profile_csv(profile: dict) -> str:
-    """One row per position bucket: the full-depth profile, the fit, and each D3 schedule's NLL and increase."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    labels = [decayed["label"] for decayed in profile["d3"]]
-    writer.writerow(["first", "last", "tokens", "mean_nll", "nll_low", "nll_high", "perplexity", "perplexity_low",
-                     "perplexity_high", "fit", *[f"{kind} {label}" for label in labels
-                                                 for kind in ("mean_nll", "nll_increase")]])
-    for index, row in enumerate(profile["buckets"]):
-        decayed = [value for item in profile["d3"] for value in (item["buckets"][index]["mean_nll"],
-                                                                  item["buckets"][index]["nll_increase"])]
-        writer.writerow([row["first"], row["last"], row["count"], *(_number(row[key]) for key in (
-            "mean_nll", "nll_low", "nll_high", "perplexity", "perplexity_low", "perplexity_high")),
-            "" if row["fit"] is None else _number(row["fit"]), *(_number(value) for value in decayed)])
-    return buffer.getvalue()
-
-
-def _number(value: float) -> str:
-    return f"{value:.6g}"
-
-
-def _require_matplotlib() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UserError("--plot needs matplotlib: pip install 'd3cli[plot]' (or pip install matplotlib)")
-
-
-def draw_plot(result: dict, path: Path) -> None:
-    """The perplexity profile with its 95% intervals, the fit and each D3 schedule; the layer profile beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    profile = result["profile"]
-    panels = 2 if "layers" in result else 1
-    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
-    left = axes[0][0]
-    middles = [(row["first"] + row["last"]) / 2 for row in profile["buckets"]]
-    ppl = [row["perplexity"] for row in profile["buckets"]]
-    errors = [[p - row["perplexity_low"] for p, row in zip(ppl, profile["buckets"])],
-              [row["perplexity_high"] - p for p, row in zip(ppl, profile["buckets"])]]
-    left.errorbar(middles, ppl, yerr=errors, fmt="o", capsize=3, label="full depth (95% CI)")
-    fit = profile["fit"]
-    if fit:
-        xs = list(range(int(profile["buckets"][-1]["last"]) + 1))
-        left.plot(xs, [fit["c"] + fit["a"] * (x + 1) ** (-fit["b"]) for x in xs],
-                  label=f"fit {fit['c']:.2f} + {fit['a']:.2f}(i+1)^-{fit['b']:.2f}, R² {fit['r2']:.2f}")
-    for decayed in profile["d3"]:
-        import math
-
-        left.plot(middles, [math.exp(bucket["mean_nll"]) for bucket in decayed["buckets"]], marker=".",
-                  label=f"D3 {decayed['label']}")
-    left.set_xlabel("position after the prompt")
-    left.set_ylabel("perplexity")
-    left.set_title(f"{result['model']} · {result['corpus']}", fontsize=9)
-    left.legend(fontsize=8)
-    if panels == 2:
-        right = axes[0][1]
-        rows = result["layers"]
-        right.bar([row["layer"] for row in rows], [row["nll_increase"] for row in rows],
-                  color=["grey" if row["core"] else "tab:blue" for row in rows])
-        right.set_xlabel("layer (grey: core)")
-        right.set_ylabel(f"ΔNLL when skipped at positions ≥ {result['late_from']}")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    from d3cli.files import write_atomically
-
-    write_atomically(path, buffer.getvalue())
