@@ -58,12 +58,41 @@ class ReplyCollector:
 
 def layer_ratio(reply: Reply, num_layers: int) -> float:
     """Mean layers per token over L: the fraction of the decoder's layer compute that ran."""
-    return reply.mean_layers / num_layers if num_layers else 0.0
+    return _layer_ratio(reply.mean_layers, num_layers)
 
 
 def estimated_speedup(reply: Reply, num_layers: int) -> float:
     """L over mean layers: the speedup if the layers were all the work (an upper bound; --compare measures)."""
-    return num_layers / reply.mean_layers if reply.mean_layers else 0.0
+    return _estimated_speedup(reply.mean_layers, num_layers)
+
+
+def _layer_ratio(mean_layers: float, num_layers: int) -> float:
+    return mean_layers / num_layers if num_layers else 0.0
+
+
+def _estimated_speedup(mean_layers: float, num_layers: int) -> float:
+    return num_layers / mean_layers if mean_layers else 0.0
+
+
+def session_totals(records: list[dict], num_layers: int) -> dict | None:
+    """Totals over reply records (chat's /stats): token-weighted mean layers, layer ratio and estimated speedup as
+    for one reply, tokens per second over the replies' own time; None before the first reply."""
+    if not records:
+        return None
+    tokens = sum(record["generated_tokens"] for record in records)
+    layer_sum = sum(sum(record["layers_per_token"]) for record in records)
+    seconds = sum(record["time_s"] for record in records)
+    mean_layers = layer_sum / tokens if tokens else 0.0
+    return {
+        "turns": len(records),
+        "generated_tokens": tokens,
+        "mean_layers": mean_layers,
+        "num_layers": num_layers,
+        "layer_ratio": _layer_ratio(mean_layers, num_layers),
+        "time_s": seconds,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "estimated_speedup": _estimated_speedup(mean_layers, num_layers),
+    }
 
 
 def calibration_fields(schedule: DecaySchedule, layers_per_token, calibration=None) -> dict[str, object]:

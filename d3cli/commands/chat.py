@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from d3cli import render
+from d3cli import render, results
 from d3cli.errors import UserError
 from d3cli.files import write_atomically
 from d3cli.paths import state_home
@@ -260,7 +260,7 @@ class ChatSession:
         self.change_settings(min_layers=parse_layer_count(argument, "min-layers"))
 
     def show_stats(self, argument: str) -> None:
-        totals = session_totals(self.records, self.conversation.num_layers)
+        totals = results.session_totals(self.records, self.conversation.num_layers)
         if totals is None:
             self.info("no replies yet")
         elif self.scripted:
@@ -354,26 +354,6 @@ def read_saved_chat(path: Path, base: DecodeSettings):
     except UserError as error:
         raise UserError(f"{path}: settings: {error}") from None
     return system, settings, messages, document.get("model")
-
-
-def session_totals(records: list[dict], num_layers: int) -> dict | None:
-    """Totals over every reply of the session, token-weighted."""
-    if not records:
-        return None
-    tokens = sum(record["generated_tokens"] for record in records)
-    layer_sum = sum(sum(record["layers_per_token"]) for record in records)
-    seconds = sum(record["time_s"] for record in records)
-    mean_layers = layer_sum / tokens if tokens else 0.0
-    return {
-        "turns": len(records),
-        "generated_tokens": tokens,
-        "mean_layers": mean_layers,
-        "num_layers": num_layers,
-        "layer_ratio": mean_layers / num_layers if num_layers else 0.0,
-        "time_s": seconds,
-        "tokens_per_s": tokens / seconds if seconds else 0.0,
-        "estimated_speedup": num_layers / mean_layers if mean_layers else 0.0,
-    }
 
 
 class ChatHistory:
