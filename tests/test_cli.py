@@ -225,8 +225,11 @@ def test_terminal_shows_layer_bars_and_summary(tiny_model_dir):
     assert "D3 summary" in screen
     assert "mean layers" in screen and "speedup (estimated)" in screen
     assert "layers per token" in screen
+    blocks = "▁▂▃▄▅▆▇█"
     strip = next(line for line in screen.splitlines() if "█" in line and "▅" in line)
-    assert strip  # the per-token bars: █ for the full-depth first token, lower blocks after
+    heights = [blocks.index(char) for char in strip if char in blocks]  # one bar per token
+    assert heights[0] == len(blocks) - 1  # the first token runs at full depth
+    assert heights == sorted(heights, reverse=True) and heights[-1] < heights[0]  # then the depth decays
 
 
 def test_ctrl_c_on_a_terminal_keeps_the_text_and_summary():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from d3cli.schedule import DecaySchedule
+from d3cli.timing import fit_line
 from d3cli.speed import alpha1_against_hf, kv_cache_bytes, mean_decode_layers
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
@@ -52,7 +53,9 @@ def test_speed_bench_json_is_complete_and_consistent(cli, tiny_model_dir):
             "alphas"} <= report.keys()
     assert report["same_tokens"] is True
     assert report["alpha1_ratio"] == pytest.approx(report["d3_alpha1_tokens_per_s"] / report["hf_tokens_per_s"])
-    assert report["t_layer_ms"] > 0 and report["r2"] <= 1
+    t_fixed, t_layer, r2 = fit_line([(row["layers"], row["ms"]) for row in report["step_ms"]])
+    assert (report["t_fixed_ms"], report["t_layer_ms"], report["r2"]) == pytest.approx(
+        (max(t_fixed, 0.0), max(t_layer, 1e-9), r2))  # the line through its own step times
     assert [row["layers"] for row in report["step_ms"]][0] == 2 and report["step_ms"][-1]["layers"] == 8
     for row, alpha in zip(report["alphas"], (0.8, 0.9)):
         schedule = DecaySchedule.build(8, alpha=alpha, min_layers=3, head=1, tail=1)
