@@ -7,6 +7,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 
 import pytest
 from conftest import d3_executable
@@ -270,3 +271,13 @@ def test_jsonl_answers_each_line_before_the_input_ends(tiny_model_dir):
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
+
+
+def test_the_cli_imports_no_torch_until_a_command_needs_it():
+    """`d3 --help`, completions and option errors stay fast: the app and every command module import without torch,
+    transformers or the engine (they are imported inside the commands)."""
+    program = ("import sys, d3cli.cli, typer.main; typer.main.get_command(d3cli.cli.app); "
+               "print(sorted(m for m in ('torch', 'transformers', 'd3cli.engine', 'safetensors') if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"
