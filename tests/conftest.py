@@ -72,8 +72,22 @@ def embedded():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded):
-    return embedded.tokenizer
+def tokenizer():
+    """The embedded model's tokenizer alone, as the loader reads it (the tiny models share its vocabulary): no model
+    weights are loaded, so tests of tiny models stay out of the `embedded` marker."""
+    from transformers import AutoTokenizer
+
+    from d3cli.loader import converted_gguf_dir, embedded_gguf_path
+
+    return AutoTokenizer.from_pretrained(converted_gguf_dir(embedded_gguf_path()), local_files_only=True)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that loads the embedded model in this process is marked `embedded` (tests that run it in a child
+    process carry the mark themselves), so `pytest -m "not embedded"` is the fast loop."""
+    for item in items:
+        if "embedded" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.embedded)
 
 
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)

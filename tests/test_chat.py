@@ -134,6 +134,7 @@ def test_terminal_chat_replies_with_bars_and_a_summary_line(tiny_model_dir, tmp_
     assert (tmp_path / "state" / "d3" / "chat_history").read_text().count("Hello there") == 1
 
 
+@pytest.mark.embedded
 def test_ctrl_c_stops_a_reply_and_returns_to_the_prompt(tmp_path):
     import pexpect
 

@@ -200,6 +200,7 @@ def test_output_closed_early_ends_quietly(tiny_model_dir):
     assert result.returncode == 141
 
 
+@pytest.mark.embedded
 def test_ctrl_c_keeps_the_text_and_exits_130():
     process = subprocess.Popen(
         [d3_executable(), "generate", "-n", "400", "--alpha", "1", "--no-chat", "Once upon a time"],
@@ -233,6 +234,7 @@ def test_terminal_shows_layer_bars_and_summary(tiny_model_dir):
     assert heights == sorted(heights, reverse=True) and heights[-1] < heights[0]  # then the depth decays
 
 
+@pytest.mark.embedded
 def test_ctrl_c_on_a_terminal_keeps_the_text_and_summary():
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(d3_executable(), ["generate", "-n", "400", "--no-chat", "Once upon a time"],

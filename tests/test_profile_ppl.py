@@ -147,6 +147,7 @@ def test_plot_without_matplotlib_is_one_line(cli, tiny_model_dir, shared_data, m
     assert result.exit_code == 2 and "pip install 'd3cli[plot]'" in result.stderr
 
 
+@pytest.mark.embedded
 def test_embedded_model_profile_shows_the_cost_of_decay(cli, shared_data):
     result = cli(["profile-ppl", "--data-dir", str(shared_data), "--limit", "3", "--shots", "0",
                   "--max-positions", "48", "--alpha", "0.9", "--json"])
@@ -168,6 +169,7 @@ def test_plot_draws_a_png(cli, tiny_model_dir, shared_data, tmp_path):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
+@pytest.mark.embedded
 def test_the_embedded_model_ships_its_calibration(cli):
     result = cli(["generate", "-n", "16", "--alpha", "0.9", "--json", "Name a colour."])
     assert result.exit_code == 0, result.stderr
