@@ -1,4 +1,4 @@
-from d3cli.cli import main
+from d3cli.cli.app import main
 
 if __name__ == "__main__":
     main()

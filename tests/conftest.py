@@ -41,9 +41,9 @@ def isolated_user_dirs(request, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def own_calibrations_folder(tmp_path, monkeypatch):
     """Calibrations a test makes stay in that test (the GGUF conversion cache is shared, calibrations are not)."""
-    import d3cli.model_calibration
+    import d3cli.core.model_calibration
 
-    monkeypatch.setattr(d3cli.model_calibration, "calibrations_dir", lambda: tmp_path / "calibrations")
+    monkeypatch.setattr(d3cli.core.model_calibration, "calibrations_dir", lambda: tmp_path / "calibrations")
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +66,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct, loaded through the product's own loader."""
-    from d3cli.loader import load
+    from d3cli.core.loader import load
 
     return load(None, device="cpu", dtype="float32")
 
@@ -77,7 +77,7 @@ def tokenizer():
     weights are loaded, so tests of tiny models stay out of the `embedded` marker."""
     from transformers import AutoTokenizer
 
-    from d3cli.loader import converted_gguf_dir, embedded_gguf_path
+    from d3cli.core.loader import converted_gguf_dir, embedded_gguf_path
 
     return AutoTokenizer.from_pretrained(converted_gguf_dir(embedded_gguf_path()), local_files_only=True)
 
@@ -156,7 +156,7 @@ class CliResult:
 
 def invoke(args: list[str], stdin: bytes = b"") -> CliResult:
     """Run `d3 ARGS` in this process with stdin/stdout/stderr replaced (none is a terminal)."""
-    from d3cli.cli import run
+    from d3cli.cli.app import run
 
     out, err = io.BytesIO(), io.BytesIO()
     streams = (

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import d3_executable
 
-from d3cli.bench import (
+from d3cli.evaluation.bench import (
     DEFAULT_METHODS,
     MethodRun,
     default_methods,
@@ -20,9 +20,9 @@ from d3cli.bench import (
     method_runs,
     summarize,
 )
-from d3cli.errors import UserError
-from d3cli.schedule import DecaySchedule
-from d3cli.tasks.base import Example
+from d3cli.core.errors import UserError
+from d3cli.core.schedule import DecaySchedule
+from d3cli.evaluation.tasks.base import Example
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
 TIMING_KEYS = {"tokens_per_s", "seconds_per_example", "measured_speedup", "decode_tokens_per_s", "decode_speedup"}
@@ -80,7 +80,7 @@ def record(method, example_id, correct, flexible, tokens=10, layers=30, seconds=
 
 
 def _digest(example_id):
-    from d3cli.bench import prompt_digest
+    from d3cli.evaluation.bench import prompt_digest
 
     return prompt_digest(Example(example_id, f"prompt {example_id}", "1"))
 

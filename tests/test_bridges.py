@@ -12,12 +12,12 @@ import torch
 from conftest import FAMILIES
 from test_engine import PROMPTS, d3_tokens, forward_without_cache, hf_greedy, num_layers
 
-from d3cli import skipping
-from d3cli.bridges import Bridge, BridgeFitter, Bridges, bridges_used, low_rank
-from d3cli.engine import generate_steps, make_prompt_batch
-from d3cli.schedule import DecaySchedule, LinearSchedule, StaticSchedule, runs_of_drop_order
-from d3cli.scoring import ContinuationScorer, ScoringText, plan_for_schedule, teacher_forced_nll
-from d3cli.skipping import find_decoder_layers
+from d3cli.core import skipping
+from d3cli.core.bridges import Bridge, BridgeFitter, Bridges, bridges_used, low_rank
+from d3cli.core.engine import generate_steps, make_prompt_batch
+from d3cli.core.schedule import DecaySchedule, LinearSchedule, StaticSchedule, runs_of_drop_order
+from d3cli.evaluation.scoring import ContinuationScorer, ScoringText, plan_for_schedule, teacher_forced_nll
+from d3cli.core.skipping import find_decoder_layers
 
 TEXT = ScoringText("t", (1, 4093, 314, 260, 3575, 282, 4649, 47),
                    (504, 2988, 1694, 2030, 3681, 260, 2115, 23, 2564, 282, 614, 7297, 30, 9519, 28, 260, 3575,

@@ -278,8 +278,8 @@ def test_jsonl_answers_each_line_before_the_input_ends(tiny_model_dir):
 def test_the_cli_imports_no_torch_until_a_command_needs_it():
     """`d3 --help`, completions and option errors stay fast: the app and every command module import without torch,
     transformers or the engine (they are imported inside the commands)."""
-    program = ("import sys, d3cli.cli, typer.main; typer.main.get_command(d3cli.cli.app); "
-               "print(sorted(m for m in ('torch', 'transformers', 'd3cli.engine', 'safetensors') if m in sys.modules))")
+    program = ("import sys, d3cli.cli.app, typer.main; typer.main.get_command(d3cli.cli.app.app); "
+               "print(sorted(m for m in ('torch', 'transformers', 'd3cli.core.engine', 'safetensors') if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "[]"

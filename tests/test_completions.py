@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from conftest import REPO_ROOT
 
-from d3cli.cli import app
-from d3cli.completions import FILE_NAMES, app_completion, script
+from d3cli.cli.app import app
+from d3cli.cli.completions import FILE_NAMES, app_completion, script
 
 
 @pytest.mark.parametrize("shell", sorted(FILE_NAMES))

@@ -118,8 +118,8 @@ def test_d3_paths_in_the_environment_are_not_settings(cli, monkeypatch, tmp_path
 
 
 def test_every_subcommand_option_is_configurable():
-    from d3cli.cli import app
-    from d3cli.config import option_specs, subcommands
+    from d3cli.cli.app import app
+    from d3cli.cli.config import option_specs, subcommands
 
     specs = {name: option_specs(callback) for name, callback in subcommands(app).items()}
     assert {"generate", "chat"} <= specs.keys()

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import FAMILIES, SLIDING_FAMILIES, build_tiny_model
 
-from d3cli.conversation import Conversation
-from d3cli.errors import UserError
-from d3cli.loader import LoadedModel
-from d3cli.settings import DecodeSettings
+from d3cli.core.conversation import Conversation
+from d3cli.core.errors import UserError
+from d3cli.core.loader import LoadedModel
+from d3cli.core.settings import DecodeSettings
 
 DECAYING = DecodeSettings(alpha=0.8, min_layers=3, head=1, tail=1, max_new_tokens=12)
 
@@ -128,7 +128,7 @@ def test_oldest_turns_are_dropped_to_fit_the_context(tiny_models, tokenizer):
 
 
 def test_an_interrupted_reply_is_kept(tiny_models, tokenizer):
-    from d3cli.engine import GenerationInterrupted
+    from d3cli.core.engine import GenerationInterrupted
 
     loaded = LoadedModel(tiny_models["llama"], tokenizer, "llama")
     conversation = Conversation(loaded, DecodeSettings(alpha=0.8, min_layers=3, head=1, tail=1, max_new_tokens=50))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from d3cli import datasets
-from d3cli.errors import UserError
+from d3cli.evaluation import datasets
+from d3cli.core.errors import UserError
 
 
 class DataServer:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from d3cli.engine import cache_argument, generate, generate_steps, make_prompt_batch, stream_generate
-from d3cli.sampling import SamplingSettings, make_sampler
-from d3cli.schedule import DecaySchedule
-from d3cli.skipping import SkippedLayer, find_decoder_layers
+from d3cli.core.engine import cache_argument, generate, generate_steps, make_prompt_batch, stream_generate
+from d3cli.core.sampling import SamplingSettings, make_sampler
+from d3cli.core.schedule import DecaySchedule
+from d3cli.core.skipping import SkippedLayer, find_decoder_layers
 
 PROMPTS = [
     [1, 4093, 314, 260, 3575, 282, 4649, 47],
@@ -217,7 +217,7 @@ def test_a_schedule_for_another_depth_is_refused(tiny_models):
 
 
 def test_interrupt_keeps_the_partial_replies(tiny_models, tokenizer):
-    from d3cli.engine import GenerationInterrupted
+    from d3cli.core.engine import GenerationInterrupted
 
     model = tiny_models["llama"]
     schedule = DecaySchedule.build(8, alpha=0.9, min_layers=3, head=1, tail=1)
@@ -250,9 +250,9 @@ def test_the_cache_goes_under_the_name_the_model_takes():
 
 
 def test_decode_takes_the_settings_and_keeps_every_reply_inside_the_context(tiny_models, tokenizer):
-    from d3cli.engine import decode
-    from d3cli.loader import LoadedModel
-    from d3cli.settings import DecodeSettings
+    from d3cli.core.engine import decode
+    from d3cli.core.loader import LoadedModel
+    from d3cli.core.settings import DecodeSettings
 
     model = tiny_models["llama"]  # a 512-position context
     loaded = LoadedModel(model, tokenizer, "tiny")

@@ -3,8 +3,8 @@ import stat
 
 import pytest
 
-from d3cli.errors import UserError
-from d3cli.files import write_atomically
+from d3cli.core.errors import UserError
+from d3cli.core.files import write_atomically
 
 
 def test_writes_the_content_and_leaves_no_temporary_file(tmp_path):

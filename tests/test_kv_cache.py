@@ -3,7 +3,7 @@
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from d3cli.kv_cache import DepthDecayCache, GrowingLayer
+from d3cli.core.kv_cache import DepthDecayCache, GrowingLayer
 
 
 def states(positions: int, batch: int = 2, heads: int = 3, dim: int = 4, seed: int = 0):

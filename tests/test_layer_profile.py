@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from d3cli.errors import UserError
-from d3cli.layer_profile import (
+from d3cli.core.errors import UserError
+from d3cli.core.layer_profile import (
     BUNDLED_PROFILE,
     LayerProfile,
     LayerScore,
@@ -15,8 +15,8 @@ from d3cli.layer_profile import (
     importance_order,
     load_profile,
 )
-from d3cli.schedule import DecaySchedule
-from d3cli.settings import DecodeSettings
+from d3cli.core.schedule import DecaySchedule
+from d3cli.core.settings import DecodeSettings
 
 IDENTITY = {"name": "tiny", "model_type": "llama", "num_layers": 6, "hidden_size": 64, "vocab_size": 100,
             "fingerprint": 0.25}
@@ -59,7 +59,7 @@ def test_a_schedule_with_the_importance_order_drops_the_cheapest_layers_first(tm
 
 
 def test_importance_comes_from_a_profile_or_the_calibration(tmp_path):
-    from d3cli.model_calibration import BUNDLED_CALIBRATION, read_calibration
+    from d3cli.core.model_calibration import BUNDLED_CALIBRATION, read_calibration
 
     with pytest.raises(UserError, match="importance only"):
         DecodeSettings(skip_order="middle", profile="p.json")

@@ -11,8 +11,8 @@ import pytest
 from conftest import d3_executable
 from fake_hub import FakeHub
 
-from d3cli import loader, paths
-from d3cli.errors import UserError
+from d3cli.core import loader, paths
+from d3cli.core.errors import UserError
 
 
 def test_embedded_model_is_found_through_package_metadata():
@@ -83,7 +83,7 @@ def test_a_model_folder_loads_with_a_device_map(tiny_model_dir):
 
 
 def test_model_options_load_the_same_model_and_travel_as_command_line_options(tiny_model_dir):
-    from d3cli.options import Device, DType
+    from d3cli.cli.options import Device, DType
 
     options = loader.ModelOptions(tiny_model_dir, Device("cpu"), DType("float32"))
     assert (options.model, options.device, options.dtype) == (str(tiny_model_dir), "cpu", "float32")  # plain values

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from d3cli.bridges import Bridge
-from d3cli.errors import UserError
-from d3cli.layer_profile import LayerProfile, LayerScore
-from d3cli.loader import model_identity
-from d3cli.model_calibration import (
+from d3cli.core.bridges import Bridge
+from d3cli.core.errors import UserError
+from d3cli.core.layer_profile import LayerProfile, LayerScore
+from d3cli.core.loader import model_identity
+from d3cli.core.model_calibration import (
     cache_path,
     find_calibration,
     read_calibration,
@@ -25,7 +25,7 @@ FIT = {"ridge": 0.1, "tokens": 123, "skip_order": "importance"}
 
 
 def identity_of(tiny_model_dir):
-    from d3cli.loader import load
+    from d3cli.core.loader import load
 
     return model_identity(load(str(tiny_model_dir), device="cpu", dtype="float32"))
 

@@ -1,7 +1,7 @@
 import pytest
 
-from d3cli.errors import UserError
-from d3cli.options import parse_alphas, parse_list
+from d3cli.core.errors import UserError
+from d3cli.cli.options import parse_alphas, parse_list
 
 
 def test_alphas_keep_their_order_without_repeats():

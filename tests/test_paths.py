@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from d3cli import paths
+from d3cli.core import paths
 
 
 def test_each_folder_follows_its_environment_variable_then_the_xdg_default(monkeypatch, tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from d3cli.results import Reply, estimated_speedup, layer_ratio, session_totals
+from d3cli.core.results import Reply, estimated_speedup, layer_ratio, session_totals
 
 
 def test_session_totals_weight_each_reply_by_its_tokens():

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from d3cli.errors import UserError
-from d3cli.schedule import (
+from d3cli.core.errors import UserError
+from d3cli.core.schedule import (
     DecaySchedule,
     drop_late_first,
     drop_middle_first,

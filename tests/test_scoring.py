@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from d3cli.schedule import DecaySchedule
-from d3cli.scoring import (
+from d3cli.core.schedule import DecaySchedule
+from d3cli.evaluation.scoring import (
     ContinuationScorer,
     ScoringText,
     block_influence,

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from d3cli.schedule import DecaySchedule
-from d3cli.timing import fit_line
-from d3cli.speed import alpha1_against_hf, kv_cache_bytes, mean_decode_layers
+from d3cli.core.schedule import DecaySchedule
+from d3cli.evaluation.timing import fit_line
+from d3cli.evaluation.speed import alpha1_against_hf, kv_cache_bytes, mean_decode_layers
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
 
@@ -77,10 +77,10 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
     bridged and plain; the bridged ideal includes r̄·T_bridge."""
     from test_model_calibration import identity_of, profile_for
 
-    from d3cli.bridges import Bridge
-    from d3cli.layer_profile import importance_order
-    from d3cli.model_calibration import write_calibration
-    from d3cli.schedule import runs_of_drop_order
+    from d3cli.core.bridges import Bridge
+    from d3cli.core.layer_profile import importance_order
+    from d3cli.core.model_calibration import write_calibration
+    from d3cli.core.schedule import runs_of_drop_order
 
     identity = identity_of(tiny_model_dir)
     profile = profile_for(identity)
@@ -111,9 +111,9 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
 
 
 def test_first_token_children_load_the_model_as_the_run_did():
-    from d3cli.commands.bench_speed import child_generate_args
-    from d3cli.loader import ModelOptions
-    from d3cli.settings import DecodeSettings
+    from d3cli.cli.commands.bench_speed import child_generate_args
+    from d3cli.core.loader import ModelOptions
+    from d3cli.core.settings import DecodeSettings
 
     model_options = ModelOptions("org/model", "cpu", "float32", "auto", trust_remote_code=True)
     settings = DecodeSettings(calibration="/c.safetensors", profile=None, bridges=False)
@@ -124,7 +124,7 @@ def test_first_token_children_load_the_model_as_the_run_did():
     assert plain == ["--device", "cpu", "--dtype", "float32"]
     import typer.main
 
-    from d3cli.cli import app
+    from d3cli.cli.app import app
 
     generate = typer.main.get_command(app).commands["generate"]
     parsed = generate.make_context("generate", list(args)).params  # d3 generate takes them as they are

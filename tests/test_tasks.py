@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from d3cli.errors import UserError
-from d3cli.tasks import get_task
-from d3cli.tasks.base import INVALID, Example, TaskOptions
-from d3cli.tasks.bbh import SUBTASKS, strip_canary
-from d3cli.tasks.gsm8k import normalize_number
+from d3cli.core.errors import UserError
+from d3cli.evaluation.tasks import get_task
+from d3cli.evaluation.tasks.base import INVALID, Example, TaskOptions
+from d3cli.evaluation.tasks.bbh import SUBTASKS, strip_canary
+from d3cli.evaluation.tasks.gsm8k import normalize_number
 
 
 def test_gsm8k_examples_and_the_eight_shot_prompt(shared_data):
@@ -111,14 +111,14 @@ def test_strip_canary_keeps_prompts_without_one():
     ],
 )
 def test_bbh_extraction(subtask, output, strict, flexible):
-    from d3cli.tasks.base import Example
+    from d3cli.evaluation.tasks.base import Example
 
     answer = get_task("bbh").extract(output, Example("x", "", "", subtask=subtask))
     assert (answer.strict, answer.flexible) == (strict, flexible)
 
 
 def test_bbh_scoring_compares_free_answers_by_words():
-    from d3cli.tasks.base import Example
+    from d3cli.evaluation.tasks.base import Example
 
     task = get_task("bbh")
     example = Example("x", "", "apple banana", subtask="word_sorting")
@@ -142,7 +142,7 @@ def test_bbh_malformed_file_is_named(tmp_path):
 
 
 def test_an_example_encodes_its_prompt_as_every_command_does(tokenizer):
-    from d3cli.prompts import encode_chat
+    from d3cli.core.prompts import encode_chat
 
     chat = Example("t/0", "What is 2 + 2?", "4", chat=True)
     raw = Example("t/1", "Q: What is 2 + 2?\nA:", "4")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from d3cli.schedule import DecaySchedule
-from d3cli.timing import fit_line, measure_step_costs, median_total
+from d3cli.core.schedule import DecaySchedule
+from d3cli.evaluation.timing import fit_line, measure_step_costs, median_total
 
 
 def test_a_stall_in_one_round_moves_no_median_total():

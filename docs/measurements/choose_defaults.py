@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from d3cli.engine import generate, generate_steps, make_prompt_batch
-from d3cli.loader import load
-from d3cli.prompts import encode_chat
-from d3cli.schedule import DecaySchedule
+from d3cli.core.engine import generate, generate_steps, make_prompt_batch
+from d3cli.core.loader import load
+from d3cli.core.prompts import encode_chat
+from d3cli.core.schedule import DecaySchedule
 
 
 def questions(data_dir: Path, count: int) -> list[str]:

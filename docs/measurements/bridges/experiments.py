@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import texts as heldout  # noqa: E402
 
-from d3cli.bridges import BridgeFitter, Bridges  # noqa: E402
-from d3cli.calibrate import CalibrationOptions, builtin_prompts, generate_corpus  # noqa: E402
-from d3cli.layer_profile import BUNDLED_PROFILE, importance_order, load_profile  # noqa: E402
-from d3cli.model_calibration import BUNDLED_CALIBRATION, read_calibration  # noqa: E402
-from d3cli.loader import load  # noqa: E402
-from d3cli.schedule import drop_middle_first, runs_of_drop_order, skipped_runs  # noqa: E402
-from d3cli.scoring import ContinuationScorer, ScoringText  # noqa: E402
+from d3cli.core.bridges import BridgeFitter, Bridges  # noqa: E402
+from d3cli.evaluation.calibrate import CalibrationOptions, builtin_prompts, generate_corpus  # noqa: E402
+from d3cli.core.layer_profile import BUNDLED_PROFILE, importance_order, load_profile  # noqa: E402
+from d3cli.core.model_calibration import BUNDLED_CALIBRATION, read_calibration  # noqa: E402
+from d3cli.core.loader import load  # noqa: E402
+from d3cli.core.schedule import drop_middle_first, runs_of_drop_order, skipped_runs  # noqa: E402
+from d3cli.evaluation.scoring import ContinuationScorer, ScoringText  # noqa: E402
 
 HERE = Path(__file__).parent
 LATE_FROM = 16
@@ -56,14 +56,14 @@ def calibration_corpus(name: str, loaded, data_dir: Path) -> list[ScoringText]:
     if name == "self":
         found = generate_corpus(loaded, builtin_prompts(), CalibrationOptions(batch_size=16), lambda *a: None)
     elif name == "gsm8k":
-        from d3cli.tasks.gsm8k import solution_text
+        from d3cli.evaluation.tasks.gsm8k import solution_text
 
         rows = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()][200:264]
         found = [ScoringText(f"gsm8k-train/{i}", tuple(heldout.encode(tokenizer, f"Question: {r['question']}\nAnswer:")),
                              tuple(heldout.encode(tokenizer, " " + solution_text(r["answer"]), False)[:256]))
                  for i, r in enumerate(rows)]
     elif name == "bbh":
-        from d3cli.tasks.bbh import strip_canary
+        from d3cli.evaluation.tasks.bbh import strip_canary
 
         found = []
         for path in sorted((data_dir / "bbh" / "cot-prompts").glob("*.txt")):

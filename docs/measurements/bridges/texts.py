@@ -19,7 +19,7 @@ import json
 import random
 from pathlib import Path
 
-from d3cli.scoring import ScoringText
+from d3cli.evaluation.scoring import ScoringText
 
 HERE = Path(__file__).parent
 KINDS = ("gsm8k", "bbh", "replies", "python-docs", "licences")
@@ -36,16 +36,16 @@ def encode(tokenizer, text: str, special: bool = True) -> list[int]:
 
 
 def gsm8k(loaded, data_dir: Path) -> list[ScoringText]:
-    from d3cli.corpus import reference_texts
-    from d3cli.tasks.base import TaskOptions
-    from d3cli.tasks.gsm8k import Gsm8kTask
+    from d3cli.evaluation.corpus import reference_texts
+    from d3cli.evaluation.tasks.base import TaskOptions
+    from d3cli.evaluation.tasks.gsm8k import Gsm8kTask
 
     examples = Gsm8kTask().examples(data_dir, TaskOptions(limit=32, offset=32))
     return reference_texts(loaded.tokenizer, examples, MAX_POSITIONS, 8192)
 
 
 def bbh(loaded, data_dir: Path) -> list[ScoringText]:
-    from d3cli.tasks.bbh import strip_canary
+    from d3cli.evaluation.tasks.bbh import strip_canary
 
     texts = []
     for path in sorted((data_dir / "bbh" / "cot-prompts").glob("*.txt")):
@@ -63,10 +63,10 @@ def replies(loaded, data_dir: Path) -> list[ScoringText]:
         return [ScoringText(row["id"], tuple(row["prompt_ids"]), tuple(row["reply_ids"]))
                 for row in json.loads(cache.read_text())]
     import heldout_prompts
-    from d3cli.calibrate import encode_builtin
-    from d3cli.engine import generate
-    from d3cli.loader import num_decoder_layers
-    from d3cli.schedule import DecaySchedule
+    from d3cli.evaluation.calibrate import encode_builtin
+    from d3cli.core.engine import generate
+    from d3cli.core.loader import num_decoder_layers
+    from d3cli.core.schedule import DecaySchedule
 
     prompts = [("chat", text) for text in heldout_prompts.CHAT] + [("raw", text) for text in heldout_prompts.RAW]
     full = DecaySchedule.build(num_decoder_layers(loaded.model), alpha=1.0)

@@ -27,8 +27,8 @@ def _decoder(model, grad_mode=None, prompt_tokens: int = PROMPT_TOKENS, concaten
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    from d3cli.engine import cache_argument
-    from d3cli.kv_cache import DepthDecayCache
+    from d3cli.core.engine import cache_argument
+    from d3cli.core.kv_cache import DepthDecayCache
 
     grad_mode = grad_mode or torch.inference_mode
     cache = DepthDecayCache(config=model.config)
@@ -65,7 +65,7 @@ def profile() -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from d3cli.loader import load
+    from d3cli.core.loader import load
 
     step = _decoder(load(None).model)
     for _ in range(10):
@@ -81,8 +81,8 @@ def fixed() -> None:
     head's matrix-vector product, and the memory bandwidth that product streams at."""
     import torch
 
-    from d3cli.loader import load
-    from d3cli.skipping import LayerSkipper
+    from d3cli.core.loader import load
+    from d3cli.core.skipping import LayerSkipper
 
     model = load(None).model
     full, none = _decoder(model), _decoder(model)
@@ -112,7 +112,7 @@ def fixed() -> None:
 def knobs() -> None:
     import torch
 
-    from d3cli.loader import load
+    from d3cli.core.loader import load
 
     models = {dtype: load(None, dtype=dtype).model for dtype in ("float32", "bfloat16", "float16")}
     steppers = {(dtype, threads): _decoder(model) for dtype, model in models.items() for threads in (1, 2)}
@@ -126,7 +126,7 @@ def knobs() -> None:
 
 
 def cache(lengths: list[int]) -> None:
-    from d3cli.loader import load
+    from d3cli.core.loader import load
 
     model = load(None).model
     for length in lengths:
@@ -138,7 +138,7 @@ def cache(lengths: list[int]) -> None:
 def compile_(what: str) -> None:
     import torch
 
-    from d3cli.loader import load
+    from d3cli.core.loader import load
 
     model = load(None).model
     eager = statistics.median(_run(_decoder(model), 60)[10:])
@@ -174,8 +174,8 @@ def startup() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     assert transformers.LlamaForCausalLM  # the model class's modules, as loading the model imports them
     mark("import transformers + Llama")
-    import d3cli.cli
-    from d3cli import loader
+    import d3cli.cli.app
+    from d3cli.core import loader
     assert d3cli.cli.app
     mark("import d3cli")
     folder = loader.converted_gguf_dir(loader.embedded_gguf_path())

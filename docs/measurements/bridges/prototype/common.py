@@ -2,15 +2,15 @@ import json, sys, re, time, math, random
 from pathlib import Path
 import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent))
-from d3cli.loader import load
-from d3cli.scoring import ScoringText, ContinuationScorer
-from d3cli.tasks.gsm8k import Gsm8kTask
-from d3cli.tasks.bbh import BbhTask, few_shot_prefix, strip_canary
-from d3cli.tasks.base import TaskOptions
-from d3cli.corpus import reference_texts, encode_task_prompt
-from d3cli.prompts import encode_chat
-from d3cli.schedule import DecaySchedule
-from d3cli.engine import generate
+from d3cli.core.loader import load
+from d3cli.evaluation.scoring import ScoringText, ContinuationScorer
+from d3cli.evaluation.tasks.gsm8k import Gsm8kTask
+from d3cli.evaluation.tasks.bbh import BbhTask, few_shot_prefix, strip_canary
+from d3cli.evaluation.tasks.base import TaskOptions
+from d3cli.evaluation.corpus import reference_texts, encode_task_prompt
+from d3cli.core.prompts import encode_chat
+from d3cli.core.schedule import DecaySchedule
+from d3cli.core.engine import generate
 DATA = Path("/work/main/../shared/data")
 torch.set_grad_enabled(False)
 _loaded = None
@@ -48,7 +48,7 @@ def gsm8k_texts(offset, limit, max_pos=128, split="test"):
         ex = Gsm8kTask().examples(DATA, TaskOptions(limit=limit, offset=offset))
         return reference_texts(m.tokenizer, ex, max_pos, 8192)
     # train answers after their question (zero-shot "Question: .. Answer:" prompt)
-    from d3cli.tasks.gsm8k import solution_text
+    from d3cli.evaluation.tasks.gsm8k import solution_text
     rows = [json.loads(l) for l in (DATA/"gsm8k/train.jsonl").read_text().splitlines()[offset:offset+limit]]
     out = []
     for i, r in enumerate(rows):

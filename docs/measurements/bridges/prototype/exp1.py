@@ -1,8 +1,8 @@
 import sys; sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
 from common import *
 from bridge import *
-from d3cli.layer_profile import load_profile, BUNDLED_PROFILE, importance_order
-from d3cli.schedule import drop_middle_first
+from d3cli.core.layer_profile import load_profile, BUNDLED_PROFILE, importance_order
+from d3cli.core.schedule import drop_middle_first
 import itertools
 m = loaded(); model = m.model; L = 30
 prof = load_profile(BUNDLED_PROFILE)

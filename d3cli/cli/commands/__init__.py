@@ -1,0 +1,1 @@
+"""One module per subcommand: parse the options, call one function of core or evaluation, render."""

@@ -1,0 +1,315 @@
+"""`d3 generate`: one prompt (argument or stdin) or a JSONL stream of prompts, decoded with D3.
+
+A thin composition: options -> DecodeSettings -> load() -> engine.generate() -> a renderer or JSON.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, replace
+from typing import Annotated, Optional
+
+import typer
+
+from d3cli.cli import render
+from d3cli.core.errors import UserError
+from d3cli.cli.options import (
+    AlphaOption,
+    ChatOption,
+    DeviceMapOption,
+    DeviceOption,
+    DTypeOption,
+    HeadOption,
+    MaxNewTokensOption,
+    MinLayersOption,
+    ModelOption,
+    OUTPUT_PANEL,
+    SeedOption,
+    ProfileOption,
+    CalibrationOption,
+    BridgesOption,
+    SkipOrderOption,
+    StopOption,
+    SystemOption,
+    TailOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+    TrustRemoteCodeOption,
+    WarmupOption,
+)
+from d3cli.core.prompts import check_fits_context, encode_prompt, read_stdin_prompt
+from d3cli.core.results import Reply, reply_record
+from d3cli.core.schedule import (
+    DEFAULT_ALPHA,
+    DEFAULT_HEAD,
+    DEFAULT_MIN_LAYERS,
+    DEFAULT_SKIP_ORDER,
+    DEFAULT_TAIL,
+    DEFAULT_WARMUP,
+)
+from d3cli.core.settings import DEFAULT_MAX_NEW_TOKENS, DecodeSettings
+
+COMPARE_WARMUP_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt ready to decode: its token ids and the settings its reply uses."""
+
+    token_ids: list[int]
+    settings: DecodeSettings
+    line: int | None = None  # input line number, for --jsonl
+    request_id: object = None  # the line's "id", echoed back
+
+
+def generate(
+    prompt: Annotated[
+        Optional[str],
+        typer.Argument(help="The prompt. Omit it (or give -) to read the prompt from standard input.",
+                       show_default=False),
+    ] = None,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    alpha: AlphaOption = DEFAULT_ALPHA,
+    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS,
+    warmup: WarmupOption = DEFAULT_WARMUP,
+    head: HeadOption = DEFAULT_HEAD,
+    tail: TailOption = DEFAULT_TAIL,
+    skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
+    profile: ProfileOption = None,
+    calibration: CalibrationOption = None,
+    bridges: BridgesOption = True,
+    max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
+    temperature: TemperatureOption = 0.0,
+    top_k: TopKOption = 0,
+    top_p: TopPOption = 1.0,
+    seed: SeedOption = None,
+    stop: StopOption = None,
+    chat: ChatOption = None,
+    system: SystemOption = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also decode at full depth and report the measured speedup.",
+                           rich_help_panel=OUTPUT_PANEL),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with the reply and its statistics.",
+                           rich_help_panel=OUTPUT_PANEL),
+    ] = False,
+    jsonl: Annotated[
+        bool, typer.Option("--jsonl", help="Each stdin line is a prompt (text or JSON); print one JSON line each.",
+                           rich_help_panel=OUTPUT_PANEL),
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="With --jsonl: decode this many prompts at once.",
+                          rich_help_panel=OUTPUT_PANEL),
+    ] = 1,
+    skip_bad_lines: Annotated[
+        bool, typer.Option("--skip-bad-lines", help="With --jsonl: warn about a malformed line and go on.",
+                           rich_help_panel=OUTPUT_PANEL),
+    ] = False,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="When stdout is not a terminal: statistics on stderr.",
+                           rich_help_panel=OUTPUT_PANEL),
+    ] = False,
+) -> None:
+    """Generate a reply with Position-Aware Depth Decay Decoding.
+
+    Token i of the reply runs floor(L·α^i) of the model's L layers (never fewer than --min-layers).
+    On a terminal the text streams with a bar of each token's layer count; piped, only the text is printed.
+    """
+    settings = DecodeSettings.from_options(
+        alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
+        profile=profile, calibration=calibration, bridges=bridges,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+        chat=chat, system=system,
+    )
+    if as_json and jsonl:
+        raise UserError("--json and --jsonl cannot be combined: --jsonl already prints JSON, one line per prompt")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if not jsonl and (batch_size != 1 or skip_bad_lines):
+        raise UserError("--batch-size and --skip-bad-lines apply to --jsonl input only")
+    if jsonl and prompt is not None:
+        raise UserError("--jsonl reads its prompts from standard input; do not pass a PROMPT argument too")
+
+    if not jsonl:
+        if prompt is None or prompt == "-":
+            if sys.stdin.isatty():
+                raise UserError("no prompt: pass one as an argument, or pipe it on standard input")
+            prompt = read_stdin_prompt()
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+
+    from d3cli.core.loader import ModelOptions, load
+
+    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
+    loaded = settings.with_calibration(loaded)
+    if jsonl:
+        run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)
+    else:
+        prepared = prepare_prompt(loaded, prompt, settings)
+        run_single(loaded, prepared, compare=compare, as_json=as_json, stats=stats)
+
+
+def prepare_prompt(loaded, prompt: str, settings: DecodeSettings, line: int | None = None, request_id=None):
+    from d3cli.core.loader import context_length
+
+    token_ids = encode_prompt(loaded.tokenizer, prompt, settings.chat, settings.system)
+    check_fits_context(len(token_ids), context_length(loaded.model))
+    return PreparedPrompt(token_ids, settings, line, request_id)
+
+
+def schedules(loaded, settings: DecodeSettings):
+    """The D3 schedule of these settings for this model, and the full-depth one of --compare."""
+    from d3cli.core.loader import num_decoder_layers
+
+    num_layers = num_decoder_layers(loaded.model)
+    return settings.schedule_for(num_layers, loaded.calibration), settings.full_depth().schedule_for(num_layers)
+
+
+def decode(loaded, prompts: list[PreparedPrompt], schedule, on_event=None, seed: int | None = None) -> list[Reply]:
+    """Decode prompts that share their settings in one batch, with `schedule`."""
+    from d3cli.core import engine
+
+    return engine.decode(loaded, [prompt.token_ids for prompt in prompts], schedule, prompts[0].settings,
+                         on_event=on_event, seed=seed)
+
+
+def compare_seed(settings: DecodeSettings) -> int | None:
+    """Both runs of --compare must draw the same random numbers: fix a seed when sampling without one."""
+    if settings.sampling.greedy or settings.sampling.seed is not None:
+        return settings.sampling.seed
+    return random.randrange(2**31)
+
+
+def warm_up(loaded, prompt: PreparedPrompt, full_depth_schedule) -> None:
+    """A few untimed tokens first, so --compare does not charge one-time costs to whichever run goes first."""
+    short = replace(prompt, settings=replace(prompt.settings, max_new_tokens=COMPARE_WARMUP_TOKENS, stop=()))
+    decode(loaded, [short], full_depth_schedule)
+
+
+def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, stats: bool) -> None:
+    """Decode one prompt; render live on a terminal, else stream plain text (or print JSON)."""
+    from d3cli.core.engine import GenerationInterrupted
+
+    schedule, full_depth = schedules(loaded, prepared.settings)
+    on_terminal = sys.stdout.isatty() and not as_json
+    seed = compare_seed(prepared.settings) if compare else None
+    if compare:
+        warm_up(loaded, prepared, full_depth)
+
+    reply: Reply | None = None
+    baseline: Reply | None = None
+    interrupted = False
+    try:
+        if on_terminal:
+            with render.ReplyView(render.stdout_console(), schedule.num_layers) as view:
+                (reply,) = decode(loaded, [prepared], schedule, on_event=view.add, seed=seed)
+        elif as_json and sys.stdout.isatty():
+            with render.Spinner(render.stdout_console(), "generating…") as spinner:
+                (reply,) = decode(loaded, [prepared], schedule, seed=seed,
+                                  on_event=lambda event: spinner.update(f"generating… {event.index + 1} tokens"))
+        else:
+            (reply,) = decode(loaded, [prepared], schedule, on_event=None if as_json else write_text, seed=seed)
+        if compare:
+            if sys.stdout.isatty():
+                with render.Spinner(render.stdout_console(), "decoding at full depth for --compare…"):
+                    (baseline,) = decode(loaded, [prepared], full_depth, seed=seed)
+            else:
+                (baseline,) = decode(loaded, [prepared], full_depth, seed=seed)
+    except GenerationInterrupted as stopped:
+        interrupted = True
+        if reply is None:  # stopped during the D3 run, not during the baseline
+            (reply,) = stopped.replies
+
+    record = reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration)
+    if as_json:
+        render.write_json_line(record)
+    elif on_terminal:
+        render.print_summary(render.stdout_console(), record)
+    else:
+        render.write_stdout("" if reply.text.endswith("\n") else "\n")
+        if stats:
+            render.print_stats(record)
+    if interrupted:
+        raise typer.Exit(130)
+
+
+def write_text(event) -> None:
+    if event.text:
+        render.write_stdout(event.text)
+
+
+def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, skip_bad_lines: bool) -> None:
+    """Each stdin line a prompt; each reply one JSON line, in input order, flushed as it is done.
+
+    On Ctrl-C the replies in flight are still printed, with finish_reason "interrupted".
+    """
+    from d3cli.core.engine import GenerationInterrupted
+    from d3cli.cli.jsonl_input import read_requests
+
+    def prepare(request) -> PreparedPrompt:
+        return prepare_prompt(loaded, request.prompt, request.settings, request.line, request.request_id)
+
+    requests = read_requests(sys.stdin.buffer, settings, prepare, skip_bad_lines, warn=render.print_warning)
+    for number, batch in enumerate(batches(requests, batch_size)):
+        schedule, full_depth = schedules(loaded, batch[0].settings)
+        seed = compare_seed(batch[0].settings) if compare else None
+        if compare and number == 0:
+            warm_up(loaded, batch[0], full_depth)
+        replies: list[Reply] | None = None
+        baselines: list[Reply | None] = [None] * len(batch)
+        interrupted = False
+        try:
+            replies = decode(loaded, batch, schedule, seed=seed)
+            if compare:
+                baselines = decode(loaded, batch, full_depth, seed=seed)
+        except GenerationInterrupted as stopped:
+            interrupted = True
+            if replies is None:  # stopped during the D3 run, not during the baseline
+                replies = stopped.replies
+        for prepared, reply, baseline in zip(batch, replies, baselines):
+            render.write_json_line(line_record(loaded, prepared, reply, schedule, baseline))
+        if interrupted:
+            raise typer.Exit(130)
+
+
+def line_record(loaded, prepared: PreparedPrompt, reply: Reply, schedule, baseline: Reply | None) -> dict:
+    record = {"line": prepared.line}
+    if prepared.request_id is not None:
+        record["id"] = prepared.request_id
+    record.update(reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration))
+    return record
+
+
+def batches(prepared_prompts, batch_size: int):
+    """Consecutive prompts whose settings allow one batch, at most `batch_size` at a time, in input order.
+
+    A batch is handed out as soon as it is full; when a bad line stops the input, the good lines before it are
+    still decoded first.
+    """
+    batch: list[PreparedPrompt] = []
+    prompts = iter(prepared_prompts)
+    while True:
+        try:
+            prepared = next(prompts)
+        except StopIteration:
+            break
+        except UserError:
+            if batch:
+                yield batch
+            raise
+        if batch and prepared.settings.batch_key() != batch[0].settings.batch_key():
+            yield batch
+            batch = []
+        batch.append(prepared)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,501 @@
+"""Everything d3 shows in a terminal. The only module that imports Rich.
+
+Model text is never parsed as markup: it is appended to `rich.text.Text` objects as plain strings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from d3cli.core.errors import OutputClosed
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+BAR_WIDTH = 30
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=False)
+
+
+def write_stdout(text: str) -> None:
+    """Plain text to stdout, flushed at once (pipes see each token as it comes)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise OutputClosed from None
+
+
+def write_json_line(record: dict) -> None:
+    write_stdout(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def print_error(message: str) -> None:
+    """One line on stderr: `d3: error: ...`."""
+    sys.stderr.write(f"d3: error: {message}\n")
+    sys.stderr.flush()
+
+
+def print_warning(message: str) -> None:
+    sys.stderr.write(f"d3: {message}\n")
+    sys.stderr.flush()
+
+
+def depth_colour(layers: int, num_layers: int) -> str:
+    """Full depth is green; the shallower a token, the further toward orange."""
+    share = max(0.0, min(1.0, layers / num_layers)) if num_layers else 1.0
+    skipped = 1.0 - share
+    red, green, blue = int(95 + 160 * min(1.0, 2 * skipped)), int(215 - 80 * skipped), int(95 - 95 * skipped)
+    return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+def depth_block(layers: int, num_layers: int) -> str:
+    """A one-character vertical bar whose height is layers / L (█ = every layer)."""
+    share = max(0.0, min(1.0, layers / num_layers)) if num_layers else 1.0
+    return BLOCKS[max(0, min(len(BLOCKS) - 1, round(share * len(BLOCKS)) - 1))]
+
+
+def depth_bar(layers: int, num_layers: int, width: int = BAR_WIDTH) -> Text:
+    """A horizontal bar of `layers` out of `num_layers`, with the count."""
+    filled = round(width * layers / num_layers) if num_layers else width
+    bar = Text("█" * filled, style=depth_colour(layers, num_layers))
+    bar.append("░" * (width - filled), style="grey35")
+    bar.append(f" {layers:>3}/{num_layers} layers")
+    return bar
+
+
+@dataclass
+class TokenPiece:
+    text: str
+    layers: int
+
+
+class ReplyView:
+    """The live view of one reply on a terminal: streamed text, one depth bar per token, a status line."""
+
+    def __init__(self, console: Console, num_layers: int, title: str = ""):
+        self.console = console
+        self.num_layers = num_layers
+        self.title = title
+        self.pieces: list[TokenPiece] = []
+        self.tokens_per_s = 0.0
+        self.live = Live(console=console, refresh_per_second=12, transient=True, auto_refresh=True,
+                         get_renderable=self._live_renderable)
+
+    def __enter__(self) -> ReplyView:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.live.stop()
+        self.console.print(self.final_renderable())
+
+    def add(self, event) -> None:
+        self.pieces.append(TokenPiece(event.text, event.layers))
+        if event.elapsed_s > 0:
+            self.tokens_per_s = len(self.pieces) / event.elapsed_s
+
+    def styled_text(self) -> Text:
+        text = Text()
+        for piece in self.pieces:
+            text.append(piece.text, style=depth_colour(piece.layers, self.num_layers))
+        return text
+
+    def depth_strip(self) -> Text:
+        strip = Text()
+        for piece in self.pieces:
+            strip.append(depth_block(piece.layers, self.num_layers), style=depth_colour(piece.layers, self.num_layers))
+        return strip
+
+    def _status(self) -> Text:
+        status = Text(f"token {len(self.pieces):>4}  ", style="bold")
+        if self.pieces:
+            status.append_text(depth_bar(self.pieces[-1].layers, self.num_layers))
+        status.append(f"  {self.tokens_per_s:6.1f} tok/s", style="dim")
+        return status
+
+    def _live_renderable(self):
+        width = max(20, self.console.width)
+        height = max(6, self.console.height - 4)
+        lines = self.styled_text().wrap(self.console, width)
+        strip_lines = self.depth_strip().wrap(self.console, width)
+        text_room = max(1, height - 3)
+        visible = Text("\n").join(lines[-text_room:]) if len(lines) else Text("")
+        strip = strip_lines[-1] if len(strip_lines) else Text("")
+        return Group(visible, Text(""), strip, self._status())
+
+    def final_renderable(self):
+        legend = Text(f"layers per token ({BLOCKS[-1]} = all {self.num_layers}, {BLOCKS[0]} = few):", style="dim")
+        return Group(self.styled_text(), Text(""), legend, self.depth_strip())
+
+
+class Spinner:
+    """A transient status line while something runs that prints nothing (the --compare baseline)."""
+
+    def __init__(self, console: Console, message: str):
+        self.status = console.status(message)
+
+    def __enter__(self) -> Spinner:
+        self.status.start()
+        return self
+
+    def update(self, message: str) -> None:
+        self.status.update(message)
+
+    def __exit__(self, *exc_info) -> None:
+        self.status.stop()
+
+
+def summary_rows(record: dict) -> list[tuple[str, str]]:
+    """The label/value rows of a reply's summary, from its JSON record."""
+    num_layers = record["num_layers"]
+    rows = [
+        ("schedule", f"α={record['alpha']}, min-layers {record['min_layers']}, head {record['head']}, "
+                     f"tail {record['tail']}, warmup {record['warmup']}, skip order {record['skip_order']}"),
+        ("calibration", calibration_text(record)),
+        ("tokens", f"{record['generated_tokens']} ({record['finish_reason']})"),
+        ("mean layers", f"{record['mean_layers']:.1f} of {num_layers}"),
+        ("layer compute", f"{100 * record['layer_ratio']:.1f}% of full depth"),
+        ("tokens/s", f"{record['tokens_per_s']:.1f}"),
+        ("speedup (estimated)", f"{record['estimated_speedup']:.2f}× from layer counts; an upper bound"),
+    ]
+    if "baseline" in record:
+        baseline = record["baseline"]
+        rows += [
+            ("full depth", f"{baseline['generated_tokens']} tokens, {baseline['tokens_per_s']:.1f} tokens/s"),
+            ("speedup (measured)", f"{record['measured_speedup']:.2f}× wall clock, tokens/s over full depth"),
+            ("identical to full depth", "yes" if record["identical"] else "no"),
+        ]
+    return rows
+
+
+def calibration_text(record: dict) -> str:
+    """Which calibration a reply used and what its bridges did, or how to make one."""
+    if record.get("calibration") is None:
+        return "none for this model (d3 calibrate fits its layer order and bridges)"
+    if not record.get("bridges"):
+        return f"{record['calibration']}, bridges off"
+    runs = ", ".join(f"{first}" if first == last else f"{first}–{last}" for first, last in record["bridged_runs"])
+    text = f"{record['calibration']}, bridges over layers {runs}" if runs else f"{record['calibration']}, bridges on"
+    if record.get("unbridged_runs"):
+        text += f" (no bridge for {len(record['unbridged_runs'])} run(s): skipped plainly)"
+    return text
+
+
+def summary_panel(record: dict) -> Panel:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in summary_rows(record):
+        table.add_row(label, value)
+    return Panel(table, title="D3 summary", expand=False, border_style="cyan")
+
+
+def stats_line(record: dict) -> str:
+    """The summary as one plain line, for stderr in scripts (`--stats`)."""
+    return "d3: " + "; ".join(f"{label} {value}" for label, value in summary_rows(record))
+
+
+def print_summary(console: Console, record: dict) -> None:
+    console.print(summary_panel(record))
+
+
+def print_stats(record: dict) -> None:
+    """The summary for scripts: one plain line on stderr."""
+    sys.stderr.write(stats_line(record) + "\n")
+    sys.stderr.flush()
+
+
+
+def turn_summary(record: dict) -> str:
+    """One line after each chat reply."""
+    return (f"{record['generated_tokens']} tokens ({record['finish_reason']}) · "
+            f"{record['mean_layers']:.1f}/{record['num_layers']} layers · {record['tokens_per_s']:.1f} tok/s · "
+            f"estimated speedup {record['estimated_speedup']:.2f}×")
+
+
+def print_turn_summary(console: Console, record: dict) -> None:
+    console.print(Text(turn_summary(record), style="dim"))
+
+
+def print_chat_banner(console: Console, model_name: str, settings_text: str) -> None:
+    console.print(Text.assemble(("d3 chat", "bold cyan"), f" · {model_name}"))
+    console.print(Text(f"{settings_text} · /help for commands · Ctrl-D to leave", style="dim"))
+
+
+def print_info(console: Console, message: str) -> None:
+    console.print(Text(message, style="cyan"))
+
+
+def stats_text(totals: dict) -> str:
+    return (f"{totals['turns']} replies, {totals['generated_tokens']} tokens, mean layers "
+            f"{totals['mean_layers']:.1f} of {totals['num_layers']} ({100 * totals['layer_ratio']:.1f}% of full "
+            f"depth), {totals['tokens_per_s']:.1f} tokens/s, estimated speedup {totals['estimated_speedup']:.2f}×")
+
+
+def print_session_stats(console: Console, totals: dict) -> None:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("replies", str(totals["turns"]))
+    table.add_row("tokens", str(totals["generated_tokens"]))
+    table.add_row("mean layers", f"{totals['mean_layers']:.1f} of {totals['num_layers']}")
+    table.add_row("layer compute", f"{100 * totals['layer_ratio']:.1f}% of full depth")
+    table.add_row("tokens/s", f"{totals['tokens_per_s']:.1f}")
+    table.add_row("speedup (estimated)", f"{totals['estimated_speedup']:.2f}× from layer counts; an upper bound")
+    console.print(Panel(table, title="session", expand=False, border_style="cyan"))
+
+
+def print_settings(console: Console, rows: dict[str, dict[str, dict]]) -> None:
+    """`d3 config show`: each subcommand's settings with their sources."""
+    for command, settings in rows.items():
+        table = Table(title=f"d3 {command}", title_justify="left", show_edge=False, header_style="bold")
+        table.add_column("key")
+        table.add_column("value")
+        table.add_column("from", style="dim")
+        for key, setting in settings.items():
+            source = setting["source"]
+            table.add_row(key, json.dumps(setting["value"], ensure_ascii=False),
+                          Text(source, style="dim" if source == "default" else "cyan"))
+        console.print(table)
+
+
+class BenchProgress:
+    """One progress bar per method with its ETA, on stderr."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> BenchProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+    def add(self, key: str, label: str, total: int, completed: int) -> None:
+        self.tasks[key] = self.progress.add_task(label, total=total, completed=completed, start=False)
+
+    def start(self, key: str) -> None:
+        self.progress.start_task(self.tasks[key])
+
+    def advance(self, key: str, amount: int = 1) -> None:
+        self.progress.advance(self.tasks[key], amount)
+
+
+def _points(value) -> str:
+    return "" if value is None else f"{value:+.1f}"
+
+
+def _times(value) -> str:
+    return "" if value is None else f"{value:.2f}×"
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def print_bench_table(console: Console, summary: dict) -> None:
+    """`d3 bench`'s summary: one row per method (every number is also in --json)."""
+    table = Table(title=f"d3 bench · {summary['task']} · {summary['model']} · {summary['examples']} examples",
+                  title_justify="left", header_style="bold", box=None, padding=(0, 1))
+    table.add_column("method", no_wrap=True)
+    for heading in ("strict", "flex", "Δpts", "agree", "layers", "tokens", "tok/s", "speedup", "decode"):
+        table.add_column(heading, justify="right", no_wrap=True)
+    for row in summary["methods"]:
+        table.add_row(
+            row["label"], _percent(row["accuracy"]), _percent(row["accuracy_flexible"]),
+            _points(row["delta_points"]), _percent(row["agreement"]), f"{row['mean_layers']:.1f}",
+            str(row["generated_tokens"]), f"{row['tokens_per_s']:.1f}", _times(row["measured_speedup"]),
+            _times(row.get("decode_speedup")),
+        )
+    console.print(table)
+    console.print(Text("strict, flex: accuracy by the two answer extractors; Δpts: strict accuracy minus full "
+                       "depth's; agree: same flexible answer as full depth; static and linear use the mean depth "
+                       "of the d3 run with their α; speedup: tokens/s over full depth's, prefill included; decode: "
+                       "the same without the prefill", style="dim"))
+    console.print(Text(f"per-example results: {summary['output']}", style="dim"))
+
+
+def _bar_with_marker(value: float, marker: float | None, scale: float, width: int = BAR_WIDTH) -> Text:
+    """A horizontal bar of `value` (full width = `scale`), with a ┃ where `marker` falls."""
+    filled = max(0, min(width, round(width * value / scale))) if scale > 0 else 0
+    cells = ["█"] * filled + [" "] * (width - filled)
+    styles = ["cyan"] * filled + [""] * (width - filled)
+    if marker is not None and scale > 0:
+        spot = max(0, min(width - 1, round(width * marker / scale) - 1))
+        cells[spot], styles[spot] = "┃", "bold magenta"
+    text = Text()
+    for cell, style in zip(cells, styles):
+        text.append(cell, style=style)
+    return text
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
+
+
+def print_ppl_profile(console: Console, result: dict) -> None:
+    """profile-ppl's per-position chart: one row per position bucket, a bar of its perplexity with the fit marked."""
+    profile = result["profile"]
+    table = Table(title=f"d3 profile-ppl · {result['corpus']} · {result['model']} · {profile['texts']} texts, "
+                        f"{profile['tokens']} tokens", title_justify="left", header_style="bold", box=None,
+                  padding=(0, 1))
+    scale = max((max(row["perplexity"], row["fit"] or 0.0) for row in profile["buckets"]), default=1.0)
+    rows = []
+    for index, row in enumerate(profile["buckets"]):
+        cells = [f"{row['first']}–{row['last']}", str(row["count"]), f"{row['mean_nll']:.3f}",
+                 _ppl(row["perplexity"]),
+                 f"{_ppl(row['perplexity_low'])}–{_ppl(row['perplexity_high'])}"]
+        cells += [f"{decayed['buckets'][index]['nll_increase']:+.3f}" for decayed in profile["d3"]]
+        rows.append((cells, _bar_with_marker(row["perplexity"], row["fit"], scale, 12)))
+    headings = ["positions", "tokens", "NLL", "ppl", "95% CI", *(f"Δ{row['label']}" for row in profile["d3"])]
+    for column, heading in enumerate(headings):  # numbers never shrink; the bar does
+        width = max([len(heading), *(len(cells[column]) for cells, _ in rows)])
+        table.add_column(heading, justify="left" if column == 0 else "right", no_wrap=True, min_width=width)
+        if column == 4:
+            table.add_column("ppl ┃ fit", no_wrap=True, min_width=8)
+    for cells, bar in rows:
+        table.add_row(*cells[:5], bar, *cells[5:])
+    console.print(table)
+    fit = profile["fit"]
+    if fit:
+        console.print(Text(f"fit: ppl(i) ≈ {fit['c']:.3f} + {fit['a']:.3f}·(i+1)^(−{fit['b']:.3f})   "
+                           f"R² {fit['r2']:.3f}, RMSE {fit['rmse']:.3f} over {fit['points']} positions"))
+    else:
+        console.print(Text("fit: too few positions with two or more tokens for a power-law fit", style="dim"))
+    calibration = result.get("calibration")
+    console.print(Text(f"calibration: {calibration}, bridges {'on' if result.get('bridges') else 'off'}"
+                       if calibration else "calibration: none for this model (d3 calibrate fits its layer order and "
+                       "bridges)", style="dim"))
+    for decayed in profile["d3"]:
+        bridged = ", bridged" if decayed.get("bridges") else ""
+        console.print(Text(f"{decayed['label']} ({decayed['skip_order']}{bridged}): mean "
+                           f"{decayed['mean_layers']:.2f} layers, "
+                           f"NLL {decayed['mean_nll']:.4f} ({decayed['nll_increase']:+.4f} nats over full depth "
+                           f"{profile['mean_nll']:.4f}), same top token as full depth at "
+                           f"{100 * decayed['top1_agreement']:.1f}% of positions"))
+
+
+def print_layer_profile(console: Console, result: dict) -> None:
+    """profile-ppl's layer table: block influence and the NLL cost of skipping each layer alone late in replies."""
+    layers = result["layers"]
+    table = Table(title=f"layer profile · late positions ≥ {result['late_from']}", title_justify="left",
+                  header_style="bold", box=None, padding=(0, 1))
+    for heading, justify in (("layer", "right"), ("kind", "left"), ("influence", "right"), ("", "left"),
+                             ("ΔNLL", "right"), ("", "left"), ("drop", "right")):
+        table.add_column(heading, justify=justify, no_wrap=True, min_width=len(heading))
+    top_influence = max((row["block_influence"] for row in layers), default=1.0) or 1.0
+    top_increase = max((max(row["nll_increase"], 0.0) for row in layers), default=1.0) or 1.0
+    for row in layers:
+        table.add_row(str(row["layer"]), "core" if row["core"] else "flex", f"{row['block_influence']:.4f}",
+                      _bar_with_marker(row["block_influence"], None, top_influence, 16),
+                      f"{row['nll_increase']:+.4f}", _bar_with_marker(max(row["nll_increase"], 0.0), None,
+                                                                     top_increase, 16),
+                      "" if row["core"] else str(row["importance_rank"]))
+    console.print(table)
+    console.print(Text("influence: 1 − cos(layer input, output); ΔNLL: nats per late token when the layer alone is "
+                       "skipped; drop: the order --skip-order importance drops flex layers in (0 first)", style="dim"))
+
+
+def print_calibration(console: Console, calibration: dict) -> None:
+    costs, chosen = calibration["step_costs"], calibration["recommended"]
+    console.print(Text(f"step cost on this machine: T(k) ≈ {costs['t_fixed_ms']:.2f} ms + k × "
+                       f"{costs['t_layer_ms']:.3f} ms (R² {costs['r2']:.3f})"))
+    table = Table(title=f"calibration · target {calibration['target']} · {calibration['reply_tokens']}-token replies",
+                  title_justify="left", header_style="bold", box=None, padding=(0, 1))
+    for heading in ("α", "min layers", "layer ratio", "speedup (pred.)", "ΔNLL (pred.)", ""):
+        table.add_column(heading, justify="right", no_wrap=True)
+    for row in calibration["candidates"]:
+        is_chosen = row["alpha"] == chosen["alpha"] and row["min_layers"] == chosen["min_layers"]
+        table.add_row(f"{row['alpha']:.4f}", str(row["min_layers"]), f"{row['predicted_layer_ratio']:.3f}",
+                      f"{row['predicted_speedup']:.3f}×", f"{row['predicted_nll_increase']:+.4f}",
+                      "← recommended" if is_chosen else "", style="bold" if is_chosen else None)
+    console.print(table)
+    check = calibration["check"]
+    console.print(Text(f"recommended: --alpha {chosen['alpha']:.4f} --min-layers {chosen['min_layers']}   "
+                       f"decode speedup predicted {chosen['predicted_speedup']:.3f}×, measured "
+                       f"{check['measured_speedup']:.3f}×; ΔNLL predicted {chosen['predicted_nll_increase']:+.4f}, "
+                       f"measured {check['measured_nll_increase']:+.4f} nats ({check['texts']} held-out texts)",
+                       style="bold green"))
+
+
+def print_speed_report(console: Console, report: dict) -> None:
+    """`d3 bench --task speed`: α = 1 against the model's own generate, the step-cost fit, D3 against its ideal,
+    batches, the KV cache and the first token (every number is also in --json)."""
+    machine = report["machine"]
+    console.print(Text(f"d3 bench · speed · {report['model']} · {machine['device']} {machine['dtype']}, torch "
+                       f"{machine['torch']}, {machine['threads']} threads · {report['tokens']}-token replies, "
+                       f"medians of {report['repeats']}", style="bold"))
+    console.print(Text(f"model.generate {report['hf_tokens_per_s']:.2f} tok/s · d3 α=1 "
+                       f"{report['d3_alpha1_tokens_per_s']:.2f} tok/s · ratio {report['alpha1_ratio']:.3f} · "
+                       f"same tokens: {'yes' if report['same_tokens'] else 'NO'}"))
+    console.print(Text(f"step time T(k) ≈ {report['t_fixed_ms']:.2f} ms + k × {report['t_layer_ms']:.3f} ms "
+                       f"(R² {report['r2']:.4f}); measured: " + ", ".join(
+                           f"{row['layers']}→{row['ms']:.1f}" for row in report["step_ms"]) + " ms"))
+    if "t_bridge_ms" in report:
+        console.print(Text(f"bridges ({report['calibration']}): {report['t_bridge_ms']:.3f} ms per bridged run and "
+                           "step; with bridges: " + ", ".join(
+                               f"{row['layers']}→{row['ms']:.1f} ({row['bridged_runs']} runs)"
+                               for row in report["bridged_step_ms"]) + " ms"))
+    table = Table(header_style="bold", box=None, padding=(0, 1))
+    for heading in ("α", "bridges", "k̄", "r̄", "ideal", "measured", "efficiency"):
+        table.add_column(heading, justify="right", no_wrap=True)
+    for row in report["alphas"]:
+        table.add_row(f"{row['alpha']:g}", "yes" if row.get("bridges") else "no", f"{row['mean_layers']:.2f}",
+                      f"{row.get('mean_bridged_runs', 0.0):.2f}", _times(row["ideal_speedup"]),
+                      _times(row["measured_speedup"]), f"{row['efficiency']:.3f}")
+    console.print(table)
+    batches = Table(header_style="bold", box=None, padding=(0, 1))
+    for heading in ("batch", "full tok/s", "d3 tok/s", "speedup"):
+        batches.add_column(heading, justify="right", no_wrap=True)
+    for row in report["batches"]:
+        batches.add_row(str(row["batch_size"]), f"{row['full_tokens_per_s']:.1f}", f"{row['d3_tokens_per_s']:.1f}",
+                        _times(row["speedup"]))
+    console.print(batches)
+    kv = report["kv_cache"]
+    console.print(Text(f"KV cache after {kv['tokens']} tokens: {kv['full_bytes'] / 2**20:.1f} MiB at full depth, "
+                       f"{kv['d3_bytes'] / 2**20:.1f} MiB with D3 ({100 * kv['ratio']:.1f} %); allocated with "
+                       f"spare room {kv['full_allocated_bytes'] / 2**20:.1f} and "
+                       f"{kv['d3_allocated_bytes'] / 2**20:.1f} MiB"))
+    first = report["first_token"]
+    console.print(Text(f"first token from a new process: cold {first['cold_s']:.1f} s (empty d3 cache), warm "
+                       f"{first['warm_s']:.1f} s (exit {first['warm_exit_s']:.1f} s); importing torch and "
+                       f"transformers alone takes {first['imports_s']:.1f} s"))
+    console.print(Text("ideal = T(L) / (T_fixed + k̄·T_layer + r̄·T_bridge) with the fitted costs (r̄: bridged "
+                       "runs per step); measured: decode time at full depth over decode time with D3 (prefill "
+                       "excluded); efficiency = measured / ideal",
+                       style="dim"))
+
+
+def print_calibration_made(console: Console, record: dict) -> None:
+    """`d3 calibrate`'s closing summary."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    runs = ", ".join(f"{first}" if first == last else f"{first}–{last}" for first, last in record["bridged_runs"])
+    table.add_row("written to", record["calibration"])
+    table.add_row("corpus", f"{record['texts']} replies, {record['tokens']} tokens")
+    table.add_row("skip order", "importance: " + " ".join(str(layer) for layer in record["drop_order"]))
+    table.add_row("bridges", f"{len(record['bridged_runs'])} runs ({runs}), "
+                             f"{record['bridge_bytes'] / 2**20:.1f} MiB"
+                             + (f", rank {record['rank']}" if record["rank"] else ""))
+    table.add_row("time", ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record["seconds"].items()))
+    console.print(Panel(table, title=f"d3 calibrate · {record['model']}", expand=False, border_style="cyan"))

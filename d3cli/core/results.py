@@ -1,0 +1,158 @@
+"""Replies gathered from token events, and the JSON record every command prints for one reply. No torch here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d3cli.core.schedule import DecaySchedule, runs_at_depths
+
+
+@dataclass
+class Reply:
+    """One row's reply as it was generated."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    layers_per_token: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    time_s: float = 0.0  # from the start of the prefill to this row's last token
+    first_token_s: float | None = None  # time to first token (prefill included)
+
+    def add(self, event) -> None:
+        self.token_ids.append(event.token_id)
+        self.text += event.text
+        self.layers_per_token.append(event.layers)
+        self.time_s = event.elapsed_s
+        if self.first_token_s is None:
+            self.first_token_s = event.elapsed_s
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_layers(self) -> float:
+        return sum(self.layers_per_token) / len(self.layers_per_token) if self.layers_per_token else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.time_s if self.time_s > 0 else 0.0
+
+
+class ReplyCollector:
+    """Feeds each `TokenEvent` to the reply of its row."""
+
+    def __init__(self, rows: int):
+        self.replies = [Reply() for _ in range(rows)]
+
+    def add(self, event) -> None:
+        self.replies[event.row].add(event)
+
+    def mark_interrupted(self) -> None:
+        for reply in self.replies:
+            if reply.finish_reason is None:
+                reply.finish_reason = "interrupted"
+
+
+def layer_ratio(reply: Reply, num_layers: int) -> float:
+    """Mean layers per token over L: the fraction of the decoder's layer compute that ran."""
+    return _layer_ratio(reply.mean_layers, num_layers)
+
+
+def estimated_speedup(reply: Reply, num_layers: int) -> float:
+    """L over mean layers: the speedup if the layers were all the work (an upper bound; --compare measures)."""
+    return _estimated_speedup(reply.mean_layers, num_layers)
+
+
+def _layer_ratio(mean_layers: float, num_layers: int) -> float:
+    return mean_layers / num_layers if num_layers else 0.0
+
+
+def _estimated_speedup(mean_layers: float, num_layers: int) -> float:
+    return num_layers / mean_layers if mean_layers else 0.0
+
+
+def session_totals(records: list[dict], num_layers: int) -> dict | None:
+    """Totals over reply records (chat's /stats): token-weighted mean layers, layer ratio and estimated speedup as
+    for one reply, tokens per second over the replies' own time; None before the first reply."""
+    if not records:
+        return None
+    tokens = sum(record["generated_tokens"] for record in records)
+    layer_sum = sum(sum(record["layers_per_token"]) for record in records)
+    seconds = sum(record["time_s"] for record in records)
+    mean_layers = layer_sum / tokens if tokens else 0.0
+    return {
+        "turns": len(records),
+        "generated_tokens": tokens,
+        "mean_layers": mean_layers,
+        "num_layers": num_layers,
+        "layer_ratio": _layer_ratio(mean_layers, num_layers),
+        "time_s": seconds,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "estimated_speedup": _estimated_speedup(mean_layers, num_layers),
+    }
+
+
+def calibration_fields(schedule: DecaySchedule, layers_per_token, calibration=None) -> dict[str, object]:
+    """What a reply's JSON says about the model's calibration: which file (None: the model has none, "bundled":
+    the one d3 ships), whether bridges stood in for skipped runs, and which runs they were."""
+    bridges = schedule.bridges or {}
+    runs = runs_at_depths(schedule.num_layers, schedule.drop_order, dict.fromkeys(layers_per_token))
+    fields = {
+        "calibration": getattr(calibration, "label", None),
+        "bridges": schedule.bridges is not None,
+        "bridged_runs": [list(run) for run in runs if run in bridges],
+    }
+    if schedule.bridges is not None:
+        fields["unbridged_runs"] = [list(run) for run in runs if run not in bridges]
+    return fields
+
+
+def reply_record(
+    reply: Reply, schedule: DecaySchedule, model_name: str, prompt_tokens: int, baseline: Reply | None = None,
+    calibration=None,
+) -> dict[str, object]:
+    """The JSON object of `generate --json` / `--jsonl` for one reply; `calibration` is the model's
+    (model_calibration.ModelCalibration) or None."""
+    record: dict[str, object] = {
+        "model": model_name,
+        "alpha": schedule.alpha,
+        "min_layers": schedule.min_layers,
+        "warmup": schedule.warmup,
+        "head": schedule.head,
+        "tail": schedule.tail,
+        "skip_order": schedule.skip_order,
+        **calibration_fields(schedule, reply.layers_per_token, calibration),
+        "num_layers": schedule.num_layers,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": reply.generated_tokens,
+        "text": reply.text,
+        "token_ids": reply.token_ids,
+        "layers_per_token": reply.layers_per_token,
+        "mean_layers": round(reply.mean_layers, 4),
+        "layer_ratio": round(layer_ratio(reply, schedule.num_layers), 4),
+        "estimated_speedup": round(estimated_speedup(reply, schedule.num_layers), 4),
+        "time_s": round(reply.time_s, 4),
+        "time_to_first_token_s": round(reply.first_token_s or 0.0, 4),
+        "tokens_per_s": round(reply.tokens_per_s, 3),
+        "finish_reason": reply.finish_reason,
+    }
+    if baseline is not None:
+        record["baseline"] = {
+            "text": baseline.text,
+            "token_ids": baseline.token_ids,
+            "generated_tokens": baseline.generated_tokens,
+            "time_s": round(baseline.time_s, 4),
+            "tokens_per_s": round(baseline.tokens_per_s, 3),
+            "finish_reason": baseline.finish_reason,
+        }
+        record["measured_speedup"] = round(measured_speedup(reply, baseline), 4)
+        record["identical"] = reply.token_ids == baseline.token_ids
+    return record
+
+
+def measured_speedup(reply: Reply, baseline: Reply) -> float:
+    """Wall-clock tokens/s of D3 over tokens/s at full depth (per token, so replies of different length compare)."""
+    return reply.tokens_per_s / baseline.tokens_per_s if baseline.tokens_per_s else 0.0

@@ -1,0 +1,337 @@
+"""`d3 bench` runs: full depth against D3 and matched-compute baselines, on the same examples, resumable.
+
+Methods, in the order they run: `full` (every layer, the reference), `d3` at each α, then for each α the baselines
+matched to that D3 run's mean depth over its generated tokens: `static` (one depth for every token after the first,
+the same skip order) and `linear` (SkipDecode-style: depth falls linearly with position). Each of d3, static and
+linear also comes as `METHOD+bridges`: the same schedule with the model's calibrated bridges standing in for the
+skipped runs (the plain methods skip them); a bridged baseline is matched to the bridged D3 run.
+
+Every finished example is appended to a JSONL file at once (flushed and fsynced); `--resume` reads it back and runs
+only what is missing, and the summary is computed from that file alone, so an interrupted-and-resumed run and an
+uninterrupted one summarize the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from d3cli import __version__
+from d3cli.core.errors import UserError
+from d3cli.core.schedule import DecaySchedule, LinearSchedule, StaticSchedule
+from d3cli.core.settings import DecodeSettings, settings_as_options
+from d3cli.evaluation.tasks.base import Example, TaskOptions
+
+BRIDGED = "+bridges"
+SCHEDULES = ("d3", "static", "linear")
+METHODS = ("full", *SCHEDULES, *(f"{name}{BRIDGED}" for name in SCHEDULES))
+DEFAULT_METHODS = ("full", "d3", f"d3{BRIDGED}", "static", f"static{BRIDGED}", "linear")
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    method: str  # full, d3, static, linear
+    alpha: float | None  # the D3 α this run is, or is matched to
+    bridged: bool = False  # the calibration's bridges stand in for skipped runs
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}{BRIDGED}" if self.bridged else self.method
+
+    @property
+    def key(self) -> str:
+        return self.name if self.alpha is None else f"{self.name}@{self.alpha:g}"
+
+    @property
+    def label(self) -> str:
+        if self.method == "full":
+            return "full"
+        return f"{self.name} α={self.alpha:g}"  # a baseline's α: the D3 run whose mean depth it matches
+
+
+def default_methods(d3_schedule: DecaySchedule) -> tuple[str, ...]:
+    """What `d3 bench` runs when --methods is not given: the bridged methods only when there are bridges."""
+    if d3_schedule.bridges is None:
+        return tuple(method for method in DEFAULT_METHODS if not method.endswith(BRIDGED))
+    return DEFAULT_METHODS
+
+
+def method_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[MethodRun]:
+    """`full` first, then every D3 run (plain, then bridged), then the baselines matched to each D3 run."""
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r} (choose from: {', '.join(METHODS)})")
+    for bridged in ("", BRIDGED):
+        baselines = [f"{name}{bridged}" for name in ("static", "linear") if f"{name}{bridged}" in methods]
+        if baselines and f"d3{bridged}" not in methods:
+            raise UserError(f"{' and '.join(baselines)} {'is' if len(baselines) == 1 else 'are'} matched to a "
+                            f"d3{bridged} run: add d3{bridged} to --methods")
+    def wanted(method: str, alpha: float) -> list[MethodRun]:
+        return [MethodRun(method, alpha, bridged) for bridged in (False, True)
+                if f"{method}{BRIDGED if bridged else ''}" in methods]
+
+    runs = [MethodRun("full", None)]
+    runs += [run for alpha in alphas for run in wanted("d3", alpha)]
+    runs += [run for alpha in alphas for method in ("static", "linear") for run in wanted(method, alpha)]
+    return runs
+
+
+def prompt_digest(example: Example) -> str:
+    return hashlib.sha256(f"{example.chat}\n{example.prompt}".encode()).hexdigest()[:16]
+
+
+class ResultsFile:
+    """The JSONL file of a bench: a "run" line per session, then one "example" line per finished example."""
+
+    def __init__(self, path: Path, identity: dict, resume: bool):
+        self.path = path
+        self.records: list[dict] = []
+        if path.exists():
+            if not resume:
+                raise UserError(f"{path} already holds results: add --resume to continue that run, or pick "
+                                "another --output")
+            self._read(identity)
+        elif resume:
+            raise UserError(f"nothing to resume: {path} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a", encoding="utf-8")
+        self._append({"type": "run", "d3": __version__, "started": time.time(), **identity})
+
+    def _read(self, identity: dict) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last line of a killed run may be cut short
+                    break
+                raise UserError(f"{self.path}:{number}: not a d3 bench record") from None
+            if record.get("type") == "run":
+                mismatch = [key for key in identity if key not in ("methods", "alphas") and
+                            record.get(key) != identity[key]]
+                if mismatch:
+                    raise UserError(f"{self.path} is a run with other settings ({', '.join(mismatch)} differ): "
+                                    "resume it with the same options, or pick another --output")
+            elif record.get("type") == "example":
+                self.records.append(record)
+        with open(self.path, "rb+") as handle:  # drop a cut-short last line so the file stays valid JSONL
+            content = handle.read()
+            if content and not content.endswith(b"\n"):
+                handle.truncate(content.rfind(b"\n") + 1)
+
+    def _append(self, record: dict) -> None:
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def add(self, record: dict) -> None:
+        self._append(record)
+        self.records.append(record)
+
+    def done(self, key: str, examples: Sequence[Example]) -> dict[str, dict]:
+        """This method's finished records of these examples (with the same prompt), by example id."""
+        wanted = {example.id: prompt_digest(example) for example in examples}
+        return {record["id"]: record for record in self.records
+                if record["method"] == key and wanted.get(record["id"]) == record["prompt_sha256"]}
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def matched_static(d3_schedule: DecaySchedule, records: Sequence[dict]) -> StaticSchedule:
+    """The one depth for tokens after the first whose mean over the D3 run's token counts is closest to D3's."""
+    tokens = sum(record["tokens"] for record in records)
+    target = sum(sum(record["layers"]) for record in records) / tokens
+    examples = len(records)
+    if tokens == examples:  # one-token replies: only the prefill's full depth
+        return StaticSchedule.like(d3_schedule, d3_schedule.num_layers)
+    depth = round((target * tokens - examples * d3_schedule.num_layers) / (tokens - examples))
+    return StaticSchedule.like(d3_schedule, depth)
+
+
+def matched_linear(d3_schedule: DecaySchedule, records: Sequence[dict]) -> LinearSchedule:
+    """The slope whose mean depth over the D3 run's token counts is closest to D3's (bisection)."""
+    lengths = [record["tokens"] for record in records]
+    target = sum(sum(record["layers"]) for record in records) / sum(lengths)
+
+    def mean_depth(slope: float) -> float:
+        schedule = LinearSchedule.like(d3_schedule, slope)
+        return sum(schedule.layers_at(i) for length in lengths for i in range(length)) / sum(lengths)
+
+    low, high = 0.0, float(d3_schedule.num_layers)
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_depth(middle) > target else (low, middle)
+    best = min((low, high), key=lambda slope: abs(mean_depth(slope) - target))
+    return LinearSchedule.like(d3_schedule, best)
+
+
+def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, results: ResultsFile | None,
+                 examples: Sequence[Example], calibration=None) -> DecaySchedule:
+    """The schedule of `run` for a model with `num_layers` layers and `calibration`; a baseline is matched to the
+    finished records of its D3 run in `results`."""
+    if run.method == "full":
+        return settings.full_depth().schedule_for(num_layers)
+    d3_schedule = dataclasses.replace(settings, alpha=run.alpha).schedule_for(num_layers, calibration)
+    if run.bridged and d3_schedule.bridges is None:
+        raise UserError(f"{run.name} needs bridges: this model's calibration has none (make it with d3 calibrate), "
+                        "or bridges are off")
+    d3_schedule = d3_schedule.with_bridges(d3_schedule.bridges if run.bridged else None)
+    if run.method == "d3":
+        return d3_schedule
+    d3_run = MethodRun("d3", run.alpha, run.bridged)
+    d3_records = list(results.done(d3_run.key, examples).values()) if results is not None else []
+    if not d3_records:
+        raise UserError(f"{run.label} is matched to the {d3_run.label} run, which has no results")
+    match = matched_static if run.method == "static" else matched_linear
+    return match(d3_schedule, d3_records)
+
+
+def encode_examples(loaded, examples: Sequence[Example]) -> dict[str, list[int]]:
+    """Every example's prompt as token ids, once for all methods; a prompt too long for the model is a UserError."""
+    from d3cli.core.loader import context_length
+
+    context = context_length(loaded.model)
+    encoded = {}
+    for example in examples:
+        token_ids = example.prompt_ids(loaded.tokenizer)
+        if context is not None and len(token_ids) >= context:
+            raise UserError(f"{example.id}'s prompt is {len(token_ids)} tokens, the model's context {context}: "
+                            "use fewer --shots")
+        encoded[example.id] = token_ids
+    return encoded
+
+
+def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, list[int]], run: MethodRun,
+               schedule: DecaySchedule, settings: DecodeSettings, batch_size: int, results: ResultsFile,
+               on_example=None) -> None:
+    """Decode every example this method has not finished yet; each result is written the moment its row ends."""
+    from d3cli.core import engine
+    from d3cli.core.results import ReplyCollector
+
+    done = results.done(run.key, examples)
+    todo = [example for example in examples if example.id not in done]
+    stop_strings = tuple(task.stop_strings) + settings.stop
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        batch_prompts = [prompts[example.id] for example in batch]
+        collector = ReplyCollector(len(batch))
+        batch_id = f"{run.key}/{time.time():.6f}"
+        events = engine.stream_decode(loaded, batch_prompts, schedule, settings, stop=stop_strings)
+        try:
+            for event in events:
+                collector.add(event)
+                if event.finish_reason is None:
+                    continue
+                example, reply = batch[event.row], collector.replies[event.row]
+                answer = task.extract(reply.text, example)
+                results.add({
+                    "type": "example", "method": run.key, "id": example.id, "subtask": example.subtask,
+                    "prompt_sha256": prompt_digest(example), "output": reply.text, "strict": answer.strict,
+                    "flexible": answer.flexible, "gold": example.gold,
+                    "correct": task.is_correct(answer.strict, example),
+                    "correct_flexible": task.is_correct(answer.flexible, example),
+                    "tokens": reply.generated_tokens, "layers": reply.layers_per_token,
+                    "seconds": round(reply.time_s, 4), "first_token_seconds": round(reply.first_token_s or 0.0, 4),
+                    "batch": batch_id, "finish_reason": reply.finish_reason,
+                })
+                if on_example is not None:
+                    on_example(run)
+        finally:
+            events.close()
+
+
+def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequence[Example],
+              num_layers: int) -> list[dict]:
+    """One row per method from the records of these examples: accuracy, agreement with full, depth and speed."""
+    ids = {example.id: prompt_digest(example) for example in examples}
+    by_method: dict[str, dict[str, dict]] = {}
+    for record in records:
+        if ids.get(record["id"]) == record["prompt_sha256"]:
+            by_method.setdefault(record["method"], {})[record["id"]] = record
+    full = by_method.get("full", {})
+    full_row = None
+    rows = []
+    for run in runs:
+        done = by_method.get(run.key, {})
+        if not done:
+            continue
+        tokens = sum(record["tokens"] for record in done.values())
+        batch_seconds: dict[str, float] = {}
+        batch_prefill: dict[str, float] = {}  # a batch's prompts share one prefill: its first tokens come together
+        for record in done.values():
+            batch_seconds[record["batch"]] = max(batch_seconds.get(record["batch"], 0.0), record["seconds"])
+            batch_prefill[record["batch"]] = max(batch_prefill.get(record["batch"], 0.0),
+                                                 record.get("first_token_seconds", 0.0))
+        seconds = sum(batch_seconds.values())
+        decode_seconds = seconds - sum(batch_prefill.values())
+        decode_tokens = tokens - len(done)
+        mean_layers = sum(sum(record["layers"]) for record in done.values()) / tokens if tokens else 0.0
+        shared = [example_id for example_id in done if example_id in full]
+        row = {
+            "name": run.name,
+            "method": run.method,
+            "bridges": run.bridged,
+            "alpha": run.alpha,
+            "label": run.label,
+            "examples": len(done),
+            "accuracy": _mean(record["correct"] for record in done.values()),
+            "accuracy_flexible": _mean(record["correct_flexible"] for record in done.values()),
+            "agreement": _mean(done[i]["flexible"] == full[i]["flexible"] for i in shared) if shared else None,
+            "mean_layers": round(mean_layers, 3),
+            "layer_ratio": round(mean_layers / num_layers, 4) if num_layers else None,
+            "generated_tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
+            "decode_tokens_per_s": round(decode_tokens / decode_seconds, 3) if decode_seconds > 0 else None,
+            "seconds_per_example": round(seconds / len(done), 3),
+        }
+        if run.method == "full":
+            full_row = row
+        rows.append(row)
+    for row in rows:
+        if full_row is not None:
+            row["delta_points"] = round(100 * (row["accuracy"] - full_row["accuracy"]), 2)
+            row["delta_points_flexible"] = round(100 * (row["accuracy_flexible"] - full_row["accuracy_flexible"]), 2)
+            row["measured_speedup"] = (round(row["tokens_per_s"] / full_row["tokens_per_s"], 3)
+                                       if full_row["tokens_per_s"] else None)
+            row["decode_speedup"] = (round(row["decode_tokens_per_s"] / full_row["decode_tokens_per_s"], 3)
+                                     if row["decode_tokens_per_s"] and full_row["decode_tokens_per_s"] else None)
+        else:
+            row["delta_points"] = row["delta_points_flexible"] = row["measured_speedup"] = None
+            row["decode_speedup"] = None
+    return rows
+
+
+def _mean(values) -> float:
+    values = [bool(value) for value in values]
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def by_subtask(records: Sequence[dict], examples: Sequence[Example]) -> dict[str, dict[str, float]]:
+    """Flexible accuracy per method per subtask (BBH)."""
+    subtask_of = {example.id: example.subtask for example in examples if example.subtask}
+    table: dict[str, dict[str, list[bool]]] = {}
+    for record in records:
+        subtask = subtask_of.get(record["id"])
+        if subtask:
+            table.setdefault(record["method"], {}).setdefault(subtask, []).append(record["correct_flexible"])
+    return {method: {subtask: _mean(values) for subtask, values in subtasks.items()}
+            for method, subtasks in table.items()}
+
+
+def run_identity(task_name: str, model_name: str, options: TaskOptions, settings: DecodeSettings,
+                 alphas: Sequence[float], methods: Sequence[str], calibration=None) -> dict:
+    """What a results file must agree on to be resumed (methods and alphas may grow)."""
+    decode = {key: value for key, value in settings_as_options(settings).items()
+              if key not in ("alpha", "chat", "system", "bridges") and not (key == "profile" and value is None)}
+    identity = {"task": task_name, "model": model_name, "shots": options.shots, "chat": options.chat,
+                "decode": decode, "alphas": list(alphas), "methods": list(methods)}
+    if calibration is not None:  # another calibration means other bridges and maybe another skip order
+        identity["calibration"] = calibration.label
+    return identity

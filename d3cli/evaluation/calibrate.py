@@ -1,0 +1,203 @@
+"""`d3 calibrate`: make one model's calibration from its own words.
+
+Three stages, each a pass over text the model itself wrote:
+
+1. corpus    the model's greedy full-depth replies to d3's built-in prompts (profiles/calibration-prompts.json:
+             chat questions of many kinds, and plain-text beginnings of prose, instructions, Q/A and code)
+2. profile   the NLL cost of skipping each layer alone at late reply positions, on some of those replies: the
+             layer profile behind the `importance` skip order
+3. bridges   the full-depth hidden states of every reply; for each run of layers that the importance order skips at
+             some depth, the ridge least-squares map from the run's input to the change it makes (bridges.py)
+
+Why the model's own replies: D3 skips layers while the model writes, so those are the hidden states a bridge must
+stand in for; and a bridge learns its text's domain (fitted on GSM8K answers it halves the loss there but doubles it
+on prose), so the built-in prompts are varied and the corpus is large (too few tokens for a d×d fit overfits: 3.8k
+tokens made bridges worse than none on prose, 13k–27k help everywhere). docs/BRIDGES.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from d3cli.core.bridges import DEFAULT_RIDGE, BridgeFitter
+from d3cli.core.errors import UserError
+from d3cli.evaluation.scoring import ScoringText
+
+PROMPTS_FILE = Path(__file__).parents[1] / "profiles" / "calibration-prompts.json"
+LATE_FROM = 16  # the layer profile and the bridges look at reply positions from here on, where D3 skips most
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    prompts: int | None = 64  # how many of the built-in prompts (None: all 128)
+    reply_tokens: int = 256  # most tokens per reply
+    batch_size: int = 16  # replies generated at once
+    profile_texts: int = 16  # replies the layer profile is measured on
+    ridge: float = DEFAULT_RIDGE
+    rank: int | None = None  # None: full-rank bridges
+    head: int = 2  # the core layers the bridged runs avoid (as the schedule's defaults)
+    tail: int = 2
+    fewest_layers: int | None = None  # bridges for depths down to this (None: head + tail)
+
+    def __post_init__(self) -> None:
+        for name, value, least in (("--prompts", self.prompts, 1), ("--reply-tokens", self.reply_tokens, LATE_FROM + 2),
+                                   ("--batch-size", self.batch_size, 1), ("--profile-texts", self.profile_texts, 1),
+                                   ("--rank", self.rank, 1)):
+            if value is not None and value < least:
+                raise UserError(f"{name} must be at least {least}, not {value}")
+        if not self.ridge > 0:
+            raise UserError(f"--ridge must be above 0, not {self.ridge}")
+
+
+Progress = Callable[[str, int], None]  # (stage, amount done since the last call)
+
+
+def builtin_prompts(limit: int | None = None) -> list[tuple[str, str]]:
+    """(kind, text) of the built-in prompts, chat and raw interleaved so that any first N mix both kinds."""
+    data = json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))
+    chat, raw = [("chat", text) for text in data["chat"]], [("raw", text) for text in data["raw"]]
+    mixed, every = [], max(1, round(len(chat) / max(len(raw), 1)))
+    while chat or raw:
+        mixed += chat[:every] + raw[:1]
+        chat, raw = chat[every:], raw[1:]
+    return mixed[:limit] if limit is not None else mixed
+
+
+def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
+    """A chat prompt through the chat template (when the tokenizer has one), a raw one as plain text."""
+    from d3cli.core.prompts import encode_chat, has_chat_template
+
+    if kind == "chat" and has_chat_template(tokenizer):
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: CalibrationOptions,
+                    progress: Progress) -> list[ScoringText]:
+    """The model's greedy full-depth reply to each prompt (batched), as prompt + continuation."""
+    from d3cli.core.engine import decode
+    from d3cli.core.loader import num_decoder_layers
+    from d3cli.core.schedule import DecaySchedule
+    from d3cli.core.settings import DecodeSettings
+
+    full_depth = DecaySchedule.full(num_decoder_layers(loaded.model))
+    encoded = [encode_builtin(loaded.tokenizer, kind, text) for kind, text in prompts]
+    texts = []
+    for start in range(0, len(encoded), options.batch_size):
+        batch = encoded[start:start + options.batch_size]
+        replies = decode(loaded, batch, full_depth, DecodeSettings(max_new_tokens=options.reply_tokens),  # greedy
+                         on_event=lambda event: progress("corpus", 1))
+        for offset, (prompt_ids, reply) in enumerate(zip(batch, replies)):
+            progress("corpus", options.reply_tokens - reply.generated_tokens)  # a reply that ended early
+            if reply.generated_tokens > 1:
+                texts.append(ScoringText(f"builtin/{start + offset}", tuple(prompt_ids), tuple(reply.token_ids)))
+    return texts
+
+
+def measure_layer_profile(loaded, texts: Sequence[ScoringText], progress: Progress):
+    """The cost of skipping each layer alone from reply position LATE_FROM on (profiling.measure)."""
+    from d3cli.core.loader import model_identity, num_decoder_layers
+    from d3cli.evaluation.profiling import layer_profile_of, measure
+
+    long_enough = [text for text in texts if text.steps > LATE_FROM]
+    if not long_enough:
+        raise UserError(f"the model's replies are all shorter than {LATE_FROM + 1} tokens: nothing to calibrate on")
+    found = measure(loaded.model, long_enough, {}, num_decoder_layers(loaded.model), layer_profile=True,
+                    late_from=LATE_FROM, on_text=lambda: progress("profile", 1))
+    return layer_profile_of(found, model_identity(loaded), "d3 built-in prompts, the model's own replies",
+                            len(long_enough), LATE_FROM)
+
+
+def fit_bridges(model, texts: Sequence[ScoringText], runs: Sequence[tuple[int, int]], options: CalibrationOptions,
+                progress: Progress):
+    """One bridge per run, fitted on the full-depth hidden states of every reply position from 1 on (position 0
+    is the prefill's, which D3 never skips)."""
+    from d3cli.core.loader import num_decoder_layers
+    from d3cli.evaluation.scoring import ContinuationScorer
+
+    num_layers = num_decoder_layers(model)
+    hidden_size = int(model.config.get_text_config(decoder=True).hidden_size)
+    fitter = BridgeFitter(runs, hidden_size)
+    needed = {first for first, _ in runs} | {last + 1 for _, last in runs}
+    for text in texts:
+        states = {}
+
+        def observe(layer, hidden_in, hidden_out):
+            if layer in needed:
+                states[layer] = hidden_in[0, 1:].detach().float().cpu()
+            if layer == num_layers - 1 and num_layers in needed:
+                states[num_layers] = hidden_out[0, 1:].detach().float().cpu()
+
+        ContinuationScorer(model, text).score(None, observe)
+        if states and next(iter(states.values())).shape[0]:
+            fitter.add(states)
+        progress("bridges", 1)
+    return fitter.solve(options.ridge, options.rank), fitter.tokens
+
+
+def check_fits(loaded, options: CalibrationOptions) -> int:
+    """The model's layer count, once the options are known to fit it (a UserError if not)."""
+    from d3cli.core.loader import num_decoder_layers
+
+    num_layers = num_decoder_layers(loaded.model)
+    if options.head + options.tail >= num_layers:
+        raise UserError(f"head + tail ({options.head} + {options.tail}) leave no layer of {num_layers} to skip")
+    return num_layers
+
+
+@dataclass
+class CalibrationResult:
+    path: Path
+    texts: int
+    tokens: int
+    runs: list[tuple[int, int]]
+    drop_order: list[int]
+    seconds: dict[str, float]
+    bridge_bytes: int
+
+
+def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress: Progress,
+              on_stage: Callable[[str, int], None] = lambda stage, total: None) -> CalibrationResult:
+    """Make the model's calibration and write it to `output` (default: the user cache, where commands find it).
+    `on_stage(stage, total)` announces each stage and its amount of work; `progress(stage, amount)` reports it."""
+    from d3cli.core.layer_profile import importance_order
+    from d3cli.core.loader import model_identity
+    from d3cli.core.model_calibration import cache_path, write_calibration
+    from d3cli.core.schedule import runs_of_drop_order
+
+    num_layers = check_fits(loaded, options)
+    fewest = options.fewest_layers if options.fewest_layers is not None else options.head + options.tail
+    identity = model_identity(loaded)
+    prompts = builtin_prompts(options.prompts)
+    seconds = {}
+
+    started = time.perf_counter()
+    on_stage("corpus", len(prompts) * options.reply_tokens)
+    texts = generate_corpus(loaded, prompts, options, progress)
+    seconds["corpus"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    profile_texts = texts[:: max(1, len(texts) // options.profile_texts)][:options.profile_texts]
+    on_stage("profile", sum(1 for text in profile_texts if text.steps > LATE_FROM))
+    profile = measure_layer_profile(loaded, profile_texts, progress)
+    seconds["profile"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    flex = list(range(options.head, num_layers - options.tail))
+    drop_order = importance_order(profile)(flex)
+    runs = list(runs_of_drop_order(num_layers, drop_order, fewest))
+    on_stage("bridges", len(texts))
+    bridges, tokens = fit_bridges(loaded.model, texts, runs, options, progress)
+    seconds["bridges"] = time.perf_counter() - started
+
+    path = Path(output) if output is not None else cache_path(identity)
+    fit = {**asdict(options), "fewest_layers": fewest, "corpus": "d3 built-in prompts, the model's own greedy replies",
+           "texts": len(texts), "tokens": tokens, "skip_order": "importance", "drop_order": list(drop_order),
+           "runs": [list(run) for run in runs], "seconds": {key: round(value, 1) for key, value in seconds.items()}}
+    write_calibration(path, identity, profile, bridges, fit)
+    return CalibrationResult(path=path, texts=len(texts), tokens=tokens, runs=runs, drop_order=list(drop_order),
+                             seconds=seconds, bridge_bytes=sum(bridge.nbytes() for bridge in bridges))
