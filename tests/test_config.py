@@ -86,6 +86,8 @@ def test_config_path_lists_the_files_even_when_one_is_broken(cli, user_file):
         ("[genrate]\nalpha = 0.9\n", "unknown table [genrate] (did you mean 'generate'?)"),
         ("alpha = 'fast'\n", "key 'alpha' must be a number, not a string"),
         ("alpha = 1.5\n", "key 'alpha' must be <= 1"),
+        ("[bench]\nalpha = '0.98,1.5'\n", "key 'alpha' in [bench] alpha must lie in (0, 1], not 1.5"),
+        ("[bench]\nalpha = '0.98,fast'\n", "--alpha takes numbers separated by commas"),
         ("warmup = 1.5\n", "key 'warmup' must be an integer, not a number"),
         ("[generate]\ndevice = 'tpu'\n", "key 'device' in [generate] must be one of auto, cpu, cuda, mps"),
         ("skip_order = 'midle'\n", "did you mean 'middle'?"),

@@ -144,13 +144,9 @@ def check_value(spec: OptionSpec, value: object) -> object:
     if spec.key == "alpha" and spec.kind == "text":  # bench's comma-separated list of decay rates
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UserError(f"must be a number or numbers separated by commas, not {json_type(value)}")
-        for part in str(value).split(","):
-            try:
-                number = float(part)
-            except ValueError:
-                raise UserError(f"must be numbers separated by commas, not {value!r}") from None
-            if problem := VALUE_CHECKS["alpha"](number):
-                raise UserError(f"{problem}, not {number:g}")
+        from d3cli.cli.options import parse_alphas
+
+        parse_alphas(str(value))  # the command line's own parsing and range check
         return str(value)
     if spec.key in LAYER_COUNT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
