@@ -94,9 +94,8 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
     report = json.loads(result.stdout)
     assert report["calibration"] == str(path) and report["skip_order"] == "importance"
     assert "t_bridge_ms" in report and "per bridged run" in " ".join(result.stderr.split())
-    expected_runs = {depth: len(runs_of_drop_order(8, order, depth)) and len(
-        [run for run in DecaySchedule.build(8, alpha=1.0, min_layers=2, head=1, tail=1, skip_order=lambda flex: order
-                                            ).retuned(1e-4, depth).runs_at(1)]) for depth in range(2, 9)}
+    ordered = DecaySchedule.build(8, alpha=1.0, min_layers=2, head=1, tail=1, skip_order=lambda flex: order)
+    expected_runs = {depth: len(ordered.retuned(1e-4, depth).runs_at(1)) for depth in range(2, 9)}
     for row in report["bridged_step_ms"]:
         assert row["bridged_runs"] == expected_runs[row["layers"]]
     bridged, plain = report["alphas"]
