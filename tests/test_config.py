@@ -85,7 +85,9 @@ def test_config_path_lists_the_files_even_when_one_is_broken(cli, user_file):
         ("[generate]\nmax_new_token = 3\n", "unknown key 'max_new_token' in [generate] (did you mean 'max_new_tokens'?)"),
         ("[genrate]\nalpha = 0.9\n", "unknown table [genrate] (did you mean 'generate'?)"),
         ("alpha = 'fast'\n", "key 'alpha' must be a number, not a string"),
-        ("alpha = 1.5\n", "key 'alpha' must be <= 1"),
+        ("alpha = 1.5\n", "key 'alpha' alpha must lie in (0, 1], not 1.5"),
+        ("[chat]\ntop_p = 0\n", "key 'top_p' in [chat] top-p must lie in (0, 1], not 0"),
+        ("head = -2\n", "key 'head' head must be >= 0, not -2"),
         ("[bench]\nalpha = '0.98,1.5'\n", "key 'alpha' in [bench] alpha must lie in (0, 1], not 1.5"),
         ("[bench]\nalpha = '0.98,fast'\n", "--alpha takes numbers separated by commas"),
         ("warmup = 1.5\n", "key 'warmup' must be an integer, not a number"),
@@ -109,7 +111,7 @@ def test_bad_environment_values_are_one_line(cli, monkeypatch):
     result = cli(["generate", "Hello"])
     assert result.exit_code == 2 and "D3_MAX_NEW_TOKENS" in result.stderr and result.stderr.count("\n") == 1
     monkeypatch.setenv("D3_MAX_NEW_TOKENS", "0")
-    assert "must be >= 1" in cli(["generate", "Hello"]).stderr
+    assert "D3_MAX_NEW_TOKENS: max-new-tokens must be at least 1, not 0" in cli(["generate", "Hello"]).stderr
 
 
 def test_d3_paths_in_the_environment_are_not_settings(cli, monkeypatch, tmp_path):

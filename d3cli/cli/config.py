@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import inspect
-import math
 import os
 import re
 import sys
@@ -22,8 +21,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d3cli.core.errors import UserError
+from d3cli.core.errors import UserError, check_at_least
 from d3cli.core.schedule import parse_layer_count
+from d3cli.core.settings import VALUE_CHECKS as SETTINGS_CHECKS
 from d3cli.core.settings import did_you_mean, json_type
 
 if sys.version_info >= (3, 11):
@@ -37,27 +37,9 @@ LAYER_COUNT_KEYS = {"min_layers", "head", "tail"}
 NOT_CONFIGURABLE = {"help", "version"}
 
 
-def _in_range(low: float | None = None, high: float | None = None, low_open=False) -> callable:
-    def check(value) -> str | None:
-        if isinstance(value, float) and math.isnan(value):
-            return "must be a number"
-        if low is not None and (value <= low if low_open else value < low):
-            return f"must be {'>' if low_open else '>='} {low}"
-        if high is not None and value > high:
-            return f"must be <= {high}"
-        return None
-    return check
-
-
-VALUE_CHECKS = {
-    "alpha": _in_range(0, 1, low_open=True),
-    "warmup": _in_range(0),
-    "max_new_tokens": _in_range(1),
-    "temperature": _in_range(0),
-    "top_k": _in_range(0),
-    "top_p": _in_range(0, 1, low_open=True),
-    "batch_size": _in_range(1),
-}
+# Each key's range is checked by the settings' own function (one place, one message); batch sizes by the bound
+# the commands check.
+VALUE_CHECKS = {**SETTINGS_CHECKS, "batch_size": lambda value: check_at_least("batch-size", value, 1)}
 
 
 @dataclass(frozen=True)
@@ -151,18 +133,14 @@ def check_value(spec: OptionSpec, value: object) -> object:
     if spec.key in LAYER_COUNT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UserError(f"must be {spec.describe()}, not {json_type(value)}")
-        parsed = parse_layer_count(value, spec.key)
-        if parsed < 0:
-            raise UserError("must be >= 0")
+        parse_layer_count(value, spec.key)  # the schedule's own parsing and range check
         return str(value)
     expected = {"text": (str,), "integer": (int,), "float": (int, float), "boolean": (bool,), "choice": (str,)}
     if isinstance(value, bool) != (spec.kind == "boolean") or not isinstance(value, expected[spec.kind]):
         raise UserError(f"must be {spec.describe()}, not {json_type(value)}")
     if spec.kind == "choice" and value not in spec.choices:
         raise UserError(f"must be {spec.describe()}, not {value!r}{did_you_mean(str(value), spec.choices)}")
-    problem = VALUE_CHECKS.get(spec.key, lambda _: None)(value)
-    if problem:
-        raise UserError(f"{problem}, not {value}")
+    VALUE_CHECKS.get(spec.key, lambda _: None)(value)
     return value
 
 

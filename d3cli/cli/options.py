@@ -1,7 +1,17 @@
-"""Command-line options that several subcommands share, declared once. No torch here."""
+"""Command-line options that several subcommands share, declared once. No torch here.
+
+Each option's type, flags and help is one `Annotated` alias; the options that travel together (the model's, the
+depth schedule's, sampling's) are one dataclass each, an option group. A command names a group as one parameter
+(`model: ModelArgs`) and `@uses_option_groups` spreads the group's fields into the command line, in that place, and
+hands the command the filled-in dataclass.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,7 +19,17 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli.core.errors import UserError
-from d3cli.core.schedule import SKIP_ORDER_NAMES, check_alpha
+from d3cli.core.schedule import (
+    DEFAULT_ALPHA,
+    DEFAULT_HEAD,
+    DEFAULT_MIN_LAYERS,
+    DEFAULT_SKIP_ORDER,
+    DEFAULT_TAIL,
+    DEFAULT_WARMUP,
+    SKIP_ORDER_NAMES,
+    check_alpha,
+)
+from d3cli.core.settings import DEFAULT_MAX_NEW_TOKENS
 
 MODEL_PANEL = "Model"
 SCHEDULE_PANEL = "Depth decay"
@@ -70,6 +90,16 @@ AlphaOption = Annotated[
     typer.Option("--alpha", "-a", help="Decay rate α in (0, 1]: token i runs floor(L·α^i) layers. 1 = no skipping.",
                  rich_help_panel=SCHEDULE_PANEL),
 ]
+AlphaListOption = Annotated[
+    str,
+    typer.Option("--alpha", "-a", help="D3 decay rates, comma-separated: one D3 run (and its matched baselines) each.",
+                 rich_help_panel=SCHEDULE_PANEL),
+]
+ProfileAlphasOption = Annotated[
+    Optional[str],
+    typer.Option("--alpha", "-a", help="Also profile D3 at these decay rates (comma-separated).",
+                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
+]
 MinLayersOption = Annotated[
     str,
     typer.Option(help="Floor on the layers per token: a count (24) or a fraction of L (0.8).",
@@ -112,6 +142,9 @@ BridgesOption = Annotated[
 MaxNewTokensOption = Annotated[
     int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.",
                       rich_help_panel=SAMPLING_PANEL),
+]
+AnswerTokensOption = Annotated[
+    int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.", rich_help_panel=SAMPLING_PANEL),
 ]
 TemperatureOption = Annotated[
     float, typer.Option("--temperature", "-t", help="0 = greedy; above 0 samples.", rich_help_panel=SAMPLING_PANEL)
@@ -158,6 +191,127 @@ DataDirOption = Annotated[
     Optional[Path], typer.Option(help="Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else a download cache "
                                       "under ~/.cache/d3/data).", rich_help_panel=TASK_PANEL, show_default=False),
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """Which model, where, in which dtype: --model, --device, --dtype, --device-map, --trust-remote-code."""
+
+    model: ModelOption = None
+    device: DeviceOption = "auto"
+    dtype: DTypeOption = "auto"
+    device_map: DeviceMapOption = None
+    trust_remote_code: TrustRemoteCodeOption = False
+
+    def options(self):
+        """The loader's `ModelOptions` of these arguments."""
+        from d3cli.core.loader import ModelOptions
+
+        return ModelOptions(self.model, self.device, self.dtype, self.device_map, self.trust_remote_code)
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthArgs:
+    """The depth schedule: --alpha, --min-layers, --warmup, --head, --tail, --skip-order, --profile, --calibration,
+    --bridges."""
+
+    alpha: AlphaOption = DEFAULT_ALPHA
+    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS
+    warmup: WarmupOption = DEFAULT_WARMUP
+    head: HeadOption = DEFAULT_HEAD
+    tail: TailOption = DEFAULT_TAIL
+    skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER
+    profile: ProfileOption = None
+    calibration: CalibrationOption = None
+    bridges: BridgesOption = True
+
+    def values(self, **changes) -> dict[str, object]:
+        """The fields by name, for `DecodeSettings.from_options`, with `changes` over them."""
+        return {**{field.name: getattr(self, field.name) for field in dataclasses.fields(self)}, **changes}
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaListDepthArgs(DepthArgs):
+    """bench: the schedule options with --alpha a comma-separated list of rates (a field redefined keeps its place)."""
+
+    alpha: AlphaListOption = str(DEFAULT_ALPHA)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileDepthArgs(DepthArgs):
+    """profile-ppl: the schedule options with --alpha an optional list of rates to profile besides full depth."""
+
+    alpha: ProfileAlphasOption = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingArgs:
+    """Length, sampling and stops of a reply: --max-new-tokens, --temperature, --top-k, --top-p, --seed, --stop."""
+
+    max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS
+    temperature: TemperatureOption = 0.0
+    top_k: TopKOption = 0
+    top_p: TopPOption = 1.0
+    seed: SeedOption = None
+    stop: StopOption = None
+
+    def values(self) -> dict[str, object]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerSamplingArgs:
+    """bench: each task answer's length and sampling: --max-new-tokens, --temperature, --seed (no top-k/top-p, no
+    stops: a task brings its own)."""
+
+    max_new_tokens: AnswerTokensOption = DEFAULT_MAX_NEW_TOKENS
+    temperature: TemperatureOption = 0.0
+    seed: SeedOption = None
+
+    def values(self) -> dict[str, object]:
+        return {**{field.name: getattr(self, field.name) for field in dataclasses.fields(self)},
+                "top_k": 0, "top_p": 1.0, "stop": None}
+
+
+OPTION_GROUPS = (ModelArgs, DepthArgs, SamplingArgs, AnswerSamplingArgs)
+
+
+def _is_option_group(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, OPTION_GROUPS)
+
+
+def uses_option_groups(command):
+    """`command` as Typer should see it: each parameter annotated with an option group replaced by the group's
+    fields (same names, types, flags and defaults, in the group's place); called, the fields are gathered back into
+    the group's dataclass."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    parameters: list[inspect.Parameter] = []
+    groups: dict[str, type] = {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        annotation = hints.get(name, parameter.annotation)
+        if not _is_option_group(annotation):
+            parameters.append(parameter.replace(annotation=annotation))
+            continue
+        groups[name] = annotation
+        field_hints = typing.get_type_hints(annotation, include_extras=True)
+        parameters += [inspect.Parameter(field.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=field.default,
+                                         annotation=field_hints[field.name])
+                       for field in dataclasses.fields(annotation)]
+    names = [parameter.name for parameter in parameters]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise TypeError(f"{command.__name__}: option groups repeat {', '.join(repeated)}")
+
+    @functools.wraps(command)
+    def with_groups(**arguments):
+        for name, group in groups.items():
+            arguments[name] = group(**{field.name: arguments.pop(field.name) for field in dataclasses.fields(group)})
+        return command(**arguments)
+
+    del with_groups.__wrapped__  # Typer must read the spread signature, not the command's own
+    with_groups.__signature__ = inspect.Signature(parameters, return_annotation=None)
+    with_groups.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return with_groups
 
 
 def parse_alphas(text: str) -> tuple[float, ...]:

@@ -15,6 +15,22 @@ if TYPE_CHECKING:  # torch is imported where a sampler is made, so the CLI can v
 Sampler = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
+def check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or math.isnan(temperature) \
+            or temperature < 0:
+        raise UserError(f"temperature must be >= 0, not {temperature}")
+
+
+def check_top_k(top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UserError(f"top-k must be a whole number >= 0 (0 = off), not {top_k}")
+
+
+def check_top_p(top_p: float) -> None:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise UserError(f"top-p must lie in (0, 1], not {top_p}")
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus), seeded if asked."""
@@ -25,12 +41,9 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, not {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise UserError(f"top-k must be a whole number >= 0 (0 = off), not {self.top_k}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top-p must lie in (0, 1], not {self.top_p}")
+        check_temperature(self.temperature)
+        check_top_k(self.top_k)
+        check_top_p(self.top_p)
         if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
             raise UserError("--top-k and --top-p only apply when sampling: add --temperature above 0")
 

@@ -68,13 +68,15 @@ def parse_layer_count(text: str | int | float, name: str) -> int | float:
     if isinstance(text, bool):
         raise UserError(f"{name} must be a whole number of layers or a fraction of them like 0.5, not {text!r}")
     if isinstance(text, int):
+        if text < 0:
+            raise UserError(f"{name} must be >= 0, not {text}")
         return text
     if isinstance(text, float):
         value = text
     else:
         stripped = str(text).strip()
         try:
-            return int(stripped)
+            return parse_layer_count(int(stripped), name)
         except ValueError:
             pass
         try:
@@ -116,6 +118,11 @@ def check_alpha(alpha: float) -> None:
         raise UserError(f"alpha must lie in (0, 1], not {alpha:g}")
 
 
+def check_warmup(warmup: int) -> None:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise UserError(f"warmup must be a whole number of tokens >= 0, not {warmup!r}")
+
+
 def check_parameters(
     alpha: float,
     min_layers: int | float | str,
@@ -126,13 +133,9 @@ def check_parameters(
 ) -> None:
     """Every check that does not need the model's layer count, so bad options fail before a model loads."""
     check_alpha(alpha)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise UserError(f"warmup must be a whole number of tokens >= 0, not {warmup!r}")
+    check_warmup(warmup)
     counts = {name: parse_layer_count(value, name) for name, value in
               (("min-layers", min_layers), ("head", head), ("tail", tail))}
-    for name, count in counts.items():
-        if isinstance(count, int) and count < 0:
-            raise UserError(f"{name} must be >= 0, not {count}")
     if all(isinstance(count, int) for count in counts.values()):
         check_layer_counts(counts["head"], counts["tail"], counts["min-layers"])
     if not callable(skip_order) and skip_order not in SKIP_ORDER_NAMES:

@@ -9,8 +9,8 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
-from d3cli.core.errors import UserError
-from d3cli.core.sampling import SamplingSettings
+from d3cli.core.errors import UserError, check_at_least
+from d3cli.core.sampling import SamplingSettings, check_temperature, check_top_k, check_top_p
 from d3cli.core.schedule import (
     DEFAULT_ALPHA,
     DEFAULT_HEAD,
@@ -22,11 +22,29 @@ from d3cli.core.schedule import (
     MEASURED_SKIP_ORDER,
     UNMEASURED_SKIP_ORDER,
     DecaySchedule,
+    check_alpha,
     check_parameters,
+    check_warmup,
     parse_layer_count,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    check_at_least("max-new-tokens", max_new_tokens, 1)
+
+
+# The range of each numeric setting, checked by the one function that DecodeSettings (and its parts) call: a
+# configuration file's values go through the same functions (cli/config.py).
+VALUE_CHECKS = {
+    "alpha": check_alpha,
+    "warmup": check_warmup,
+    "max_new_tokens": check_max_new_tokens,
+    "temperature": check_temperature,
+    "top_k": check_top_k,
+    "top_p": check_top_p,
+}
 
 
 @dataclass(frozen=True)
@@ -47,10 +65,7 @@ class DecodeSettings:
     bridges: bool = True  # bridge skipped runs with the calibration's fitted maps, when it has them
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise UserError(f"max-new-tokens must be a whole number, not {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise UserError(f"max-new-tokens must be at least 1, not {self.max_new_tokens}")
+        check_max_new_tokens(self.max_new_tokens)
         if self.chat is False and self.system is not None:
             raise UserError("--system needs the chat template; it cannot be combined with --no-chat")
         check_parameters(self.alpha, self.min_layers, self.warmup, self.head, self.tail, self.skip_order)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from d3cli.core.bridges import DEFAULT_RIDGE, BridgeFitter
-from d3cli.core.errors import UserError
+from d3cli.core.errors import UserError, check_at_least
 from d3cli.evaluation.scoring import ScoringText
 
 PROMPTS_FILE = Path(__file__).parents[1] / "profiles" / "calibration-prompts.json"
@@ -47,8 +47,8 @@ class CalibrationOptions:
         for name, value, least in (("--prompts", self.prompts, 1), ("--reply-tokens", self.reply_tokens, LATE_FROM + 2),
                                    ("--batch-size", self.batch_size, 1), ("--profile-texts", self.profile_texts, 1),
                                    ("--rank", self.rank, 1)):
-            if value is not None and value < least:
-                raise UserError(f"{name} must be at least {least}, not {value}")
+            if value is not None:
+                check_at_least(name, value, least)
         if not self.ridge > 0:
             raise UserError(f"--ridge must be above 0, not {self.ridge}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from d3cli.core.errors import UserError
+from d3cli.core.errors import UserError, check_at_least
 from d3cli.core.prompts import decode_utf8
 from d3cli.evaluation.scoring import ScoringText
 from d3cli.evaluation.tasks.base import Example, read_jsonl
@@ -92,8 +92,7 @@ def read_documents(path: Path) -> list[tuple[str, str | None]]:
 def file_texts(tokenizer, path: Path, prompt_tokens: int, max_positions: int, context: int | None,
                limit: int | None = None) -> list[ScoringText]:
     """Documents of a text file, each split after its first `prompt_tokens` tokens; too-short ones are skipped."""
-    if prompt_tokens < 1:
-        raise UserError(f"--prompt-tokens must be at least 1, not {prompt_tokens}")
+    check_at_least("--prompt-tokens", prompt_tokens, 1)
     texts = []
     for number, (text, continuation) in enumerate(read_documents(path)):
         if continuation is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,43 +10,28 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli.cli import render
-from d3cli.core.errors import UserError
+from d3cli.core.errors import UserError, check_at_least
 from d3cli.cli.options import (
+    OUTPUT_PANEL,
     TASK_PANEL,
-    parse_alphas,
-    parse_list,
+    AlphaListDepthArgs,
+    AnswerSamplingArgs,
     DataDirOption,
+    ModelArgs,
     ShotsOption,
     SubtasksOption,
     TaskChatOption,
-    OUTPUT_PANEL,
-    DeviceMapOption,
-    DeviceOption,
-    DTypeOption,
-    HeadOption,
-    MinLayersOption,
-    ModelOption,
-    SeedOption,
-    ProfileOption,
-    CalibrationOption,
-    BridgesOption,
-    SkipOrderOption,
-    TailOption,
-    TemperatureOption,
-    TrustRemoteCodeOption,
-    WarmupOption,
+    parse_alphas,
+    parse_list,
+    uses_option_groups,
 )
-from d3cli.core.schedule import DEFAULT_ALPHA, DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFAULT_SKIP_ORDER, DEFAULT_TAIL, \
-    DEFAULT_WARMUP
 from d3cli.core.settings import DecodeSettings
-
-BENCH_MAX_NEW_TOKENS = 256
-
 
 def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace(" (embedded)", "")).strip("-").lower() or "model"
 
 
+@uses_option_groups
 def bench(
     task: Annotated[str, typer.Option("--task", help="gsm8k, bbh, or speed (timings only: α = 1 against the model's "
                                       "own generate, step cost per layer, D3 against its ideal, batches, KV cache, "
@@ -64,29 +50,9 @@ def bench(
                                     "static+bridges when the model's calibration has bridges.",
                                     rich_help_panel=TASK_PANEL, show_default=False),
     ] = None,
-    model: ModelOption = None,
-    device: DeviceOption = "auto",
-    dtype: DTypeOption = "auto",
-    device_map: DeviceMapOption = None,
-    trust_remote_code: TrustRemoteCodeOption = False,
-    alpha: Annotated[
-        str, typer.Option("--alpha", "-a", help="D3 decay rates, comma-separated: one D3 run (and its matched "
-                          "baselines) each.", rich_help_panel="Depth decay"),
-    ] = str(DEFAULT_ALPHA),
-    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS,
-    warmup: WarmupOption = DEFAULT_WARMUP,
-    head: HeadOption = DEFAULT_HEAD,
-    tail: TailOption = DEFAULT_TAIL,
-    skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
-    profile: ProfileOption = None,
-    calibration: CalibrationOption = None,
-    bridges: BridgesOption = True,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.",
-                          rich_help_panel="Sampling and length"),
-    ] = BENCH_MAX_NEW_TOKENS,
-    temperature: TemperatureOption = 0.0,
-    seed: SeedOption = None,
+    model: ModelArgs = ModelArgs(),
+    depth: AlphaListDepthArgs = AlphaListDepthArgs(),
+    sampling: AnswerSamplingArgs = AnswerSamplingArgs(),
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Examples decoded at once (rows share each step's depth).",
                           rich_help_panel=OUTPUT_PANEL),
@@ -120,31 +86,21 @@ def bench(
     from d3cli.evaluation.tasks import get_task
     from d3cli.evaluation.tasks.base import TaskOptions
 
-    alphas = parse_alphas(alpha)
+    alphas = parse_alphas(depth.alpha)
     if task == "speed":
         from d3cli.cli.commands.bench_speed import run_speed
 
-        settings = DecodeSettings.from_options(
-            alpha=alphas[0], min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
-            profile=profile, calibration=calibration, bridges=bridges, max_new_tokens=max_new_tokens,
-            temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
-        )
-        from d3cli.core.loader import ModelOptions
-
-        run_speed(ModelOptions(model, device, dtype, device_map, trust_remote_code), settings, alphas, repeats, as_json)
+        greedy = dataclasses.replace(sampling, temperature=0.0, seed=None)  # the timings decode greedily
+        settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **greedy.values())
+        run_speed(model.options(), settings, alphas, repeats, as_json)
         return
     asked_methods = tuple(dict.fromkeys(("full", *parse_list(methods)))) if methods is not None else None
     if asked_methods is not None:
         runner.method_runs(asked_methods, alphas)  # a bad --methods fails before anything loads
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, not {limit}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    settings = DecodeSettings.from_options(
-        alpha=alphas[0], min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
-        profile=profile, calibration=calibration, bridges=bridges,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed, stop=None,
-    )
+    if limit is not None:
+        check_at_least("--limit", limit, 1)
+    check_at_least("--batch-size", batch_size, 1)
+    settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **sampling.values())
     benchmark = get_task(task)
     options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit)
     folder, downloadable = resolve_data_dir(data_dir)
@@ -154,9 +110,9 @@ def bench(
     if not examples:
         raise UserError(f"{task} has no examples in {folder}")
 
-    from d3cli.core.loader import ModelOptions, load, num_decoder_layers
+    from d3cli.core.loader import load, num_decoder_layers
 
-    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
+    loaded = load(model.options())
     loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)
     chosen_methods = asked_methods or runner.default_methods(settings.schedule_for(num_layers, loaded.calibration))

@@ -26,12 +26,11 @@ def run_speed(model_options: ModelOptions, settings: DecodeSettings, alphas, rep
     import torch
 
     from d3cli.evaluation import speed
-    from d3cli.core.errors import UserError
+    from d3cli.core.errors import check_at_least
     from d3cli.core.loader import context_length, load, num_decoder_layers
     from d3cli.core.prompts import encode_prompt
 
-    if repeats < 1:
-        raise UserError(f"--repeats must be at least 1, not {repeats}")
+    check_at_least("--repeats", repeats, 1)
     loaded = load(model_options)
     loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)

@@ -13,24 +13,14 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli.cli import render
-from d3cli.cli.options import (
-    OUTPUT_PANEL,
-    DeviceMapOption,
-    DeviceOption,
-    DTypeOption,
-    ModelOption,
-    TrustRemoteCodeOption,
-)
+from d3cli.cli.options import OUTPUT_PANEL, ModelArgs, uses_option_groups
 
 CALIBRATION_PANEL = "Calibration"
 
 
+@uses_option_groups
 def calibrate(
-    model: ModelOption = None,
-    device: DeviceOption = "auto",
-    dtype: DTypeOption = "auto",
-    device_map: DeviceMapOption = None,
-    trust_remote_code: TrustRemoteCodeOption = False,
+    model: ModelArgs = ModelArgs(),
     prompts: Annotated[
         int, typer.Option(help="How many of the 128 built-in prompts the model answers (fewer: faster, weaker "
                           "bridges).", rich_help_panel=CALIBRATION_PANEL),
@@ -79,11 +69,11 @@ def calibrate(
     """
     from d3cli.evaluation.calibrate import CalibrationOptions, check_fits
     from d3cli.evaluation.calibrate import calibrate as make_calibration
-    from d3cli.core.loader import ModelOptions, load
+    from d3cli.core.loader import load
 
     options = CalibrationOptions(prompts=prompts, reply_tokens=reply_tokens, batch_size=batch_size,
                                  profile_texts=profile_texts, ridge=ridge, rank=rank, head=head, tail=tail)
-    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
+    loaded = load(model.options())
     check_fits(loaded, options)
     labels = {"corpus": "replies (tokens)", "profile": "layer profile (texts)", "bridges": "bridges (texts)"}
     with render.BenchProgress(render.stderr_console()) as progress:

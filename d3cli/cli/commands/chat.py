@@ -21,68 +21,21 @@ from d3cli.core import results
 from d3cli.core.errors import UserError
 from d3cli.core.files import write_atomically
 from d3cli.core.paths import state_home
-from d3cli.cli.options import (
-    OUTPUT_PANEL,
-    AlphaOption,
-    DeviceMapOption,
-    DeviceOption,
-    DTypeOption,
-    HeadOption,
-    MaxNewTokensOption,
-    MinLayersOption,
-    ModelOption,
-    SeedOption,
-    ProfileOption,
-    CalibrationOption,
-    BridgesOption,
-    SkipOrderOption,
-    StopOption,
-    SystemOption,
-    TailOption,
-    TemperatureOption,
-    TopKOption,
-    TopPOption,
-    TrustRemoteCodeOption,
-    WarmupOption,
-)
+from d3cli.cli.options import OUTPUT_PANEL, DepthArgs, ModelArgs, SamplingArgs, SystemOption, uses_option_groups
 from d3cli.core.prompts import decode_utf8
 from d3cli.core.results import reply_record
-from d3cli.core.schedule import (
-    DEFAULT_ALPHA,
-    DEFAULT_HEAD,
-    DEFAULT_MIN_LAYERS,
-    DEFAULT_SKIP_ORDER,
-    DEFAULT_TAIL,
-    DEFAULT_WARMUP,
-    parse_layer_count,
-)
-from d3cli.core.settings import DEFAULT_MAX_NEW_TOKENS, DecodeSettings, apply_options, json_type, settings_as_options
+from d3cli.core.schedule import parse_layer_count
+from d3cli.core.settings import DecodeSettings, apply_options, json_type, settings_as_options
 
 SAVE_FORMAT = "d3-chat"
 PROMPT = "you ❯ "
 
 
+@uses_option_groups
 def chat(
-    model: ModelOption = None,
-    device: DeviceOption = "auto",
-    dtype: DTypeOption = "auto",
-    device_map: DeviceMapOption = None,
-    trust_remote_code: TrustRemoteCodeOption = False,
-    alpha: AlphaOption = DEFAULT_ALPHA,
-    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS,
-    warmup: WarmupOption = DEFAULT_WARMUP,
-    head: HeadOption = DEFAULT_HEAD,
-    tail: TailOption = DEFAULT_TAIL,
-    skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
-    profile: ProfileOption = None,
-    calibration: CalibrationOption = None,
-    bridges: BridgesOption = True,
-    max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
-    temperature: TemperatureOption = 0.0,
-    top_k: TopKOption = 0,
-    top_p: TopPOption = 1.0,
-    seed: SeedOption = None,
-    stop: StopOption = None,
+    model: ModelArgs = ModelArgs(),
+    depth: DepthArgs = DepthArgs(),
+    sampling: SamplingArgs = SamplingArgs(),
     system: SystemOption = None,
     jsonl: Annotated[
         bool, typer.Option("--jsonl", help="Scripted chat: one JSON object per reply (keys of generate --json "
@@ -93,16 +46,11 @@ def chat(
 
     Type /help in the chat for its commands. Piped, each input line is one user turn.
     """
-    settings = DecodeSettings.from_options(
-        alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
-        profile=profile, calibration=calibration, bridges=bridges,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-        chat=True,
-    )
+    settings = DecodeSettings.from_options(**depth.values(), **sampling.values(), chat=True)
     from d3cli.core.conversation import Conversation
-    from d3cli.core.loader import ModelOptions, load
+    from d3cli.core.loader import load
 
-    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
+    loaded = load(model.options())
     loaded = settings.with_calibration(loaded)
     conversation = Conversation(loaded, settings, system=system)
     conversation.schedule()  # the depth options fit this model

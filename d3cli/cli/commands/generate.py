@@ -13,43 +13,19 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli.cli import render
-from d3cli.core.errors import UserError
+from d3cli.core.errors import UserError, check_at_least
 from d3cli.cli.options import (
-    AlphaOption,
-    ChatOption,
-    DeviceMapOption,
-    DeviceOption,
-    DTypeOption,
-    HeadOption,
-    MaxNewTokensOption,
-    MinLayersOption,
-    ModelOption,
     OUTPUT_PANEL,
-    SeedOption,
-    ProfileOption,
-    CalibrationOption,
-    BridgesOption,
-    SkipOrderOption,
-    StopOption,
+    ChatOption,
+    DepthArgs,
+    ModelArgs,
+    SamplingArgs,
     SystemOption,
-    TailOption,
-    TemperatureOption,
-    TopKOption,
-    TopPOption,
-    TrustRemoteCodeOption,
-    WarmupOption,
+    uses_option_groups,
 )
 from d3cli.core.prompts import check_fits_context, encode_prompt, read_stdin_prompt
 from d3cli.core.results import Reply, reply_record
-from d3cli.core.schedule import (
-    DEFAULT_ALPHA,
-    DEFAULT_HEAD,
-    DEFAULT_MIN_LAYERS,
-    DEFAULT_SKIP_ORDER,
-    DEFAULT_TAIL,
-    DEFAULT_WARMUP,
-)
-from d3cli.core.settings import DEFAULT_MAX_NEW_TOKENS, DecodeSettings
+from d3cli.core.settings import DecodeSettings
 
 COMPARE_WARMUP_TOKENS = 4
 
@@ -64,32 +40,16 @@ class PreparedPrompt:
     request_id: object = None  # the line's "id", echoed back
 
 
+@uses_option_groups
 def generate(
     prompt: Annotated[
         Optional[str],
         typer.Argument(help="The prompt. Omit it (or give -) to read the prompt from standard input.",
                        show_default=False),
     ] = None,
-    model: ModelOption = None,
-    device: DeviceOption = "auto",
-    dtype: DTypeOption = "auto",
-    device_map: DeviceMapOption = None,
-    trust_remote_code: TrustRemoteCodeOption = False,
-    alpha: AlphaOption = DEFAULT_ALPHA,
-    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS,
-    warmup: WarmupOption = DEFAULT_WARMUP,
-    head: HeadOption = DEFAULT_HEAD,
-    tail: TailOption = DEFAULT_TAIL,
-    skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
-    profile: ProfileOption = None,
-    calibration: CalibrationOption = None,
-    bridges: BridgesOption = True,
-    max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS,
-    temperature: TemperatureOption = 0.0,
-    top_k: TopKOption = 0,
-    top_p: TopPOption = 1.0,
-    seed: SeedOption = None,
-    stop: StopOption = None,
+    model: ModelArgs = ModelArgs(),
+    depth: DepthArgs = DepthArgs(),
+    sampling: SamplingArgs = SamplingArgs(),
     chat: ChatOption = None,
     system: SystemOption = None,
     compare: Annotated[
@@ -122,16 +82,10 @@ def generate(
     Token i of the reply runs floor(L·α^i) of the model's L layers (never fewer than --min-layers).
     On a terminal the text streams with a bar of each token's layer count; piped, only the text is printed.
     """
-    settings = DecodeSettings.from_options(
-        alpha=alpha, min_layers=min_layers, warmup=warmup, head=head, tail=tail, skip_order=skip_order,
-        profile=profile, calibration=calibration, bridges=bridges,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-        chat=chat, system=system,
-    )
+    settings = DecodeSettings.from_options(**depth.values(), **sampling.values(), chat=chat, system=system)
     if as_json and jsonl:
         raise UserError("--json and --jsonl cannot be combined: --jsonl already prints JSON, one line per prompt")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    check_at_least("--batch-size", batch_size, 1)
     if not jsonl and (batch_size != 1 or skip_bad_lines):
         raise UserError("--batch-size and --skip-bad-lines apply to --jsonl input only")
     if jsonl and prompt is not None:
@@ -145,9 +99,9 @@ def generate(
         if not prompt.strip():
             raise UserError("the prompt is empty")
 
-    from d3cli.core.loader import ModelOptions, load
+    from d3cli.core.loader import load
 
-    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
+    loaded = load(model.options())
     loaded = settings.with_calibration(loaded)
     if jsonl:
         run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)

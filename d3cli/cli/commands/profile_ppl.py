@@ -10,38 +10,27 @@ import typer
 
 from d3cli.evaluation import profile_files
 from d3cli.cli import render
-from d3cli.core.errors import UserError
+from d3cli.core.errors import UserError, check_at_least
 from d3cli.cli.options import (
+    OUTPUT_PANEL,
     TASK_PANEL,
-    parse_alphas,
-    parse_list,
     DataDirOption,
+    ModelArgs,
+    ProfileDepthArgs,
     ShotsOption,
     SubtasksOption,
     TaskChatOption,
-    OUTPUT_PANEL,
-    SCHEDULE_PANEL,
-    DeviceMapOption,
-    DeviceOption,
-    DTypeOption,
-    HeadOption,
-    MinLayersOption,
-    ModelOption,
-    ProfileOption,
-    CalibrationOption,
-    BridgesOption,
-    SkipOrderOption,
-    TailOption,
-    TrustRemoteCodeOption,
-    WarmupOption,
+    parse_alphas,
+    parse_list,
+    uses_option_groups,
 )
-from d3cli.core.schedule import DEFAULT_HEAD, DEFAULT_MIN_LAYERS, DEFAULT_SKIP_ORDER, DEFAULT_TAIL, DEFAULT_WARMUP
 from d3cli.core.settings import DecodeSettings
 
 PROFILE_PANEL = "Profile"
 CALIBRATION_PANEL = "Calibration"
 
 
+@uses_option_groups
 def profile_ppl(
     task: Annotated[
         Optional[str], typer.Option("--task", help="Score a task's reference answers after its prompts: gsm8k or "
@@ -75,23 +64,8 @@ def profile_ppl(
     max_positions: Annotated[
         int, typer.Option(help="Score at most this many continuation tokens per text.", rich_help_panel=TASK_PANEL),
     ] = 256,
-    model: ModelOption = None,
-    device: DeviceOption = "auto",
-    dtype: DTypeOption = "auto",
-    device_map: DeviceMapOption = None,
-    trust_remote_code: TrustRemoteCodeOption = False,
-    alpha: Annotated[
-        Optional[str], typer.Option("--alpha", "-a", help="Also profile D3 at these decay rates (comma-separated).",
-                                    rich_help_panel=SCHEDULE_PANEL, show_default=False),
-    ] = None,
-    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS,
-    warmup: WarmupOption = DEFAULT_WARMUP,
-    head: HeadOption = DEFAULT_HEAD,
-    tail: TailOption = DEFAULT_TAIL,
-    skip_order: SkipOrderOption = DEFAULT_SKIP_ORDER,
-    profile: ProfileOption = None,
-    calibration: CalibrationOption = None,
-    bridges: BridgesOption = True,
+    model: ModelArgs = ModelArgs(),
+    depth: ProfileDepthArgs = ProfileDepthArgs(),
     bucket_size: Annotated[
         int, typer.Option(help="Positions per row of the chart.", rich_help_panel=PROFILE_PANEL),
     ] = 16,
@@ -145,19 +119,16 @@ def profile_ppl(
     for name, value, least in (("--limit", limit, 1), ("--max-positions", max_positions, 2),
                                ("--bucket-size", bucket_size, 1), ("--reply-tokens", reply_tokens, 2),
                                ("--late-from", late_from, 0), ("--offset", offset, 0)):
-        if value < least:
-            raise UserError(f"{name} must be at least {least}, not {value}")
+        check_at_least(name, value, least)
     if target_speedup is not None and target_layer_ratio is not None:
         raise UserError("give one of --target-speedup and --target-layer-ratio, not both")
     calibrate = target_speedup is not None or target_layer_ratio is not None
     if calibrate and limit < 2:
         raise UserError("calibration needs --limit 2 or more: half the texts calibrate, the other half check")
-    alphas = parse_alphas(alpha) if alpha is not None else ()
-    settings = DecodeSettings.from_options(
-        alpha=alphas[0] if alphas else 1.0, min_layers=min_layers, warmup=warmup, head=head, tail=tail,
-        skip_order=skip_order, profile=profile, calibration=calibration, bridges=bridges,
-        max_new_tokens=max_positions, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
-    )
+    alphas = parse_alphas(depth.alpha) if depth.alpha is not None else ()
+    settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0] if alphas else 1.0),
+                                           max_new_tokens=max_positions, temperature=0.0, top_k=0, top_p=1.0,
+                                           seed=None, stop=None)
     if plot is not None:
         profile_files.require_matplotlib()
     layers = layers or save_profile is not None
@@ -179,9 +150,9 @@ def profile_ppl(
         stop_strings = benchmark.stop_strings
 
     from d3cli.evaluation import corpus, profiling
-    from d3cli.core.loader import ModelOptions, context_length, load, model_identity, num_decoder_layers
+    from d3cli.core.loader import context_length, load, model_identity, num_decoder_layers
 
-    loaded = load(ModelOptions(model, device, dtype, device_map, trust_remote_code))
+    loaded = load(model.options())
     loaded = settings.with_calibration(loaded)
     num_layers = num_decoder_layers(loaded.model)
     schedules = {f"α={value:g}": dataclasses.replace(settings, alpha=value).schedule_for(num_layers,
