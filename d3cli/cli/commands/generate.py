@@ -5,9 +5,7 @@ A thin composition: options -> DecodeSettings -> load() -> engine.generate() -> 
 
 from __future__ import annotations
 
-import random
 import sys
-from dataclasses import dataclass, replace
 from typing import Annotated, Optional
 
 import typer
@@ -23,22 +21,18 @@ from d3cli.cli.options import (
     SystemOption,
     uses_option_groups,
 )
-from d3cli.core.prompts import check_fits_context, encode_prompt, read_stdin_prompt
+from d3cli.core.prompt_batches import (
+    PreparedPrompt,
+    batches,
+    comparison_seed,
+    decode,
+    prepare_prompt,
+    schedules,
+    warm_up,
+)
+from d3cli.core.prompts import read_stdin_prompt
 from d3cli.core.results import Reply, reply_record
 from d3cli.core.settings import DecodeSettings
-
-COMPARE_WARMUP_TOKENS = 4
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A prompt ready to decode: its token ids and the settings its reply uses."""
-
-    token_ids: list[int]
-    settings: DecodeSettings
-    line: int | None = None  # input line number, for --jsonl
-    request_id: object = None  # the line's "id", echoed back
-
 
 @uses_option_groups
 def generate(
@@ -110,50 +104,13 @@ def generate(
         run_single(loaded, prepared, compare=compare, as_json=as_json, stats=stats)
 
 
-def prepare_prompt(loaded, prompt: str, settings: DecodeSettings, line: int | None = None, request_id=None):
-    from d3cli.core.loader import context_length
-
-    token_ids = encode_prompt(loaded.tokenizer, prompt, settings.chat, settings.system)
-    check_fits_context(len(token_ids), context_length(loaded.model))
-    return PreparedPrompt(token_ids, settings, line, request_id)
-
-
-def schedules(loaded, settings: DecodeSettings):
-    """The D3 schedule of these settings for this model, and the full-depth one of --compare."""
-    from d3cli.core.loader import num_decoder_layers
-
-    num_layers = num_decoder_layers(loaded.model)
-    return settings.schedule_for(num_layers, loaded.calibration), settings.full_depth().schedule_for(num_layers)
-
-
-def decode(loaded, prompts: list[PreparedPrompt], schedule, on_event=None, seed: int | None = None) -> list[Reply]:
-    """Decode prompts that share their settings in one batch, with `schedule`."""
-    from d3cli.core import engine
-
-    return engine.decode(loaded, [prompt.token_ids for prompt in prompts], schedule, prompts[0].settings,
-                         on_event=on_event, seed=seed)
-
-
-def compare_seed(settings: DecodeSettings) -> int | None:
-    """Both runs of --compare must draw the same random numbers: fix a seed when sampling without one."""
-    if settings.sampling.greedy or settings.sampling.seed is not None:
-        return settings.sampling.seed
-    return random.randrange(2**31)
-
-
-def warm_up(loaded, prompt: PreparedPrompt, full_depth_schedule) -> None:
-    """A few untimed tokens first, so --compare does not charge one-time costs to whichever run goes first."""
-    short = replace(prompt, settings=replace(prompt.settings, max_new_tokens=COMPARE_WARMUP_TOKENS, stop=()))
-    decode(loaded, [short], full_depth_schedule)
-
-
 def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, stats: bool) -> None:
     """Decode one prompt; render live on a terminal, else stream plain text (or print JSON)."""
     from d3cli.core.engine import GenerationInterrupted
 
     schedule, full_depth = schedules(loaded, prepared.settings)
     on_terminal = sys.stdout.isatty() and not as_json
-    seed = compare_seed(prepared.settings) if compare else None
+    seed = comparison_seed(prepared.settings) if compare else None
     if compare:
         warm_up(loaded, prepared, full_depth)
 
@@ -213,7 +170,7 @@ def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, 
     requests = read_requests(sys.stdin.buffer, settings, prepare, skip_bad_lines, warn=render.print_warning)
     for number, batch in enumerate(batches(requests, batch_size)):
         schedule, full_depth = schedules(loaded, batch[0].settings)
-        seed = compare_seed(batch[0].settings) if compare else None
+        seed = comparison_seed(batch[0].settings) if compare else None
         if compare and number == 0:
             warm_up(loaded, batch[0], full_depth)
         replies: list[Reply] | None = None
@@ -239,31 +196,3 @@ def line_record(loaded, prepared: PreparedPrompt, reply: Reply, schedule, baseli
         record["id"] = prepared.request_id
     record.update(reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration))
     return record
-
-
-def batches(prepared_prompts, batch_size: int):
-    """Consecutive prompts whose settings allow one batch, at most `batch_size` at a time, in input order.
-
-    A batch is handed out as soon as it is full; when a bad line stops the input, the good lines before it are
-    still decoded first.
-    """
-    batch: list[PreparedPrompt] = []
-    prompts = iter(prepared_prompts)
-    while True:
-        try:
-            prepared = next(prompts)
-        except StopIteration:
-            break
-        except UserError:
-            if batch:
-                yield batch
-            raise
-        if batch and prepared.settings.batch_key() != batch[0].settings.batch_key():
-            yield batch
-            batch = []
-        batch.append(prepared)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
