@@ -8,7 +8,6 @@ plain text, or as one JSON object a line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,15 +18,14 @@ import typer
 from d3cli.cli import render
 from d3cli.core import results
 from d3cli.core.errors import UserError
-from d3cli.core.files import write_atomically
 from d3cli.core.paths import state_home
 from d3cli.cli.options import OUTPUT_PANEL, DepthArgs, ModelArgs, SamplingArgs, SystemOption, uses_option_groups
 from d3cli.core.prompts import decode_utf8
 from d3cli.core.results import reply_record
 from d3cli.core.schedule import parse_layer_count
-from d3cli.core.settings import DecodeSettings, apply_options, json_type, settings_as_options
+from d3cli.core.saved_chat import read_saved_chat, write_saved_chat
+from d3cli.core.settings import DecodeSettings
 
-SAVE_FORMAT = "d3-chat"
 PROMPT = "you ❯ "
 
 
@@ -221,15 +219,8 @@ class ChatSession:
         if not argument:
             raise UserError("/save needs a file name, like /save chat.json")
         path = Path(argument).expanduser()
-        document = {
-            "format": SAVE_FORMAT,
-            "version": 1,
-            "model": self.conversation.loaded.name,
-            "system": self.conversation.system,
-            "settings": settings_as_options(self.conversation.settings),
-            "messages": self.conversation.messages,
-        }
-        write_atomically(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        write_saved_chat(path, self.conversation.loaded.name, self.conversation.system, self.conversation.settings,
+                         self.conversation.messages)
         self.info(f"saved {len(self.conversation.messages)} messages to {path}")
 
     def load(self, argument: str) -> None:
@@ -273,36 +264,6 @@ COMMANDS: dict[str, SlashCommand] = {
 def write_text(event) -> None:
     if event.text:
         render.write_stdout(event.text)
-
-
-def read_saved_chat(path: Path, base: DecodeSettings):
-    """(system, settings, messages, model) from a /save file; a UserError names what is wrong with it."""
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not a saved chat: {error}") from None
-    if not isinstance(document, dict) or document.get("format") != SAVE_FORMAT:
-        raise UserError(f"{path} is not a chat saved by d3 (no \"format\": \"{SAVE_FORMAT}\")")
-    messages = document.get("messages")
-    if not isinstance(messages, list) or not all(
-        isinstance(message, dict) and message.get("role") in ("user", "assistant")
-        and isinstance(message.get("content"), str) for message in messages
-    ):
-        raise UserError(f"{path}: \"messages\" must be a list of {{\"role\": \"user\"|\"assistant\", "
-                        f"\"content\": text}}")
-    system = document.get("system")
-    if system is not None and not isinstance(system, str):
-        raise UserError(f"{path}: \"system\" must be text or null, not {json_type(system)}")
-    options = document.get("settings", {})
-    if not isinstance(options, dict):
-        raise UserError(f"{path}: \"settings\" must be an object")
-    try:
-        settings = apply_options(base, options)
-    except UserError as error:
-        raise UserError(f"{path}: settings: {error}") from None
-    return system, settings, messages, document.get("model")
 
 
 class ChatHistory:
