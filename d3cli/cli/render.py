@@ -54,6 +54,10 @@ def print_warning(message: str) -> None:
     sys.stderr.flush()
 
 
+def print_download(name: str, folder) -> None:
+    print_warning(f"downloading {name} into {folder}")
+
+
 def depth_colour(layers: int, num_layers: int) -> str:
     """Full depth is green; the shallower a token, the further toward orange."""
     share = max(0.0, min(1.0, layers / num_layers)) if num_layers else 1.0

@@ -335,3 +335,79 @@ def run_identity(task_name: str, model_name: str, options: TaskOptions, settings
     if calibration is not None:  # another calibration means other bridges and maybe another skip order
         identity["calibration"] = calibration.label
     return identity
+
+
+class Progress:
+    """What a bench run reports as it goes (the CLI's progress bars; anything with these three methods)."""
+
+    def add(self, key: str, label: str, total: int, done: int) -> None: ...
+    def start(self, key: str) -> None: ...
+    def advance(self, key: str) -> None: ...
+
+
+@dataclass
+class Benchmark:
+    """One `d3 bench` run, checked and ready: its methods, schedules that fit the model, encoded prompts and the
+    results file (opened for appending, or read back with `resume`). `run` decodes what is missing; `summary`
+    reads the results file."""
+
+    loaded: object  # loader.LoadedModel
+    task: object  # tasks.base.Task
+    examples: Sequence[Example]
+    settings: DecodeSettings
+    runs: list[MethodRun]
+    prompts: dict[str, list[int]]
+    results: ResultsFile
+    num_layers: int
+
+    @classmethod
+    def prepare(cls, loaded, task, examples: Sequence[Example], options: TaskOptions, settings: DecodeSettings,
+                alphas: Sequence[float], methods: Sequence[str] | None, path: Path, resume: bool) -> Benchmark:
+        """Every check that can fail before decoding (methods, each schedule against this model, prompt lengths,
+        the results file's identity) is made here."""
+        from d3cli.core.loader import num_decoder_layers
+
+        num_layers = num_decoder_layers(loaded.model)
+        chosen = methods or default_methods(settings.schedule_for(num_layers, loaded.calibration))
+        runs = method_runs(chosen, alphas)
+        for run in runs:  # every schedule must fit this model before anything runs
+            if run.method in ("full", "d3"):
+                schedule_for(run, settings, num_layers, None, examples, loaded.calibration)
+        prompts = encode_examples(loaded, examples)
+        identity = run_identity(task.name, loaded.name, options, settings, alphas, chosen, loaded.calibration)
+        return cls(loaded, task, examples, settings, runs, prompts, ResultsFile(path, identity, resume), num_layers)
+
+    def run(self, batch_size: int, progress: Progress) -> bool:
+        """Decode every method's unfinished examples in order; False when Ctrl-C stopped it (the results file keeps
+        every finished example either way)."""
+        try:
+            for run in self.runs:
+                progress.add(run.key, run.label, len(self.examples), len(self.results.done(run.key, self.examples)))
+            for run in self.runs:
+                schedule = schedule_for(run, self.settings, self.num_layers, self.results, self.examples,
+                                        self.loaded.calibration)
+                progress.start(run.key)
+                run_method(self.loaded, self.task, self.examples, self.prompts, run, schedule, self.settings,
+                           batch_size, self.results, on_example=lambda finished: progress.advance(finished.key))
+        except KeyboardInterrupt:
+            return False
+        finally:
+            self.results.close()
+        return True
+
+    def summary(self) -> dict:
+        """The side-by-side summary of what the results file holds."""
+        d3_schedule = self.settings.schedule_for(self.num_layers, self.loaded.calibration)
+        calibration = self.loaded.calibration
+        summary = {
+            "task": self.task.name,
+            "model": self.loaded.name,
+            "calibration": calibration.label if calibration is not None else None,
+            "skip_order": d3_schedule.skip_order,
+            "examples": len(self.examples),
+            "output": str(self.results.path),
+            "methods": summarize(self.results.records, self.runs, self.examples, self.num_layers),
+        }
+        if self.task.name == "bbh":
+            summary["by_subtask"] = by_subtask(self.results.records, self.examples)
+        return summary

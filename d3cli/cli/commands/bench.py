@@ -81,9 +81,7 @@ def bench(
     downloaded into the cache on first use when there is internet.
     """
     from d3cli.evaluation import bench as runner
-    from d3cli.evaluation.datasets import data_dir as resolve_data_dir
-    from d3cli.evaluation.datasets import require
-    from d3cli.evaluation.tasks import get_task
+    from d3cli.evaluation.tasks import get_task, task_examples
     from d3cli.evaluation.tasks.base import TaskOptions
 
     alphas = parse_alphas(depth.alpha)
@@ -103,57 +101,23 @@ def bench(
     settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **sampling.values())
     benchmark = get_task(task)
     options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit)
-    folder, downloadable = resolve_data_dir(data_dir)
-    require(folder, benchmark.files(options), downloadable,
-            on_download=lambda name: render.print_warning(f"downloading {name} into {folder}"))
-    examples = benchmark.examples(folder, options)
+    examples, folder = task_examples(benchmark, options, data_dir, on_download=render.print_download)
     if not examples:
         raise UserError(f"{task} has no examples in {folder}")
 
-    from d3cli.core.loader import load, num_decoder_layers
+    from d3cli.core.loader import load
 
-    loaded = load(model.options())
-    loaded = settings.with_calibration(loaded)
-    num_layers = num_decoder_layers(loaded.model)
-    chosen_methods = asked_methods or runner.default_methods(settings.schedule_for(num_layers, loaded.calibration))
-    runs = runner.method_runs(chosen_methods, alphas)
-    for run in runs:  # every schedule must fit this model before anything runs
-        if run.method in ("full", "d3"):
-            runner.schedule_for(run, settings, num_layers, None, examples, loaded.calibration)
-    prompts = runner.encode_examples(loaded, examples)
+    loaded = settings.with_calibration(load(model.options()))
     path = output or Path(f"d3-bench-{task}-{model_slug(loaded.name)}.jsonl")
-    identity = runner.run_identity(task, loaded.name, options, settings, alphas, chosen_methods, loaded.calibration)
-    results = runner.ResultsFile(path, identity, resume)
-    interrupted = False
-    try:
-        with render.BenchProgress(render.stderr_console()) as progress:
-            for run in runs:
-                progress.add(run.key, run.label, len(examples), len(results.done(run.key, examples)))
-            for run in runs:
-                schedule = runner.schedule_for(run, settings, num_layers, results, examples, loaded.calibration)
-                progress.start(run.key)
-                runner.run_method(loaded, benchmark, examples, prompts, run, schedule, settings, batch_size, results,
-                                  on_example=lambda finished: progress.advance(finished.key))
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        results.close()
-    d3_schedule = settings.schedule_for(num_layers, loaded.calibration)
-    summary = {
-        "task": task,
-        "model": loaded.name,
-        "calibration": loaded.calibration.label if loaded.calibration is not None else None,
-        "skip_order": d3_schedule.skip_order,
-        "examples": len(examples),
-        "output": str(path),
-        "methods": runner.summarize(results.records, runs, examples, num_layers),
-    }
-    if task == "bbh":
-        summary["by_subtask"] = runner.by_subtask(results.records, examples)
+    benchmark_run = runner.Benchmark.prepare(loaded, benchmark, examples, options, settings, alphas, asked_methods,
+                                             path, resume)
+    with render.BenchProgress(render.stderr_console()) as progress:
+        finished = benchmark_run.run(batch_size, progress)
+    summary = benchmark_run.summary()
     console = render.stderr_console() if as_json else render.stdout_console()
     render.print_bench_table(console, summary)
     if as_json:
         render.write_json_line(summary)
-    if interrupted:
+    if not finished:
         render.print_warning(f"interrupted: finished examples are in {path}; add --resume to continue")
         raise typer.Exit(130)

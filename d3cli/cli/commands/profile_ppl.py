@@ -135,17 +135,12 @@ def profile_ppl(
 
     examples, corpus_name, stop_strings = [], str(text_file), ()
     if text_file is None:
-        from d3cli.evaluation.datasets import data_dir as resolve_data_dir
-        from d3cli.evaluation.datasets import require
-        from d3cli.evaluation.tasks import get_task
+        from d3cli.evaluation.tasks import get_task, task_examples
         from d3cli.evaluation.tasks.base import TaskOptions
 
         benchmark = get_task(task or "gsm8k")
         options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit, offset=offset)
-        folder, downloadable = resolve_data_dir(data_dir)
-        require(folder, benchmark.files(options), downloadable,
-                on_download=lambda name: render.print_warning(f"downloading {name} into {folder}"))
-        examples = benchmark.examples(folder, options)
+        examples, _ = task_examples(benchmark, options, data_dir, on_download=render.print_download)
         corpus_name = f"{benchmark.name} {'own greedy continuations' if self_generated else 'reference answers'}"
         stop_strings = benchmark.stop_strings
 
