@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,6 +24,7 @@ from d3cli.cli.options import (
     uses_option_groups,
 )
 from d3cli.core.settings import DecodeSettings
+from d3cli.evaluation.ppl_profile import Corpus, ProfileOptions, profile
 
 PROFILE_PANEL = "Profile"
 CALIBRATION_PANEL = "Calibration"
@@ -122,8 +122,7 @@ def profile_ppl(
         check_at_least(name, value, least)
     if target_speedup is not None and target_layer_ratio is not None:
         raise UserError("give one of --target-speedup and --target-layer-ratio, not both")
-    calibrate = target_speedup is not None or target_layer_ratio is not None
-    if calibrate and limit < 2:
+    if (target_speedup is not None or target_layer_ratio is not None) and limit < 2:
         raise UserError("calibration needs --limit 2 or more: half the texts calibrate, the other half check")
     alphas = parse_alphas(depth.alpha) if depth.alpha is not None else ()
     settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0] if alphas else 1.0),
@@ -131,76 +130,35 @@ def profile_ppl(
                                            seed=None, stop=None)
     if plot is not None:
         profile_files.require_matplotlib()
-    layers = layers or save_profile is not None
-
-    examples, corpus_name, stop_strings = [], str(text_file), ()
-    if text_file is None:
+    options = ProfileOptions(max_positions=max_positions, bucket_size=bucket_size,
+                             layers=layers or save_profile is not None, late_from=late_from, save_profile=save_profile,
+                             target_speedup=target_speedup, target_layer_ratio=target_layer_ratio,
+                             reply_tokens=reply_tokens)
+    if text_file is not None:
+        corpus = Corpus(str(text_file), text_file=text_file, prompt_tokens=prompt_tokens, limit=limit)
+    else:
         from d3cli.evaluation.tasks import get_task, task_examples
         from d3cli.evaluation.tasks.base import TaskOptions
 
         benchmark = get_task(task or "gsm8k")
-        options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit, offset=offset)
-        examples, _ = task_examples(benchmark, options, data_dir, on_download=render.print_download)
-        corpus_name = f"{benchmark.name} {'own greedy continuations' if self_generated else 'reference answers'}"
-        stop_strings = benchmark.stop_strings
+        task_options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit, offset=offset)
+        examples, _ = task_examples(benchmark, task_options, data_dir, on_download=render.print_download)
+        corpus = Corpus.of_task(benchmark, examples, self_generated)
 
-    from d3cli.evaluation import corpus, profiling
-    from d3cli.core.loader import context_length, load, model_identity, num_decoder_layers
+    from d3cli.core.loader import load
 
-    loaded = load(model.options())
-    loaded = settings.with_calibration(loaded)
-    num_layers = num_decoder_layers(loaded.model)
-    schedules = {f"α={value:g}": dataclasses.replace(settings, alpha=value).schedule_for(num_layers,
-                                                                                        loaded.calibration)
-                 for value in alphas}
-    base_schedule = settings.schedule_for(num_layers, loaded.calibration)
-    context = context_length(loaded.model)
+    loaded = settings.with_calibration(load(model.options()))
     console = render.stderr_console()
-
-    if text_file is not None:
-        texts = corpus.file_texts(loaded.tokenizer, text_file, prompt_tokens, max_positions, context, limit)
-    elif self_generated:
-        with render.Spinner(console, "generating the model's own continuations") as spinner:
-            done = iter(range(1, len(examples) + 1))
-            texts = corpus.self_texts(loaded, examples, stop_strings, max_positions, context,
-                                      on_text=lambda: spinner.update(f"generating continuations: {next(done)}/"
-                                                                     f"{len(examples)}"))
-    else:
-        texts = corpus.reference_texts(loaded.tokenizer, examples, max_positions, context)
-    if not texts:
-        raise UserError(f"no text to score in {corpus_name}")
-
-    with render.Spinner(console, f"scoring {len(texts)} texts") as spinner:
-        done = iter(range(1, len(texts) + 1))
-        found = profiling.measure(loaded.model, texts, schedules, num_layers, layer_profile=layers,
-                                  late_from=late_from,
-                                  on_text=lambda: spinner.update(f"scoring texts: {next(done)}/{len(texts)}"))
-    result = {"model": loaded.name, "corpus": corpus_name, "num_layers": num_layers,
-              "calibration": loaded.calibration.label if loaded.calibration is not None else None,
-              "skip_order": base_schedule.skip_order, "bridges": base_schedule.bridges is not None,
-              "profile": profiling.report(found, schedules, bucket_size, max_positions)}
-    if layers:
-        layer_profile = profiling.layer_profile_of(found, model_identity(loaded), corpus_name, len(texts), late_from)
-        result["late_from"] = late_from
-        result["layers"] = profiling.layer_rows(layer_profile, base_schedule.head, base_schedule.tail)
-        result["importance_ranking"] = layer_profile.importance_ranking()
-        if save_profile is not None:
-            layer_profile.save(save_profile)
-            result["saved_profile"] = str(save_profile)
-    if calibrate:
-        from d3cli.evaluation.calibration import recommend_and_check
-
-        with render.Spinner(console, "calibrating") as spinner:
-            result["recommendation"] = recommend_and_check(loaded.model, texts, base_schedule, reply_tokens,
-                                                           target_speedup, target_layer_ratio, spinner.update)
+    with render.Spinner(console, "preparing the texts") as spinner:
+        result = profile(loaded, corpus, settings, alphas, options, on_status=spinner.update)
 
     out = console if as_json else render.stdout_console()
     render.print_ppl_profile(out, result)
-    if layers:
+    if options.layers:
         render.print_layer_profile(out, result)
         if save_profile is not None:
             render.print_info(out, f"layer profile written to {save_profile}")
-    if calibrate:
+    if options.calibrate:
         render.print_calibration(out, result["recommendation"])
     if csv_file is not None:
         profile_files.write_csv(csv_file, result["profile"])
