@@ -110,7 +110,7 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
 
 
 def test_first_token_children_load_the_model_as_the_run_did():
-    from d3cli.cli.commands.bench_speed import child_generate_args
+    from d3cli.evaluation.speed_report import child_generate_args
     from d3cli.core.loader import ModelOptions
     from d3cli.core.settings import DecodeSettings
 

@@ -86,11 +86,20 @@ def bench(
 
     alphas = parse_alphas(depth.alpha)
     if task == "speed":
-        from d3cli.cli.commands.bench_speed import run_speed
+        from d3cli.core.loader import load
+        from d3cli.evaluation.speed_report import measure
 
+        check_at_least("--repeats", repeats, 1)
         greedy = dataclasses.replace(sampling, temperature=0.0, seed=None)  # the timings decode greedily
         settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **greedy.values())
-        run_speed(model.options(), settings, alphas, repeats, as_json)
+        model_options = model.options()
+        loaded = settings.with_calibration(load(model_options))
+        console = render.stderr_console()
+        with render.Spinner(console, "timing") as spinner:
+            report = measure(loaded, model_options, settings, alphas, repeats, on_status=spinner.update)
+        render.print_speed_report(console if as_json else render.stdout_console(), report)
+        if as_json:
+            render.write_json_line(report)
         return
     asked_methods = tuple(dict.fromkeys(("full", *parse_list(methods)))) if methods is not None else None
     if asked_methods is not None:

@@ -1,0 +1,90 @@
+"""`d3 bench --task speed`: every timing of speed.py on one loaded model, gathered into one JSON-ready report.
+
+The first-token timings start new `d3 generate` processes: `child_generate_args` gives them the options that load
+the same model the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from collections.abc import Callable, Sequence
+
+from d3cli.core.loader import ModelOptions
+from d3cli.core.settings import DecodeSettings
+
+SPEED_PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
+BATCH_SIZES = (1, 4, 16)
+BATCH_PROMPTS = (
+    SPEED_PROMPT,
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "List the planets of the solar system and one fact about each.",
+    "How does a refrigerator keep food cold? Explain it to a child.",
+)
+LONG_REPLY_TOKENS = 1024
+
+
+def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alphas: Sequence[float], repeats: int,
+            on_status: Callable[[str], None] = lambda message: None) -> dict:
+    """The speed report of `loaded` (loaded with `model_options`): α = 1 against the model's own generate, the step
+    cost per layer, D3 against its ideal at each α (bridged and plain when the calibration has bridges), batches,
+    the KV cache of a long reply, and the first token in new processes."""
+    import torch
+
+    from d3cli.core.loader import context_length, num_decoder_layers
+    from d3cli.core.prompts import encode_prompt
+    from d3cli.evaluation import speed
+
+    num_layers = num_decoder_layers(loaded.model)
+    schedules = [dataclasses.replace(settings, alpha=alpha).schedule_for(num_layers, loaded.calibration)
+                 for alpha in alphas]
+    if schedules[0].bridges is not None:  # bridged D3 beside plain D3 at each α
+        schedules = [variant for schedule in schedules for variant in (schedule, schedule.with_bridges(None))]
+    tokens = settings.max_new_tokens
+    prompt = encode_prompt(loaded.tokenizer, SPEED_PROMPT)
+    batch_prompts = [encode_prompt(loaded.tokenizer, text) for text in BATCH_PROMPTS]
+    context = context_length(loaded.model)
+    long_tokens = LONG_REPLY_TOKENS if context is None else max(2, min(LONG_REPLY_TOKENS, context - len(prompt) - 1))
+    weight = loaded.model.get_input_embeddings().weight
+    report = {
+        "task": "speed",
+        "model": loaded.name,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(weight.device),
+                    "dtype": str(weight.dtype).replace("torch.", "")},
+        "num_layers": num_layers,
+        "calibration": loaded.calibration.label if loaded.calibration is not None else None,
+        "skip_order": schedules[0].skip_order,
+        "prompt_tokens": len(prompt),
+        "tokens": tokens,
+        "repeats": repeats,
+    }
+    on_status("timing model.generate against d3 at α = 1")
+    report.update(speed.alpha1_against_hf(loaded.model, loaded.tokenizer, prompt, tokens, repeats))
+    on_status("timing decode steps at each depth")
+    report.update(speed.step_times(loaded.model, prompt, schedules[0], tokens, repeats))
+    on_status("timing D3 against full depth at each α")
+    report["alphas"] = speed.alpha_rows(loaded.model, prompt, schedules, tokens, repeats,
+                                        report["t_fixed_ms"], report["t_layer_ms"], report.get("t_bridge_ms", 0.0))
+    on_status("timing batches")
+    report["batches"] = speed.batch_rows(loaded.model, batch_prompts, schedules[0], BATCH_SIZES,
+                                         min(tokens, 64), max(1, repeats // 2))
+    on_status("measuring the KV cache of a long reply")
+    report["kv_cache"] = speed.kv_cache_bytes(loaded.model, prompt, schedules[0], long_tokens)
+    on_status("timing the first token in new processes")
+    report["first_token"] = speed.first_token_seconds(child_generate_args(model_options, settings),
+                                                      type(loaded.model).__name__, max(1, min(repeats, 3)))
+    return report
+
+
+def child_generate_args(model_options: ModelOptions, settings: DecodeSettings) -> list[str]:
+    """The options a new `d3 generate` process needs to load the model this run loaded, the same way: the model
+    options, and the calibration or layer profile this run was given."""
+    args = model_options.cli_args()
+    if settings.calibration is not None:
+        args += ["--calibration", settings.calibration]
+    if settings.profile is not None:
+        args += ["--profile", settings.profile]
+    if not settings.bridges:
+        args.append("--no-bridges")
+    return args
