@@ -7,7 +7,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 
 import pytest
 from conftest import d3_executable
@@ -166,17 +165,6 @@ def test_bad_prompts_are_one_line(cli, tiny_model_dir):
     assert_one_line_error(cli([*model, "--jsonl", "Hello"]), "PROMPT")
 
 
-def test_version_and_help(cli):
-    from d3cli import __version__
-
-    assert cli(["--version"]).stdout.strip() == f"d3 {__version__}"
-    help_text = cli(["generate", "--help"])
-    assert help_text.exit_code == 0
-    for option in ("--alpha", "--min-layers", "--warmup", "--head", "--tail", "--skip-order", "--compare",
-                   "--jsonl", "--batch-size", "--stop", "--chat", "--system", "--seed", "--top-p"):
-        assert option in help_text.stdout
-
-
 # --- the real executable, in pipes and in a pseudo-terminal -------------------------------------------------------
 
 def run_d3(args: list[str], stdin: bytes = b"", timeout: float = 120) -> subprocess.CompletedProcess:
@@ -273,13 +261,3 @@ def test_jsonl_answers_each_line_before_the_input_ends(tiny_model_dir):
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
-
-
-def test_the_cli_imports_no_torch_until_a_command_needs_it():
-    """`d3 --help`, completions and option errors stay fast: the app and every command module import without torch,
-    transformers or the engine (they are imported inside the commands)."""
-    program = ("import sys, d3cli.cli.app, typer.main; typer.main.get_command(d3cli.cli.app.app); "
-               "print(sorted(m for m in ('torch', 'transformers', 'd3cli.core.engine', 'safetensors') if m in sys.modules))")
-    found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
-    assert found.returncode == 0, found.stderr
-    assert found.stdout.strip() == "[]"

@@ -225,7 +225,7 @@ def test_missing_or_malformed_data_is_one_line(cli, tmp_path, shared_data):
 
 
 def test_bench_runs_bridged_methods_with_a_calibration(cli, tiny_model_dir, shared_data, tmp_path):
-    from test_model_calibration import calibration_file, identity_of
+    from calibration_files import calibration_file, identity_of
 
     path = calibration_file(tmp_path, identity_of(tiny_model_dir))
     output = tmp_path / "gsm8k.jsonl"

@@ -75,7 +75,7 @@ def test_speed_bench_json_is_complete_and_consistent(cli, tiny_model_dir):
 def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_model_dir, tmp_path):
     """With a calibration, T(k) is timed with bridges too, T_bridge is their extra cost per run, and each α runs
     bridged and plain; the bridged ideal includes r̄·T_bridge."""
-    from test_model_calibration import identity_of, profile_for
+    from calibration_files import identity_of, profile_for
 
     from d3cli.core.bridges import Bridge
     from d3cli.core.layer_profile import importance_order

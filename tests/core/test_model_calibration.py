@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
+from calibration_files import FIT, calibration_file, identity_of, profile_for, some_bridges
 
 from d3cli.core.bridges import Bridge
 from d3cli.core.errors import UserError
-from d3cli.core.layer_profile import LayerProfile, LayerScore
-from d3cli.core.loader import model_identity
 from d3cli.core.model_calibration import (
     cache_path,
     find_calibration,
@@ -20,27 +19,6 @@ from d3cli.core.model_calibration import (
     read_header,
     write_calibration,
 )
-
-FIT = {"ridge": 0.1, "tokens": 123, "skip_order": "importance"}
-
-
-def identity_of(tiny_model_dir):
-    from d3cli.core.loader import load
-
-    return model_identity(load(str(tiny_model_dir), device="cpu", dtype="float32"))
-
-
-def profile_for(identity: dict) -> LayerProfile:
-    costs = [5.0, 0.3, 0.1, 0.05, 0.2, 0.4, 0.6, 2.0]
-    return LayerProfile(model=identity, corpus="test", texts=3, late_from=16,
-                        layers=tuple(LayerScore(layer, cost / 10, cost) for layer, cost in enumerate(costs)))
-
-
-def some_bridges(hidden: int = 64, seed: int = 0) -> list[Bridge]:
-    generator = torch.Generator().manual_seed(seed)
-    return [Bridge(3, 3, weight=torch.randn(hidden, hidden, generator=generator) / 8),
-            Bridge(2, 4, down=torch.randn(hidden, 4, generator=generator),
-                   up=torch.randn(4, hidden, generator=generator))]
 
 
 @pytest.fixture
@@ -127,13 +105,6 @@ def test_matrices_that_do_not_fit_are_refused(tmp_path, tiny_identity, bridge, m
         read_calibration(path)
 
 
-def calibration_file(tmp_path, identity, **changes) -> str:
-    path = tmp_path / "c.safetensors"
-    profile = None if changes else profile_for(identity)  # another model's file has another model's profile
-    write_calibration(path, dict(identity, **changes), profile, some_bridges(), FIT)
-    return str(path)
-
-
 def test_generate_uses_a_calibration_and_says_so(cli, tiny_model_dir, tmp_path, tiny_identity):
     path = calibration_file(tmp_path, tiny_identity)
     args = ["generate", "--model", str(tiny_model_dir), "--calibration", path, "-n", "12", "--alpha", "0.9",
@@ -180,30 +151,3 @@ def test_a_bad_calibration_option_is_one_line_and_exit_2(cli, tiny_model_dir, tm
         result = cli([*command, "--model", str(tiny_model_dir), "--calibration", path, "-n", "4"], stdin=b"Hi\n")
         assert result.exit_code == 2, result.stderr
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-
-
-def test_calibrate_writes_to_the_cache_and_every_command_finds_it(cli, tiny_model_dir, tiny_identity):
-    result = cli(["calibrate", "--model", str(tiny_model_dir), "--prompts", "4", "--reply-tokens", "24",
-                  "--profile-texts", "2", "--head", "1", "--tail", "1", "--json"])
-    assert result.exit_code == 0, result.stderr
-    made = json.loads(result.stdout)
-    assert made["calibration"] == str(cache_path(tiny_identity)) and made["tokens"] > 40
-    assert len(made["bridged_runs"]) == 6 and sorted(made["drop_order"]) == [1, 2, 3, 4, 5, 6]
-    record = json.loads(cli(["generate", "--model", str(tiny_model_dir), "-n", "10", "--alpha", "0.6",
-                             "--min-layers", "2", "--head", "1", "--tail", "1", "--json", "Hello"]).stdout)
-    assert record["calibration"] == made["calibration"] and record["skip_order"] == "importance"
-    assert record["bridged_runs"] and record["unbridged_runs"] == []
-    calibration = read_calibration(made["calibration"])
-    assert calibration.fit["tokens"] == made["tokens"] and calibration.profile.num_layers == 8
-    os.unlink(made["calibration"])  # the next tests see an uncalibrated tiny model again
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--rank", "0"], "--rank must be at least 1"),
-    (["--reply-tokens", "4"], "--reply-tokens must be at least 18"),
-    (["--ridge", "0"], "--ridge must be above 0"),
-    (["--head", "4", "--tail", "4"], "leave no layer"),
-])
-def test_bad_calibrate_options_are_one_line(cli, tiny_model_dir, args, message):
-    result = cli(["calibrate", "--model", str(tiny_model_dir), *args])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
