@@ -26,8 +26,10 @@ def stdout_console() -> Console:
     return Console(highlight=False, soft_wrap=False)
 
 
-def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=False)
+def stderr_console(pinned: bool = False) -> Console:
+    """A console on stderr; `pinned`: on the stderr of now, even if sys.stderr is swapped later (a progress line
+    over a library whose own output is being dropped)."""
+    return Console(file=sys.stderr if pinned else None, stderr=True, highlight=False, soft_wrap=False)
 
 
 def write_stdout(text: str) -> None:
@@ -336,6 +338,45 @@ def print_bench_table(console: Console, summary: dict) -> None:
                        "of the d3 run with their α; speedup: tokens/s over full depth's, prefill included; decode: "
                        "the same without the prefill", style="dim"))
     console.print(Text(f"per-example results: {summary['output']}", style="dim"))
+
+
+def print_lm_eval_table(console: Console, summary: dict) -> None:
+    """`d3 bench --task lm-eval:...`: lm-eval's metrics, a row per task metric and a column per method (change
+    from full depth in brackets), then each method's depth and time."""
+    documents = ", ".join(f"{task} {count}" for task, count in summary["documents"].items())
+    methods = summary["methods"]
+    table = Table(title=f"d3 bench · {summary['model']} · lm-eval documents: {documents}", title_justify="left",
+                  header_style="bold", box=None, padding=(0, 1))
+    table.add_column("task · metric", no_wrap=True)
+    for row in methods:
+        table.add_column(row["label"], justify="right", no_wrap=True)
+    for task in summary["tasks"]:
+        for name in (methods[0]["metrics"].get(task, {}) if methods else {}):
+            cells = [f"{task} · {name}"]
+            for row in methods:
+                value = row["metrics"].get(task, {}).get(name)
+                delta = (row["delta"] or {}).get(task, {}).get(name) if row["method"] != "full" else None
+                cells.append("–" if value is None else f"{value:.3f}" + (f" ({delta:+.3f})" if delta is not None
+                                                                           else ""))
+            table.add_row(*cells)
+    for heading, cell in (
+        ("agreement", lambda row: _percent(_mean_of((row["agreement"] or {}).values()))),
+        ("mean layers", lambda row: f"{row['mean_layers']:.1f}"),
+        ("tokens", lambda row: str(row["tokens"])),
+        ("time", lambda row: f"{row['seconds']:.1f} s"),
+        ("speedup", lambda row: _times(row["time_ratio"])),
+    ):
+        table.add_row(Text(heading, style="dim"), *(cell(row) for row in methods))
+    console.print(table)
+    console.print(Text("metrics as lm-eval computes them; agreement: same filtered answer as full depth; mean layers: "
+                       "over every token generated or scored; speedup: full depth's time over this run's",
+                       style="dim"))
+    console.print(Text(f"summary: {summary['output']}", style="dim"))
+
+
+def _mean_of(values) -> float | None:
+    values = [value for value in values if value is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _bar_with_marker(value: float, marker: float | None, scale: float, width: int = BAR_WIDTH) -> Text:

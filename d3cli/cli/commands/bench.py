@@ -33,9 +33,10 @@ def model_slug(name: str) -> str:
 
 @uses_option_groups
 def bench(
-    task: Annotated[str, typer.Option("--task", help="gsm8k, bbh, or speed (timings only: α = 1 against the model's "
-                                      "own generate, step cost per layer, D3 against its ideal, batches, KV cache, "
-                                      "first token).", rich_help_panel=TASK_PANEL)] = "gsm8k",
+    task: Annotated[str, typer.Option("--task", help="gsm8k, bbh, lm-eval:TASK[,TASK] (lm-evaluation-harness tasks, "
+                                      "scored by lm-eval; needs d3cli[eval]), or speed (timings only: α = 1 against "
+                                      "the model's own generate, step cost per layer, D3 against its ideal, batches, "
+                                      "KV cache, first token).", rich_help_panel=TASK_PANEL)] = "gsm8k",
     subtasks: SubtasksOption = None,
     limit: Annotated[
         Optional[int], typer.Option(help="Only the first N examples (per BBH subtask).", rich_help_panel=TASK_PANEL,
@@ -49,6 +50,11 @@ def bench(
                                     "beside full depth. Default: d3, static, linear, and d3+bridges and "
                                     "static+bridges when the model's calibration has bridges.",
                                     rich_help_panel=TASK_PANEL, show_default=False),
+    ] = None,
+    include_path: Annotated[
+        Optional[Path], typer.Option(help="With lm-eval:TASK: a folder of lm-eval task YAMLs (your own tasks, or "
+                                     "tasks pointed at local files).", rich_help_panel=TASK_PANEL,
+                                     show_default=False),
     ] = None,
     model: ModelArgs = ModelArgs(),
     depth: AlphaListDepthArgs = AlphaListDepthArgs(),
@@ -104,6 +110,15 @@ def bench(
     asked_methods = tuple(dict.fromkeys(("full", *parse_list(methods)))) if methods is not None else None
     if asked_methods is not None:
         runner.method_runs(asked_methods, alphas)  # a bad --methods fails before anything loads
+    if task.startswith("lm-eval:"):
+        if subtasks or resume:
+            raise UserError("--subtasks and --resume apply to d3's own tasks; lm-eval tasks are named in --task "
+                            "(lm-eval:bbh_cot_fewshot_navigate,...)")
+        run_lm_eval(task, model, depth, sampling, alphas, asked_methods, limit, shots, chat, data_dir, include_path,
+                    batch_size, output, as_json)
+        return
+    if include_path is not None:
+        raise UserError("--include-path applies to --task lm-eval:TASK only")
     if limit is not None:
         check_at_least("--limit", limit, 1)
     check_at_least("--batch-size", batch_size, 1)
@@ -130,3 +145,44 @@ def bench(
     if not finished:
         render.print_warning(f"interrupted: finished examples are in {path}; add --resume to continue")
         raise typer.Exit(130)
+
+
+def run_lm_eval(task, model, depth, sampling, alphas, methods, limit, shots, chat, data_dir, include_path, batch_size,
+                output, as_json) -> None:
+    """`--task lm-eval:TASKS`: every method through lm-eval, then d3's side-by-side table from lm-eval's metrics."""
+    import json
+
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("--task lm-eval: needs lm-evaluation-harness: pip install 'd3cli[eval]'")
+    from d3cli.core.loader import load
+    from d3cli.core.files import write_atomically
+    from d3cli.evaluation.datasets import data_dir as resolve_data_dir
+    from d3cli.evaluation.datasets import require
+    from d3cli.evaluation.harness import bench as harness
+
+    names = harness.parse_task(task)
+    if limit is not None:
+        check_at_least("--limit", limit, 1)
+    check_at_least("--batch-size", batch_size, 1)
+    if include_path is not None and not include_path.is_dir():
+        raise UserError(f"--include-path {include_path} is not a folder")
+    settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **sampling.values())
+    folder, downloadable = resolve_data_dir(data_dir)
+    loaded = settings.with_calibration(load(model.options()))
+    options = harness.HarnessOptions(names, limit=limit, shots=shots, chat=chat, include_path=include_path,
+                                     batch_size=batch_size)
+    with render.Spinner(render.stderr_console(pinned=True), "lm-eval") as spinner:
+        summary = harness.run(loaded, settings, alphas, methods, options, folder,
+                              require=lambda files: require(folder, files, downloadable,
+                                                            on_download=lambda name: render.print_download(name,
+                                                                                                           folder)),
+                              on_status=spinner.update)
+    path = output or Path(f"d3-bench-lm-eval-{model_slug(loaded.name)}.json")
+    summary["output"] = str(path)
+    write_atomically(path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    console = render.stderr_console() if as_json else render.stdout_console()
+    render.print_lm_eval_table(console, summary)
+    if as_json:
+        render.write_json_line(summary)

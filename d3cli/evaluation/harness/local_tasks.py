@@ -1,0 +1,102 @@
+"""lm-eval's GSM8K and BBH tasks read from d3's data folder instead of the Hugging Face hub.
+
+Each task's own configuration (prompt, few-shot examples, filters, metrics) is kept; only where its documents come
+from changes: `dataset_path: json` with `data_files` in the folder `d3 bench` uses (`--data-dir`, $D3_DATA_DIR or
+the download cache). A group (`bbh_cot_fewshot`) becomes its tasks. Other tasks are left to lm-eval as named.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+GSM8K_SOURCES = {"openai/gsm8k", "gsm8k"}
+BBH_SOURCES = {"SaylorTwift/bbh", "lukaemon/bbh", "d3/bbh"}
+
+# Multiple-choice forms of the BBH subtasks whose answers are one of two words: lm-eval scores each choice's
+# log-likelihood after the question, zero-shot (accuracy: the likelier choice is the target). d3's own tasks, for
+# measuring D3 on log-likelihood requests with the data d3 already has.
+MULTIPLE_CHOICE_ANSWERS = {
+    "boolean_expressions": ("True", "False"),
+    "causal_judgement": ("Yes", "No"),
+    "formal_fallacies": ("valid", "invalid"),
+    "navigate": ("Yes", "No"),
+    "sports_understanding": ("yes", "no"),
+    "web_of_lies": ("Yes", "No"),
+}
+D3_TASKS = {
+    f"bbh_mc_{subtask}": {
+        "task": f"bbh_mc_{subtask}",
+        "dataset_path": "d3/bbh",
+        "dataset_name": subtask,
+        "output_type": "multiple_choice",
+        "test_split": "test",
+        "doc_to_text": "Q: {{input}}\nA:",
+        "doc_to_choice": list(answers),
+        "doc_to_target": "{{" + repr(list(answers)) + ".index(target)}}",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    for subtask, answers in MULTIPLE_CHOICE_ANSWERS.items()
+}
+
+
+def data_files_needed(config: dict) -> list[str]:
+    """The files of d3's data folder a task's configuration needs (relative paths), or [] for another source."""
+    source = config.get("dataset_path")
+    if source in GSM8K_SOURCES:
+        return ["gsm8k/test.jsonl", "gsm8k/train.jsonl"]
+    if source in BBH_SOURCES:
+        return [f"bbh/tasks/{config['dataset_name']}.json"]
+    return []
+
+
+def localized(config: dict, folder: Path) -> dict:
+    """`config` reading its documents from `folder` (a GSM8K or BBH task's configuration)."""
+    needed = [str(folder / relative) for relative in data_files_needed(config)]
+    local = copy.deepcopy(config)
+    local.pop("dataset_name", None)
+    local["dataset_path"] = "json"
+    if config.get("dataset_path") in GSM8K_SOURCES:
+        local["dataset_kwargs"] = {"data_files": {"test": needed[0], "train": needed[1]}}
+    else:  # a BBH task file: {"canary": ..., "examples": [{"input", "target"}, ...]}
+        local["dataset_kwargs"] = {"data_files": {"test": needed[0]}, "field": "examples"}
+    return local
+
+
+def task_list(names, task_manager, folder: Path | None, require=None) -> list:
+    """What to hand `lm_eval.simple_evaluate(tasks=...)`: GSM8K/BBH task configurations localized to `folder`
+    (`require(relative_paths)` makes sure their files are there first), every other name as it is."""
+    index = task_manager.task_index
+    tasks: list = []
+    for name in names:
+        if name in D3_TASKS:
+            config = D3_TASKS[name]
+            if folder is None:
+                raise ValueError(f"{name} is a d3 task: it needs d3's data folder")
+            if require is not None:
+                require(data_files_needed(config))
+            tasks.append(localized(config, folder))
+            continue
+        entry = index.get(name)
+        if entry is None or folder is None:
+            tasks.append(name)
+            continue
+        if entry.kind.name == "GROUP":
+            tasks += task_list(_group_tasks(entry), task_manager, folder, require)
+            continue
+        config = dict(entry.cfg)
+        needed = data_files_needed(config)
+        if not needed:
+            tasks.append(name)
+            continue
+        if require is not None:
+            require(needed)
+        tasks.append(localized(config, folder))
+    return tasks
+
+
+def _group_tasks(entry) -> list[str]:
+    members = entry.cfg.get("task", [])
+    return [member if isinstance(member, str) else member.get("task") for member in members]
