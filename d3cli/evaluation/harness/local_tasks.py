@@ -100,3 +100,48 @@ def task_list(names, task_manager, folder: Path | None, require=None) -> list:
 def _group_tasks(entry) -> list[str]:
     members = entry.cfg.get("task", [])
     return [member if isinstance(member, str) else member.get("task") for member in members]
+
+
+def write_task_yamls(names, folder: Path, output: Path, task_manager=None) -> list[Path]:
+    """lm-eval task YAMLs of `names` that read `folder` (each named NAME_local), for lm-eval's `--include_path`."""
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    task_manager = task_manager or TaskManager()
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    for config in task_list(names, task_manager, folder):
+        if isinstance(config, str):
+            raise ValueError(f"{config} does not read GSM8K or BBH: nothing to point at local files")
+        config = dict(config, task=f"{config['task']}_local")
+        config.pop("tag", None)  # a tag would group the copy with lm-eval's own tasks
+        path = output / f"{config['task']}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    """`python -m d3cli.evaluation.harness.local_tasks --data-dir DIR --output DIR TASK...`"""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m d3cli.evaluation.harness.local_tasks",
+                                     description="Write lm-eval task YAMLs (NAME_local) that read GSM8K and BBH "
+                                                 "from a local folder, for lm-eval's --include_path.")
+    parser.add_argument("tasks", nargs="+", help="lm-eval task or group names (gsm8k_cot, bbh_cot_fewshot, ...) or "
+                                                 "d3's bbh_mc_SUBTASK")
+    parser.add_argument("--data-dir", type=Path, required=True, help="the folder with gsm8k/ and bbh/")
+    parser.add_argument("--output", type=Path, required=True, help="where to write the YAML files")
+    args = parser.parse_args(argv)
+    try:
+        for path in write_task_yamls(args.tasks, args.data_dir.resolve(), args.output):
+            print(path)
+    except (ValueError, KeyError) as error:
+        sys.stderr.write(f"d3: error: {error}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

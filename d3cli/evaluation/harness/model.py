@@ -2,7 +2,10 @@
 under the same schedule by d3's teacher-forced scorer.
 
     python -m d3cli.evaluation.harness --model d3 --model_args alpha=0.98,min_layers=0.84 --tasks gsm8k_cot
-    accelerate launch -m d3cli.evaluation.harness --model d3 ...      (data-parallel: each process a share)
+    accelerate launch --multi_gpu --num_processes N -m d3cli.evaluation.harness --model d3 ...   (data-parallel)
+
+(On a machine without GPUs `--multi_gpu` still starts N processes, which meet over gloo; accelerate's `--cpu` flag
+starts one process unless given an MPI hostfile.)
 
 Model arguments are the options of `d3 generate`: `pretrained` (a Hugging Face id, folder or .gguf; default the
 embedded model), `device`, `dtype`, `device_map`, `trust_remote_code`, `alpha`, `min_layers`, `warmup`, `head`,
@@ -48,7 +51,7 @@ from d3cli.core.schedule import (
 )
 from d3cli.core.settings import DecodeSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lm_eval.models.d3")  # lm-eval's logging setup shows its own loggers only
 
 DEFAULT_MAX_GEN_TOKS = 256
 DEFAULT_MAX_LENGTH = 2048  # for a model whose config names no context length
@@ -84,11 +87,8 @@ class D3LM(TemplateLM):
         if loaded is None:
             from d3cli.core.loader import ModelOptions, load
 
-            device = device or "auto"
-            if device == "auto" and self.world_size > 1 and torch.cuda.is_available():
-                device = f"cuda:{self.rank % torch.cuda.device_count()}"  # one GPU a process
-            loaded = self.settings.with_calibration(load(ModelOptions(pretrained, device, dtype, device_map,
-                                                                      bool(trust_remote_code))))
+            loaded = self.settings.with_calibration(load(ModelOptions(pretrained, self._device_name(device), dtype,
+                                                                      device_map, bool(trust_remote_code))))
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         from d3cli.core.loader import context_length, num_decoder_layers
@@ -102,6 +102,22 @@ class D3LM(TemplateLM):
         # its token count and each token's layer count.
         self.records: list[dict] = []
 
+    def _device_name(self, device: str | None) -> str:
+        """d3's device name for lm-eval's `device`: lm-eval passes "cuda:0" when nobody chose one, so a CUDA device
+        on a machine without CUDA means auto; "cuda:N" selects GPU N, and under accelerate each process takes its
+        own GPU."""
+        device = str(device or "auto")
+        if not device.startswith("cuda"):
+            return device
+        if not torch.cuda.is_available():
+            log.warning("d3: no CUDA GPU here: running on %s instead of %s", "auto", device)
+            return "auto"
+        index = int(device.partition(":")[2] or 0)
+        if self.world_size > 1:
+            index = self.rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)  # "cuda" below means this GPU
+        return "cuda"
+
     # --- processes (accelerate launch) -------------------------------------------------------------------------
 
     def _setup_processes(self) -> None:
@@ -111,7 +127,8 @@ class D3LM(TemplateLM):
             return
         from accelerate import PartialState
 
-        self.state = PartialState()
+        # cpu=True is what makes accelerate join CPU processes (gloo); it only says so when asked
+        self.state = PartialState(cpu=not torch.cuda.is_available())
         self._rank, self._world_size = self.state.process_index, self.state.num_processes
 
     def all_gather(self, tensor):
@@ -131,6 +148,9 @@ class D3LM(TemplateLM):
     def barrier(self) -> None:
         if self.world_size > 1:
             self.state.wait_for_everyone()
+
+    def _log_share(self, count: int, kind: str) -> None:
+        log.info("d3: process %d of %d: %d %s requests", self.rank + 1, self.world_size, count, kind)
 
     # --- tokens ------------------------------------------------------------------------------------------------
 
@@ -168,6 +188,7 @@ class D3LM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Each ((context, continuation), context_ids, continuation_ids) scored under the schedule; requests that
         share a context reuse its prefill."""
+        self._log_share(len(requests), "loglikelihood")
         order = sorted(range(len(requests)), key=lambda index: (tuple(requests[index][1]), index))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         previous = None
@@ -209,6 +230,7 @@ class D3LM(TemplateLM):
         return -float(nll.sum()), bool(torch.equal(top, targets))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        self._log_share(len(requests), "loglikelihood_rolling")
         results = []
         for (string,) in tqdm([request.args for request in requests], disable=disable_tqdm or self.rank != 0,
                               desc="Scoring documents with D3"):
@@ -230,6 +252,7 @@ class D3LM(TemplateLM):
         """Greedy (or, when a task asks, sampled) replies decoded with D3, cut at the task's `until` strings."""
         from d3cli.core import engine
 
+        self._log_share(len(requests), "generate_until")
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
