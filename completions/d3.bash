@@ -62,6 +62,7 @@ _d3() {
         "bench:--shots") COMPREPLY=(); return ;;
         "bench:--data-dir") COMPREPLY=(); return ;;
         "bench:--methods") COMPREPLY=(); return ;;
+        "bench:--include-path") COMPREPLY=(); return ;;
         "bench:--model"|"bench:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "bench:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         "bench:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
@@ -127,7 +128,7 @@ _d3() {
         "") options="--version --help -h"; words="generate chat bench profile-ppl calibrate completions config" ;;
         "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
         "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
-        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
+        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --include-path --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
         "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
         "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --output -o --json --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;

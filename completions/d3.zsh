@@ -106,13 +106,14 @@ _d3_chat() {
 
 _d3_bench() {
     _arguments -s \
-        '(--task)--task[gsm8k, bbh, or speed (timings only\: α = 1 against the model'\''s own generate, step cost per layer, D3 against its ideal, batches, KV cache, first token).]:value: ' \
+        '(--task)--task[gsm8k, bbh, lm-eval\:TASK\[,TASK\] (lm-evaluation-harness tasks, scored by lm-eval; needs d3cli), or speed (timings only\: α = 1 against the model'\''s own generate, step cost per layer, D3 against its ideal, batches, KV cache, first token).]:value: ' \
         '(--subtasks)--subtasks[BBH subtasks, comma-separated (default\: all 27).]:value: ' \
         '(--limit)--limit[Only the first N examples (per BBH subtask).]:value: ' \
         '(--shots)--shots[Few-shot exemplars (gsm8k\: 8, bbh\: 3).]:value: ' \
         '(--chat)--chat[Zero-shot through the model'\''s chat template instead of few-shot.]' \
         '(--data-dir)--data-dir[Folder with gsm8k/ and bbh/ (default\: $D3_DATA_DIR, else a download cache under ~/.cache/d3/data).]:value: ' \
         '(--methods)--methods[Which of d3, static, linear and their +bridges forms (d3+bridges...) to run beside full depth. Default\: d3, static, linear, and d3+bridges and static+bridges when the model'\''s calibration has bridges.]:value: ' \
+        '(--include-path)--include-path[With lm-eval\:TASK\: a folder of lm-eval task YAMLs (your own tasks, or tasks pointed at local files).]:value: ' \
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \

@@ -356,8 +356,8 @@ def print_lm_eval_table(console: Console, summary: dict) -> None:
             for row in methods:
                 value = row["metrics"].get(task, {}).get(name)
                 delta = (row["delta"] or {}).get(task, {}).get(name) if row["method"] != "full" else None
-                cells.append("–" if value is None else f"{value:.3f}" + (f" ({delta:+.3f})" if delta is not None
-                                                                           else ""))
+                cells.append("–" if value is None else _metric(value) + (f" ({_metric(delta, '+')})"
+                                                                          if delta is not None else ""))
             table.add_row(*cells)
     for heading, cell in (
         ("agreement", lambda row: _percent(_mean_of((row["agreement"] or {}).values()))),
@@ -372,6 +372,10 @@ def print_lm_eval_table(console: Console, summary: dict) -> None:
                        "over every token generated or scored; speedup: full depth's time over this run's",
                        style="dim"))
     console.print(Text(f"summary: {summary['output']}", style="dim"))
+
+
+def _metric(value: float, sign: str = "") -> str:
+    return f"{value:{sign}.3f}" if abs(value) < 1000 else f"{value:{sign}.4g}"
 
 
 def _mean_of(values) -> float | None:

@@ -87,7 +87,9 @@ def run(loaded, settings: DecodeSettings, alphas: Sequence[float], methods: Sequ
         seconds = time.perf_counter() - started
         if run_.method == "d3":
             records.by_key[run_.key] = lm.records
-        samples = {task: {sample["doc_id"]: sample["filtered_resps"] for sample in task_samples}
+        samples = {task: {sample["doc_id"]: _answer(output["configs"][task]["output_type"],
+                                                    sample["filtered_resps"])
+                          for sample in task_samples}
                    for task, task_samples in output["samples"].items()}
         if run_.method == "full":
             full_samples = samples
@@ -133,6 +135,16 @@ def _quiet_lm_eval():
             logging.getLogger(name).setLevel(level)
 
 
+def _answer(output_type: str, filtered: list):
+    """What agreement with full depth compares: the filtered answer of a generation, the chosen option of a
+    multiple-choice question; None for a score alone (a rolling log-likelihood), which has no answer to agree on."""
+    if output_type == "multiple_choice":
+        return max(range(len(filtered)), key=lambda index: float(filtered[index][0]))
+    if output_type == "generate_until":
+        return filtered
+    return None
+
+
 def _metrics(results: dict) -> dict[str, dict[str, float]]:
     """lm-eval's results per task without aliases and standard errors: {task: {"metric,filter": value}}."""
     return {task: {name: value for name, value in values.items()
@@ -148,7 +160,7 @@ def _row(run_, output: dict, samples: dict, full_samples: dict | None, records: 
     if full_samples is not None:
         agreement = {}
         for task, answers in samples.items():
-            shared = [doc for doc in answers if doc in full_samples.get(task, {})]
+            shared = [doc for doc in answers if doc in full_samples.get(task, {}) and answers[doc] is not None]
             agreement[task] = (round(sum(answers[doc] == full_samples[task][doc] for doc in shared) / len(shared), 4)
                                if shared else None)
     return {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-GSM8K_SOURCES = {"openai/gsm8k", "gsm8k"}
+GSM8K_SOURCES = {"openai/gsm8k", "gsm8k", "d3/gsm8k"}
 BBH_SOURCES = {"SaylorTwift/bbh", "lukaemon/bbh", "d3/bbh"}
 
 # Multiple-choice forms of the BBH subtasks whose answers are one of two words: lm-eval scores each choice's
@@ -39,6 +39,19 @@ D3_TASKS = {
         "metadata": {"version": 1.0},
     }
     for subtask, answers in MULTIPLE_CHOICE_ANSWERS.items()
+}
+# Each GSM8K question with its reference solution, scored as one document (lm-eval's loglikelihood_rolling: bits per
+# byte, byte and word perplexity): D3 over a hundred-odd tokens, where a two-word answer above is scored at (nearly)
+# full depth. The document's tokens are D3's generated tokens 0, 1, 2, ... after the prefix token.
+D3_TASKS["gsm8k_solutions_rolling"] = {
+    "task": "gsm8k_solutions_rolling",
+    "dataset_path": "d3/gsm8k",
+    "output_type": "loglikelihood_rolling",
+    "test_split": "test",
+    "doc_to_text": "",
+    "doc_to_target": "Question: {{question}}\nAnswer: {{answer}}",
+    "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+    "metadata": {"version": 1.0},
 }
 
 
