@@ -88,7 +88,7 @@ def bench(
 
     alphas = parse_alphas(depth.alpha)
     if task == "speed" and distributed.launched_size() > 1:
-        raise UserError("--task speed times one process: run it without accelerate launch")
+        raise UserError("--task speed times one process: run it without a launcher (accelerate launch, torchrun)")
     if task == "speed":
         from d3cli.core.loader import load
         from d3cli.evaluation.speed_report import measure
