@@ -103,10 +103,11 @@ def secondary_process() -> bool:
 
 
 def single_process_launch() -> bool:
-    """`accelerate launch --cpu --num_processes N` without mpirun starts one process, with the main process's
-    address set but no rank or size: the run the user asked for in N processes runs in one."""
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return use_cpu and "MASTER_ADDR" in os.environ and _int_variable(SIZE_VARIABLES) is None
+    """Whether accelerate's simple launcher started this one process for a run of several: it does so for
+    `--num_processes N` with `--cpu` but no mpirun, or without `--multi_gpu` on a machine with fewer than 2 GPUs. It
+    sets ACCELERATE_USE_CPU always and the main process's address only when N > 1, but no rank or size."""
+    return ("ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
+            and _int_variable(SIZE_VARIABLES) is None)
 
 
 def current_world(timeout_s: float = TIMEOUT_S) -> World:

@@ -89,11 +89,15 @@ def test_the_launch_is_read_from_the_environment(monkeypatch):
     assert distributed.launched_size() == 4 and distributed.secondary_process()
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
     monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
-    # `accelerate launch --cpu --num_processes 2` without mpirun: one process, told so
+    # `accelerate launch --cpu --num_processes 2` without mpirun, or without --multi_gpu and GPUs: one process
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    assert not distributed.single_process_launch()
+    assert not distributed.single_process_launch()  # --num_processes 1: no main process address
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert distributed.single_process_launch()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    assert distributed.single_process_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's children: a real launch
+    assert not distributed.single_process_launch()
 
 
 def examples_of(count: int) -> list[Example]:
@@ -296,7 +300,7 @@ def test_two_processes_resume_a_one_process_file(one_process_run, tiny_model_dir
 
 def test_accelerate_launch_cpu_without_mpirun_runs_one_process_and_says_so(tmp_path):
     result, _ = accelerate_launch(["bench", "--data-dir", str(tmp_path)], tmp_path, cpu_flag="--cpu", timeout=120)
-    assert "started one process" in result.stderr
+    assert "started a single process" in result.stderr
     assert result.stderr.count("d3: error:") == 1 and "gsm8k/test.jsonl" in result.stderr
 
 

@@ -115,8 +115,8 @@ def bench(
     benchmark = get_task(task)
     options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit)
     if distributed.single_process_launch():
-        render.print_warning("accelerate launch --cpu started one process (its CPU processes need mpirun): this bench "
-                             "runs in one; `accelerate launch --multi_gpu --num_processes N` starts N on a CPU too")
+        render.print_warning("accelerate launch started a single process (without several GPUs it starts more only "
+                             "with --multi_gpu, or with --cpu through mpirun): this bench runs in that one")
     world = distributed.current_world()  # a plain run: rank 0 of 1, no process group
     try:
         with world.all_or_none():  # every process makes the same checks; one failing stops all, rank 0 says why
