@@ -1,7 +1,9 @@
 """The `d3` command: a Typer app whose subcommands live in `d3cli/commands/`, and the edge where errors become exits.
 
 Exit codes: 0 done; 2 a user mistake (one line on stderr); 130 Ctrl-C; 141 stdout closed early (`| head`);
-1 a bug (one line; the traceback with D3_DEBUG=1). No torch is imported here.
+1 a bug (one line; the traceback with D3_DEBUG=1). No torch is imported here. Under `accelerate launch` only rank 0
+prints a user mistake: every process makes the same checks (a data-parallel bench makes them fail together), so the
+other processes exit 2 quietly.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from d3cli.cli.commands.generate import generate
 from d3cli.cli.commands.profile_ppl import profile_ppl
 from d3cli.cli.config import load_configuration, option_defaults, subcommands
 from d3cli.core.errors import OutputClosed, UserError
+from d3cli.evaluation.distributed import secondary_process
 from d3cli.cli.render import print_error, write_stdout
 
 EXIT_USER_ERROR = 2
@@ -125,7 +128,8 @@ def run(args: list[str] | None = None) -> int:
                               obj=state)
         return result if isinstance(result, int) else 0
     except UserError as error:
-        print_error(str(error))
+        if not secondary_process():
+            print_error(str(error))
         return EXIT_USER_ERROR
     except typer.Exit as done:
         return done.exit_code
@@ -137,7 +141,8 @@ def run(args: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except Exception as error:
         if _is_usage_error(error):
-            print_error(_usage_error_line(error))
+            if not secondary_process():
+                print_error(_usage_error_line(error))
             return EXIT_USER_ERROR
         if os.environ.get("D3_DEBUG"):  # a bug: one line, unless the user asks for the traceback
             raise

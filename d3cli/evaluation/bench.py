@@ -9,6 +9,12 @@ skipped runs (the plain methods skip them); a bridged baseline is matched to the
 Every finished example is appended to a JSONL file at once (flushed and fsynced); `--resume` reads it back and runs
 only what is missing, and the summary is computed from that file alone, so an interrupted-and-resumed run and an
 uninterrupted one summarize the same records.
+
+Data-parallel (`accelerate launch`): each process decodes a strided share of each method's unfinished examples and
+appends to its own rank file, `OUTPUT.rank-R-of-W`; after each method the processes exchange that method's records
+(a baseline is matched to every process's D3 records), and at the end rank 0 writes every record into OUTPUT in the
+order one process would have (method by method, example by example) and removes the rank files. `--resume` reads
+OUTPUT and any rank files, whatever the number of processes that wrote them.
 """
 
 from __future__ import annotations
@@ -17,15 +23,18 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from d3cli import __version__
 from d3cli.core.errors import UserError
 from d3cli.core.schedule import DecaySchedule, LinearSchedule, StaticSchedule
+from d3cli.core.files import write_atomically
 from d3cli.core.settings import DecodeSettings, settings_as_options
+from d3cli.evaluation.distributed import World
 from d3cli.evaluation.tasks.base import Example, TaskOptions
 
 BRIDGED = "+bridges"
@@ -86,44 +95,85 @@ def prompt_digest(example: Example) -> str:
     return hashlib.sha256(f"{example.chat}\n{example.prompt}".encode()).hexdigest()[:16]
 
 
+def rank_file(path: Path, rank: int, size: int) -> Path:
+    """The file process `rank` of `size` appends to in a data-parallel run with --output `path`."""
+    return path.with_name(f"{path.name}.rank-{rank}-of-{size}")
+
+
+def rank_files(path: Path) -> list[Path]:
+    """The rank files beside `path` (left by a running, killed or interrupted data-parallel run), by size and rank."""
+    pattern = re.compile(re.escape(path.name) + r"\.rank-(\d+)-of-(\d+)")
+    found = []
+    if path.parent.is_dir():
+        for candidate in path.parent.iterdir():
+            match = pattern.fullmatch(candidate.name)
+            if match and candidate.is_file():
+                found.append(((int(match[2]), int(match[1])), candidate))
+    return [candidate for _, candidate in sorted(found)]
+
+
+def record_key(record: dict) -> tuple:
+    return record["method"], record["id"], record.get("prompt_sha256")
+
+
 class ResultsFile:
-    """The JSONL file of a bench: a "run" line per session, then one "example" line per finished example."""
+    """The JSONL file of a bench: a "run" line per session, then one "example" line per finished example.
 
-    def __init__(self, path: Path, identity: dict, resume: bool):
+    Reading takes OUTPUT and the rank files of a data-parallel run beside it; appending goes to one file, the
+    journal (OUTPUT itself, or this process's rank file). `start=False` only reads, so that every process of a
+    data-parallel run has read before any of them writes."""
+
+    def __init__(self, path: Path, identity: dict, resume: bool, start: bool = True):
         self.path = path
+        self.identity = identity
         self.records: list[dict] = []
-        if path.exists():
-            if not resume:
-                raise UserError(f"{path} already holds results: add --resume to continue that run, or pick "
-                                "another --output")
-            self._read(identity)
-        elif resume:
+        self.run_lines: list[dict] = []
+        self.handle = None
+        self.session: dict | None = None
+        self.rank_sources = rank_files(path)
+        sources = ([path] if path.exists() else []) + self.rank_sources
+        if sources and not resume:
+            what = "already holds results" if sources[0] == path else "holds results of a data-parallel run"
+            raise UserError(f"{sources[0]} {what}: add --resume to continue that run, or pick another --output")
+        if not sources and resume:
             raise UserError(f"nothing to resume: {path} does not exist")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(path, "a", encoding="utf-8")
-        self._append({"type": "run", "d3": __version__, "started": time.time(), **identity})
+        seen: set[tuple] = set()
+        for source in sources:
+            self._read(source, identity, seen)
+        if start:
+            self.start(path)
 
-    def _read(self, identity: dict) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+    def _read(self, source: Path, identity: dict, seen: set[tuple]) -> None:
+        lines = source.read_text(encoding="utf-8").splitlines()
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 if number == len(lines):  # the last line of a killed run may be cut short
                     break
-                raise UserError(f"{self.path}:{number}: not a d3 bench record") from None
+                raise UserError(f"{source}:{number}: not a d3 bench record") from None
             if record.get("type") == "run":
                 mismatch = [key for key in identity if key not in ("methods", "alphas") and
                             record.get(key) != identity[key]]
                 if mismatch:
-                    raise UserError(f"{self.path} is a run with other settings ({', '.join(mismatch)} differ): "
+                    raise UserError(f"{source} is a run with other settings ({', '.join(mismatch)} differ): "
                                     "resume it with the same options, or pick another --output")
-            elif record.get("type") == "example":
+                self.run_lines.append(record)
+            elif record.get("type") == "example" and record_key(record) not in seen:
+                seen.add(record_key(record))  # a record in OUTPUT and in a rank file: a merge cut short
                 self.records.append(record)
-        with open(self.path, "rb+") as handle:  # drop a cut-short last line so the file stays valid JSONL
-            content = handle.read()
-            if content and not content.endswith(b"\n"):
-                handle.truncate(content.rfind(b"\n") + 1)
+
+    def start(self, journal: Path, **run_fields) -> None:
+        """Append from now on to `journal`, beginning with this session's "run" line."""
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        if journal.exists():
+            with open(journal, "rb+") as handle:  # drop a cut-short last line so the file stays valid JSONL
+                content = handle.read()
+                if content and not content.endswith(b"\n"):
+                    handle.truncate(content.rfind(b"\n") + 1)
+        self.handle = open(journal, "a", encoding="utf-8")
+        self.session = {"type": "run", "d3": __version__, "started": time.time(), **self.identity, **run_fields}
+        self._append(self.session)
 
     def _append(self, record: dict) -> None:
         self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -134,14 +184,54 @@ class ResultsFile:
         self._append(record)
         self.records.append(record)
 
+    def extend(self, records: Sequence[dict]) -> None:
+        """Records another process wrote (to its own rank file): known here, not written again."""
+        self.records.extend(records)
+
     def done(self, key: str, examples: Sequence[Example]) -> dict[str, dict]:
         """This method's finished records of these examples (with the same prompt), by example id."""
         wanted = {example.id: prompt_digest(example) for example in examples}
         return {record["id"]: record for record in self.records
                 if record["method"] == key and wanted.get(record["id"]) == record["prompt_sha256"]}
 
+    def merge(self, runs: Sequence[MethodRun], examples: Sequence[Example], size: int = 1) -> None:
+        """Write every record into OUTPUT, in one process's order (`merged_order`), after every "run" line read and
+        this session's; then remove the rank files read and those of this session's `size` processes."""
+        session = {key: value for key, value in (self.session or {}).items() if key != "rank"}
+        self.records = merged_order(self.records, runs, examples)
+        lines = [*self.run_lines, *([session] if session else []), *self.records]
+        write_atomically(self.path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        stale = {*self.rank_sources, *(rank_file(self.path, rank, size) for rank in range(size) if size > 1)}
+        for path in sorted(stale):
+            path.unlink(missing_ok=True)
+        self.rank_sources = []
+
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
+
+
+def merged_order(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequence[Example]) -> list[dict]:
+    """Records of these runs and examples method by method in run order, each in example order (what one process
+    with --batch-size 1 writes); other records (another --limit, α or method of an earlier session) after them, as
+    they came. One record per (method, example, prompt)."""
+    run_index = {run.key: index for index, run in enumerate(runs)}
+    example_index = {example.id: (index, prompt_digest(example)) for index, example in enumerate(examples)}
+    unique, seen = [], set()
+    for record in records:
+        if record_key(record) not in seen:
+            seen.add(record_key(record))
+            unique.append(record)
+
+    def position(numbered: tuple[int, dict]) -> tuple:
+        arrival, record = numbered
+        method = run_index.get(record["method"])
+        example = example_index.get(record["id"])
+        if method is not None and example is not None and example[1] == record.get("prompt_sha256"):
+            return 0, method, example[0]
+        return 1, arrival, 0
+
+    return [record for _, record in sorted(enumerate(unique), key=position)]
 
 
 def matched_static(d3_schedule: DecaySchedule, records: Sequence[dict]) -> StaticSchedule:
@@ -210,8 +300,9 @@ def encode_examples(loaded, examples: Sequence[Example]) -> dict[str, list[int]]
 
 def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, list[int]], run: MethodRun,
                schedule: DecaySchedule, settings: DecodeSettings, batch_size: int, results: ResultsFile,
-               on_example=None) -> None:
-    """Decode every example this method has not finished yet; each result is written the moment its row ends."""
+               on_example=None, batch_tag: str = "") -> None:
+    """Decode every example this method has not finished yet; each result is written the moment its row ends.
+    `batch_tag` keeps batch ids of different processes apart (the summary times a batch by its id)."""
     from d3cli.core import engine
     from d3cli.core.results import ReplyCollector
 
@@ -222,7 +313,7 @@ def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, lis
         batch = todo[start:start + batch_size]
         batch_prompts = [prompts[example.id] for example in batch]
         collector = ReplyCollector(len(batch))
-        batch_id = f"{run.key}/{time.time():.6f}"
+        batch_id = f"{run.key}/{time.time():.6f}{batch_tag}"
         events = engine.stream_decode(loaded, batch_prompts, schedule, settings, stop=stop_strings)
         try:
             for event in events:
@@ -348,8 +439,8 @@ class Progress:
 @dataclass
 class Benchmark:
     """One `d3 bench` run, checked and ready: its methods, schedules that fit the model, encoded prompts and the
-    results file (opened for appending, or read back with `resume`). `run` decodes what is missing; `summary`
-    reads the results file."""
+    results read back (with `resume`). `run` decodes what is missing, this process's share of it in a data-parallel
+    `world`; `summary` reads the records."""
 
     loaded: object  # loader.LoadedModel
     task: object  # tasks.base.Task
@@ -359,12 +450,14 @@ class Benchmark:
     prompts: dict[str, list[int]]
     results: ResultsFile
     num_layers: int
+    world: World = field(default_factory=World)
 
     @classmethod
     def prepare(cls, loaded, task, examples: Sequence[Example], options: TaskOptions, settings: DecodeSettings,
-                alphas: Sequence[float], methods: Sequence[str] | None, path: Path, resume: bool) -> Benchmark:
+                alphas: Sequence[float], methods: Sequence[str] | None, path: Path, resume: bool,
+                world: World | None = None) -> Benchmark:
         """Every check that can fail before decoding (methods, each schedule against this model, prompt lengths,
-        the results file's identity) is made here."""
+        the results file's identity) is made here; nothing is written yet."""
         from d3cli.core.loader import num_decoder_layers
 
         num_layers = num_decoder_layers(loaded.model)
@@ -375,24 +468,52 @@ class Benchmark:
                 schedule_for(run, settings, num_layers, None, examples, loaded.calibration)
         prompts = encode_examples(loaded, examples)
         identity = run_identity(task.name, loaded.name, options, settings, alphas, chosen, loaded.calibration)
-        return cls(loaded, task, examples, settings, runs, prompts, ResultsFile(path, identity, resume), num_layers)
+        results = ResultsFile(path, identity, resume, start=False)
+        return cls(loaded, task, examples, settings, runs, prompts, results, num_layers, world or World())
+
+    def unfinished(self, run: MethodRun) -> list[Example]:
+        done = self.results.done(run.key, self.examples)
+        return [example for example in self.examples if example.id not in done]
 
     def run(self, batch_size: int, progress: Progress) -> bool:
         """Decode every method's unfinished examples in order; False when Ctrl-C stopped it (the results file keeps
-        every finished example either way)."""
+        every finished example either way). In a data-parallel world this process decodes its strided share of each
+        method's unfinished examples (the same lists on every process: all read the same files before any wrote),
+        the processes exchange each method's records before the next method (baselines are matched to all of
+        D3's), and rank 0 merges everything into --output at the end."""
+        world = self.world
+        shares = {run.key: world.share(self.unfinished(run)) for run in self.runs}
         try:
+            if world.parallel:
+                self.results.start(rank_file(self.results.path, world.rank, world.size), rank=world.rank,
+                                   processes=world.size)
+            else:
+                self.results.start(self.results.path)
             for run in self.runs:
-                progress.add(run.key, run.label, len(self.examples), len(self.results.done(run.key, self.examples)))
+                if world.parallel:  # this process's share only: about 1/size of the examples
+                    progress.add(run.key, run.label, len(shares[run.key]), 0)
+                else:
+                    progress.add(run.key, run.label, len(self.examples),
+                                 len(self.results.done(run.key, self.examples)))
             for run in self.runs:
                 schedule = schedule_for(run, self.settings, self.num_layers, self.results, self.examples,
                                         self.loaded.calibration)
                 progress.start(run.key)
-                run_method(self.loaded, self.task, self.examples, self.prompts, run, schedule, self.settings,
-                           batch_size, self.results, on_example=lambda finished: progress.advance(finished.key))
+                before = len(self.results.records)
+                run_method(self.loaded, self.task, shares[run.key], self.prompts, run, schedule, self.settings,
+                           batch_size, self.results, on_example=lambda finished: progress.advance(finished.key),
+                           batch_tag=f"/rank{world.rank}" if world.parallel else "")
+                if world.parallel:
+                    everyone = world.all_gather(self.results.records[before:])
+                    for rank, records in enumerate(everyone):
+                        if rank != world.rank:
+                            self.results.extend(records)
         except KeyboardInterrupt:
             return False
         finally:
             self.results.close()
+        if world.is_main and (world.parallel or self.results.rank_sources):
+            self.results.merge(self.runs, self.examples, world.size)
         return True
 
     def summary(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -87,10 +88,13 @@ def bench(
     downloaded into the cache on first use when there is internet.
     """
     from d3cli.evaluation import bench as runner
+    from d3cli.evaluation import distributed
     from d3cli.evaluation.tasks import get_task, task_examples
     from d3cli.evaluation.tasks.base import TaskOptions
 
     alphas = parse_alphas(depth.alpha)
+    if task == "speed" and distributed.launched_size() > 1:
+        raise UserError("--task speed times one process: run it without a launcher (accelerate launch, torchrun)")
     if task == "speed":
         from d3cli.core.loader import load
         from d3cli.evaluation.speed_report import measure
@@ -111,6 +115,9 @@ def bench(
     if asked_methods is not None:
         runner.method_runs(asked_methods, alphas)  # a bad --methods fails before anything loads
     if task.startswith("lm-eval:"):
+        if distributed.launched_size() > 1:
+            raise UserError("--task lm-eval: runs in one process; for lm-eval's data-parallel runs use accelerate "
+                            "launch ... -m d3cli.evaluation.harness --model d3 (README, lm-evaluation-harness)")
         if subtasks or resume:
             raise UserError("--subtasks and --resume apply to d3's own tasks; lm-eval tasks are named in --task "
                             "(lm-eval:bbh_cot_fewshot_navigate,...)")
@@ -125,26 +132,43 @@ def bench(
     settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **sampling.values())
     benchmark = get_task(task)
     options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit)
-    examples, folder = task_examples(benchmark, options, data_dir, on_download=render.print_download)
-    if not examples:
-        raise UserError(f"{task} has no examples in {folder}")
+    if distributed.single_process_launch():
+        render.print_warning("accelerate launch started a single process (without several GPUs it starts more only "
+                             "with --multi_gpu, or with --cpu through mpirun): this bench runs in that one")
+    world = distributed.current_world()  # a plain run: rank 0 of 1, no process group
+    try:
+        with world.all_or_none():  # every process makes the same checks; one failing stops all, rank 0 says why
+            if world.parallel and model.device_map is not None:
+                raise UserError("--device-map spreads one model over every device: in a data-parallel run each "
+                                "process holds its own model, so leave it out")
+            examples, folder = task_examples(benchmark, options, data_dir,
+                                             on_download=render.print_download if world.is_main else None)
+            if not examples:
+                raise UserError(f"{task} has no examples in {folder}")
 
-    from d3cli.core.loader import load
+            from d3cli.core.loader import load
 
-    loaded = settings.with_calibration(load(model.options()))
-    path = output or Path(f"d3-bench-{task}-{model_slug(loaded.name)}.jsonl")
-    benchmark_run = runner.Benchmark.prepare(loaded, benchmark, examples, options, settings, alphas, asked_methods,
-                                             path, resume)
-    with render.BenchProgress(render.stderr_console()) as progress:
-        finished = benchmark_run.run(batch_size, progress)
-    summary = benchmark_run.summary()
-    console = render.stderr_console() if as_json else render.stdout_console()
-    render.print_bench_table(console, summary)
-    if as_json:
-        render.write_json_line(summary)
-    if not finished:
-        render.print_warning(f"interrupted: finished examples are in {path}; add --resume to continue")
-        raise typer.Exit(130)
+            loaded = settings.with_calibration(load(model.options()))
+            path = output or Path(f"d3-bench-{task}-{model_slug(loaded.name)}.jsonl")
+            benchmark_run = runner.Benchmark.prepare(loaded, benchmark, examples, options, settings, alphas,
+                                                     asked_methods, path, resume, world)
+        # only rank 0 draws progress bars (of its own share) and prints; the other processes just decode theirs
+        bars = render.BenchProgress(render.stderr_console()) if world.is_main else nullcontext(runner.Progress())
+        with bars as progress:
+            finished = benchmark_run.run(batch_size, progress)
+        if world.is_main:
+            summary = benchmark_run.summary()
+            console = render.stderr_console() if as_json else render.stdout_console()
+            render.print_bench_table(console, summary)
+            if as_json:
+                render.write_json_line(summary)
+            if not finished:
+                where = f"{path} and its rank files" if world.parallel else path
+                render.print_warning(f"interrupted: finished examples are in {where}; add --resume to continue")
+        if not finished:
+            raise typer.Exit(130)
+    finally:
+        world.close()
 
 
 def run_lm_eval(task, model, depth, sampling, alphas, methods, limit, shots, chat, data_dir, include_path, batch_size,

@@ -1,0 +1,348 @@
+"""Data-parallel `d3 bench`: shares, the all-or-none checks, rank files and their merge, and real launches whose
+summary and per-example outputs equal one process's."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from d3cli.core.errors import UserError
+from d3cli.evaluation import distributed
+from d3cli.evaluation.bench import MethodRun, ResultsFile, merged_order, prompt_digest, rank_file, rank_files
+from d3cli.evaluation.distributed import World
+from d3cli.evaluation.tasks.base import Example
+
+TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
+TIMING_KEYS = {"tokens_per_s", "seconds_per_example", "measured_speedup", "decode_tokens_per_s", "decode_speedup"}
+SAME_IN_EVERY_RUN = ("method", "id", "prompt_sha256", "output", "strict", "flexible", "gold", "correct",
+                     "correct_flexible", "tokens", "layers", "finish_reason")
+LAUNCH_VARIABLES = (*distributed.SIZE_VARIABLES, *distributed.RANK_VARIABLES, "LOCAL_RANK", "ACCELERATE_USE_CPU",
+                    "MASTER_ADDR", "MASTER_PORT")
+
+
+# --- without processes -------------------------------------------------------------------------------------------
+
+def test_each_process_takes_a_strided_share():
+    items = list(range(11))
+    shares = [World(rank, 3).share(items) for rank in range(3)]
+    assert shares == [items[0::3], items[1::3], items[2::3]]
+    assert sorted(sum(shares, [])) == items
+    assert World().share(items) == items
+    assert World(1, 4).share([0]) == []  # more processes than examples: some get none
+
+
+def fake_world(rank: int, problems_of_others: dict[int, str | None], size: int = 3) -> World:
+    """A world whose all_gather answers with the other ranks' values as given."""
+    def gather(value):
+        return [value if other == rank else problems_of_others.get(other) for other in range(size)]
+
+    return World(rank, size, gather)
+
+
+def test_a_check_that_fails_on_one_process_fails_on_every_process_with_its_message():
+    with pytest.raises(UserError, match=r"^process 2: no such model$"):  # rank 0 learns why rank 2 stopped
+        with fake_world(0, {2: "no such model"}).all_or_none():
+            pass
+    with pytest.raises(UserError, match=r"^bad file$"):  # the lowest failing rank's message wins
+        with fake_world(1, {0: "bad file", 2: "no such model"}).all_or_none():
+            raise UserError("its own problem")
+    with pytest.raises(UserError, match=r"^process 1: its own problem$"):
+        with fake_world(1, {}).all_or_none():
+            raise UserError("its own problem")
+    with fake_world(2, {}).all_or_none():  # nobody failed: everyone goes on
+        pass
+    with pytest.raises(UserError, match=r"^as it was$"):  # one process: the error itself, untouched
+        with World().all_or_none():
+            raise UserError("as it was")
+
+
+def test_a_plain_run_starts_no_process_group(monkeypatch):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # importing accelerate would fail: it must not happen
+    assert distributed.launched_size() == 1 and not distributed.secondary_process()
+    assert distributed.current_world() == World()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.current_world() == World()
+
+
+def test_the_launch_is_read_from_the_environment(monkeypatch):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.launched_size() == 2 and distributed.secondary_process()
+    monkeypatch.setenv("RANK", "0")
+    assert not distributed.secondary_process()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")  # mpirun, accelerate's own multi-CPU launch
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    assert distributed.launched_size() == 4 and distributed.secondary_process()
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
+    # `accelerate launch --cpu --num_processes 2` without mpirun, or without --multi_gpu and GPUs: one process
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert not distributed.single_process_launch()  # --num_processes 1: no main process address
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert distributed.single_process_launch()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    assert distributed.single_process_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's children: a real launch
+    assert not distributed.single_process_launch()
+
+
+def examples_of(count: int) -> list[Example]:
+    return [Example(f"e{i}", f"prompt e{i}", "1") for i in range(count)]
+
+
+def example_record(method: str, example: Example, **extra) -> dict:
+    return {"type": "example", "method": method, "id": example.id, "prompt_sha256": prompt_digest(example),
+            "output": f"{method} {example.id}", **extra}
+
+
+def test_merged_records_come_in_one_process_order_whoever_wrote_them():
+    examples = examples_of(5)
+    runs = [MethodRun("full", None), MethodRun("d3", 0.9), MethodRun("static", 0.9)]
+    single = [example_record(run.key, example) for run in runs for example in examples]
+    by_rank = [[record for record in single if int(record["id"][1:]) % 2 == rank] for rank in range(2)]
+    foreign = example_record("d3@0.5", examples[0])  # an α of an earlier session: kept, after this run's records
+    other_prompt = {**example_record("full", examples[1]), "prompt_sha256": "another prompt"}
+    arrived = [foreign, *by_rank[1], other_prompt, *by_rank[0], by_rank[0][0]]  # and one record twice
+    merged = merged_order(arrived, runs, examples)
+    assert merged == [*single, foreign, other_prompt]
+
+
+IDENTITY = {"task": "gsm8k", "model": "m", "shots": None, "chat": False, "decode": {"max_new_tokens": 8},
+            "alphas": [0.9], "methods": ["full", "d3"]}
+
+
+def write_lines(path: Path, lines: list[dict], cut_short: bool = False) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    path.write_text(text + ('{"type": "example", "meth' if cut_short else ""))
+
+
+def test_results_are_read_from_output_and_rank_files_and_merged_into_output(tmp_path):
+    path = tmp_path / "run.jsonl"
+    examples = examples_of(4)
+    runs = [MethodRun("full", None), MethodRun("d3", 0.9)]
+    records = [example_record(run.key, example) for run in runs for example in examples]
+    run_line = {"type": "run", **IDENTITY}
+    write_lines(path, [run_line, records[0]])  # a one-process session, then a killed two-process one
+    write_lines(rank_file(path, 0, 2), [{**run_line, "rank": 0, "processes": 2}, records[0], records[2]],
+                cut_short=True)
+    write_lines(rank_file(path, 1, 2), [{**run_line, "rank": 1, "processes": 2}, records[1]])
+    (tmp_path / "run.jsonl.rank-x-of-2").write_text("not a rank file")
+    assert rank_files(path) == [rank_file(path, 0, 2), rank_file(path, 1, 2)]
+    with pytest.raises(UserError, match=r"run.jsonl already holds results: add --resume"):
+        ResultsFile(path, IDENTITY, resume=False)
+    path.unlink()
+    with pytest.raises(UserError, match=r"rank-0-of-2 holds results of a data-parallel run: add --resume"):
+        ResultsFile(path, IDENTITY, resume=False)
+    with pytest.raises(UserError, match="decode differ"):
+        ResultsFile(path, {**IDENTITY, "decode": {"max_new_tokens": 16}}, resume=True, start=False)
+    write_lines(path, [run_line, records[0]])
+
+    results = ResultsFile(path, IDENTITY, resume=True, start=False)
+    assert results.records == [records[0], records[2], records[1]]  # read once each, the cut-short line skipped
+    assert results.handle is None and not path.with_name("run.jsonl.rank-2-of-3").exists()
+    results.start(rank_file(path, 2, 3), rank=2, processes=3)  # a resumed run in three processes
+    results.add(records[3])
+    results.close()
+    results.extend(records[4:])  # what the other two processes wrote
+    results.merge(runs, examples, size=3)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line.get("processes") for line in lines if line["type"] == "run"] == [None, 2, 2, 3]
+    assert "rank" not in lines[3]  # this session's line stands for all its processes
+    assert [line for line in lines if line["type"] == "example"] == records
+    assert rank_files(path) == [] and (tmp_path / "run.jsonl.rank-x-of-2").exists()
+
+
+def test_a_journal_cut_short_by_a_kill_is_mended_before_appending(tmp_path):
+    path = tmp_path / "run.jsonl"
+    example = examples_of(1)[0]
+    write_lines(rank_file(path, 0, 2), [{"type": "run", **IDENTITY}, example_record("full", example)],
+                cut_short=True)
+    results = ResultsFile(path, IDENTITY, resume=True, start=False)
+    results.start(rank_file(path, 0, 2), rank=0, processes=2)
+    results.close()
+    lines = [json.loads(line) for line in rank_file(path, 0, 2).read_text().splitlines()]
+    assert [line["type"] for line in lines] == ["run", "example", "run"]
+
+
+# --- the CLI in this process: resuming what a killed data-parallel run left ------------------------------------
+
+def bench_args(model_dir, data, output, *extra):
+    return ["bench", "--task", "gsm8k", "--limit", "6", "--model", str(model_dir), "--data-dir", str(data),
+            "-n", "12", "--alpha", "0.8", "--shots", "2", "--output", str(output), "--device", "cpu", "--json",
+            *TINY, *extra]
+
+
+def comparable(summary: dict) -> list[dict]:
+    return [{key: value for key, value in method.items() if key not in TIMING_KEYS} for method in summary["methods"]]
+
+
+def example_lines(path: Path) -> list[dict]:
+    return [record for record in map(json.loads, path.read_text().splitlines()) if record["type"] == "example"]
+
+
+def same_outputs(records: list[dict]) -> list[tuple]:
+    return [tuple(record[key] for key in SAME_IN_EVERY_RUN) for record in records]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, shared_data, tmp_path_factory):
+    """The reference: the bench in one process, --batch-size 1, 6 examples x full, d3, static, linear."""
+    from conftest import invoke
+
+    folder = tmp_path_factory.mktemp("one-process")
+    output = folder / "one.jsonl"
+    with pytest.MonkeyPatch.context() as patch:  # as the autouse fixtures do for a test: an empty folder, no D3_*
+        patch.chdir(folder)
+        for variable in [name for name in os.environ if name.startswith("D3_") and name != "D3_CACHE_DIR"]:
+            patch.delenv(variable)
+        started = time.perf_counter()
+        result = invoke(bench_args(tiny_model_dir, shared_data, output))
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout), output, time.perf_counter() - started
+
+
+def test_one_process_resumes_what_a_killed_two_process_run_left(cli, one_process_run, tiny_model_dir, shared_data,
+                                                                tmp_path):
+    summary, reference, _ = one_process_run
+    records = example_lines(reference)
+    run_line = json.loads(reference.read_text().splitlines()[0])
+    output = tmp_path / "killed.jsonl"
+    # killed part-way: full and d3 finished (each rank its stride), static half done, linear not started
+    for rank in range(2):
+        kept = [record for record in records if record["method"] in ("full", "d3@0.8")
+                or (record["method"] == "static@0.8" and record["id"] in ("gsm8k/0", "gsm8k/1"))]
+        mine = [record for record in kept if int(record["id"].split("/")[1]) % 2 == rank]
+        write_lines(rank_file(output, rank, 2), [{**run_line, "rank": rank, "processes": 2}, *mine],
+                    cut_short=rank == 1)
+    resumed = cli(bench_args(tiny_model_dir, shared_data, output, "--resume"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert comparable(json.loads(resumed.stdout)) == comparable(summary)
+    merged = example_lines(output)
+    assert same_outputs(merged) == same_outputs(records)  # everything, once, in one process's order
+    assert merged[:12] == records[:12]  # what the killed run finished was kept as it was, not redone
+    assert rank_files(output) == []
+
+
+# --- real processes ----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_environment() -> dict:
+    environment = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    environment.update(MASTER_ADDR="127.0.0.1", CUDA_VISIBLE_DEVICES="")  # the loopback; gloo on the CPU
+    return environment
+
+
+def accelerate_launch(args: list[str], cwd: Path, processes: int = 2, cpu_flag: str = "--multi_gpu",
+                      timeout: int = 240) -> tuple[subprocess.CompletedProcess, float]:
+    """`accelerate launch` of `d3 bench ARGS` (-m d3cli). On a machine without mpirun, accelerate starts several CPU
+    processes only through its torchrun launcher, which it names --multi_gpu; d3 uses gloo when there is no GPU."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", cpu_flag, "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+               "--main_process_port", str(free_port()), "-m", "d3cli", *args]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                            env=launch_environment())
+    return result, time.perf_counter() - started
+
+
+def test_two_processes_give_the_one_process_summary_and_outputs(one_process_run, tiny_model_dir, shared_data,
+                                                                tmp_path):
+    summary, reference, one_seconds = one_process_run
+    output = tmp_path / "two.jsonl"
+    result, two_seconds = accelerate_launch(bench_args(tiny_model_dir, shared_data, output), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("\n") == 1  # rank 0's summary only; the other process prints nothing
+    two = json.loads(result.stdout)
+    assert comparable(two) == comparable(summary)
+    merged = example_lines(output)
+    assert same_outputs(merged) == same_outputs(example_lines(reference))  # greedy: identical, same order
+    assert {record["batch"].rsplit("/", 1)[1] for record in merged} == {"rank0", "rank1"}
+    assert [line.get("processes") for line in map(json.loads, output.read_text().splitlines())
+            if line["type"] == "run"] == [2]
+    assert rank_files(output) == []
+    assert result.stderr.count("d3 bench · gsm8k") == 1  # one table, from rank 0
+    print(f"one process {one_seconds:.1f} s in pytest's process; two processes {two_seconds:.1f} s with start-up")
+
+
+def test_two_processes_resume_a_one_process_file(one_process_run, tiny_model_dir, shared_data, tmp_path):
+    summary, reference, _ = one_process_run
+    output = tmp_path / "partial.jsonl"
+    lines = reference.read_text().splitlines()
+    output.write_text("\n".join(lines[:10]) + '\n{"type": "example", "cut')  # 9 examples, then a kill
+    result, _ = accelerate_launch(bench_args(tiny_model_dir, shared_data, output, "--resume"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert comparable(json.loads(result.stdout)) == comparable(summary)
+    merged = example_lines(output)
+    assert same_outputs(merged) == same_outputs(example_lines(reference))
+    assert merged[:9] == example_lines(reference)[:9]  # the one-process records, kept as they were
+    assert rank_files(output) == []
+
+
+def test_accelerate_launch_cpu_without_mpirun_runs_one_process_and_says_so(tmp_path):
+    result, _ = accelerate_launch(["bench", "--data-dir", str(tmp_path)], tmp_path, cpu_flag="--cpu", timeout=120)
+    assert "started a single process" in result.stderr
+    assert result.stderr.count("d3: error:") == 1 and "gsm8k/test.jsonl" in result.stderr
+
+
+PEER = textwrap.dedent("""
+    import sys, time
+    from d3cli.core.errors import UserError
+    from d3cli.evaluation.distributed import current_world
+
+    world = current_world(timeout_s=float(sys.argv[1]))
+    try:
+        with world.all_or_none():
+            if world.rank == 1:
+                raise UserError("rank 1 cannot read its data")
+    except UserError as error:
+        print(f"{world.rank}/{world.size}: {error}", flush=True)
+    if world.rank == 1:
+        time.sleep(60)  # alive, but never meets rank 0 again
+    else:
+        started = time.monotonic()
+        try:
+            world.all_gather("anyone there?")
+        except Exception as error:
+            print(f"gave up after {time.monotonic() - started:.0f} s: {type(error).__name__}", flush=True)
+""")
+
+
+def test_processes_fail_together_and_never_wait_forever(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text(PEER)
+    port = free_port()
+    peers = []
+    for rank in range(2):
+        environment = {**launch_environment(), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": str(port)}
+        peers.append(subprocess.Popen([sys.executable, str(script), "8"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=environment))
+    try:
+        main_out, main_err = peers[0].communicate(timeout=120)
+    finally:
+        peers[1].kill()
+    other_out, _ = peers[1].communicate()
+    assert "0/2: process 1: rank 1 cannot read its data" in main_out, main_err[-2000:]
+    assert "1/2: process 1: rank 1 cannot read its data" in other_out
+    assert "gave up after" in main_out, main_err[-2000:]
+    assert int(main_out.split("gave up after ")[1].split(" s")[0]) < 40  # the 8 s timeout, not forever
