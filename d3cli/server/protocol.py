@@ -180,7 +180,8 @@ def is_neutral(value, neutral) -> bool:
 
 
 def check_model(model, model_ids: tuple[str, ...]) -> None:
-    if model is None:
+    """`model` must name the served model; null or "" (for clients that must send something) mean "the one served"."""
+    if model is None or model == "":
         return
     if not isinstance(model, str):
         raise bad_field("model", f"model must be a string, not {json_type(model)}", code="invalid_type")
