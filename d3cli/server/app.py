@@ -481,10 +481,11 @@ def serve(config: ServeConfig, sock: socket.socket, log: Callable[[dict], None])
     log({"event": "listening", "url": f"http://{shown_host}:{port}", "host": host, "port": port,
          "model": state.model_id})
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])  # Ctrl-C comes out of here as KeyboardInterrupt (exit 130) once uvicorn has stopped
     finally:
         state.stop()
+        if state.load_error is None:
+            log({"event": "stopped"})
     if state.load_error is not None:
         raise UserError(state.load_error)
-    log({"event": "stopped"})
 
