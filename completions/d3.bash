@@ -145,6 +145,7 @@ _d3() {
         "serve:--port") COMPREPLY=(); return ;;
         "serve:--api-key") COMPREPLY=(); return ;;
         "serve:--queue-size") COMPREPLY=(); return ;;
+        "serve:--batch-size"|"serve:-b") COMPREPLY=(); return ;;
         "serve:--log-format") COMPREPLY=($(compgen -W "rich json" -- "$cur")); return ;;
     esac
     case "$path" in
@@ -154,7 +155,7 @@ _d3() {
         "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
         "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
         "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --output -o --json --help -h"; words="" ;;
-        "serve") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --host --port --api-key --queue-size --log-format --help -h"; words="" ;;
+        "serve") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --host --port --api-key --queue-size --batch-size -b --log-format --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;
         "config") options="--help -h"; words="show path" ;;
         "config show") options="--json --help -h"; words="generate chat bench profile-ppl calibrate serve" ;;

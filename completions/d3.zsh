@@ -249,6 +249,8 @@ _d3_serve() {
         '(--port)--port[Port to listen on (0\: any free port, shown at start).]:value: ' \
         '(--api-key)--api-key[Answer /v1/ requests only with '\''Authorization\: Bearer KEY'\'' (also D3_API_KEY).]:value: ' \
         '(--queue-size)--queue-size[Requests that may wait while one decodes; more get 503.]:value: ' \
+        '(--batch-size -b)--batch-size[Decode up to this many waiting greedy requests with the same settings as one batch\: more tokens/s under load, but a batched reply may differ from the same request decoded alone.]:value: ' \
+        '(--batch-size -b)-b[Decode up to this many waiting greedy requests with the same settings as one batch\: more tokens/s under load, but a batched reply may differ from the same request decoded alone.]:value: ' \
         '(--log-format)--log-format[One line per request on stderr\: rich for people, json for machines.]:value:(rich json)' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \

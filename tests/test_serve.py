@@ -57,9 +57,14 @@ class ServeProcess:
                 self.lines.append(line.rstrip("\n"))
                 self.changed.notify_all()
 
-    def wait_for_line(self, predicate, timeout_s: float = REQUEST_TIMEOUT_S) -> str:
+    def mark(self) -> int:
+        """Where the log is now: wait_for_line(..., since=mark) looks only at what comes after."""
+        with self.changed:
+            return len(self.lines)
+
+    def wait_for_line(self, predicate, timeout_s: float = REQUEST_TIMEOUT_S, since: int = 0) -> str:
         deadline = time.monotonic() + timeout_s
-        seen = 0
+        seen = since
         with self.changed:
             while True:
                 for line in self.lines[seen:]:
@@ -75,9 +80,9 @@ class ServeProcess:
         with self.changed:
             return [json.loads(line) for line in self.lines if line.startswith("{")]
 
-    def wait_for_record(self, predicate, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
+    def wait_for_record(self, predicate, timeout_s: float = REQUEST_TIMEOUT_S, since: int = 0) -> dict:
         return json.loads(self.wait_for_line(lambda line: line.startswith("{") and predicate(json.loads(line)),
-                                             timeout_s))
+                                             timeout_s, since))
 
     def client(self, api_key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=REQUEST_TIMEOUT_S)
@@ -123,7 +128,8 @@ def read_data_lines(response, count: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    process = ServeProcess(["--model", str(tiny_model_dir), "--queue-size", "8"], tmp_path_factory.mktemp("serve"))
+    process = ServeProcess(["--model", str(tiny_model_dir), "--queue-size", "8", "--batch-size", "4"],
+                           tmp_path_factory.mktemp("serve"))
     try:
         yield process
     finally:
@@ -242,14 +248,41 @@ def test_concurrent_clients_each_get_their_solo_reply(server):
     assert together == solo
 
 
+def test_requests_that_wait_together_with_the_same_settings_share_a_batch(server):
+    """With --batch-size 4: four greedy requests queued behind a busy worker are decoded as one batch, each reply
+    complete, equal to its solo reply, with its own finish; a fifth with other settings waits for its own decode."""
+    asks = [dict(prompt=f"Describe {thing}.", max_tokens=12, alpha=0.9)  # one batch_key: the same settings
+            for thing in ["a river", "a hill", "a storm", "a bell"]]
+    solo = [d3_of(chat_reply(server.client(), **ask))["token_ids"] for ask in asks]
+    connection, response = open_stream(server, {"messages": [{"role": "user", "content": "Keep going."}],
+                                                "max_tokens": 450})
+    read_data_lines(response, 1)  # the worker is busy: what comes next waits in the queue
+    with ThreadPoolExecutor(len(asks) + 1) as pool:
+        together = [pool.submit(lambda ask: d3_of(chat_reply(server.client(), **ask)), ask) for ask in asks]
+        other = pool.submit(lambda: d3_of(chat_reply(server.client(), prompt="Describe a bell.", max_tokens=12,
+                                                     alpha=1)))
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while request(server, "GET", "/health")[1]["queued"] < len(asks) + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        since = server.mark()
+        connection.close()  # the busy request leaves; the four waiting ones go as one batch
+        replies = [future.result(timeout=REQUEST_TIMEOUT_S) for future in together]
+        assert other.result(timeout=REQUEST_TIMEOUT_S)["batch_size"] == 1
+    assert [reply["batch_size"] for reply in replies] == [4, 4, 4, 4]
+    assert [reply["token_ids"] for reply in replies] == solo
+    server.wait_for_record(lambda record: record.get("disconnected"), since=since)  # logged before the next test
+
+
 def test_a_client_that_disconnects_stops_its_decode_and_the_next_reply_is_exact(server, references):
+    since = server.mark()
     connection, response = open_stream(server, {"messages": [{"role": "user", "content": "Count to a thousand."}],
                                                 "max_tokens": 400, "alpha": 0.8, "min_layers": 3,
                                                 "head": 1, "tail": 1})
     read_data_lines(response, 3)
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
-    record = server.wait_for_record(lambda record: record.get("disconnected"))
+    record = server.wait_for_record(lambda record: record.get("disconnected"), since=since)
     assert record["status"] == 200 and 3 <= record["completion_tokens"] < 400
     assert record["steps_after_cancel"] is not None and record["steps_after_cancel"] <= 2
 

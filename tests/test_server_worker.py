@@ -175,3 +175,78 @@ def test_after_a_cancelled_and_a_failed_decode_the_model_decodes_exactly(tiny_mo
     job.token_ids, job.settings, job.schedule = prompt, exact, exact.schedule_for(8)
     worker.run_job(job)
     assert [event.token_id for event in drain(items)[:-1]] == reference
+
+
+# --- batches of waiting requests ----------------------------------------------------------------------------------
+
+
+def job_with(temperature: float = 0.0, alpha: float = 0.98, deliver=None) -> Job:
+    from d3cli.core.sampling import SamplingSettings
+
+    settings = DecodeSettings(alpha=alpha, sampling=SamplingSettings(temperature=temperature))
+    return Job([1, 2], settings, None, deliver or (lambda item: None))
+
+
+def test_a_batch_takes_the_greedy_jobs_with_the_same_settings_that_wait_behind_the_first():
+    worker = Worker(loaded=None, queue_size=8, decode=lambda *args: None, max_batch=3)
+    first, same, other, sampled, same_too, same_three = (job_with(), job_with(), job_with(alpha=0.9),
+                                                         job_with(temperature=0.7), job_with(), job_with())
+    for job in (same, other, sampled, same_too, same_three):
+        worker.submit(job)
+    assert worker.batch_for(first) == [first, same, same_too]  # at most 3 in all
+    assert list(worker.jobs.queue) == [other, sampled, same_three]  # the others keep their places
+    lone = job_with(temperature=0.5)
+    assert worker.batch_for(lone) == [lone]  # a sampled reply is never batched
+    assert Worker(None, 4, max_batch=1).batch_for(first) == [first]
+
+
+class BatchStream:
+    """Events of a batch whose rows end after the given numbers of tokens; records how far it got and its close."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths, self.steps, self.closed = lengths, 0, False
+
+    def __iter__(self):
+        for index in range(max(self.lengths)):
+            self.steps += 1
+            for row, length in enumerate(self.lengths):
+                if index < length:
+                    yield TokenEvent(row, index, index, "x", 8, 0.0, "length" if index == length - 1 else None)
+
+    def close(self):
+        self.closed = True
+
+
+def test_each_row_of_a_batch_ends_on_its_own_and_a_cancelled_row_stops_alone():
+    stream = BatchStream([3, 10, 6])
+    worker = Worker(None, 4, decode=lambda loaded, prompts, schedule, settings: _closing(stream), max_batch=4)
+    jobs = [collecting_job() for _ in range(3)]
+    jobs[1][0].deliver = _cancel_at(jobs[1][0], jobs[1][1], index=4)
+    worker.run_batch([job for job, _ in jobs])
+    got = [drain(items) for _, items in jobs]
+    assert [len(events) for events in got] == [4, 6, 7]
+    assert [events[-1].reason for events in got] == ["done", "cancelled", "done"]
+    assert got[1][-1].steps_after_cancel == 0 and all(job.batch_size == 3 for job, _ in jobs)
+    assert stream.steps == 6 and stream.closed  # no row was left after step 6: the batch stopped there
+
+
+def _cancel_at(job, items, index):
+    def deliver(item):
+        items.put(item)
+        if getattr(item, "index", -1) == index:
+            job.cancel()
+
+    return deliver
+
+
+def _closing(stream):
+    generator = iter(stream)
+
+    class Events:
+        def __iter__(self):
+            return generator
+
+        def close(self):
+            stream.close()
+
+    return Events()

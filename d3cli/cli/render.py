@@ -524,6 +524,8 @@ def server_event_text(record: dict) -> Text:
         line.append(f"  {record['prompt_tokens']}+{record['completion_tokens']} tok  "
                     f"{record['mean_layers']:.1f} layers  {record['tokens_per_s']:.1f} tok/s")
     line.append(f"  {record['time_s']:.2f} s", style="dim")
+    if record.get("batch"):
+        line.append(f"  in a batch of {record['batch']}", style="dim")
     if record.get("disconnected"):
         line.append(f"  client left, stopped {record.get('steps_after_cancel')} step(s) later", style="yellow")
     if record.get("error"):

@@ -51,6 +51,7 @@ class ServeConfig:
     settings: DecodeSettings  # the server's defaults; each request may change its reply's fields
     api_key: str | None = None
     queue_size: int = 16
+    max_batch: int = 1  # greedy requests waiting together with the same settings decoded as one batch, up to this
     max_body_bytes: int = MAX_BODY_BYTES
 
 
@@ -85,7 +86,7 @@ class ServerState:
             self.config.settings.schedule_for(num_decoder_layers(loaded.model), loaded.calibration)  # fits the model
             self.tokenizer = copy.deepcopy(loaded.tokenizer)
             self.model_ids = tuple(dict.fromkeys((self.model_id, loaded.name)))
-            self.worker = Worker(loaded, self.config.queue_size)
+            self.worker = Worker(loaded, self.config.queue_size, max_batch=self.config.max_batch)
             self.worker.start()
             self.loaded = loaded
         except UserError as error:
@@ -134,9 +135,7 @@ class ServerState:
 
     def cancel_all(self) -> None:
         if self.worker is not None:
-            current = self.worker.current
-            if current is not None:
-                current.cancel()
+            self.worker.cancel_running()
 
     def stop(self) -> None:
         if self.worker is not None:
@@ -210,7 +209,10 @@ def job_events(loop: asyncio.AbstractEventLoop, request: CompletionRequest, toke
     return Job(token_ids, request.settings, schedule, deliver), events
 
 
-def log_reply(log: dict, reply, prompt_tokens: int, end: JobEnd | None, disconnected: bool) -> None:
+def log_reply(log: dict, reply, prompt_tokens: int, end: JobEnd | None, disconnected: bool, batch_size: int = 1
+              ) -> None:
+    if batch_size > 1:
+        log["batch"] = batch_size
     log.update(prompt_tokens=prompt_tokens, completion_tokens=reply.generated_tokens,
                mean_layers=round(reply.mean_layers, 2), tokens_per_s=round(reply.tokens_per_s, 2),
                finish_reason=protocol.finish_reason(reply) if end is not None and end.reason == "done" else None)
@@ -250,7 +252,7 @@ def completions_route(endpoint_kind: str):
         if isinstance(first, JobEnd):  # failed or cancelled before its first token
             gone = saw_disconnect(watcher)
             watcher.cancel()
-            log_reply(log, chunks.reply, len(token_ids), first, gone)
+            log_reply(log, chunks.reply, len(token_ids), first, gone, job.batch_size)
             raise end_error(first, gone)
         if parsed.stream:
             return EventStream(first, events, chunks, job, watcher, log)
@@ -283,11 +285,11 @@ async def whole_reply(first, events: asyncio.Queue, chunks: ChunkStream, job: Jo
         job.cancel()  # a no-op once the job has ended; stops it when this handler is cancelled
         gone = saw_disconnect(watcher)
         watcher.cancel()
-    log_reply(log, chunks.reply, chunks.prompt_tokens, item, disconnected=gone)
+    log_reply(log, chunks.reply, chunks.prompt_tokens, item, disconnected=gone, batch_size=job.batch_size)
     if item.reason != "done":
         raise end_error(item, gone)
     return JSONResponse(protocol.completion_response(chunks.request.endpoint, chunks.identity, chunks.reply,
-                                                     chunks.schedule, chunks.prompt_tokens))
+                                                     chunks.schedule, chunks.prompt_tokens, job.batch_size))
 
 
 class EventStream:
@@ -310,7 +312,7 @@ class EventStream:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                 item = await self.events.get()
             if item.reason == "done":
-                tail = b"".join(protocol.sse(chunk) for chunk in self.chunks.finish())
+                tail = b"".join(protocol.sse(chunk) for chunk in self.chunks.finish(self.job.batch_size))
             else:
                 tail = protocol.sse(end_error(item, saw_disconnect(self.watcher)).body())
             await send({"type": "http.response.body", "body": tail + protocol.DONE, "more_body": False})
@@ -323,7 +325,8 @@ class EventStream:
             if not isinstance(item, JobEnd):  # stopped early: wait for the worker to confirm, then log
                 item = await wait_for_end(self.events)
                 gone = True
-            log_reply(self.log, self.chunks.reply, self.chunks.prompt_tokens, item, disconnected=gone)
+            log_reply(self.log, self.chunks.reply, self.chunks.prompt_tokens, item, disconnected=gone,
+                      batch_size=self.job.batch_size)
 
 
 async def wait_for_end(events: asyncio.Queue, timeout_s: float = 30.0) -> JobEnd | None:

@@ -353,8 +353,9 @@ def usage(prompt_tokens: int, reply: Reply) -> dict:
             "total_tokens": prompt_tokens + reply.generated_tokens}
 
 
-def d3_extension(reply: Reply, schedule) -> dict:
-    """D3's numbers for one reply, in the extension object `d3`."""
+def d3_extension(reply: Reply, schedule, batch_size: int = 1) -> dict:
+    """D3's numbers for one reply, in the extension object `d3` (`batch_size`: how many replies were decoded
+    together with this one, itself included)."""
     return {
         "layers_per_token": reply.layers_per_token,
         "mean_layers": round(reply.mean_layers, 4),
@@ -371,11 +372,12 @@ def d3_extension(reply: Reply, schedule) -> dict:
         "token_ids": reply.token_ids,
         "time_s": round(reply.time_s, 4),
         "tokens_per_s": round(reply.tokens_per_s, 3),
+        "batch_size": batch_size,
     }
 
 
 def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply, schedule,
-                        prompt_tokens: int) -> dict:
+                        prompt_tokens: int, batch_size: int = 1) -> dict:
     """The whole (non-streamed) response object of a finished reply."""
     if endpoint == CHAT:
         choice = {"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
@@ -383,7 +385,7 @@ def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply,
     else:
         choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": finish_reason(reply)}
     return {**identity.header(endpoint), "choices": [choice], "usage": usage(prompt_tokens, reply),
-            "d3": d3_extension(reply, schedule)}
+            "d3": d3_extension(reply, schedule, batch_size)}
 
 
 class ChunkStream:
@@ -420,12 +422,12 @@ class ChunkStream:
             return []
         return [self._chunk([self._choice(event.text, None, role=first)])]
 
-    def finish(self) -> list[dict]:
+    def finish(self, batch_size: int = 1) -> list[dict]:
         """The finish chunk and, when asked, the usage chunk; the last carries `d3`."""
         chunks = [self._chunk([self._choice(None, finish_reason(self.reply))])]
         if self.request.include_usage:
             chunks.append({**self._chunk([]), "usage": usage(self.prompt_tokens, self.reply)})
-        chunks[-1]["d3"] = d3_extension(self.reply, self.schedule)
+        chunks[-1]["d3"] = d3_extension(self.reply, self.schedule, batch_size)
         return chunks
 
 
