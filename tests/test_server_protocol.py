@@ -98,6 +98,7 @@ def test_a_completion_prompt_may_be_a_one_element_list():
     ({"temperature": -1}, 400, "temperature", ">= 0"),
     ({"temperature": 1, "top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ({"seed": "x"}, 400, "seed", "int"),
+    ({"seed": 2**64}, 400, "seed", "64 bits"),
     ({"stop": 5}, 400, "stop", "string or a list of strings"),
     ({"stop": ["ok", ""]}, 400, "stop", "empty"),
     ({"stream": "yes"}, 400, "stream", "boolean"),
@@ -145,6 +146,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
     (b"[1, 2]", "must be a JSON object, not a list"),
     (b"", "empty"),
     (b'{"a": "\xff"}', "not valid UTF-8"),
+    (b'{"prompt": "a\\ud800b"}', "lone surrogate"),
 ])
 def test_a_body_that_is_not_a_json_object_is_refused(raw, words):
     with pytest.raises(ApiError) as caught:

@@ -128,6 +128,11 @@ def parse_json_body(raw: bytes) -> dict:
         raise ApiError(400, f"the request body is not valid JSON ({message}{where})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {json_type(body)}", code="invalid_json")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # an escaped lone surrogate ("\ud800") is not text: no tokenizer takes it
+        raise ApiError(400, "the request body has a lone surrogate escape (like \\ud800): strings must be valid "
+                            "Unicode text", code="invalid_json") from None
     return body
 
 
@@ -223,6 +228,9 @@ def request_settings(endpoint: str, body: dict, base: DecodeSettings) -> DecodeS
     for field in D3_FIELDS:
         if field in body:
             options[field] = (field, body[field])
+    seed = options.get("seed", (None, None))[1]
+    if isinstance(seed, int) and not isinstance(seed, bool) and not -2**63 <= seed < 2**64:
+        raise bad_field("seed", f"seed must fit in 64 bits, not {seed}")
     stops = options.get("stop", (None, None))[1]
     if stops is not None:
         check_stops(stops)

@@ -1,6 +1,6 @@
 """What `d3 serve` costs and gives, measured in one run (this VM's speed drifts, so nothing is compared across runs).
 
-    python docs/measurements/serve/bench_serve.py [--model M] [--tokens 64] [--rounds 5] > serve-cpu.json
+    python docs/measurements/serve/bench_serve.py [--model M] [--tokens 64] [--rounds 5] [--batch-size N] > out.json
 
 1. overhead: the same prompt and settings decoded in this process with the engine (what `d3 generate` runs) and
    through a `d3 serve` child process by an HTTP client (streamed and not), the sides taking turns, one at a time;
@@ -32,9 +32,10 @@ PROMPT = "Write a long story about a lighthouse keeper who finds a message in a 
 TOPICS = ["the sea", "mountains", "a city at night", "bees", "an old clock", "rain", "a library", "trains"]
 
 
-def start_server(model: str | None) -> tuple[subprocess.Popen, int]:
+def start_server(model: str | None, batch_size: int) -> tuple[subprocess.Popen, int]:
     d3 = Path(sys.executable).with_name("d3")
-    args = [str(d3), "serve", "--port", "0", "--log-format", "json", "--queue-size", "64"]
+    args = [str(d3), "serve", "--port", "0", "--log-format", "json", "--queue-size", "64",
+            "--batch-size", str(batch_size)]
     if model:
         args += ["--model", model]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=1, help="the server's --batch-size")
     parser.add_argument("--throughput-requests", type=int, default=16)
     parser.add_argument("--throughput-rounds", type=int, default=2)
     parser.add_argument("--throughput-tokens", type=int, default=32)
@@ -103,9 +105,10 @@ def main() -> None:
     loaded = settings.with_calibration(load(options.model))
     schedule = settings.schedule_for(num_decoder_layers(loaded.model), loaded.calibration)
     prompt_ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": PROMPT}])
-    process, port = start_server(options.model)
+    process, port = start_server(options.model, options.batch_size)
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": options.tokens}
     report: dict = {"model": loaded.name, "tokens": options.tokens, "rounds": options.rounds,
+                    "server_batch_size": options.batch_size,
                     "settings": "defaults (alpha 0.98, min_layers 0.84, the model's calibration)"}
     try:
         def in_process() -> dict:
