@@ -30,7 +30,7 @@ PROMPT = "Write a short poem about the sea."
 class ServeProcess:
     """`d3 serve --port 0 ARGS` in a child process; its stderr read on a thread (JSON records, or text lines)."""
 
-    def __init__(self, args: list[str], cwd: Path, log_format: str = "json"):
+    def __init__(self, args: list[str], cwd: Path, log_format: str = "json", wait_until_ready: bool = True):
         self.log_format = log_format
         self.lines: list[str] = []
         self.changed = threading.Condition()
@@ -46,7 +46,8 @@ class ServeProcess:
             else:
                 self.port = int(listening.split("http://127.0.0.1:")[1].split()[0])
             self.url = f"http://127.0.0.1:{self.port}"
-            self.wait_for_line(lambda line: "ready" in line, START_TIMEOUT_S)
+            if wait_until_ready:
+                self.wait_for_line(lambda line: "ready" in line, START_TIMEOUT_S)
         except BaseException:
             self.kill()
             raise
@@ -408,9 +409,17 @@ def test_a_full_queue_answers_503(guarded_server):
     guarded_server.wait_for_line(lambda line: "client left" in line)
 
 
-def test_ctrl_c_stops_the_server_and_its_streams_without_a_traceback(tiny_model_dir, tmp_path):
-    process = ServeProcess(["--model", str(tiny_model_dir)], tmp_path)
+def test_health_is_503_while_the_model_loads_then_200_and_ctrl_c_stops_without_a_traceback(tiny_model_dir,
+                                                                                              tmp_path):
+    process = ServeProcess(["--model", str(tiny_model_dir)], tmp_path, wait_until_ready=False)
     try:
+        # uvicorn answers before the model has loaded (importing torch alone takes over a second)
+        assert request(process, "GET", "/health") == (503, {"status": "loading"})
+        status, answer = request(process, "POST", "/v1/completions", {"prompt": "hi"})
+        assert status == 503 and answer["error"]["code"] == "model_loading"
+        process.wait_for_line(lambda line: "ready" in line, START_TIMEOUT_S)
+        assert request(process, "GET", "/health")[0] == 200
+
         connection, response = open_stream(process, {"messages": [{"role": "user", "content": "Talk."}],
                                                      "max_tokens": 450})
         read_data_lines(response, 1)

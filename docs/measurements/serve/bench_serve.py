@@ -1,6 +1,6 @@
 """What `d3 serve` costs and gives, measured in one run (this VM's speed drifts, so nothing is compared across runs).
 
-    python docs/measurements/serve/bench_serve.py [--model M] [--tokens 64] [--rounds 5] [--batch-size N] > out.json
+    python docs/measurements/serve/bench_serve.py [--model M] [--tokens 64] [--rounds 5] > serve-cpu.json
 
 1. overhead: the same prompt and settings decoded in this process with the engine (what `d3 generate` runs) and
    through a `d3 serve` child process by an HTTP client (streamed and not), the sides taking turns, one at a time;
@@ -10,8 +10,9 @@
    content chunk (median of 10); beside it the engine's own time to first token in this process.
 3. throughput: 1, 4 and 8 clients at once sharing `--throughput-requests` (16) streamed requests of
    `--throughput-tokens` (32) tokens, each with its own prompt; total generated tokens over wall time, mean request
-   latency, median time to first token. The three client counts take turns, `--throughput-rounds` (2) times;
-   medians per count.
+   latency, median time to first token; against the default server (one decode at a time) and a second server
+   started with `--batch-size 8` (only one of them busy at a time). Client counts and servers take turns,
+   `--throughput-rounds` (2) times; medians per count and server.
 
 Prints one JSON object on stdout and a short table on stderr.
 """
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=1, help="the server's --batch-size")
+    parser.add_argument("--batch-size", type=int, default=8, help="the second server's --batch-size")
     parser.add_argument("--throughput-requests", type=int, default=16)
     parser.add_argument("--throughput-rounds", type=int, default=2)
     parser.add_argument("--throughput-tokens", type=int, default=32)
@@ -105,10 +106,11 @@ def main() -> None:
     loaded = settings.with_calibration(load(options.model))
     schedule = settings.schedule_for(num_decoder_layers(loaded.model), loaded.calibration)
     prompt_ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": PROMPT}])
-    process, port = start_server(options.model, options.batch_size)
+    process, port = start_server(options.model, 1)
+    batched_process, batched_port = start_server(options.model, options.batch_size)
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": options.tokens}
     report: dict = {"model": loaded.name, "tokens": options.tokens, "rounds": options.rounds,
-                    "server_batch_size": options.batch_size,
+                    "second_server_batch_size": options.batch_size,
                     "settings": "defaults (alpha 0.98, min_layers 0.84, the model's calibration)"}
     try:
         def in_process() -> dict:
@@ -149,7 +151,7 @@ def main() -> None:
             "server_median_s": round(statistics.median(firsts), 4), "server_runs_s": [round(x, 4) for x in firsts],
             "in_process_median_s": round(statistics.median(engine_first), 4)}
 
-        def load_test(clients: int) -> dict:
+        def load_test(port: int, clients: int) -> dict:
             results: list[dict] = []
             lock = threading.Lock()
             numbers = iter(range(options.throughput_requests))
@@ -179,18 +181,21 @@ def main() -> None:
                     "mean_latency_s": round(statistics.mean(r["total_s"] for r in results), 3),
                     "median_first_token_s": round(statistics.median(r["first_s"] for r in results), 3)}
 
-        runs: dict[int, list[dict]] = {1: [], 4: [], 8: []}
+        servers = {1: port, options.batch_size: batched_port}
+        runs: dict[tuple[int, int], list[dict]] = {(batch, clients): [] for clients in (1, 4, 8) for batch in servers}
         for _ in range(options.throughput_rounds):
-            for clients in runs:
-                runs[clients].append(load_test(clients))
-        throughput = [{"clients": clients, "tokens_per_s": statistics.median(run["tokens_per_s"] for run in got),
+            for batch, clients in runs:
+                runs[batch, clients].append(load_test(servers[batch], clients))
+        throughput = [{"server_batch_size": batch, "clients": clients,
+                       "tokens_per_s": statistics.median(run["tokens_per_s"] for run in got),
                        "mean_latency_s": statistics.median(run["mean_latency_s"] for run in got),
                        "median_first_token_s": statistics.median(run["median_first_token_s"] for run in got),
-                       "runs": got} for clients, got in runs.items()]
+                       "runs": got} for (batch, clients), got in runs.items()]
         report["throughput"] = throughput
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        for child in (process, batched_process):
+            child.terminate()
+            child.wait(timeout=60)
     print(json.dumps(report, indent=2))
     o = report["overhead"]
     sys.stderr.write(
@@ -199,8 +204,8 @@ def main() -> None:
         f"({o['server_whole']['overhead_percent']:+.2f} %); same tokens: {o['same_tokens']}\n"
         f"time to first token: server {report['time_to_first_token']['server_median_s']} s, in process "
         f"{report['time_to_first_token']['in_process_median_s']} s\n"
-        + "".join(f"{t['clients']} clients: {t['tokens_per_s']} tok/s, mean latency {t['mean_latency_s']} s\n"
-                  for t in report["throughput"]))
+        + "".join(f"--batch-size {t['server_batch_size']}, {t['clients']} clients: {t['tokens_per_s']} tok/s, "
+                  f"mean latency {t['mean_latency_s']} s\n" for t in report["throughput"]))
 
 
 if __name__ == "__main__":
