@@ -10,6 +10,7 @@ _d3() {
             ":bench") path="bench" ;;
             ":profile-ppl") path="profile-ppl" ;;
             ":calibrate") path="calibrate" ;;
+            ":serve") path="serve" ;;
             ":completions") path="completions" ;;
             ":config") path="config" ;;
             "config:show") path="config show" ;;
@@ -123,17 +124,42 @@ _d3() {
         "calibrate:--head") COMPREPLY=(); return ;;
         "calibrate:--tail") COMPREPLY=(); return ;;
         "calibrate:--output"|"calibrate:-o") COMPREPLY=(); return ;;
+        "serve:--model"|"serve:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "serve:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
+        "serve:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+        "serve:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "serve:--alpha"|"serve:-a") COMPREPLY=(); return ;;
+        "serve:--min-layers") COMPREPLY=(); return ;;
+        "serve:--warmup") COMPREPLY=(); return ;;
+        "serve:--head") COMPREPLY=(); return ;;
+        "serve:--tail") COMPREPLY=(); return ;;
+        "serve:--skip-order") COMPREPLY=($(compgen -W "auto middle late importance" -- "$cur")); return ;;
+        "serve:--profile") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "serve:--calibration") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "serve:--max-new-tokens"|"serve:-n") COMPREPLY=(); return ;;
+        "serve:--temperature"|"serve:-t") COMPREPLY=(); return ;;
+        "serve:--top-k") COMPREPLY=(); return ;;
+        "serve:--top-p") COMPREPLY=(); return ;;
+        "serve:--seed") COMPREPLY=(); return ;;
+        "serve:--stop") COMPREPLY=(); return ;;
+        "serve:--host") COMPREPLY=(); return ;;
+        "serve:--port") COMPREPLY=(); return ;;
+        "serve:--api-key") COMPREPLY=(); return ;;
+        "serve:--queue-size") COMPREPLY=(); return ;;
+        "serve:--batch-size"|"serve:-b") COMPREPLY=(); return ;;
+        "serve:--log-format") COMPREPLY=($(compgen -W "rich json" -- "$cur")); return ;;
     esac
     case "$path" in
-        "") options="--version --help -h"; words="generate chat bench profile-ppl calibrate completions config" ;;
+        "") options="--version --help -h"; words="generate chat bench profile-ppl calibrate serve completions config" ;;
         "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
         "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
         "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --include-path --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
         "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
         "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --output -o --json --help -h"; words="" ;;
+        "serve") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --host --port --api-key --queue-size --batch-size -b --log-format --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;
         "config") options="--help -h"; words="show path" ;;
-        "config show") options="--json --help -h"; words="generate chat bench profile-ppl calibrate" ;;
+        "config show") options="--json --help -h"; words="generate chat bench profile-ppl calibrate serve" ;;
         "config path") options="--help -h"; words="" ;;
     esac
     if [[ "$cur" == -* ]]; then

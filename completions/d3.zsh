@@ -5,7 +5,7 @@
 _d3() {
     local curcontext="$curcontext" state line
     local -a subcommands
-    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.' 'profile-ppl:Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.' 'calibrate:Calibrate a model for D3\: its layer order and bridges over skipped layers.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
+    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.' 'profile-ppl:Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.' 'calibrate:Calibrate a model for D3\: its layer order and bridges over skipped layers.' 'serve:Serve the model over an OpenAI-compatible HTTP API, every reply decoded with D3.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
     _arguments -C \
         '(--version)--version[Print the version and exit.]' \
         '(--help -h)--help[Show this message and exit.]' \
@@ -20,6 +20,7 @@ _d3() {
                 bench) _d3_bench ;;
                 profile-ppl) _d3_profile_ppl ;;
                 calibrate) _d3_calibrate ;;
+                serve) _d3_serve ;;
                 completions) _d3_completions ;;
                 config) _d3_config ;;
             esac ;;
@@ -218,6 +219,45 @@ _d3_calibrate() {
         '*::argument: '
 }
 
+_d3_serve() {
+    _arguments -s \
+        '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
+        '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
+        '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
+        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
+        '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
+        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
+        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
+        '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
+        '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
+        '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
+        '(--skip-order)--skip-order[Which flex layers go first\: importance (least important first, from the model'\''s calibration or --profile), middle (centre outward), late (deepest first); auto is importance when the model is calibrated, else middle.]:value:(auto middle late importance)' \
+        '(--profile)--profile[Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).]:path:_files' \
+        '(--calibration)--calibration[The model'\''s calibration file (from d3 calibrate). Default\: the one d3 calibrate cached for this model, or the bundled one of the embedded model.]:path:_files' \
+        '(--bridges --no-bridges)--bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
+        '(--bridges --no-bridges)--no-bridges[Stand in for skipped layers with the calibration'\''s fitted linear bridges (--no-bridges\: skip them plainly).]' \
+        '(--max-new-tokens -n)--max-new-tokens[Most tokens to generate per reply.]:value: ' \
+        '(--max-new-tokens -n)-n[Most tokens to generate per reply.]:value: ' \
+        '(--temperature -t)--temperature[0 = greedy; above 0 samples.]:value: ' \
+        '(--temperature -t)-t[0 = greedy; above 0 samples.]:value: ' \
+        '(--top-k)--top-k[Sample only from the k most likely tokens (0 = off).]:value: ' \
+        '(--top-p)--top-p[Sample only from the most likely tokens whose probability reaches p.]:value: ' \
+        '(--seed)--seed[Seed for sampling, for a reproducible reply.]:value: ' \
+        '*--stop[Stop when this text appears (repeatable); the text ends before it.]:value: ' \
+        '(--host)--host[Address to listen on. The default answers this machine only; 0.0.0.0 opens the server to the network.]:value: ' \
+        '(--port)--port[Port to listen on (0\: any free port, shown at start).]:value: ' \
+        '(--api-key)--api-key[Answer /v1/ requests only with '\''Authorization\: Bearer KEY'\'' (also D3_API_KEY).]:value: ' \
+        '(--queue-size)--queue-size[Requests that may wait while one decodes; more get 503.]:value: ' \
+        '(--batch-size -b)--batch-size[Decode up to this many waiting greedy requests with the same settings as one batch\: more tokens/s under load, but a batched reply may differ from the same request decoded alone.]:value: ' \
+        '(--batch-size -b)-b[Decode up to this many waiting greedy requests with the same settings as one batch\: more tokens/s under load, but a batched reply may differ from the same request decoded alone.]:value: ' \
+        '(--log-format)--log-format[One line per request on stderr\: rich for people, json for machines.]:value:(rich json)' \
+        '(--help -h)--help[Show this message and exit.]' \
+        '(--help -h)-h[Show this message and exit.]' \
+        '*::argument: '
+}
+
 _d3_completions() {
     _arguments -s \
         '(--help -h)--help[Show this message and exit.]' \
@@ -248,7 +288,7 @@ _d3_config_show() {
         '(--json)--json[Print the settings as JSON.]' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
-        '1::argument:(generate chat bench profile-ppl calibrate)'
+        '1::argument:(generate chat bench profile-ppl calibrate serve)'
 }
 
 _d3_config_path() {

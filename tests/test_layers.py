@@ -1,11 +1,16 @@
-"""The package's layers: core imports neither evaluation nor cli, evaluation never imports cli (function-level
-imports included), and every module lives in one of the three."""
+"""The package's layers: core imports neither evaluation, server nor cli; evaluation and server import neither each
+other nor cli (function-level imports included); and every module lives in one of the four."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "d3cli"
-LOWER = {"core": ("d3cli.evaluation", "d3cli.cli"), "evaluation": ("d3cli.cli",), "cli": ()}
+LOWER = {
+    "core": ("d3cli.evaluation", "d3cli.server", "d3cli.cli"),
+    "evaluation": ("d3cli.server", "d3cli.cli"),
+    "server": ("d3cli.evaluation", "d3cli.cli"),
+    "cli": (),
+}
 
 
 def imported_modules(path: Path) -> set[str]:

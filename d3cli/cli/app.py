@@ -22,6 +22,7 @@ from d3cli.cli.commands.chat import chat
 from d3cli.cli.commands.config import ConfigState, config_app
 from d3cli.cli.commands.generate import generate
 from d3cli.cli.commands.profile_ppl import profile_ppl
+from d3cli.cli.commands.serve import serve
 from d3cli.cli.config import load_configuration, option_defaults, subcommands
 from d3cli.core.errors import OutputClosed, UserError
 from d3cli.evaluation.distributed import secondary_process
@@ -45,6 +46,7 @@ app.command()(chat)
 app.command()(bench)
 app.command("profile-ppl")(profile_ppl)
 app.command()(calibrate)
+app.command()(serve)
 app.add_typer(config_app, name="config")
 
 

@@ -19,9 +19,11 @@ def test_version_and_help(cli):
 
 def test_the_cli_imports_no_torch_until_a_command_needs_it():
     """`d3 --help`, completions and option errors stay fast: the app and every command module import without torch,
-    transformers or the engine (they are imported inside the commands)."""
+    transformers, the engine, lm-eval or the web server's packages (they are imported inside the commands)."""
+    heavy = ("torch", "transformers", "d3cli.core.engine", "safetensors", "starlette", "uvicorn", "d3cli.server.app",
+             "lm_eval")
     program = ("import sys, d3cli.cli.app, typer.main; typer.main.get_command(d3cli.cli.app.app); "
-               "print(sorted(m for m in ('torch', 'transformers', 'd3cli.core.engine', 'safetensors') if m in sys.modules))")
+               f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "[]"

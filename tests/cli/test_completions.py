@@ -24,7 +24,8 @@ def test_committed_scripts_are_up_to_date(shell):
 def test_the_tree_has_every_subcommand_option_and_choice():
     root = app_completion(app)
     commands = {sub.name: sub for sub in root.subcommands}
-    assert {"generate", "chat", "bench", "profile-ppl", "calibrate", "config", "completions"} <= commands.keys()
+    assert {"generate", "chat", "bench", "profile-ppl", "calibrate", "serve", "config",
+            "completions"} <= commands.keys()
     generate = {name: option for option in commands["generate"].options for name in option.names}
     assert generate["--device"].choices == ("auto", "cpu", "cuda", "mps")
     assert generate["--skip-order"].choices == ("auto", "middle", "late", "importance")
@@ -45,8 +46,8 @@ def bash_complete(words: list[str]) -> list[str]:
 
 
 def test_bash_completes_subcommands_options_and_choices():
-    assert bash_complete(["d3", "''"]) == ["generate", "chat", "bench", "profile-ppl", "calibrate", "completions",
-                                           "config"]
+    assert bash_complete(["d3", "''"]) == ["generate", "chat", "bench", "profile-ppl", "calibrate", "serve",
+                                           "completions", "config"]
     assert bash_complete(["d3", "gen"]) == ["generate"]
     assert set(bash_complete(["d3", "generate", "--dev"])) == {"--device", "--device-map"}
     assert bash_complete(["d3", "chat", "--skip-order", "''"]) == ["auto", "middle", "late", "importance"]

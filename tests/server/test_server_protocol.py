@@ -1,0 +1,254 @@
+"""d3 serve's protocol: request bodies checked into settings (errors name the field), responses and stream chunks
+in the OpenAI schema (checked with the openai package's own models). No model, no server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from d3cli.core.engine import TokenEvent
+from d3cli.core.errors import UserError
+from d3cli.core.settings import DecodeSettings
+from d3cli.server import protocol
+from d3cli.server.protocol import CHAT, COMPLETION, ApiError, ChunkStream, ResponseIdentity
+
+MODEL = "tiny"
+BASE = DecodeSettings()
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def chat(**fields):
+    return protocol.parse_request(CHAT, {"messages": HELLO, **fields}, BASE, (MODEL, "tiny (alias)"))
+
+
+def refused(endpoint=CHAT, **fields) -> ApiError:
+    body = {"messages": HELLO} if endpoint == CHAT else {"prompt": "Hello"}
+    body.update(fields)
+    with pytest.raises(ApiError) as caught:
+        protocol.parse_request(endpoint, {key: value for key, value in body.items() if value is not ...}, BASE,
+                               (MODEL,))
+    return caught.value
+
+
+def test_a_minimal_chat_request_takes_the_servers_settings():
+    request = chat()
+    assert request.endpoint == CHAT and request.messages == ({"role": "user", "content": "Hello"},)
+    assert request.settings == BASE and not request.stream and not request.include_usage
+
+
+def test_openai_fields_and_d3_fields_become_decode_settings():
+    request = chat(model="tiny (alias)", max_tokens=12, temperature=0.7, top_p=0.9, seed=3, stop="END",
+                   alpha=0.9, min_layers="0.5", warmup=2, head=1, tail=1, skip_order="late", bridges=False, top_k=5,
+                   stream=True, stream_options={"include_usage": True}, user="me", metadata={"a": "b"})
+    settings = request.settings
+    assert settings.max_new_tokens == 12 and settings.stop == ("END",)
+    assert (settings.sampling.temperature, settings.sampling.top_p, settings.sampling.seed,
+            settings.sampling.top_k) == (0.7, 0.9, 3, 5)
+    assert (settings.alpha, settings.min_layers, settings.warmup, settings.head, settings.tail) == (0.9, 0.5, 2, 1, 1)
+    assert settings.skip_order == "late" and settings.bridges is False
+    assert request.stream and request.include_usage and set(request.d3_fields) >= {"alpha", "min_layers"}
+
+
+def test_max_completion_tokens_wins_over_max_tokens_and_stop_lists_are_kept():
+    request = chat(max_tokens=50, max_completion_tokens=7, stop=["a", "bc"])
+    assert request.settings.max_new_tokens == 7 and request.settings.stop == ("a", "bc")
+
+
+def test_greedy_requests_may_carry_top_p_as_openai_clients_do():
+    request = chat(temperature=0, top_p=0.5, top_k=3)
+    assert request.settings.sampling.greedy and request.settings.sampling.top_p == 1.0
+
+
+def test_chat_content_parts_and_developer_role():
+    request = protocol.parse_request(CHAT, {"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+    ]}, BASE, (MODEL,))
+    assert request.messages == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"})
+
+
+def test_a_completion_prompt_may_be_a_one_element_list():
+    request = protocol.parse_request(COMPLETION, {"prompt": ["Once upon"]}, BASE, (MODEL,))
+    assert request.prompt == "Once upon" and request.endpoint == COMPLETION
+
+
+@pytest.mark.parametrize("fields, status, param, words", [
+    ({"n": 2}, 400, "n", "one reply per request"),
+    ({"n": 1, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "tool calling"),
+    ({"logprobs": True}, 400, "logprobs", "log probabilities"),
+    ({"top_logprobs": 2}, 400, "top_logprobs", "log probabilities"),
+    ({"frequency_penalty": 0.5}, 400, "frequency_penalty", "penalties"),
+    ({"response_format": {"type": "json_object"}}, 400, "response_format", "plain text"),
+    ({"model": "gpt-4o"}, 404, "model", "'tiny'"),
+    ({"model": 3}, 400, "model", "must be a string"),
+    ({"alhpa": 0.9}, 400, "alhpa", "did you mean 'alpha'"),
+    ({"alpha": 0}, 400, "alpha", "(0, 1]"),
+    ({"alpha": "fast"}, 400, "alpha", "alpha must be"),
+    ({"min_layers": -1}, 400, "min_layers", "min_layers must be >= 0"),
+    ({"min_layers": 1.5}, 400, "min_layers", "[0, 1]"),
+    ({"skip_order": "random"}, 400, "skip_order", "unknown skip order"),
+    ({"warmup": -2}, 400, "warmup", "warmup"),
+    ({"bridges": "yes"}, 400, "bridges", "bool"),
+    ({"max_tokens": 0}, 400, "max_tokens", "at least 1"),
+    ({"max_tokens": "ten"}, 400, "max_tokens", "integer"),
+    ({"max_completion_tokens": True}, 400, "max_completion_tokens", "integer"),
+    ({"temperature": -1}, 400, "temperature", ">= 0"),
+    ({"temperature": 1, "top_p": 1.5}, 400, "top_p", "(0, 1]"),
+    ({"seed": "x"}, 400, "seed", "int"),
+    ({"seed": 2**64}, 400, "seed", "64 bits"),
+    ({"stop": 5}, 400, "stop", "string or a list of strings"),
+    ({"stop": ["ok", ""]}, 400, "stop", "empty"),
+    ({"stream": "yes"}, 400, "stream", "boolean"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options", "stream: true"),
+    ({"stream": True, "stream_options": {"include_usage": 1}}, 400, "include_usage", "boolean"),
+    ({"messages": ...}, 400, "messages", "required"),
+    ({"messages": "hi"}, 400, "messages", "must be a list"),
+    ({"messages": []}, 400, "messages", "must not be empty"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "one of"),
+    ({"messages": [{"role": "tool", "content": "{}"}]}, 400, "messages[0].role", "tool"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0]",
+     "text only"),
+    ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content", "string or a list"),
+])
+def test_bad_chat_fields_are_refused_naming_the_field(fields, status, param, words):
+    error = refused(**fields)
+    assert (error.status, error.param) == (status, param)
+    assert words in error.message
+    body = error.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"prompt": ...}, "prompt", "required"),
+    ({"prompt": ["a", "b"]}, "prompt", "one per request"),
+    ({"prompt": [1, 2, 3]}, "prompt", "must be a string"),
+    ({"echo": True}, "echo", "echo"),
+    ({"best_of": 3}, "best_of", "best_of"),
+    ({"logprobs": 2}, "logprobs", "log probabilities"),
+    ({"max_completion_tokens": 3}, "max_completion_tokens", "unknown field"),
+])
+def test_bad_completion_fields_are_refused_naming_the_field(fields, param, words):
+    error = refused(COMPLETION, **fields)
+    assert (error.status, error.param) == (400, param) and words in error.message
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted():
+    chat(n=1, tools=[], tool_choice="none", logprobs=False, frequency_penalty=0.0, presence_penalty=0,
+         logit_bias={}, response_format={"type": "text"}, parallel_tool_calls=True)
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b"{", "not valid JSON"),
+    (b'{"alpha": NaN}', "not valid JSON (NaN is not a JSON number"),
+    (b"[1, 2]", "must be a JSON object, not a list"),
+    (b"", "empty"),
+    (b'{"a": "\xff"}', "not valid UTF-8"),
+    (b'{"prompt": "a\\ud800b"}', "lone surrogate"),
+])
+def test_a_body_that_is_not_a_json_object_is_refused(raw, words):
+    with pytest.raises(ApiError) as caught:
+        protocol.parse_json_body(raw)
+    assert caught.value.status == 400 and words in caught.value.message
+
+
+def test_a_schedule_that_does_not_fit_the_model_names_the_field():
+    request = chat(min_layers=40)
+    with pytest.raises(UserError) as caught:
+        request.settings.schedule_for(8)
+    error = protocol.schedule_error(caught.value, request)
+    assert (error.status, error.param) == (400, "min_layers") and "8 layers" in error.message
+
+
+# --- responses ----------------------------------------------------------------------------------------------------
+
+
+def events(texts, finish_reason="eos"):
+    """Token events as the engine makes them: the last one ends the reply."""
+    return [TokenEvent(row=0, index=index, token_id=100 + index, text=text, layers=8 - min(index, 2),
+                       elapsed_s=0.01 * (index + 1), finish_reason=finish_reason if index == len(texts) - 1 else None)
+            for index, text in enumerate(texts)]
+
+
+def schedule():
+    return DecodeSettings(alpha=0.9, min_layers=6, head=1, tail=1).schedule_for(8)
+
+
+def test_a_whole_chat_response_is_an_openai_chat_completion():
+    from d3cli.core.results import Reply
+
+    reply = Reply()
+    for event in events(["Hi", " there", ""]):
+        reply.add(event)
+    identity = ResponseIdentity.new(CHAT, MODEL)
+    body = protocol.completion_response(CHAT, identity, reply, schedule(), prompt_tokens=9)
+    parsed = ChatCompletion.model_validate(json.loads(json.dumps(body)))
+    assert parsed.id.startswith("chatcmpl-") and parsed.object == "chat.completion" and parsed.model == MODEL
+    assert parsed.choices[0].message.content == "Hi there" and parsed.choices[0].finish_reason == "stop"
+    assert (parsed.usage.prompt_tokens, parsed.usage.completion_tokens, parsed.usage.total_tokens) == (9, 3, 12)
+    assert body["d3"]["layers_per_token"] == [8, 7, 6] and body["d3"]["mean_layers"] == 7.0
+    assert body["d3"]["layer_ratio"] == 0.875 and body["d3"]["estimated_speedup"] == round(8 / 7, 4)
+    assert body["d3"]["token_ids"] == [100, 101, 102] and body["d3"]["num_layers"] == 8
+
+
+def test_a_whole_completion_response_is_an_openai_completion():
+    from d3cli.core.results import Reply
+
+    reply = Reply()
+    for event in events(["a", "b"], finish_reason="length"):
+        reply.add(event)
+    body = protocol.completion_response(COMPLETION, ResponseIdentity.new(COMPLETION, MODEL), reply, schedule(), 4)
+    parsed = Completion.model_validate(body)
+    assert parsed.object == "text_completion" and parsed.id.startswith("cmpl-")
+    assert parsed.choices[0].text == "ab" and parsed.choices[0].finish_reason == "length"
+
+
+def stream_chunks(endpoint, include_usage, texts, finish_reason="eos"):
+    request = chat(stream=True, stream_options={"include_usage": include_usage}) if endpoint == CHAT else \
+        protocol.parse_request(COMPLETION, {"prompt": "x", "stream": True,
+                                            "stream_options": {"include_usage": include_usage}}, BASE, (MODEL,))
+    stream = ChunkStream(request, ResponseIdentity.new(endpoint, MODEL), schedule(), prompt_tokens=5)
+    chunks = [chunk for event in events(texts, finish_reason) for chunk in stream.token(event)]
+    return chunks + stream.finish()
+
+
+def test_chat_chunks_one_per_token_then_finish_then_usage_with_d3_on_the_last():
+    chunks = stream_chunks(CHAT, True, ["Hi", " there", ""])
+    parsed = [ChatCompletionChunk.model_validate(chunk) for chunk in chunks]
+    assert len(parsed) == 4  # two tokens with text; the EOS token adds none; finish; usage
+    assert parsed[0].choices[0].delta.role == "assistant" and parsed[0].choices[0].delta.content == "Hi"
+    assert parsed[1].choices[0].delta.role is None and parsed[1].choices[0].delta.content == " there"
+    assert parsed[2].choices[0].finish_reason == "stop" and parsed[2].choices[0].delta.content is None
+    assert parsed[3].choices == [] and parsed[3].usage.completion_tokens == 3 and parsed[3].usage.prompt_tokens == 5
+    assert all(chunk["usage"] is None for chunk in chunks[:3])
+    assert "d3" in chunks[3] and all("d3" not in chunk for chunk in chunks[:3])
+    assert chunks[3]["d3"]["layers_per_token"] == [8, 7, 6]
+    assert len({chunk["id"] for chunk in chunks}) == 1
+
+
+def test_without_usage_the_finish_chunk_is_last_and_carries_d3():
+    chunks = stream_chunks(CHAT, False, ["Hi", "!"], finish_reason="length")
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks] == [None, None, "length"]
+    assert "usage" not in chunks[0] and "d3" in chunks[-1]
+
+
+def test_a_first_token_without_text_still_opens_the_stream_with_the_role():
+    chunks = stream_chunks(CHAT, False, [""], finish_reason="eos")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completion_chunks_are_text_completions():
+    chunks = stream_chunks(COMPLETION, True, ["a", "b", ""])
+    assert [chunk["choices"][0]["text"] for chunk in chunks[:2]] == ["a", "b"]
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks[:2]] == [None, None]  # as OpenAI streams them
+    finish, usage = Completion.model_validate(chunks[2]), Completion.model_validate(chunks[3])
+    assert finish.object == "text_completion" and finish.choices[0].finish_reason == "stop"
+    assert usage.choices == [] and usage.usage.total_tokens == 8
+
+
+def test_sse_framing():
+    assert protocol.sse({"a": 1}) == b'data: {"a": 1}\n\n'
+    assert protocol.DONE == b"data: [DONE]\n\n"
