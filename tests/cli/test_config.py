@@ -132,3 +132,11 @@ def test_every_subcommand_option_is_configurable():
         assert key in specs["generate"] and key in specs["chat"]
     assert specs["generate"]["device"].choices == ("auto", "cpu", "cuda", "mps")
     assert specs["generate"]["stop"].multiple and specs["generate"]["json"].kind == "boolean"
+
+
+def test_config_show_never_prints_the_servers_api_key(cli, monkeypatch):
+    monkeypatch.setenv("D3_API_KEY", "sk-very-secret")
+    shown = cli(["config", "show", "serve", "--json"])
+    assert shown.exit_code == 0 and "sk-very-secret" not in shown.stdout
+    assert json.loads(shown.stdout)["serve"]["api_key"] == {"value": "(set, not shown)",
+                                                            "source": "environment D3_API_KEY"}

@@ -31,6 +31,9 @@ def _state(ctx: typer.Context) -> ConfigState:
     return state
 
 
+SECRET_KEYS = {"api_key"}  # settings whose value `config show` must not print (d3 serve's key)
+
+
 @config_app.command("show")
 def show(
     ctx: typer.Context,
@@ -52,7 +55,8 @@ def show(
         for key in configuration.specs[name]:
             setting = configuration.by_command[name].get(key)
             if setting is not None:
-                rows[name][key] = {"value": setting.value, "source": setting.source}
+                value = "(set, not shown)" if key in SECRET_KEYS and setting.value else setting.value
+                rows[name][key] = {"value": value, "source": setting.source}
             else:
                 rows[name][key] = {"value": state.defaults[name].get(key), "source": "default"}
     if as_json:
