@@ -110,6 +110,12 @@ def calibration_fields(schedule: DecaySchedule, layers_per_token, calibration=No
     return fields
 
 
+def schedule_fields(schedule: DecaySchedule) -> dict[str, object]:
+    """The schedule's settings as every reply's JSON reports them."""
+    return {"alpha": schedule.alpha, "min_layers": schedule.min_layers, "warmup": schedule.warmup,
+            "head": schedule.head, "tail": schedule.tail, "skip_order": schedule.skip_order}
+
+
 def reply_record(
     reply: Reply, schedule: DecaySchedule, model_name: str, prompt_tokens: int, baseline: Reply | None = None,
     calibration=None,
@@ -118,12 +124,7 @@ def reply_record(
     (model_calibration.ModelCalibration) or None."""
     record: dict[str, object] = {
         "model": model_name,
-        "alpha": schedule.alpha,
-        "min_layers": schedule.min_layers,
-        "warmup": schedule.warmup,
-        "head": schedule.head,
-        "tail": schedule.tail,
-        "skip_order": schedule.skip_order,
+        **schedule_fields(schedule),
         **calibration_fields(schedule, reply.layers_per_token, calibration),
         "num_layers": schedule.num_layers,
         "prompt_tokens": prompt_tokens,

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from d3cli.core.errors import UserError
-from d3cli.core.results import Reply, estimated_speedup, layer_ratio
+from d3cli.core.results import Reply, estimated_speedup, layer_ratio, schedule_fields
 from d3cli.core.settings import DecodeSettings, apply_options, did_you_mean, json_type
 
 CHAT, COMPLETION = "chat", "completion"
@@ -370,12 +370,7 @@ def d3_extension(reply: Reply, schedule, batch_size: int = 1) -> dict:
         "layer_ratio": round(layer_ratio(reply, schedule.num_layers), 4),
         "estimated_speedup": round(estimated_speedup(reply, schedule.num_layers), 4),
         "num_layers": schedule.num_layers,
-        "alpha": schedule.alpha,
-        "min_layers": schedule.min_layers,
-        "warmup": schedule.warmup,
-        "head": schedule.head,
-        "tail": schedule.tail,
-        "skip_order": schedule.skip_order,
+        **schedule_fields(schedule),
         "bridges": schedule.bridges is not None,
         "token_ids": reply.token_ids,
         "time_s": round(reply.time_s, 4),
