@@ -31,6 +31,12 @@ def check_top_p(top_p: float) -> None:
         raise UserError(f"top-p must lie in (0, 1], not {top_p}")
 
 
+def check_seed(seed: int | None) -> None:
+    """torch's generators take seeds that fit in 64 bits."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+        raise UserError(f"seed must fit in 64 bits, not {seed}")
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus), seeded if asked."""
@@ -44,6 +50,7 @@ class SamplingSettings:
         check_temperature(self.temperature)
         check_top_k(self.top_k)
         check_top_p(self.top_p)
+        check_seed(self.seed)
         if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
             raise UserError("--top-k and --top-p only apply when sampling: add --temperature above 0")
 
@@ -69,7 +76,10 @@ def make_sampler(settings: SamplingSettings, device: torch.device | str = "cpu")
         generator.manual_seed(settings.seed)
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        scores = logits.float() / settings.temperature
+        # in float64 (a temperature like 1e-300 is 0 in float32), with the best score first made 0: a tiny temperature
+        # then sends the others to -inf and keeps the best at 0 (dividing first made inf - inf = NaN)
+        scores = logits.double()
+        scores = (scores - scores.amax(dim=-1, keepdim=True)) / settings.temperature
         if settings.top_k:
             kth_best = torch.topk(scores, min(settings.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth_best, float("-inf"))

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from d3cli.core.errors import UserError
+from d3cli.core.sampling import check_seed
 from d3cli.core.results import Reply, estimated_speedup, layer_ratio, schedule_fields
 from d3cli.core.settings import DecodeSettings, apply_options, did_you_mean, json_type
 
@@ -229,8 +230,11 @@ def request_settings(endpoint: str, body: dict, base: DecodeSettings) -> DecodeS
         if field in body:
             options[field] = (field, body[field])
     seed = options.get("seed", (None, None))[1]
-    if isinstance(seed, int) and not isinstance(seed, bool) and not -2**63 <= seed < 2**64:
-        raise bad_field("seed", f"seed must fit in 64 bits, not {seed}")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        try:
+            check_seed(seed)  # the sampler's own check
+        except UserError as error:
+            raise bad_field("seed", str(error)) from None
     stops = options.get("stop", (None, None))[1]
     if stops is not None:
         check_stops(stops)

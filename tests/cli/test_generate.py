@@ -115,6 +115,7 @@ def test_malformed_jsonl_line_is_named(cli, tiny_model_dir):
     "args, fragment",
     [
         (["--alpha", "0"], "alpha"),
+        (["--temperature", "0.5", "--seed", str(2**64)], "seed must fit in 64 bits"),
         (["--alpha", "1.5"], "alpha"),
         (["--alpha", "fast"], "alpha"),
         (["--min-layers", "lots"], "min-layers"),

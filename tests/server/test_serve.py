@@ -290,14 +290,15 @@ def test_a_client_that_disconnects_stops_its_decode_and_the_next_reply_is_exact(
     assert d3_of(chat_reply(server.client(), max_tokens=16, alpha=1))["token_ids"] == reference["token_ids"]
 
 
-def test_a_failed_decode_is_a_500_and_the_next_reply_is_exact(server, references):
-    """A temperature so small that sampling overflows makes the engine raise mid-request: the client gets a 500
-    error object, the server stays up, the model is intact."""
+def test_a_tiny_temperature_is_answered_and_the_next_reply_is_exact(server, references):
+    """A temperature so small that logits / temperature overflows once made the sampler produce NaN and the decode
+    fail: it now samples the greedy token (the worker's own tests fail decodes on purpose and check the model after)."""
+    greedy = references(PROMPT, True, "--alpha", "1", "-n", "8")
     for stream in (False, True):
-        with pytest.raises(openai.InternalServerError) as caught:
-            reply = chat_reply(server.client(), max_tokens=8, temperature=1e-300, stream=stream)
-            list(reply) if stream else None
-        assert caught.value.body["code"] == "decode_failed"
+        reply = chat_reply(server.client(), max_tokens=8, temperature=1e-300, seed=3, alpha=1, stream=stream)
+        tokens = ([token for chunk in reply for token in (chunk.model_extra.get("d3") or {}).get("token_ids", [])]
+                  if stream else d3_of(reply)["token_ids"])
+        assert tokens == greedy["token_ids"]
     reference = references(PROMPT, True, "--alpha", "1", "-n", "16")
     assert d3_of(chat_reply(server.client(), max_tokens=16, alpha=1))["token_ids"] == reference["token_ids"]
 
