@@ -58,6 +58,11 @@ class MethodRun:
         return self.name if self.alpha is None else f"{self.name}@{self.alpha:g}"
 
     @property
+    def matched_d3(self) -> MethodRun:
+        """The D3 run a baseline is matched to (itself for a D3 run)."""
+        return MethodRun("d3", self.alpha, self.bridged)
+
+    @property
     def label(self) -> str:
         if self.method == "full":
             return "full"
@@ -262,10 +267,10 @@ def matched_linear(d3_schedule: DecaySchedule, records: Sequence[dict]) -> Linea
     return LinearSchedule.like(d3_schedule, best)
 
 
-def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, results: ResultsFile | None,
-                 examples: Sequence[Example], calibration=None) -> DecaySchedule:
-    """The schedule of `run` for a model with `num_layers` layers and `calibration`; a baseline is matched to the
-    finished records of its D3 run in `results`."""
+def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, d3_records: Sequence[dict] = (),
+                 calibration=None) -> DecaySchedule:
+    """The schedule of `run` for a model with `num_layers` layers and `calibration`; a baseline is matched to
+    `d3_records`, the finished records (their "tokens" and "layers") of the D3 run `run.matched_d3`."""
     if run.method == "full":
         return settings.full_depth().schedule_for(num_layers)
     d3_schedule = dataclasses.replace(settings, alpha=run.alpha).schedule_for(num_layers, calibration)
@@ -275,10 +280,8 @@ def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, resu
     d3_schedule = d3_schedule.with_bridges(d3_schedule.bridges if run.bridged else None)
     if run.method == "d3":
         return d3_schedule
-    d3_run = MethodRun("d3", run.alpha, run.bridged)
-    d3_records = list(results.done(d3_run.key, examples).values()) if results is not None else []
     if not d3_records:
-        raise UserError(f"{run.label} is matched to the {d3_run.label} run, which has no results")
+        raise UserError(f"{run.label} is matched to the {run.matched_d3.label} run, which has no results")
     match = matched_static if run.method == "static" else matched_linear
     return match(d3_schedule, d3_records)
 
@@ -465,7 +468,7 @@ class Benchmark:
         runs = method_runs(chosen, alphas)
         for run in runs:  # every schedule must fit this model before anything runs
             if run.method in ("full", "d3"):
-                schedule_for(run, settings, num_layers, None, examples, loaded.calibration)
+                schedule_for(run, settings, num_layers, calibration=loaded.calibration)
         prompts = encode_examples(loaded, examples)
         identity = run_identity(task.name, loaded.name, options, settings, alphas, chosen, loaded.calibration)
         results = ResultsFile(path, identity, resume, start=False)
@@ -496,8 +499,8 @@ class Benchmark:
                     progress.add(run.key, run.label, len(self.examples),
                                  len(self.results.done(run.key, self.examples)))
             for run in self.runs:
-                schedule = schedule_for(run, self.settings, self.num_layers, self.results, self.examples,
-                                        self.loaded.calibration)
+                d3_records = list(self.results.done(run.matched_d3.key, self.examples).values())
+                schedule = schedule_for(run, self.settings, self.num_layers, d3_records, self.loaded.calibration)
                 progress.start(run.key)
                 before = len(self.results.records)
                 run_method(self.loaded, self.task, shares[run.key], self.prompts, run, schedule, self.settings,

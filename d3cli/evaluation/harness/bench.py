@@ -43,16 +43,6 @@ def parse_task(task: str) -> tuple[str, ...]:
     return names
 
 
-class _Records:
-    """The D3 runs' per-request depths, as the matched baselines read them (bench.schedule_for's `results`)."""
-
-    def __init__(self):
-        self.by_key: dict[str, list[dict]] = {}
-
-    def done(self, key: str, examples) -> dict[str, dict]:
-        return {str(index): record for index, record in enumerate(self.by_key.get(key, []))}
-
-
 def run(loaded, settings: DecodeSettings, alphas: Sequence[float], methods: Sequence[str] | None,
         options: HarnessOptions, folder: Path | None, require=None, on_status: Status = lambda message: None) -> dict:
     """Every method on the tasks; the summary (rows of lm-eval metrics, their change from full depth, agreement of
@@ -69,10 +59,11 @@ def run(loaded, settings: DecodeSettings, alphas: Sequence[float], methods: Sequ
     num_layers = num_decoder_layers(loaded.model)
     chosen = methods or d3_bench.default_methods(settings.schedule_for(num_layers, loaded.calibration))
     runs = d3_bench.method_runs(chosen, alphas)
-    records = _Records()
+    d3_records: dict[str, list[dict]] = {}  # per D3 run: each request's tokens and layers
     rows, full_samples = [], None
     for run_ in runs:
-        schedule = d3_bench.schedule_for(run_, settings, num_layers, records, (), loaded.calibration)
+        schedule = d3_bench.schedule_for(run_, settings, num_layers, d3_records.get(run_.matched_d3.key, ()),
+                                         loaded.calibration)
         on_status(f"lm-eval: {run_.label}")
         lm = D3LM(loaded=loaded, schedule=schedule, batch_size=options.batch_size, max_gen_toks=settings.max_new_tokens)
         started = time.perf_counter()
@@ -86,7 +77,7 @@ def run(loaded, settings: DecodeSettings, alphas: Sequence[float], methods: Sequ
             raise UserError(f"lm-eval could not run {', '.join(options.tasks)}: {error}") from None
         seconds = time.perf_counter() - started
         if run_.method == "d3":
-            records.by_key[run_.key] = lm.records
+            d3_records[run_.key] = lm.records
         samples = {task: {sample["doc_id"]: _answer(output["configs"][task]["output_type"],
                                                     sample["filtered_resps"])
                           for sample in task_samples}
