@@ -193,8 +193,19 @@ DataDirOption = Annotated[
 ]
 
 
+class OptionGroup:
+    """Base of the option groups: a frozen dataclass whose fields are command-line options."""
+
+    FIXED: dict[str, object] = {}  # settings a group's command fixes rather than asks for
+
+    def values(self, **changes) -> dict[str, object]:
+        """The fields by name (for `DecodeSettings.from_options`), the group's fixed settings, then `changes`."""
+        return {**{field.name: getattr(self, field.name) for field in dataclasses.fields(self)}, **self.FIXED,
+                **changes}
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelArgs:
+class ModelArgs(OptionGroup):
     """Which model, where, in which dtype: --model, --device, --dtype, --device-map, --trust-remote-code."""
 
     model: ModelOption = None
@@ -211,7 +222,7 @@ class ModelArgs:
 
 
 @dataclasses.dataclass(frozen=True)
-class DepthArgs:
+class DepthArgs(OptionGroup):
     """The depth schedule: --alpha, --min-layers, --warmup, --head, --tail, --skip-order, --profile, --calibration,
     --bridges."""
 
@@ -224,10 +235,6 @@ class DepthArgs:
     profile: ProfileOption = None
     calibration: CalibrationOption = None
     bridges: BridgesOption = True
-
-    def values(self, **changes) -> dict[str, object]:
-        """The fields by name, for `DecodeSettings.from_options`, with `changes` over them."""
-        return {**{field.name: getattr(self, field.name) for field in dataclasses.fields(self)}, **changes}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +252,7 @@ class ProfileDepthArgs(DepthArgs):
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingArgs:
+class SamplingArgs(OptionGroup):
     """Length, sampling and stops of a reply: --max-new-tokens, --temperature, --top-k, --top-p, --seed, --stop."""
 
     max_new_tokens: MaxNewTokensOption = DEFAULT_MAX_NEW_TOKENS
@@ -255,12 +262,9 @@ class SamplingArgs:
     seed: SeedOption = None
     stop: StopOption = None
 
-    def values(self) -> dict[str, object]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-
 
 @dataclasses.dataclass(frozen=True)
-class AnswerSamplingArgs:
+class AnswerSamplingArgs(OptionGroup):
     """bench: each task answer's length and sampling: --max-new-tokens, --temperature, --seed (no top-k/top-p, no
     stops: a task brings its own)."""
 
@@ -268,16 +272,11 @@ class AnswerSamplingArgs:
     temperature: TemperatureOption = 0.0
     seed: SeedOption = None
 
-    def values(self) -> dict[str, object]:
-        return {**{field.name: getattr(self, field.name) for field in dataclasses.fields(self)},
-                "top_k": 0, "top_p": 1.0, "stop": None}
-
-
-OPTION_GROUPS = (ModelArgs, DepthArgs, SamplingArgs, AnswerSamplingArgs)
+    FIXED = {"top_k": 0, "top_p": 1.0, "stop": None}
 
 
 def _is_option_group(annotation) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, OPTION_GROUPS)
+    return isinstance(annotation, type) and issubclass(annotation, OptionGroup)
 
 
 def uses_option_groups(command):

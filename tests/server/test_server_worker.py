@@ -58,16 +58,7 @@ def worker_with(streams: list[FakeStream], queue_size: int = 4) -> Worker:
     def fake_decode(loaded, prompts, schedule, settings):
         stream = next(pending)
         wrapped.append(stream)
-        generator = iter(stream)
-
-        class Events:
-            def __iter__(self):
-                return generator
-
-            def close(self):
-                stream.close()
-
-        return Events()
+        return _closing(stream)
 
     return Worker(loaded=None, queue_size=queue_size, decode=fake_decode)
 
