@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 
 from d3cli.core.errors import UserError
-from d3cli.core.sampling import check_seed
 from d3cli.core.results import Reply, estimated_speedup, layer_ratio, schedule_fields
 from d3cli.core.settings import DecodeSettings, apply_options, did_you_mean, json_type
 
@@ -220,8 +219,6 @@ def request_settings(endpoint: str, body: dict, base: DecodeSettings) -> DecodeS
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
             raise bad_field(length_field, f"{length_field} must be an integer, not {json_type(max_tokens)}",
                             code="invalid_type")
-        if max_tokens < 1:
-            raise bad_field(length_field, f"{length_field} must be at least 1, not {max_tokens}")
         options["max_new_tokens"] = (length_field, max_tokens)
     for field, key in SAMPLING_FIELDS.items():
         if body.get(field) is not None:
@@ -229,12 +226,6 @@ def request_settings(endpoint: str, body: dict, base: DecodeSettings) -> DecodeS
     for field in D3_FIELDS:
         if field in body:
             options[field] = (field, body[field])
-    seed = options.get("seed", (None, None))[1]
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        try:
-            check_seed(seed)  # the sampler's own check
-        except UserError as error:
-            raise bad_field("seed", str(error)) from None
     stops = options.get("stop", (None, None))[1]
     if stops is not None:
         check_stops(stops)
