@@ -45,6 +45,7 @@ def test_bench_runs_lm_eval_tasks_side_by_side(cli, tiny_model_dir, shared_data,
     (["--task", "lm-eval:gsm8k_cot", "--resume"], "--resume apply to d3's own tasks"),
     (["--task", "gsm8k", "--include-path", "."], "--include-path applies to --task lm-eval"),
     (["--task", "lm-eval:no_such_task", "--limit", "1"], "lm-eval could not run no_such_task"),
+    (["--task", "lm-eval:gsm8k_cot", "--temperature", "0.7"], "an lm-eval task samples as its generation_kwargs"),
 ])
 def test_bad_lm_eval_benches_are_one_line(cli, tiny_model_dir, shared_data, args, message):
     result = cli(["bench", "--model", str(tiny_model_dir), "--data-dir", str(shared_data), *args])

@@ -187,6 +187,9 @@ def run_lm_eval(task, model, depth, sampling, alphas, methods, limit, shots, cha
     from d3cli.evaluation.harness import bench as harness
 
     names = harness.parse_task(task)
+    if sampling.temperature or sampling.seed is not None:
+        raise UserError("--temperature and --seed apply to d3's own tasks: an lm-eval task samples as its "
+                        "generation_kwargs say")
     if limit is not None:
         check_at_least("--limit", limit, 1)
     check_at_least("--batch-size", batch_size, 1)

@@ -38,23 +38,16 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from d3cli.core.errors import UserError
+from d3cli.core.errors import UserError, check_at_least
 from d3cli.core.sampling import SamplingSettings
-from d3cli.core.schedule import (
-    DEFAULT_ALPHA,
-    DEFAULT_HEAD,
-    DEFAULT_MIN_LAYERS,
-    DEFAULT_SKIP_ORDER,
-    DEFAULT_TAIL,
-    DEFAULT_WARMUP,
-    DecaySchedule,
-)
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.schedule import DecaySchedule
+from d3cli.core.settings import DecodeSettings, apply_options
 
 log = logging.getLogger("lm_eval.models.d3")  # lm-eval's logging setup shows its own loggers only
 
 DEFAULT_MAX_GEN_TOKS = 256
 DEFAULT_MAX_LENGTH = 2048  # for a model whose config names no context length
+DEPTH_ARGS = ("alpha", "min_layers", "warmup", "head", "tail", "skip_order", "profile", "bridges")
 IGNORED_ARGS = {"max_batch_size"}  # lm-eval hands these to every model; d3 has no use for them
 
 
@@ -63,25 +56,22 @@ class D3LM(TemplateLM):
     """lm-eval's model interface over a d3-loaded model and one D3 schedule."""
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str = "auto",
-                 device_map: str | None = None, trust_remote_code: bool = False, alpha: float = DEFAULT_ALPHA,
-                 min_layers=DEFAULT_MIN_LAYERS, warmup: int = DEFAULT_WARMUP, head=DEFAULT_HEAD, tail=DEFAULT_TAIL,
-                 skip_order: str = DEFAULT_SKIP_ORDER, profile: str | None = None, calibration: str | None = None,
-                 bridges: bool = True, batch_size: int | str = 1, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-                 max_length: int | None = None, loaded=None, schedule: DecaySchedule | None = None, **unknown):
-        """Either model arguments (what lm-eval passes), or `loaded` (a loader.LoadedModel with its calibration)
-        and `schedule` (any DecaySchedule: d3 bench's baselines) from d3 itself."""
+                 device_map: str | None = None, trust_remote_code: bool = False, calibration: str | None = None,
+                 batch_size: int | str = 1, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None,
+                 loaded=None, schedule: DecaySchedule | None = None, **depth):
+        """Either model arguments (what lm-eval passes: the model's, `calibration`, and the depth options of
+        `DEPTH_ARGS`, checked as a JSONL line's are), or `loaded` (a loader.LoadedModel with its calibration) and
+        `schedule` (any DecaySchedule: d3 bench's baselines) from d3 itself."""
         super().__init__()
-        unknown = {key: value for key, value in unknown.items() if key not in IGNORED_ARGS}
+        unknown = sorted(key for key in depth if key not in DEPTH_ARGS and key not in IGNORED_ARGS)
         if unknown:
-            raise UserError(f"the d3 model takes no argument {', '.join(sorted(unknown))} (it takes the options of "
-                            "d3 generate: alpha, min_layers, skip_order, calibration, bridges, ...)")
-        self.settings = DecodeSettings.from_options(
-            alpha=float(alpha), min_layers=min_layers, warmup=int(warmup), head=head, tail=tail,
-            skip_order=skip_order, profile=profile, calibration=calibration, bridges=bool(bridges),
-            max_new_tokens=int(max_gen_toks), temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None)
+            raise UserError(f"the d3 model takes no argument {', '.join(unknown)} (it takes the options of "
+                            f"d3 generate: {', '.join(DEPTH_ARGS)}, calibration, ...)")
+        base = DecodeSettings(max_new_tokens=int(max_gen_toks),
+                              calibration=str(calibration) if calibration is not None else None)
+        self.settings = apply_options(base, {key: value for key, value in depth.items() if key in DEPTH_ARGS})
         self.batch_size = 1 if batch_size in (None, "auto") else int(batch_size)
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, not {batch_size}")
+        check_at_least("batch_size", self.batch_size, 1)
         self.max_gen_toks = int(max_gen_toks)
         self._setup_processes()
         if loaded is None:
