@@ -22,6 +22,8 @@ _d3() {
         "generate:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         "generate:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         "generate:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "generate:--weights") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8 int4" -- "$cur")); return ;;
+        "generate:--group-size") COMPREPLY=(); return ;;
         "generate:--alpha"|"generate:-a") COMPREPLY=(); return ;;
         "generate:--min-layers") COMPREPLY=(); return ;;
         "generate:--warmup") COMPREPLY=(); return ;;
@@ -42,6 +44,8 @@ _d3() {
         "chat:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         "chat:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         "chat:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "chat:--weights") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8 int4" -- "$cur")); return ;;
+        "chat:--group-size") COMPREPLY=(); return ;;
         "chat:--alpha"|"chat:-a") COMPREPLY=(); return ;;
         "chat:--min-layers") COMPREPLY=(); return ;;
         "chat:--warmup") COMPREPLY=(); return ;;
@@ -68,6 +72,8 @@ _d3() {
         "bench:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         "bench:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         "bench:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "bench:--weights") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8 int4" -- "$cur")); return ;;
+        "bench:--group-size") COMPREPLY=(); return ;;
         "bench:--alpha"|"bench:-a") COMPREPLY=(); return ;;
         "bench:--min-layers") COMPREPLY=(); return ;;
         "bench:--warmup") COMPREPLY=(); return ;;
@@ -95,6 +101,8 @@ _d3() {
         "profile-ppl:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         "profile-ppl:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         "profile-ppl:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "profile-ppl:--weights") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8 int4" -- "$cur")); return ;;
+        "profile-ppl:--group-size") COMPREPLY=(); return ;;
         "profile-ppl:--alpha"|"profile-ppl:-a") COMPREPLY=(); return ;;
         "profile-ppl:--min-layers") COMPREPLY=(); return ;;
         "profile-ppl:--warmup") COMPREPLY=(); return ;;
@@ -115,6 +123,8 @@ _d3() {
         "calibrate:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         "calibrate:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         "calibrate:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "calibrate:--weights") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8 int4" -- "$cur")); return ;;
+        "calibrate:--group-size") COMPREPLY=(); return ;;
         "calibrate:--prompts") COMPREPLY=(); return ;;
         "calibrate:--reply-tokens") COMPREPLY=(); return ;;
         "calibrate:--batch-size"|"calibrate:-b") COMPREPLY=(); return ;;
@@ -128,6 +138,8 @@ _d3() {
         "serve:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         "serve:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         "serve:--device-map") COMPREPLY=($(compgen -W "auto" -- "$cur")); return ;;
+        "serve:--weights") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8 int4" -- "$cur")); return ;;
+        "serve:--group-size") COMPREPLY=(); return ;;
         "serve:--alpha"|"serve:-a") COMPREPLY=(); return ;;
         "serve:--min-layers") COMPREPLY=(); return ;;
         "serve:--warmup") COMPREPLY=(); return ;;
@@ -151,12 +163,12 @@ _d3() {
     esac
     case "$path" in
         "") options="--version --help -h"; words="generate chat bench profile-ppl calibrate serve completions config" ;;
-        "generate") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
-        "chat") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
-        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --include-path --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
-        "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
-        "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --output -o --json --help -h"; words="" ;;
-        "serve") options="--model -m --device --dtype --device-map --trust-remote-code --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --host --port --api-key --queue-size --batch-size -b --log-format --help -h"; words="" ;;
+        "generate") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
+        "chat") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
+        "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --include-path --model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --help -h"; words="" ;;
+        "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
+        "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --output -o --json --help -h"; words="" ;;
+        "serve") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --host --port --api-key --queue-size --batch-size -b --log-format --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;
         "config") options="--help -h"; words="show path" ;;
         "config show") options="--json --help -h"; words="generate chat bench profile-ppl calibrate serve" ;;

@@ -32,9 +32,11 @@ _d3_generate() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
+        '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
         '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
         '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
         '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
@@ -75,9 +77,11 @@ _d3_chat() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
+        '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
         '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
         '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
         '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
@@ -118,9 +122,11 @@ _d3_bench() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
+        '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
         '(--alpha -a)--alpha[D3 decay rates, comma-separated\: one D3 run (and its matched baselines) each.]:value: ' \
         '(--alpha -a)-a[D3 decay rates, comma-separated\: one D3 run (and its matched baselines) each.]:value: ' \
         '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
@@ -165,9 +171,11 @@ _d3_profile_ppl() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
+        '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
         '(--alpha -a)--alpha[Also profile D3 at these decay rates (comma-separated).]:value: ' \
         '(--alpha -a)-a[Also profile D3 at these decay rates (comma-separated).]:value: ' \
         '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
@@ -199,9 +207,11 @@ _d3_calibrate() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
+        '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
         '(--prompts)--prompts[How many of the 128 built-in prompts the model answers (fewer\: faster, weaker bridges).]:value: ' \
         '(--reply-tokens)--reply-tokens[Most tokens of each of the model'\''s replies.]:value: ' \
         '(--batch-size -b)--batch-size[Replies generated at once.]:value: ' \
@@ -224,9 +234,11 @@ _d3_serve() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Weights dtype\: auto is float32 on CPU, bfloat16 (or float16) on GPU.]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
+        '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
+        '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
         '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
         '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
         '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \

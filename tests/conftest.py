@@ -77,9 +77,10 @@ def tokenizer():
     weights are loaded, so tests of tiny models stay out of the `embedded` marker."""
     from transformers import AutoTokenizer
 
-    from d3cli.core.loader import converted_gguf_dir, embedded_gguf_path
+    from d3cli.core.gguf_cache import cached_gguf_dir
+    from d3cli.core.loader import embedded_gguf_path
 
-    return AutoTokenizer.from_pretrained(converted_gguf_dir(embedded_gguf_path()), local_files_only=True)
+    return AutoTokenizer.from_pretrained(cached_gguf_dir(embedded_gguf_path()), local_files_only=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -56,6 +56,15 @@ class DeviceMap(str, Enum):
     auto = "auto"
 
 
+class Weights(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    int8 = "int8"
+    int4 = "int4"
+
+
 SkipOrderChoice = Enum("SkipOrderChoice", {name: name for name in SKIP_ORDER_NAMES}, type=str)
 
 ModelOption = Annotated[
@@ -71,7 +80,20 @@ DeviceOption = Annotated[
 ]
 DTypeOption = Annotated[
     DType,
-    typer.Option(help="Weights dtype: auto is float32 on CPU, bfloat16 (or float16) on GPU.",
+    typer.Option(help="Compute dtype: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights "
+                      "and on GPU (or float16).",
+                 rich_help_panel=MODEL_PANEL),
+]
+WeightsOption = Annotated[
+    Weights,
+    typer.Option(help="How the weights are stored and run: auto runs a GGUF file in its own precision on the CPU "
+                      "(Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); "
+                      "float32/bfloat16/float16 dense.",
+                 rich_help_panel=MODEL_PANEL),
+]
+GroupSizeOption = Annotated[
+    int,
+    typer.Option(help="Weights per int4 group when float weights are quantized on load: 32, 64, 128 or 256.",
                  rich_help_panel=MODEL_PANEL),
 ]
 DeviceMapOption = Annotated[
@@ -206,19 +228,23 @@ class OptionGroup:
 
 @dataclasses.dataclass(frozen=True)
 class ModelArgs(OptionGroup):
-    """Which model, where, in which dtype: --model, --device, --dtype, --device-map, --trust-remote-code."""
+    """Which model, where, with which weights: --model, --device, --dtype, --device-map, --trust-remote-code,
+    --weights, --group-size."""
 
     model: ModelOption = None
     device: DeviceOption = "auto"
     dtype: DTypeOption = "auto"
     device_map: DeviceMapOption = None
     trust_remote_code: TrustRemoteCodeOption = False
+    weights: WeightsOption = "auto"
+    group_size: GroupSizeOption = 32
 
     def options(self):
         """The loader's `ModelOptions` of these arguments."""
         from d3cli.core.loader import ModelOptions
 
-        return ModelOptions(self.model, self.device, self.dtype, self.device_map, self.trust_remote_code)
+        return ModelOptions(self.model, self.device, self.dtype, self.device_map, self.trust_remote_code,
+                            self.weights, self.group_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,7 +85,13 @@ class Step:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the model's first weights are (its embedding may hold its table outside parameters when quantized)."""
+    return next(model.parameters()).device
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model computes in: that of its float parameters (quantized weights keep theirs elsewhere)."""
+    return next(parameter.dtype for parameter in model.parameters() if parameter.is_floating_point())
 
 
 def cache_argument(model, cache) -> dict:

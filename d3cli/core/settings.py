@@ -152,8 +152,9 @@ class DecodeSettings:
             check_profile_matches(load_profile(self.profile), identity, self.profile)
         calibration = load_for_model(identity, self.calibration)
         if calibration is not None:
-            weight = loaded.model.get_input_embeddings().weight
-            calibration.activate(weight.device, weight.dtype)
+            from d3cli.core.engine import model_device, model_dtype
+
+            calibration.activate(model_device(loaded.model), model_dtype(loaded.model))
         return loaded._replace(calibration=calibration)
 
     def full_depth(self) -> DecodeSettings:

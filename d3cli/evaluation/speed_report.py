@@ -45,13 +45,14 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     batch_prompts = [encode_prompt(loaded.tokenizer, text) for text in BATCH_PROMPTS]
     context = context_length(loaded.model)
     long_tokens = LONG_REPLY_TOKENS if context is None else max(2, min(LONG_REPLY_TOKENS, context - len(prompt) - 1))
-    weight = loaded.model.get_input_embeddings().weight
+    from d3cli.core.engine import model_device, model_dtype
+
     report = {
         "task": "speed",
         "model": loaded.name,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(weight.device),
-                    "dtype": str(weight.dtype).replace("torch.", "")},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(model_device(loaded.model)),
+                    "dtype": str(model_dtype(loaded.model)).replace("torch.", "")},
         "num_layers": num_layers,
         "calibration": loaded.calibration.label if loaded.calibration is not None else None,
         "skip_order": schedules[0].skip_order,

@@ -41,7 +41,8 @@ def test_an_option_group_is_spread_in_its_place_and_gathered_back():
         seen.update(first=first, model=model, depth=depth, last=last)
 
     names = list(inspect.signature(command).parameters)
-    assert names == ["first", "model", "device", "dtype", "device_map", "trust_remote_code", "alpha", "min_layers",
+    assert names == ["first", "model", "device", "dtype", "device_map", "trust_remote_code", "weights",
+                     "group_size", "alpha", "min_layers",
                      "warmup", "head", "tail", "skip_order", "profile", "calibration", "bridges", "last"]
     defaults = {name: parameter.default for name, parameter in inspect.signature(command).parameters.items()}
     command(**{**defaults, "model": "m.gguf", "alpha": 0.9, "last": True})

@@ -11,7 +11,7 @@ import pytest
 from conftest import d3_executable
 from fake_hub import FakeHub
 
-from d3cli.core import loader, paths
+from d3cli.core import gguf_cache, loader, paths
 from d3cli.core.errors import UserError
 
 
@@ -27,7 +27,9 @@ def test_embedded_model_loads_from_the_converted_cache(embedded):
     assert loader.context_length(embedded.model) == 8192
     converted = list((paths.cache_home() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*"))
     assert len(converted) == 1
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in converted[0].iterdir()}
+    assert {"config.json", "blocks.safetensors", "dense.safetensors", "tokenizer.json"} <= {
+        p.name for p in converted[0].iterdir()}
+    assert sum(p.stat().st_size for p in converted[0].iterdir()) < 130e6  # the blocks, not 538 MB of float32
     config = json.loads((converted[0] / "config.json").read_text())
     assert "quantization_config" not in config
 
@@ -38,15 +40,17 @@ def test_a_changed_gguf_file_is_converted_again(tmp_path, monkeypatch):
     def fake_convert(gguf_path, out_dir):
         conversions.append(gguf_path.read_bytes())
         (out_dir / "config.json").write_text("{}")
+        return {"model.layers.0.mlp.up_proj.weight": "Q4_1"}
 
     monkeypatch.setenv("D3_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(loader, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", fake_convert)
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"first version")
-    first = loader.converted_gguf_dir(gguf)
-    assert loader.converted_gguf_dir(gguf) == first and len(conversions) == 1
+    first = gguf_cache.cached_gguf_dir(gguf)
+    assert gguf_cache.cached_gguf_dir(gguf) == first and len(conversions) == 1
+    assert gguf_cache.gguf_types(first) == {"model.layers.0.mlp.up_proj.weight": "Q4_1"}
     gguf.write_bytes(b"second version")
-    second = loader.converted_gguf_dir(gguf)
+    second = gguf_cache.cached_gguf_dir(gguf)
     assert second != first and len(conversions) == 2
     assert json.loads((second / "d3-source.json").read_text())["gguf_file"] == str(gguf)
     assert not list((tmp_path / "cache" / "models").glob(".converting-*"))
@@ -57,7 +61,7 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     gguf = tmp_path / "broken.gguf"
     gguf.write_bytes(b"GGUF but not really a model")
     with pytest.raises(UserError, match="broken.gguf"):
-        loader.converted_gguf_dir(gguf)
+        gguf_cache.cached_gguf_dir(gguf)
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 

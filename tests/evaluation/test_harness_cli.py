@@ -68,6 +68,16 @@ def harness(args: list[str], processes: int, tmp_path: Path) -> subprocess.Compl
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=240, cwd=tmp_path, env=OFFLINE)
 
 
+def rounded(value):
+    """A sample's responses with every number written as text rounded to 5 significant digits."""
+    if isinstance(value, (list, tuple)):
+        return [rounded(item) for item in value]
+    try:
+        return f"{float(value):.5g}"
+    except (TypeError, ValueError):
+        return value
+
+
 def samples(folder: Path) -> dict:
     found = {}
     for path in folder.rglob("samples_*.jsonl"):
@@ -95,7 +105,10 @@ def test_lm_eval_runs_model_d3_on_local_yamls_in_one_and_in_two_processes(tiny_m
     assert "process 1 of 2: 3 generate_until requests" in two.stderr
     assert "process 2 of 2: 3 generate_until requests" in two.stderr
     single, parallel = samples(tmp_path / "one"), samples(tmp_path / "two")
-    assert len(single) == 12 and single == parallel  # greedy: the same answers, however the documents are shared
+    # greedy: the same answers, however the documents are shared; log-likelihoods to float rounding (a context's
+    # last token is scored alone in one process and beside others in the other: the same sums, other kernels)
+    assert len(single) == 12 and single.keys() == parallel.keys()
+    assert all(rounded(single[key]) == rounded(parallel[key]) for key in single)
 
 
 def test_a_bad_model_argument_is_one_line(tiny_model_dir, tmp_path):

@@ -87,7 +87,9 @@ class D3LM(TemplateLM):
         self.schedule = schedule if schedule is not None else self.settings.schedule_for(self.num_layers,
                                                                                           loaded.calibration)
         self._max_length = int(max_length) if max_length else (context_length(loaded.model) or DEFAULT_MAX_LENGTH)
-        self._device = loaded.model.get_input_embeddings().weight.device
+        from d3cli.core.engine import model_device
+
+        self._device = model_device(loaded.model)
         # What D3 did, for d3 bench's depth columns and matched baselines: per reply or scored continuation,
         # its token count and each token's layer count.
         self.records: list[dict] = []

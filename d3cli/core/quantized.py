@@ -1,0 +1,210 @@
+"""Weight-only quantized linear layers, run by torch's own CPU kernels, and their exact source forms.
+
+Two stored kinds, each the input of one torch kernel:
+
+    int4   4-bit integers q in 0..15 in groups of `group_size` (32) along the input dimension, each group with a
+           scale and an offset: w = q·scale + offset. `aten._weight_int4pack_mm_for_cpu` (one packed [N, K/2]
+           uint8 tensor and one [K/G, N, 2] tensor of scales and "zeros", zero = offset + 8·scale).
+    int8   8-bit integers per output channel with one scale: w = q·scale. `aten._weight_int8pack_mm`.
+
+GGUF's Q4_0, Q4_1 and Q4_K store exactly the int4 form (blocks of 32 with a scale and a minimum), so a GGUF file
+runs in its own precision; Q8_0 stores int8 in blocks of 32 (`BlockInt8`, kept exactly for embedding lookups, and
+re-quantized per channel for the matrix product). A float weight is quantized on load: int4 by each group's minimum
+and maximum (as torchao's and gpt-fast's int4 weight-only quantization do), int8 by each row's largest magnitude.
+
+On this project's CPU (AVX2, no AVX-512) both kernels are fast only with bfloat16 activations (measured in
+docs/PERFORMANCE.md): with float32 activations they take 8-10× longer than a float32 matrix product, so the loader
+runs quantized weights with bfloat16 activations unless --dtype says otherwise. Their scales are stored in the
+activations' dtype, as the kernels require.
+
+Why not torchao: torchao 0.18 (the index's newest) runs int4 on the CPU only through the `mslk` package or a
+bfloat16 CUDA tile layout, and its int8 weight-only tensor dequantizes the whole weight on every call (3.7 ms for a
+576×1536 layer, against 0.07 ms for the kernel); it also prints load failures of its CUDA extensions on import. The
+two kernels it would call are torch's, so d3 calls them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GROUP_SIZE = 32  # GGUF's block size; the int4 kernel takes 32, 64, 128 or 256
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_ROW_MULTIPLE = 16  # the int4 packing needs the output dimension in multiples of 16 (padded here)
+INT8_COLUMN_MULTIPLE = 32  # the bfloat16 int8 kernel gives wrong results (or crashes) for K not a multiple of 8
+
+
+@dataclass(frozen=True)
+class AffineInt4:
+    """w[n, k] = q[n, k]·scale[n, k // G] + offset[n, k // G], q in 0..15: a weight as 4-bit groups, exactly."""
+
+    q: torch.Tensor  # [N, K] uint8, 0..15
+    scale: torch.Tensor  # [N, K // G] float32
+    offset: torch.Tensor  # [N, K // G] float32
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        groups = self.q.reshape(self.q.shape[0], -1, self.group_size).float()
+        return (groups * self.scale[..., None] + self.offset[..., None]).reshape(self.q.shape)
+
+    def nibbles(self) -> torch.Tensor:
+        """q two to a byte, [N, K / 2] uint8 (element 2j in the low half): how a cache stores it."""
+        return (self.q[:, 0::2] | (self.q[:, 1::2] << 4)).contiguous()
+
+    @classmethod
+    def from_nibbles(cls, nibbles: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> AffineInt4:
+        q = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-1).reshape(nibbles.shape[0], -1)
+        return cls(q.contiguous(), scale, offset)
+
+
+@dataclass(frozen=True)
+class BlockInt8:
+    """w[n, k] = q[n, k]·scale[n, k // G], q in -128..127: GGUF's Q8_0 blocks, exactly."""
+
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N, K // G] float32
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        groups = self.q.reshape(self.q.shape[0], -1, self.group_size).float()
+        return (groups * self.scale[..., None]).reshape(self.q.shape)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> AffineInt4:
+    """A float weight [N, K] as 4-bit groups by each group's minimum and maximum: scale = (max − min) / 15,
+    offset = min (a group of equal values keeps its value exactly)."""
+    rows, columns = weight.shape
+    groups = weight.detach().float().reshape(rows, columns // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = (high - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = ((groups - low[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return AffineInt4(q.reshape(rows, columns), scale, low)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [N, K] as int8 per output channel: (q [N, K] int8, scale [N] float32), scale = max|w| / 127."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (weight / safe[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def fits_int4(in_features: int, group_size: int = GROUP_SIZE) -> bool:
+    return in_features % group_size == 0
+
+
+def fits_int8(in_features: int) -> bool:
+    return in_features % INT8_COLUMN_MULTIPLE == 0
+
+
+class Int4Linear(nn.Module):
+    """A linear layer whose weight is `AffineInt4` groups, run by `aten._weight_int4pack_mm_for_cpu`."""
+
+    kind = "int4"
+
+    def __init__(self, weight: AffineInt4, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        rows, columns = weight.q.shape
+        self.in_features, self.out_features, self.group_size = columns, rows, weight.group_size
+        padded = -rows % INT4_ROW_MULTIPLE
+        q, scale, offset = weight.q, weight.scale, weight.offset
+        if padded:  # zero rows: their outputs are cut off again
+            q = torch.cat([q, q.new_zeros(padded, columns)])
+            scale = torch.cat([scale, scale.new_zeros(padded, scale.shape[1])])
+            offset = torch.cat([offset, offset.new_zeros(padded, offset.shape[1])])
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        zero = offset + 8 * scale  # the kernel computes (q − 8)·scale + zero
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+                             .to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, self.in_features)
+        if flat.dtype != self.scales_and_zeros.dtype:
+            flat = flat.to(self.scales_and_zeros.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        if out.shape[-1] != self.out_features:
+            out = out[:, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*hidden.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return tensor_bytes(self.packed, self.scales_and_zeros, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is int8 per output channel, run by `aten._weight_int8pack_mm`."""
+
+    kind = "int8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scale", scale.detach().to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, self.in_features)
+        if flat.dtype != self.scale.dtype:
+            flat = flat.to(self.scale.dtype)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*hidden.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return tensor_bytes(self.q, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class BlockInt8Embedding(nn.Module):
+    """An embedding table kept as GGUF's Q8_0 blocks: a lookup dequantizes only the rows it reads, exactly as the
+    file's own dequantization does. The blocks are plain attributes, not buffers: `model.to(dtype)` leaves them
+    exact (quantized weights run on the CPU only, so they never move)."""
+
+    kind = "int8"
+
+    def __init__(self, table: BlockInt8, dtype: torch.dtype, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.q.shape
+        self.group_size, self.padding_idx = table.group_size, padding_idx
+        self.q, self.scale = table.q.contiguous(), table.scale.float().contiguous()
+        self.output_dtype = dtype
+
+    def rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of `input_ids`, dequantized in float32."""
+        rows = self.q[input_ids].reshape(*input_ids.shape, -1, self.group_size).float()
+        return (rows * self.scale[input_ids][..., None]).reshape(*input_ids.shape, self.embedding_dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(input_ids).to(self.output_dtype)
+
+    def weight_bytes(self) -> int:
+        return tensor_bytes(self.q, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, blocks of {self.group_size}"
+
+
+QUANTIZED_MODULES = (Int4Linear, Int8Linear, BlockInt8Embedding)
+
+
+def tensor_bytes(*tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if isinstance(tensor, torch.Tensor))

@@ -1,0 +1,345 @@
+"""Which weights a model runs with: the `--weights` kinds, what `auto` picks, and putting a kind into a model.
+
+    float32, bfloat16, float16   dense weights in that dtype (what transformers loads)
+    int8                         every linear layer int8 per output channel (quantized.Int8Linear)
+    int4                         every linear layer 4-bit in groups (quantized.Int4Linear), the LM head int8
+    auto                         on the CPU: a GGUF file in its own precision, each tensor as the nearest kind of
+                                 its GGUF type (Q4_0/Q4_1/Q4_K as int4 exactly, Q8_0 and 5-8-bit types as int8); a
+                                 float model in float32. On a GPU: dense bfloat16 (the int kernels are CPU kernels).
+
+Quantized kinds run on the CPU with bfloat16 activations by default (the kernels' fast path here; --dtype float32
+runs them with float32 activations, slower, for exactness checks). The choices are measured in
+docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from d3cli.core.errors import UserError
+from d3cli.core.quantized import (
+    GROUP_SIZE,
+    INT4_GROUP_SIZES,
+    AffineInt4,
+    BlockInt8,
+    BlockInt8Embedding,
+    Int4Linear,
+    Int8Linear,
+    fits_int4,
+    fits_int8,
+    quantize_int4,
+    quantize_int8,
+    tensor_bytes,
+)
+
+WEIGHT_KINDS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+DENSE_KINDS = ("float32", "bfloat16", "float16")
+QUANTIZED_KINDS = ("int8", "int4")
+FILE_KIND = "file"  # auto on a GGUF file: each tensor as the nearest kind of its own type
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """A resolved `--weights`: the kind, the activations' dtype, and the int4 group size for float weights."""
+
+    kind: str  # a dense kind, int8, int4, or FILE_KIND
+    dtype: torch.dtype
+    group_size: int = GROUP_SIZE
+    why: str = ""  # how auto chose, for --help-like messages and the speed report
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind not in DENSE_KINDS
+
+
+def resolve_weights(requested: str, dtype_requested: str, device: torch.device, *, gguf_types: Mapping[str, str]
+                    | None, device_map: str | None, group_size: int = GROUP_SIZE,
+                    default_dtype: Callable[[str, torch.device], torch.dtype]) -> WeightChoice:
+    """`--weights` and `--dtype` as one choice. `gguf_types`: the GGUF type of each tensor when the model is a GGUF
+    file (None otherwise); `default_dtype(dtype, device)`: the loader's dtype resolution for dense weights."""
+    if requested not in WEIGHT_KINDS:
+        raise UserError(f"unknown weights {requested!r} (choose from: {', '.join(WEIGHT_KINDS)})")
+    if group_size not in INT4_GROUP_SIZES:
+        raise UserError(f"--group-size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, not {group_size}")
+    if requested in DENSE_KINDS:
+        if dtype_requested not in ("auto", requested):
+            raise UserError(f"--weights {requested} runs dense {requested} weights, --dtype {dtype_requested} asks "
+                            f"for {dtype_requested}: give one of them")
+        return WeightChoice(requested, getattr(torch, requested), why="asked for")
+    if requested == "auto":
+        quantized_file = bool(gguf_types) and any(kind != "float" for kind in map(_nearest, gguf_types.values()))
+        if device.type != "cpu" or device_map is not None or dtype_requested != "auto" or not quantized_file:
+            dtype = default_dtype(dtype_requested, device)
+            why = ("a GGUF file runs in its own precision only on the CPU" if quantized_file and device.type != "cpu"
+                   else "--device-map spreads dense weights" if quantized_file and device_map is not None
+                   else f"--dtype {dtype_requested} was asked for" if quantized_file and dtype_requested != "auto"
+                   else "float weights stay dense")
+            return WeightChoice(str(dtype).replace("torch.", ""), dtype, why=why)
+        return WeightChoice(FILE_KIND, torch.bfloat16, why="the GGUF file's own precision")
+    # int8 / int4
+    if device_map is not None:
+        raise UserError(f"--weights {requested} cannot be spread with --device-map (quantized weights run on one "
+                        "CPU): drop --device-map, or use --weights bfloat16")
+    if device.type != "cpu":
+        raise UserError(f"--weights {requested} runs torch's CPU kernels, not on {device.type}: use --device cpu, "
+                        "or --weights bfloat16 on the GPU")
+    if dtype_requested == "float16":
+        raise UserError(f"--weights {requested} runs with bfloat16 or float32 activations, not float16 (the CPU "
+                        "kernels are 10x slower in float16): use --dtype bfloat16")
+    dtype = torch.float32 if dtype_requested == "float32" else torch.bfloat16
+    return WeightChoice(requested, dtype, group_size, why="asked for")
+
+
+def _nearest(gguf_type: str) -> str:
+    from d3cli.core.gguf_blocks import nearest_kind
+
+    return nearest_kind(gguf_type)
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """What ran: the kind asked for as resolved, the activations' dtype, the modules per stored kind, and bytes."""
+
+    kind: str  # what the report calls the weights: "int4", "int8", "float32", ...
+    dtype: str  # the activations' dtype
+    modules: dict = field(default_factory=dict)  # stored kind -> linear layers (and embedding tables)
+    sources: dict = field(default_factory=dict)  # how they were made -> count: "gguf Q4_1", "quantized on load"
+    group_size: int | None = None
+    layer_bytes: tuple[int, ...] = ()  # weight bytes of each decoder layer
+    head_bytes: int = 0  # the LM head's weight bytes
+    other_bytes: int = 0  # everything else (embeddings, final norm)
+    why: str = ""
+
+    @property
+    def step_bytes(self) -> int:
+        """Weight bytes one full-depth decode step streams: every decoder layer and the LM head."""
+        return sum(self.layer_bytes) + self.head_bytes
+
+    def step_bytes_at(self, layers: float) -> float:
+        """Weight bytes of a step that runs `layers` decoder layers (the mean layer's bytes each)."""
+        mean_layer = sum(self.layer_bytes) / len(self.layer_bytes) if self.layer_bytes else 0.0
+        return self.head_bytes + layers * mean_layer
+
+    def label(self) -> str:
+        """One phrase for summaries: "int4 (group 32; LM head int8), bfloat16 activations"."""
+        parts = []
+        if self.group_size and self.modules.get("int4"):
+            parts.append(f"group {self.group_size}")
+        others = {kind: count for kind, count in self.modules.items() if kind != self.kind and count}
+        parts += [f"{count} {kind}" for kind, count in sorted(others.items())]
+        detail = f" ({'; '.join(parts)})" if parts else ""
+        return f"{self.kind}{detail}, {self.dtype} activations" if self.kind in QUANTIZED_KINDS else self.kind
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "dtype": self.dtype, "modules": dict(self.modules), "sources": dict(self.sources),
+                "group_size": self.group_size, "step_bytes": self.step_bytes, "why": self.why}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def head_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings()
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def embedding_name(model: nn.Module) -> str | None:
+    embedding = model.get_input_embeddings()
+    return next((name for name, module in model.named_modules() if module is embedding), None)
+
+
+@dataclass
+class _Builder:
+    """Builds the weight modules of one model for one choice, counting what it made."""
+
+    choice: WeightChoice
+    forms: dict
+    gguf_types: dict
+    modules: Counter = field(default_factory=Counter)
+    sources: Counter = field(default_factory=Counter)
+
+    def kind(self, name: str, linear: nn.Linear, is_head: bool = False) -> str:
+        """The stored kind of one linear layer: the choice's, the nearest of its GGUF type (auto on a file), int8
+        for the LM head of int4, dense where the kernels cannot take its shape."""
+        choice = self.choice
+        if not choice.quantized:
+            return choice.kind
+        if choice.kind == FILE_KIND:
+            gguf_type = self.gguf_types.get(f"{name}.weight")
+            kind = _nearest(gguf_type) if gguf_type else "float"
+            if kind == "float":
+                return dtype_name(choice.dtype)
+        else:
+            kind = "int8" if is_head else choice.kind
+        if kind == "int4" and not fits_int4(linear.in_features, self.group_size):
+            kind = "int8"
+        if kind == "int8" and not fits_int8(linear.in_features):
+            return dtype_name(choice.dtype)
+        return kind
+
+    @property
+    def group_size(self) -> int:
+        return self.choice.group_size if self.choice.kind == "int4" else GROUP_SIZE
+
+    def build(self, names: Sequence[str], linears: Sequence[nn.Linear], kind: str) -> nn.Module:
+        """One module computing the linear layers `linears` (named `names`), their outputs side by side."""
+        forms = [self.forms.get(f"{name}.weight") for name in names]
+        for name, form in zip(names, forms):
+            self.modules[kind] += 1
+            self.sources[_source(kind, form, self.gguf_types.get(f"{name}.weight"))] += 1
+        bias = _joint_bias(linears)
+        if kind == "int4":
+            exact = all(isinstance(form, AffineInt4) and form.group_size == self.group_size for form in forms)
+            parts = forms if exact else [quantize_int4(_values(form, linear), self.group_size)
+                                         for form, linear in zip(forms, linears)]
+            return Int4Linear(AffineInt4(*(torch.cat(tensors) for tensors in zip(
+                *((part.q, part.scale, part.offset) for part in parts)))), bias, self.choice.dtype)
+        if kind == "int8":
+            q, scale = quantize_int8(torch.cat([_values(form, linear) for form, linear in zip(forms, linears)]))
+            return Int8Linear(q, scale, bias, self.choice.dtype)
+        dtype = getattr(torch, kind)
+        if len(linears) == 1 and forms[0] is None:
+            return linears[0]
+        values = torch.cat([_values(form, linear).to(dtype) for form, linear in zip(forms, linears)])
+        joint = nn.Linear(values.shape[1], values.shape[0], bias=bias is not None, device="meta")
+        joint.weight = nn.Parameter(values, requires_grad=False)
+        if bias is not None:
+            joint.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return joint
+
+    def build_runs(self, names: Sequence[str], linears: Sequence[nn.Linear]) -> list[nn.Module]:
+        """Modules for consecutive linear layers: neighbours of the same stored kind share one module."""
+        runs: list[tuple[str, list[int]]] = []
+        for index, (name, linear) in enumerate(zip(names, linears)):
+            kind = self.kind(name, linear)
+            if runs and runs[-1][0] == kind:
+                runs[-1][1].append(index)
+            else:
+                runs.append((kind, [index]))
+        return [self.build([names[i] for i in members], [linears[i] for i in members], kind)
+                for kind, members in runs]
+
+
+def _values(form, linear: nn.Linear) -> torch.Tensor:
+    """A linear layer's weight values: its exact form dequantized, else its own weight."""
+    return form.dequantize() if form is not None else linear.weight.detach()
+
+
+def _joint_bias(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
+    if all(linear.bias is None for linear in linears):
+        return None
+    return torch.cat([linear.bias.detach().float() if linear.bias is not None
+                      else torch.zeros(linear.out_features) for linear in linears])
+
+
+def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, object] | None = None,
+                  gguf_types: Mapping[str, str] | None = None, fuse: bool = True) -> WeightsReport:
+    """Put `choice` into `model` (on its device, its other parameters already in `choice.dtype`) and return what
+    ran. Each linear layer of the decoder and the LM head becomes the kind's module, built from its exact block form
+    in `forms` (by weight name) where there is one, else from its float weight; dense kinds dequantize the forms
+    into float weights. An embedding with a Q8_0 form keeps its blocks when the weights are quantized. With `fuse`,
+    each decoder layer that fused_layers supports becomes a `FusedDecoderLayer` (query/key/value and gate/up
+    projections each one module)."""
+    from d3cli.core import fused_layers
+    from d3cli.core.skipping import find_decoder_layers
+
+    builder = _Builder(choice, dict(forms or {}), dict(gguf_types or {}))
+    head, embedding = head_name(model), embedding_name(model)
+    tied = bool(head and embedding and model.get_submodule(head).weight is model.get_submodule(embedding).weight)
+    if tied:  # a tied LM head is the embedding table's weight
+        for known in (builder.forms, builder.gguf_types):
+            if f"{embedding}.weight" in known:
+                known[f"{head}.weight"] = known[f"{embedding}.weight"]
+    layers = find_decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    for index, layer in enumerate(layers):
+        base = f"{prefix}.{index}"
+        if fuse and fused_layers.supports(layer):
+            def runs(relative, base=base, layer=layer):
+                return builder.build_runs([f"{base}.{name}" for name in relative],
+                                          [layer.get_submodule(name) for name in relative])
+            layers[index] = fused_layers.FusedDecoderLayer(
+                layer, runs(fused_layers.QKV), runs(("self_attn.o_proj",))[0], runs(fused_layers.GATE_UP),
+                runs(("mlp.down_proj",))[0])
+            continue
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, nn.Linear):
+                full = f"{base}.{name}"
+                layer.set_submodule(name, builder.build([full], [module], builder.kind(full, module)))
+    table = builder.forms.get(f"{embedding}.weight") if embedding else None
+    if head is not None:
+        linear = model.get_submodule(head)
+        kind = builder.kind(head, linear, is_head=True)
+        if tied and not choice.quantized:
+            builder.modules[kind] += 1  # dense and tied: the head is the embedding table, set below
+            builder.sources[_source(kind, table, builder.gguf_types.get(f"{head}.weight"))] += 1
+        else:
+            model.set_submodule(head, builder.build([head], [linear], kind))
+    if isinstance(table, BlockInt8) and choice.quantized:
+        old = model.get_submodule(embedding)
+        model.set_submodule(embedding, BlockInt8Embedding(table, choice.dtype, getattr(old, "padding_idx", None)))
+        builder.modules["int8 embedding"] += 1
+    elif table is not None:
+        _set_dense(model.get_submodule(embedding), table.dequantize(), choice.dtype)
+        if tied and not choice.quantized:
+            model.get_submodule(head).weight = model.get_submodule(embedding).weight
+    _check_no_empty_parameters(model)
+    return _report(model, choice, builder.modules, builder.sources)
+
+
+def _set_dense(module: nn.Module, values: torch.Tensor, dtype: torch.dtype) -> None:
+    module.weight = nn.Parameter(values.to(dtype), requires_grad=False)
+
+
+def _source(kind: str, form, gguf_type: str | None) -> str:
+    if kind == "int4" and isinstance(form, AffineInt4):
+        return f"gguf {gguf_type} as it is"
+    if gguf_type and kind in QUANTIZED_KINDS:
+        return f"gguf {gguf_type} re-quantized to {kind}"
+    if gguf_type:
+        return f"gguf {gguf_type} dequantized"
+    return f"quantized to {kind} on load" if kind in QUANTIZED_KINDS else "dense"
+
+
+def _check_no_empty_parameters(model: nn.Module) -> None:
+    empty = [name for name, parameter in model.named_parameters() if parameter.device.type == "meta"]
+    if empty:
+        raise RuntimeError(f"weights never loaded: {', '.join(empty[:5])}")
+
+
+def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: Counter) -> WeightsReport:
+    from d3cli.core.skipping import find_decoder_layers
+
+    layers = find_decoder_layers(model)
+    layer_bytes = tuple(module_weight_bytes(layer) for layer in layers)
+    head = model.get_output_embeddings()
+    head_bytes = module_weight_bytes(head) if head is not None else 0
+    total = module_weight_bytes(model)
+    kind = choice.kind
+    if kind == FILE_KIND:  # named by what most decoder layers' linear weights are
+        linear_kinds = Counter({name: count for name, count in modules.items() if name != "int8 embedding"})
+        kind = linear_kinds.most_common(1)[0][0] if linear_kinds else dtype_name(choice.dtype)
+    return WeightsReport(kind=kind, dtype=dtype_name(choice.dtype), modules=dict(modules), sources=dict(sources),
+                         group_size=choice.group_size if modules.get("int4") else None, layer_bytes=layer_bytes,
+                         head_bytes=head_bytes, other_bytes=max(0, total - sum(layer_bytes) - head_bytes),
+                         why=choice.why)
+
+
+def module_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the weights a module holds: parameters, buffers and quantized blocks, each tensor counted once."""
+    seen, total = set(), 0
+    for submodule in module.modules():
+        tensors = list(submodule.parameters(recurse=False)) + list(submodule.buffers(recurse=False))
+        if isinstance(submodule, BlockInt8Embedding):
+            tensors += [submodule.q, submodule.scale]
+        for tensor in tensors:
+            if tensor is not None and id(tensor) not in seen and tensor.device.type != "meta":
+                seen.add(id(tensor))
+                total += tensor_bytes(tensor)
+    return total
