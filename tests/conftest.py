@@ -139,6 +139,30 @@ def tiny_models(tokenizer):
     return {family: build_tiny_model(family, len(tokenizer)) for family in FAMILIES}
 
 
+# The same tiny models as the loader prepares them: fused decoder layers (float32), and int8 / int4 weights (with
+# float32 activations, so equivalence tests keep float32 tolerances; bfloat16 activations are tested on their own).
+WEIGHT_VARIANTS = {"fused": "float32", "int8": "int8", "int4": "int4"}
+
+
+@pytest.fixture(scope="session")
+def tiny_variant_models(tiny_models):
+    """(family, variant) -> a copy of the tiny model with the weights of `variant` (WEIGHT_VARIANTS), built once."""
+    import copy
+
+    from d3cli.core.weights import WeightChoice, apply_weights
+
+    built = {}
+
+    def get(family: str, variant: str):
+        if (family, variant) not in built:
+            model = copy.deepcopy(tiny_models[family])
+            apply_weights(model, WeightChoice(WEIGHT_VARIANTS[variant], torch.float32))
+            built[(family, variant)] = model.eval()
+        return built[(family, variant)]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny Llama saved as a Hugging Face folder with the embedded tokenizer: `--model DIR` loads it instantly."""

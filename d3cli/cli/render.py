@@ -172,6 +172,7 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
         ("schedule", f"α={record['alpha']}, min-layers {record['min_layers']}, head {record['head']}, "
                      f"tail {record['tail']}, warmup {record['warmup']}, skip order {record['skip_order']}"),
         ("calibration", calibration_text(record)),
+        *([("weights", record["weights_detail"])] if record.get("weights_detail") else []),
         ("tokens", f"{record['generated_tokens']} ({record['finish_reason']})"),
         ("mean layers", f"{record['mean_layers']:.1f} of {num_layers}"),
         ("layer compute", f"{100 * record['layer_ratio']:.1f}% of full depth"),

@@ -110,6 +110,13 @@ def calibration_fields(schedule: DecaySchedule, layers_per_token, calibration=No
     return fields
 
 
+def weights_fields(weights) -> dict[str, object]:
+    """Which weights ran, as a reply's JSON says it: the kind (`int4`, `float32`, ...) and the whole phrase."""
+    if weights is None:
+        return {}
+    return {"weights": weights.kind, "weights_detail": weights.label()}
+
+
 def schedule_fields(schedule: DecaySchedule) -> dict[str, object]:
     """The schedule's settings as every reply's JSON reports them."""
     return {"alpha": schedule.alpha, "min_layers": schedule.min_layers, "warmup": schedule.warmup,
@@ -118,12 +125,13 @@ def schedule_fields(schedule: DecaySchedule) -> dict[str, object]:
 
 def reply_record(
     reply: Reply, schedule: DecaySchedule, model_name: str, prompt_tokens: int, baseline: Reply | None = None,
-    calibration=None,
+    calibration=None, weights=None,
 ) -> dict[str, object]:
     """The JSON object of `generate --json` / `--jsonl` for one reply; `calibration` is the model's
-    (model_calibration.ModelCalibration) or None."""
+    (model_calibration.ModelCalibration) or None, `weights` what ran (weights.WeightsReport) or None."""
     record: dict[str, object] = {
         "model": model_name,
+        **weights_fields(weights),
         **schedule_fields(schedule),
         **calibration_fields(schedule, reply.layers_per_token, calibration),
         "num_layers": schedule.num_layers,

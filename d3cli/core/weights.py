@@ -114,6 +114,7 @@ class WeightsReport:
     head_bytes: int = 0  # the LM head's weight bytes
     other_bytes: int = 0  # everything else (embeddings, final norm)
     why: str = ""
+    head_kind: str | None = None  # the LM head's stored kind
 
     @property
     def step_bytes(self) -> int:
@@ -126,18 +127,23 @@ class WeightsReport:
         return self.head_bytes + layers * mean_layer
 
     def label(self) -> str:
-        """One phrase for summaries: "int4 (group 32; LM head int8), bfloat16 activations"."""
-        parts = []
-        if self.group_size and self.modules.get("int4"):
-            parts.append(f"group {self.group_size}")
-        others = {kind: count for kind, count in self.modules.items() if kind != self.kind and count}
-        parts += [f"{count} {kind}" for kind, count in sorted(others.items())]
-        detail = f" ({'; '.join(parts)})" if parts else ""
-        return f"{self.kind}{detail}, {self.dtype} activations" if self.kind in QUANTIZED_KINDS else self.kind
+        """One phrase for summaries: "int4 (group 32), LM head int8, bfloat16 activations"."""
+        if self.kind not in QUANTIZED_KINDS:
+            return self.kind
+        layers = Counter({kind: count for kind, count in self.modules.items() if kind != "int8 embedding"})
+        if self.head_kind:
+            layers[self.head_kind] -= 1
+        details = [f"group {self.group_size}"] if self.kind == "int4" and self.group_size else []
+        details += [f"{count} {kind}" for kind, count in sorted(layers.items()) if kind != self.kind and count > 0]
+        text = self.kind + (f" ({'; '.join(details)})" if details else "")
+        if self.head_kind and self.head_kind != self.kind:
+            text += f", LM head {self.head_kind}"
+        return f"{text}, {self.dtype} activations"
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "dtype": self.dtype, "modules": dict(self.modules), "sources": dict(self.sources),
-                "group_size": self.group_size, "step_bytes": self.step_bytes, "why": self.why}
+        return {"kind": self.kind, "dtype": self.dtype, "label": self.label(), "modules": dict(self.modules),
+                "sources": dict(self.sources), "group_size": self.group_size, "head": self.head_kind,
+                "step_bytes": self.step_bytes, "why": self.why}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -273,9 +279,10 @@ def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, ob
                 full = f"{base}.{name}"
                 layer.set_submodule(name, builder.build([full], [module], builder.kind(full, module)))
     table = builder.forms.get(f"{embedding}.weight") if embedding else None
+    head_kind = None
     if head is not None:
         linear = model.get_submodule(head)
-        kind = builder.kind(head, linear, is_head=True)
+        kind = head_kind = builder.kind(head, linear, is_head=True)
         if tied and not choice.quantized:
             builder.modules[kind] += 1  # dense and tied: the head is the embedding table, set below
             builder.sources[_source(kind, table, builder.gguf_types.get(f"{head}.weight"))] += 1
@@ -290,7 +297,7 @@ def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, ob
         if tied and not choice.quantized:
             model.get_submodule(head).weight = model.get_submodule(embedding).weight
     _check_no_empty_parameters(model)
-    return _report(model, choice, builder.modules, builder.sources)
+    return _report(model, choice, builder.modules, builder.sources, head_kind)
 
 
 def _set_dense(module: nn.Module, values: torch.Tensor, dtype: torch.dtype) -> None:
@@ -313,7 +320,8 @@ def _check_no_empty_parameters(model: nn.Module) -> None:
         raise RuntimeError(f"weights never loaded: {', '.join(empty[:5])}")
 
 
-def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: Counter) -> WeightsReport:
+def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: Counter,
+            head_kind: str | None) -> WeightsReport:
     from d3cli.core.skipping import find_decoder_layers
 
     layers = find_decoder_layers(model)
@@ -328,7 +336,7 @@ def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: C
     return WeightsReport(kind=kind, dtype=dtype_name(choice.dtype), modules=dict(modules), sources=dict(sources),
                          group_size=choice.group_size if modules.get("int4") else None, layer_bytes=layer_bytes,
                          head_bytes=head_bytes, other_bytes=max(0, total - sum(layer_bytes) - head_bytes),
-                         why=choice.why)
+                         why=choice.why, head_kind=head_kind)
 
 
 def module_weight_bytes(module: nn.Module) -> int:

@@ -239,7 +239,8 @@ def completions_route(endpoint_kind: str):
         except QueueFull:
             raise ApiError(503, f"the server is busy: {state.config.queue_size} requests are already waiting",
                            code="queue_full") from None
-        identity = ResponseIdentity.new(endpoint_kind, state.model_id)
+        weights = state.loaded.weights.kind if state.loaded.weights is not None else None
+        identity = ResponseIdentity.new(endpoint_kind, state.model_id, weights)
         watcher = asyncio.create_task(watch_disconnect(request.receive, job))
         chunks = ChunkStream(parsed, identity, schedule, len(token_ids))
         log = request.scope["d3"]

@@ -335,11 +335,12 @@ class ResponseIdentity:
     id: str
     created: int
     model: str
+    weights: str | None = None  # which weights ran (weights.WeightsReport.kind), for the `d3` object
 
     @classmethod
-    def new(cls, endpoint: str, model: str) -> ResponseIdentity:
+    def new(cls, endpoint: str, model: str, weights: str | None = None) -> ResponseIdentity:
         prefix = "chatcmpl" if endpoint == CHAT else "cmpl"
-        return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model)
+        return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model, weights)
 
     def header(self, endpoint: str, chunk: bool = False) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if endpoint == CHAT else "text_completion"
@@ -356,10 +357,11 @@ def usage(prompt_tokens: int, reply: Reply) -> dict:
             "total_tokens": prompt_tokens + reply.generated_tokens}
 
 
-def d3_extension(reply: Reply, schedule, batch_size: int = 1) -> dict:
+def d3_extension(reply: Reply, schedule, batch_size: int = 1, weights: str | None = None) -> dict:
     """D3's numbers for one reply, in the extension object `d3` (`batch_size`: how many replies were decoded
-    together with this one, itself included)."""
+    together with this one, itself included; `weights`: which weights ran)."""
     return {
+        "weights": weights,
         "layers_per_token": reply.layers_per_token,
         "mean_layers": round(reply.mean_layers, 4),
         "layer_ratio": round(layer_ratio(reply, schedule.num_layers), 4),
@@ -383,7 +385,7 @@ def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply,
     else:
         choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": finish_reason(reply)}
     return {**identity.header(endpoint), "choices": [choice], "usage": usage(prompt_tokens, reply),
-            "d3": d3_extension(reply, schedule, batch_size)}
+            "d3": d3_extension(reply, schedule, batch_size, identity.weights)}
 
 
 class ChunkStream:
@@ -425,7 +427,7 @@ class ChunkStream:
         chunks = [self._chunk([self._choice(None, finish_reason(self.reply))])]
         if self.request.include_usage:
             chunks.append({**self._chunk([]), "usage": usage(self.prompt_tokens, self.reply)})
-        chunks[-1]["d3"] = d3_extension(self.reply, self.schedule, batch_size)
+        chunks[-1]["d3"] = d3_extension(self.reply, self.schedule, batch_size, self.identity.weights)
         return chunks
 
 

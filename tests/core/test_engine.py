@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, WEIGHT_VARIANTS
 
 from d3cli.core.engine import cache_argument, generate, generate_steps, make_prompt_batch, stream_generate
 from d3cli.core.sampling import SamplingSettings, make_sampler
@@ -55,6 +55,26 @@ def test_full_depth_equals_model_generate(family, prompts, tiny_models, tokenize
     full_floor = DecaySchedule.build(num_layers(model), alpha=0.5, min_layers=num_layers(model), head=1, tail=1)
     assert d3_tokens(model, tokenizer, prompts, alpha_one, 24) == expected
     assert d3_tokens(model, tokenizer, prompts, full_floor, 24) == expected
+
+
+@pytest.mark.parametrize("variant", sorted(WEIGHT_VARIANTS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_depth_equals_model_generate_with_fused_layers_and_quantized_weights(family, variant,
+                                                                                   tiny_variant_models, tokenizer):
+    model = tiny_variant_models(family, variant)
+    alpha_one = DecaySchedule.build(num_layers(model), alpha=1.0, min_layers=2, head=1, tail=1)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        assert d3_tokens(model, tokenizer, prompts, alpha_one, 16) == hf_greedy(model, prompts, 16)
+
+
+@pytest.mark.parametrize("variant", sorted(WEIGHT_VARIANTS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_recomputation_with_fused_layers_and_quantized_weights(family, variant,
+                                                                                       tiny_variant_models):
+    model = tiny_variant_models(family, variant)
+    schedule = DecaySchedule.build(num_layers(model), alpha=0.85, min_layers=2, head=1, tail=1, skip_order="middle")
+    assert_cache_matches_recompute(model, PROMPTS[:1], schedule, steps=16)
+    assert_cache_matches_recompute(model, PROMPTS, schedule, steps=16)
 
 
 def test_full_depth_equals_model_generate_on_the_embedded_model(embedded):

@@ -138,7 +138,8 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
         if reply is None:  # stopped during the D3 run, not during the baseline
             (reply,) = stopped.replies
 
-    record = reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration)
+    record = reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration,
+                          loaded.weights)
     if as_json:
         render.write_json_line(record)
     elif on_terminal:
@@ -194,5 +195,6 @@ def line_record(loaded, prepared: PreparedPrompt, reply: Reply, schedule, baseli
     record = {"line": prepared.line}
     if prepared.request_id is not None:
         record["id"] = prepared.request_id
-    record.update(reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration))
+    record.update(reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration,
+                          loaded.weights))
     return record
