@@ -10,6 +10,8 @@ architecture's processing, a type without an exact form) stays a float tensor an
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,83 @@ def block_form(raw: np.ndarray, gguf_type: str, rows: int, columns: int) -> Affi
     return None
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: its name, type, [rows, columns] and its bytes ([rows, bytes per row])."""
+
+    name: str
+    type_name: str
+    rows: int
+    columns: int
+    data: np.ndarray
+
+
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
+    """A GGUF file's string metadata and its tensors, read straight from the header (the gguf package's reader
+    decodes every metadata value, which takes ~5 s for the embedded model's 98 000 tokenizer strings)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as handle:
+        def unpack(layout: str):
+            return struct.unpack("<" + layout, handle.read(struct.calcsize("<" + layout)))
+
+        def string() -> str:
+            (length,) = unpack("Q")
+            return handle.read(length).decode("utf-8", errors="replace")
+
+        def skip(value_type: int) -> None:
+            if value_type == _STRING:
+                (length,) = unpack("Q")
+                handle.seek(length, 1)
+            elif value_type == _ARRAY:
+                element_type, count = unpack("IQ")
+                if element_type in _FIXED_SIZES:
+                    handle.seek(count * _FIXED_SIZES[element_type], 1)
+                else:
+                    for _ in range(count):
+                        skip(element_type)
+            else:
+                handle.seek(_FIXED_SIZES[value_type], 1)
+
+        if handle.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version, tensor_count, kv_count = unpack("IQQ")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported")
+        strings, alignment = {}, 32
+        for _ in range(kv_count):
+            key = string()
+            (value_type,) = unpack("I")
+            if value_type == _STRING:
+                strings[key] = string()
+            elif key == "general.alignment" and value_type in _FIXED_SIZES:
+                (alignment,) = unpack({4: "I", 10: "Q"}.get(value_type, "I"))
+            else:
+                skip(value_type)
+        infos = []
+        for _ in range(tensor_count):
+            name = string()
+            (dimensions,) = unpack("I")
+            shape = unpack("Q" * dimensions)
+            type_id, offset = unpack("IQ")
+            infos.append((name, type_id, shape, offset))
+        start = -(-handle.tell() // alignment) * alignment
+    contents = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = []
+    for name, type_id, shape, offset in infos:
+        qtype = GGMLQuantizationType(type_id)
+        block_weights, block_bytes = GGML_QUANT_SIZES[qtype]
+        columns, rows = int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))
+        row_bytes = columns // block_weights * block_bytes
+        data = contents[start + offset: start + offset + rows * row_bytes].reshape(rows, row_bytes)
+        tensors.append(TensorInfo(name, qtype.name, rows, columns, data))
+    return strings, tensors
+
+
 def _permute_rows(form, order: torch.Tensor):
     if isinstance(form, AffineInt4):
         return AffineInt4(form.q[order], form.scale[order], form.offset[order])
@@ -108,31 +187,25 @@ def read_block_forms(gguf_path: Path, model) -> tuple[dict[str, object], dict[st
     """The exact block forms of `model`'s weights in `gguf_path` (the model transformers loaded from that file),
     by parameter name, and every mapped tensor's GGUF type by parameter name. A form is kept only where it
     dequantizes to exactly the model's float tensor."""
-    from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        read_field,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     config = model.config.get_text_config(decoder=True)
     processor_config = {"num_attention_heads": getattr(config, "num_attention_heads", None),
                         "num_key_value_heads": getattr(config, "num_key_value_heads", None)}
-    reader = GGUFReader(str(gguf_path))
-    architecture = str(next(iter(read_field(reader, "general.architecture")), ""))
+    strings, tensors = read_gguf(gguf_path)
+    architecture = strings.get("general.architecture", "")
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=processor_config)
     names = get_gguf_hf_weights_map(model, processor)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     forms, types = {}, {}
-    for tensor in reader.tensors:
-        gguf_type = tensor.tensor_type.name
+    for tensor in tensors:
+        gguf_type = tensor.type_name
         name = names.get(tensor.name)
         if name is None or name not in parameters:
             continue
         types[name] = gguf_type
         target = parameters[name]
-        if target.dim() != 2 or target.shape[1] % 32:
+        if target.dim() != 2 or target.shape[1] % 32 or (tensor.rows, tensor.columns) != tuple(target.shape):
             continue
         rows, columns = target.shape
         form = block_form(tensor.data, gguf_type, rows, columns)

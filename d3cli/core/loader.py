@@ -213,11 +213,12 @@ def load(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     weights: str = "auto",
+    group_size: int = GROUP_SIZE,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for decoding on the chosen device, dtype and weights:
     `load(ModelOptions)`, or (in tests and scripts) `load(model_ref, device=..., dtype=..., weights=...)`."""
     if not isinstance(options, ModelOptions):
-        options = ModelOptions(options, device, dtype, device_map, trust_remote_code, weights)
+        options = ModelOptions(options, device, dtype, device_map, trust_remote_code, weights, group_size)
     with _collector_paused_then_frozen():
         return _load(options)
 

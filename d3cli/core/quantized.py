@@ -8,8 +8,8 @@ Two stored kinds, each the input of one torch kernel:
     int8   8-bit integers per output channel with one scale: w = q·scale. `aten._weight_int8pack_mm`.
 
 GGUF's Q4_0, Q4_1 and Q4_K store exactly the int4 form (blocks of 32 with a scale and a minimum), so a GGUF file
-runs in its own precision; Q8_0 stores int8 in blocks of 32 (`BlockInt8`, kept exactly for embedding lookups, and
-re-quantized per channel for the matrix product). A float weight is quantized on load: int4 by each group's minimum
+runs in its own precision; Q8_0 stores int8 in blocks of 32 (`BlockInt8`), kept exactly too: for embedding lookups
+(`BlockInt8Embedding`) and, split into two 4-bit halves, for the matrix product (`BlockInt8Linear`). A float weight is quantized on load: int4 by each group's minimum
 and maximum (as torchao's and gpt-fast's int4 weight-only quantization do), int8 by each row's largest magnitude.
 
 On this project's CPU (AVX2, no AVX-512) both kernels are fast only with bfloat16 activations (measured in
@@ -174,6 +174,34 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+class BlockInt8Linear(nn.Module):
+    """A linear layer whose weight is GGUF's Q8_0 blocks, exactly, run by the int4 kernel: each q in -128..127
+    splits into two 4-bit halves, q + 128 = 16·high + low, so w = q·d = 16d·high + d·low − 128d, a product of the
+    input repeated twice ([x, x]) with [high | low] in groups of 32. Here as fast as per-channel int8
+    (`aten._weight_int8pack_mm`), which would re-quantize the blocks (measured in docs/PERFORMANCE.md)."""
+
+    kind = "int8"
+
+    def __init__(self, table: BlockInt8, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = table.q.shape
+        shifted = table.q.to(torch.int16) + 128
+        high, low = (shifted >> 4).to(torch.uint8), (shifted & 0x0F).to(torch.uint8)
+        scale = table.scale.float()
+        halves = AffineInt4(torch.cat([high, low], dim=1), torch.cat([16 * scale, scale], dim=1),
+                            torch.cat([-128 * scale, torch.zeros_like(scale)], dim=1))
+        self.halves = Int4Linear(halves, bias, dtype)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.halves(torch.cat([hidden, hidden], dim=-1))
+
+    def weight_bytes(self) -> int:
+        return self.halves.weight_bytes()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks of 32"
+
+
 class BlockInt8Embedding(nn.Module):
     """An embedding table kept as GGUF's Q8_0 blocks: a lookup dequantizes only the rows it reads, exactly as the
     file's own dequantization does. The blocks are plain attributes, not buffers: `model.to(dtype)` leaves them
@@ -203,7 +231,7 @@ class BlockInt8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, blocks of {self.group_size}"
 
 
-QUANTIZED_MODULES = (Int4Linear, Int8Linear, BlockInt8Embedding)
+QUANTIZED_MODULES = (Int4Linear, Int8Linear, BlockInt8Linear, BlockInt8Embedding)
 
 
 def tensor_bytes(*tensors) -> int:

@@ -28,6 +28,7 @@ from d3cli.core.quantized import (
     AffineInt4,
     BlockInt8,
     BlockInt8Embedding,
+    BlockInt8Linear,
     Int4Linear,
     Int8Linear,
     fits_int4,
@@ -169,6 +170,7 @@ class _Builder:
     gguf_types: dict
     modules: Counter = field(default_factory=Counter)
     sources: Counter = field(default_factory=Counter)
+    groups: Counter = field(default_factory=Counter)  # int4 group size -> linear layers
 
     def kind(self, name: str, linear: nn.Linear, is_head: bool = False) -> str:
         """The stored kind of one linear layer: the choice's, the nearest of its GGUF type (auto on a file), int8
@@ -183,7 +185,8 @@ class _Builder:
                 return dtype_name(choice.dtype)
         else:
             kind = "int8" if is_head else choice.kind
-        if kind == "int4" and not fits_int4(linear.in_features, self.group_size):
+        if kind == "int4" and not fits_int4(linear.in_features, self.group_size if f"{name}.weight" not in
+                                            self.forms else GROUP_SIZE):
             kind = "int8"
         if kind == "int8" and not fits_int8(linear.in_features):
             return dtype_name(choice.dtype)
@@ -200,12 +203,16 @@ class _Builder:
             self.modules[kind] += 1
             self.sources[_source(kind, form, self.gguf_types.get(f"{name}.weight"))] += 1
         bias = _joint_bias(linears)
-        if kind == "int4":
-            exact = all(isinstance(form, AffineInt4) and form.group_size == self.group_size for form in forms)
-            parts = forms if exact else [quantize_int4(_values(form, linear), self.group_size)
-                                         for form, linear in zip(forms, linears)]
+        if kind == "int4":  # a GGUF file's 4-bit blocks as they are (groups of 32); float weights in groups
+            group = GROUP_SIZE if any(isinstance(form, AffineInt4) for form in forms) else self.group_size
+            parts = [form if isinstance(form, AffineInt4) else quantize_int4(_values(form, linear), group)
+                     for form, linear in zip(forms, linears)]
+            self.groups[group] += len(parts)
             return Int4Linear(AffineInt4(*(torch.cat(tensors) for tensors in zip(
                 *((part.q, part.scale, part.offset) for part in parts)))), bias, self.choice.dtype)
+        if kind == "int8" and all(isinstance(form, BlockInt8) for form in forms):  # Q8_0 blocks as they are
+            return BlockInt8Linear(BlockInt8(torch.cat([form.q for form in forms]),
+                                             torch.cat([form.scale for form in forms])), bias, self.choice.dtype)
         if kind == "int8":
             q, scale = quantize_int8(torch.cat([_values(form, linear) for form, linear in zip(forms, linears)]))
             return Int8Linear(q, scale, bias, self.choice.dtype)
@@ -221,15 +228,16 @@ class _Builder:
 
     def build_runs(self, names: Sequence[str], linears: Sequence[nn.Linear]) -> list[nn.Module]:
         """Modules for consecutive linear layers: neighbours of the same stored kind share one module."""
-        runs: list[tuple[str, list[int]]] = []
+        runs: list[tuple[tuple[str, bool], list[int]]] = []
         for index, (name, linear) in enumerate(zip(names, linears)):
-            kind = self.kind(name, linear)
-            if runs and runs[-1][0] == kind:
+            kind = self.kind(name, linear)  # Q8_0 blocks and per-channel int8 are different modules
+            key = (kind, kind == "int8" and isinstance(self.forms.get(f"{name}.weight"), BlockInt8))
+            if runs and runs[-1][0] == key:
                 runs[-1][1].append(index)
             else:
-                runs.append((kind, [index]))
-        return [self.build([names[i] for i in members], [linears[i] for i in members], kind)
-                for kind, members in runs]
+                runs.append((key, [index]))
+        return [self.build([names[i] for i in members], [linears[i] for i in members], key[0])
+                for key, members in runs]
 
 
 def _values(form, linear: nn.Linear) -> torch.Tensor:
@@ -297,7 +305,8 @@ def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, ob
         if tied and not choice.quantized:
             model.get_submodule(head).weight = model.get_submodule(embedding).weight
     _check_no_empty_parameters(model)
-    return _report(model, choice, builder.modules, builder.sources, head_kind)
+    group = builder.groups.most_common(1)[0][0] if builder.groups else None
+    return _report(model, choice, builder.modules, builder.sources, head_kind, group)
 
 
 def _set_dense(module: nn.Module, values: torch.Tensor, dtype: torch.dtype) -> None:
@@ -305,7 +314,7 @@ def _set_dense(module: nn.Module, values: torch.Tensor, dtype: torch.dtype) -> N
 
 
 def _source(kind: str, form, gguf_type: str | None) -> str:
-    if kind == "int4" and isinstance(form, AffineInt4):
+    if (kind == "int4" and isinstance(form, AffineInt4)) or (kind == "int8" and isinstance(form, BlockInt8)):
         return f"gguf {gguf_type} as it is"
     if gguf_type and kind in QUANTIZED_KINDS:
         return f"gguf {gguf_type} re-quantized to {kind}"
@@ -321,7 +330,7 @@ def _check_no_empty_parameters(model: nn.Module) -> None:
 
 
 def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: Counter,
-            head_kind: str | None) -> WeightsReport:
+            head_kind: str | None, group_size: int | None) -> WeightsReport:
     from d3cli.core.skipping import find_decoder_layers
 
     layers = find_decoder_layers(model)
@@ -334,7 +343,7 @@ def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: C
         linear_kinds = Counter({name: count for name, count in modules.items() if name != "int8 embedding"})
         kind = linear_kinds.most_common(1)[0][0] if linear_kinds else dtype_name(choice.dtype)
     return WeightsReport(kind=kind, dtype=dtype_name(choice.dtype), modules=dict(modules), sources=dict(sources),
-                         group_size=choice.group_size if modules.get("int4") else None, layer_bytes=layer_bytes,
+                         group_size=group_size, layer_bytes=layer_bytes,
                          head_bytes=head_bytes, other_bytes=max(0, total - sum(layer_bytes) - head_bytes),
                          why=choice.why, head_kind=head_kind)
 

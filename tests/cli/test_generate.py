@@ -14,7 +14,7 @@ from conftest import d3_executable
 JSON_KEYS = {
     "model", "alpha", "min_layers", "warmup", "head", "tail", "skip_order", "num_layers", "prompt_tokens",
     "generated_tokens", "text", "token_ids", "layers_per_token", "mean_layers", "layer_ratio", "time_s",
-    "tokens_per_s",
+    "tokens_per_s", "weights", "weights_detail",
 }
 SCHEDULE = ["--alpha", "0.8", "--min-layers", "3", "--head", "1", "--tail", "1"]
 
@@ -131,6 +131,11 @@ def test_malformed_jsonl_line_is_named(cli, tiny_model_dir):
         (["--skip-order", "random"], "skip-order"),
         (["--device", "tpu"], "device"),
         (["--frobnicate"], "frobnicate"),
+        (["--weights", "int3"], "weights"),
+        (["--weights", "int4", "--device-map", "auto"], "--device-map"),
+        (["--weights", "float32", "--dtype", "bfloat16"], "give one of them"),
+        (["--weights", "int4", "--group-size", "48"], "--group-size"),
+        (["--weights", "int8", "--dtype", "float16"], "float16"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(cli, args, fragment):

@@ -162,6 +162,30 @@ def test_cached_decoding_equals_recomputation_on_the_embedded_model(embedded):
     assert_cache_matches_recompute(float64_model, PROMPTS[:2], schedule, steps=24, tolerance=1e-4)
 
 
+@pytest.mark.embedded
+def test_full_depth_equals_model_generate_on_the_embedded_model_with_its_files_blocks():
+    from d3cli.core.loader import load
+
+    embedded_default = load(None)  # the file's own precision: int4, bfloat16 activations
+    assert embedded_default.weights.kind == "int4"
+    model, tokenizer = embedded_default.model, embedded_default.tokenizer
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=True)["input_ids"]
+               for text in ("What is the capital of France?", "Name three colours of the rainbow, please.")]
+    schedule = DecaySchedule.build(30, alpha=1.0)
+    for batch in (prompts[:1], prompts):
+        assert d3_tokens(model, tokenizer, batch, schedule, 24) == hf_greedy(model, batch, 24)
+
+
+@pytest.mark.embedded
+def test_cached_decoding_equals_recomputation_on_the_embedded_model_with_its_files_blocks():
+    from d3cli.core.loader import load
+
+    model = load(None, weights="int4", dtype="float32").model
+    schedule = DecaySchedule.build(30, alpha=0.9, min_layers=6, head=2, tail=2)
+    assert_cache_matches_recompute(model, PROMPTS[:2], schedule, steps=20, tolerance=1e-3)
+
+
 def test_the_skip_really_happens_and_the_model_is_restored(tiny_models, tokenizer):
     model = tiny_models["llama"]
     layers = find_decoder_layers(model)

@@ -10,6 +10,7 @@ from d3cli.core.quantized import (
     AffineInt4,
     BlockInt8,
     BlockInt8Embedding,
+    BlockInt8Linear,
     Int4Linear,
     Int8Linear,
     quantize_int4,
@@ -92,3 +93,13 @@ def test_int4_linear_matches_a_float_linear_quantized_on_load():
     hidden = torch.randn(5, 64)
     torch.testing.assert_close(layer(hidden), nn.functional.linear(hidden, form.dequantize(), linear.bias),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_q8_0_blocks_run_exactly_as_two_int4_halves():
+    generator = torch.Generator().manual_seed(2)
+    table = BlockInt8(torch.randint(-128, 128, (40, 96), dtype=torch.int8, generator=generator),
+                      torch.rand(40, 3, generator=generator) / 50)
+    bias = torch.randn(40)
+    layer = BlockInt8Linear(table, bias, torch.float32)
+    hidden = torch.randn(2, 3, 96)
+    torch.testing.assert_close(layer(hidden), hidden @ table.dequantize().T + bias, rtol=1e-5, atol=1e-5)
