@@ -99,6 +99,7 @@ complete -c d3 -n '__fish_seen_subcommand_from bench' -l output -s o -x -d 'Per-
 complete -c d3 -n '__fish_seen_subcommand_from bench' -l resume -d 'Continue the run in --output: only unfinished examples run.'
 complete -c d3 -n '__fish_seen_subcommand_from bench' -l json -d 'Print the summary as JSON on stdout (the table goes to stderr).'
 complete -c d3 -n '__fish_seen_subcommand_from bench' -l repeats -x -d '--task speed: timed runs per measurement (medians; a warm-up is never timed).'
+complete -c d3 -n '__fish_seen_subcommand_from bench' -l quick -d '--task speed: 32-token replies, 3 rounds, only the side-by-side sections (weight kinds, α = 1, step costs): a few minutes.'
 complete -c d3 -n '__fish_seen_subcommand_from bench' -l help -s h -d 'Show this message and exit.'
 complete -c d3 -n '__fish_seen_subcommand_from profile-ppl' -l task -x -d 'Score a task\'s reference answers after its prompts: gsm8k or bbh (default gsm8k unless --text-file).'
 complete -c d3 -n '__fish_seen_subcommand_from profile-ppl' -l text-file -x -d 'Score documents of this file (blank-line separated), each split after --prompt-tokens; a .jsonl file gives prompt/continuation pairs.'

@@ -150,6 +150,7 @@ _d3_bench() {
         '(--resume)--resume[Continue the run in --output\: only unfinished examples run.]' \
         '(--json)--json[Print the summary as JSON on stdout (the table goes to stderr).]' \
         '(--repeats)--repeats[--task speed\: timed runs per measurement (medians; a warm-up is never timed).]:value: ' \
+        '(--quick)--quick[--task speed\: 32-token replies, 3 rounds, only the side-by-side sections (weight kinds, α = 1, step costs)\: a few minutes.]' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
         '*::argument: '

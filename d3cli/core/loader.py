@@ -131,6 +131,14 @@ def resolve_dtype(dtype: str, device):
     return torch.float32
 
 
+def gguf_file(model_ref: str | None) -> Path | None:
+    """The GGUF file a model reference loads (the embedded model's for None), or None for other models."""
+    if model_ref is None:
+        return embedded_gguf_path()
+    path = Path(model_ref).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]

@@ -24,18 +24,29 @@ BATCH_PROMPTS = (
 LONG_REPLY_TOKENS = 1024
 
 
+QUICK_TOKENS = 32  # --quick: replies this long, at most 3 rounds, and only the side-by-side sections
+QUICK_REPEATS = 3
+
+
 def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alphas: Sequence[float], repeats: int,
-            on_status: Callable[[str], None] = lambda message: None) -> dict:
-    """The speed report of `loaded` (loaded with `model_options`): α = 1 against the model's own generate, the step
-    cost per layer, D3 against its ideal at each α (bridged and plain when the calibration has bridges), batches,
-    the KV cache of a long reply, and the first token in new processes."""
+            on_status: Callable[[str], None] = lambda message: None, quick: bool = False) -> dict:
+    """The speed report of `loaded` (loaded with `model_options`): each weight kind at full depth and with D3
+    beside the memory-bandwidth limit and llama.cpp, α = 1 against the model's own generate, the step cost per
+    layer (with transformers' own layers too), D3 against its ideal at each α (bridged and plain when the
+    calibration has bridges), batches, the KV cache of a long reply, and the first token in new processes.
+    `quick`: short replies, few rounds, only the weight kinds, α = 1 and the step costs at the first α."""
     import torch
 
-    from d3cli.core.loader import context_length, num_decoder_layers
+    from d3cli.core.engine import model_device, model_dtype
+    from d3cli.core.loader import context_length, gguf_file, num_decoder_layers
     from d3cli.core.prompts import encode_prompt
-    from d3cli.evaluation import speed
+    from d3cli.evaluation import speed, weights_speed
 
     num_layers = num_decoder_layers(loaded.model)
+    if quick:
+        repeats = min(repeats, QUICK_REPEATS)
+        settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, QUICK_TOKENS))
+        alphas = alphas[:1]
     schedules = [dataclasses.replace(settings, alpha=alpha).schedule_for(num_layers, loaded.calibration)
                  for alpha in alphas]
     if schedules[0].bridges is not None:  # bridged D3 beside plain D3 at each α
@@ -45,14 +56,15 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     batch_prompts = [encode_prompt(loaded.tokenizer, text) for text in BATCH_PROMPTS]
     context = context_length(loaded.model)
     long_tokens = LONG_REPLY_TOKENS if context is None else max(2, min(LONG_REPLY_TOKENS, context - len(prompt) - 1))
-    from d3cli.core.engine import model_device, model_dtype
-
     report = {
         "task": "speed",
         "model": loaded.name,
+        "quick": quick,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(model_device(loaded.model)),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": str(model_device(loaded.model)),
                     "dtype": str(model_dtype(loaded.model)).replace("torch.", "")},
+        "weights": loaded.weights.as_dict() if loaded.weights is not None else None,
         "num_layers": num_layers,
         "calibration": loaded.calibration.label if loaded.calibration is not None else None,
         "skip_order": schedules[0].skip_order,
@@ -60,6 +72,12 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
         "tokens": tokens,
         "repeats": repeats,
     }
+    on_status("measuring the memory bandwidth")
+    bandwidth = weights_speed.memory_bandwidth()
+    report["bandwidth_gb_s"] = bandwidth / 1e9
+    on_status("timing each weight kind (and llama.cpp) side by side")
+    report.update(weight_kinds(loaded, model_options, settings, prompt, tokens, repeats, bandwidth,
+                               gguf_file(model_options.model)))
     on_status("timing model.generate against d3 at α = 1")
     report.update(speed.alpha1_against_hf(loaded.model, loaded.tokenizer, prompt, tokens, repeats))
     on_status("timing decode steps at each depth")
@@ -67,6 +85,16 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     on_status("timing D3 against full depth at each α")
     report["alphas"] = speed.alpha_rows(loaded.model, prompt, schedules, tokens, repeats,
                                         report["t_fixed_ms"], report["t_layer_ms"], report.get("t_bridge_ms", 0.0))
+    if quick:
+        return report
+    if model_options.fused:
+        on_status("timing decode steps with transformers' own decoder layers")
+        from d3cli.core.loader import load
+
+        unfused = load(dataclasses.replace(model_options, fused=False))
+        before = speed.step_times(unfused.model, prompt, schedules[0].with_bridges(None), tokens, repeats)
+        report["transformers_layers"] = {key: before[key] for key in ("t_fixed_ms", "t_layer_ms", "r2", "step_ms")}
+        del unfused
     on_status("timing batches")
     report["batches"] = speed.batch_rows(loaded.model, batch_prompts, schedules[0], BATCH_SIZES,
                                          min(tokens, 64), max(1, repeats // 2))
@@ -76,6 +104,44 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     report["first_token"] = speed.first_token_seconds(child_generate_args(model_options, settings),
                                                       type(loaded.model).__name__, max(1, min(repeats, 3)))
     return report
+
+
+def other_weight_kinds(loaded) -> list[str]:
+    """The kinds to time beside the loaded one: on the CPU every kind (the loaded one's dense dtype aside), on a
+    GPU none (its quantized kernels are CPU kernels)."""
+    from d3cli.core.engine import model_device
+
+    if model_device(loaded.model).type != "cpu" or loaded.weights is None:
+        return []
+    return [kind for kind in ("float32", "int8", "int4") if kind != loaded.weights.kind]
+
+
+def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, prompt: Sequence[int], tokens: int,
+                 repeats: int, bandwidth: float, gguf_path) -> dict:
+    """Each weight kind (the loaded model's and `other_weight_kinds`) at full depth and with the schedule of
+    `settings`, and llama.cpp on the GGUF file, in turns: the rows of weights_speed.compare."""
+    import torch
+
+    from d3cli.core.loader import load, num_decoder_layers
+    from d3cli.core.schedule import DecaySchedule
+    from d3cli.evaluation import weights_speed
+
+    models = [loaded] + [settings.with_calibration(load(dataclasses.replace(model_options, weights=kind,
+                                                                            dtype="auto")))
+                         for kind in other_weight_kinds(loaded)]
+    sides = []
+    for model in models:
+        num_layers = num_decoder_layers(model.model)
+        schedule = settings.schedule_for(num_layers, model.calibration)
+        sides += weights_speed.d3_sides(model, {"full depth": DecaySchedule.full(num_layers),
+                                                f"α {schedule.alpha:g}": schedule}, prompt, tokens)
+    llama, why = weights_speed.llama_cpp_side(None if gguf_path is None else str(gguf_path),
+                                              torch.get_num_threads(), len(prompt) + tokens + 16)
+    if llama is not None:
+        sides.append(weights_speed.Side("llama.cpp", "llama.cpp", lambda count: llama.decode_seconds(prompt, count),
+                                        weights_speed.gguf_step_bytes(str(gguf_path))))
+    rows = weights_speed.with_llama_ratios(weights_speed.compare(sides, tokens, repeats, bandwidth))
+    return {"weight_kinds": rows, "llama_cpp": {"version": llama.version} if llama is not None else {"skipped": why}}
 
 
 def child_generate_args(model_options: ModelOptions, settings: DecodeSettings) -> list[str]:

@@ -122,6 +122,21 @@ def test_model_arguments_are_d3_generate_options_checked_the_same_way(loaded):
         D3LM(loaded=loaded, temperatur=0.5)
 
 
+def test_the_weights_model_argument_loads_and_scores_the_quantized_weights(tiny_model_dir):
+    lm = D3LM(pretrained=str(tiny_model_dir), weights="int8", alpha=1.0)
+    assert lm.loaded.weights.kind == "int8" and lm.loaded.weights.modules.get("int8")
+    [(logprob, greedy)] = lm.loglikelihood(requests("loglikelihood", [(CONTEXTS[0], CONTINUATIONS[0])]),
+                                           disable_tqdm=True)
+    expected, expected_greedy = full_depth_logprob(lm.loaded.model, lm.tokenizer, CONTEXTS[0], CONTINUATIONS[0])
+    assert math.isclose(logprob, expected, rel_tol=1e-4, abs_tol=1e-4) and greedy == expected_greedy
+    from d3cli.core.errors import UserError
+
+    with pytest.raises(UserError, match="unknown weights .int3."):
+        D3LM(pretrained=str(tiny_model_dir), weights="int3")
+    with pytest.raises(UserError, match="group_size"):
+        D3LM(pretrained=str(tiny_model_dir), weights="int4", group_size="many")
+
+
 def test_lm_eval_finds_the_model_by_name():
     from lm_eval.api.registry import get_model
 

@@ -70,6 +70,33 @@ def test_speed_bench_json_is_complete_and_consistent(cli, tiny_model_dir):
     first = report["first_token"]
     assert 0 < first["imports_s"] and 0 < first["warm_s"] <= first["warm_exit_s"] and first["cold_s"] > 0
     assert "efficiency" in result.stderr
+    assert report["weights"]["kind"] == "float32" and report["bandwidth_gb_s"] > 0
+    rows = {row["name"]: row for row in report["weight_kinds"]}
+    assert set(rows) == {f"d3 {kind} {label}" for kind in ("float32", "int8", "int4")
+                         for label in ("full depth", "α 0.8")}
+    assert rows["d3 int4 full depth"]["step_bytes"] < rows["d3 int8 full depth"]["step_bytes"] < rows[
+        "d3 float32 full depth"]["step_bytes"]
+    for row in rows.values():
+        assert row["limit_tokens_per_s"] == pytest.approx(report["bandwidth_gb_s"] * 1e9 / row["step_bytes"])
+        assert row["of_limit"] == pytest.approx(row["tokens_per_s"] / row["limit_tokens_per_s"])
+        assert row["vs_llama_cpp"] is None
+    assert rows["d3 int4 α 0.8"]["mean_layers"] == pytest.approx(report["alphas"][0]["mean_layers"])
+    assert rows["d3 int4 α 0.8"]["step_bytes"] < rows["d3 int4 full depth"]["step_bytes"]
+    assert report["llama_cpp"] == {"skipped": "the model is not a GGUF file"}
+    assert {"t_fixed_ms", "t_layer_ms", "r2", "step_ms"} <= report["transformers_layers"].keys()
+    assert "× llama.cpp" in result.stderr and "llama.cpp: not timed" in result.stderr
+
+
+def test_the_quick_speed_bench_times_only_the_side_by_side_sections(cli, tiny_model_dir):
+    result = cli(["bench", "--task", "speed", "--quick", "--model", str(tiny_model_dir), "--alpha", "0.8,0.9",
+                  *TINY, "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["quick"] is True and report["tokens"] == 32 and report["repeats"] == 3
+    assert [row["alpha"] for row in report["alphas"]] == [0.8]
+    assert {"weight_kinds", "alpha1_ratio", "t_layer_ms"} <= report.keys()
+    assert not {"batches", "kv_cache", "first_token", "transformers_layers"} & report.keys()
+    assert cli(["bench", "--task", "gsm8k", "--quick"]).exit_code == 2
 
 
 def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_model_dir, tmp_path):

@@ -81,6 +81,10 @@ def bench(
         int, typer.Option(help="--task speed: timed runs per measurement (medians; a warm-up is never timed).",
                           rich_help_panel=OUTPUT_PANEL),
     ] = 5,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="--task speed: 32-token replies, 3 rounds, only the side-by-side "
+                           "sections (weight kinds, α = 1, step costs): a few minutes.", rich_help_panel=OUTPUT_PANEL),
+    ] = False,
 ) -> None:
     """Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.
 
@@ -93,6 +97,8 @@ def bench(
     from d3cli.evaluation.tasks.base import TaskOptions
 
     alphas = parse_alphas(depth.alpha)
+    if quick and task != "speed":
+        raise UserError("--quick applies to --task speed only")
     if task == "speed" and distributed.launched_size() > 1:
         raise UserError("--task speed times one process: run it without a launcher (accelerate launch, torchrun)")
     if task == "speed":
@@ -106,7 +112,7 @@ def bench(
         loaded = settings.with_calibration(load(model_options))
         console = render.stderr_console()
         with render.Spinner(console, "timing") as spinner:
-            report = measure(loaded, model_options, settings, alphas, repeats, on_status=spinner.update)
+            report = measure(loaded, model_options, settings, alphas, repeats, on_status=spinner.update, quick=quick)
         render.print_speed_report(console if as_json else render.stdout_console(), report)
         if as_json:
             render.write_json_line(report)

@@ -8,7 +8,8 @@ under the same schedule by d3's teacher-forced scorer.
 starts one process unless given an MPI hostfile.)
 
 Model arguments are the options of `d3 generate`: `pretrained` (a Hugging Face id, folder or .gguf; default the
-embedded model), `device`, `dtype`, `device_map`, `trust_remote_code`, `alpha`, `min_layers`, `warmup`, `head`,
+embedded model), `device`, `dtype`, `device_map`, `trust_remote_code`, `weights` (auto, float32, bfloat16, float16,
+int8, int4), `group_size`, `alpha`, `min_layers`, `warmup`, `head`,
 `tail`, `skip_order`, `profile`, `calibration`, `bridges`; and lm-eval's `batch_size`, `max_gen_toks`,
 `max_length`. The model's calibration (importance order, bridges) is found as every d3 command finds it.
 
@@ -56,7 +57,8 @@ class D3LM(TemplateLM):
     """lm-eval's model interface over a d3-loaded model and one D3 schedule."""
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str = "auto",
-                 device_map: str | None = None, trust_remote_code: bool = False, calibration: str | None = None,
+                 device_map: str | None = None, trust_remote_code: bool = False, weights: str = "auto",
+                 group_size: int | str = 32, calibration: str | None = None,
                  batch_size: int | str = 1, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None,
                  loaded=None, schedule: DecaySchedule | None = None, **depth):
         """Either model arguments (what lm-eval passes: the model's, `calibration`, and the depth options of
@@ -77,8 +79,11 @@ class D3LM(TemplateLM):
         if loaded is None:
             from d3cli.core.loader import ModelOptions, load
 
-            loaded = self.settings.with_calibration(load(ModelOptions(pretrained, self._device_name(device), dtype,
-                                                                      device_map, bool(trust_remote_code))))
+            if not str(group_size).isdigit():
+                raise UserError(f"group_size must be a whole number (32, 64, 128 or 256), not {group_size}")
+            options = ModelOptions(pretrained, self._device_name(device), dtype, device_map, bool(trust_remote_code),
+                                   str(weights), int(group_size))
+            loaded = self.settings.with_calibration(load(options))
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         from d3cli.core.loader import context_length, num_decoder_layers

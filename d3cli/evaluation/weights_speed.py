@@ -1,0 +1,149 @@
+"""`d3 bench --task speed`, side by side per weight kind: decode tokens/s at full depth and with D3, the bytes each
+step streams, the physical limit those bytes leave on this machine, and llama.cpp on the same GGUF file.
+
+A decode step at batch 1 reads every weight of the layers it runs once, so no implementation decodes faster than
+bandwidth ÷ bytes per step; the limit stands beside every figure. The memory bandwidth is measured here (the best of
+several sums over a buffer far larger than the caches). The sides (each weight kind at full depth and with the
+schedule, llama.cpp) take turns within every round and each step's time is its median over the rounds, so this
+VM's drifting speed moves every side alike. llama.cpp is optional (the `llama_cpp` module of the
+llama-cpp-python package, when installed); d3 never needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from d3cli.evaluation.timing import decode_seconds, median_total
+
+BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far past the last-level cache of any CPU here
+
+
+def memory_bandwidth(repeats: int = 5, size_bytes: int = BANDWIDTH_BYTES) -> float:
+    """Bytes per second this machine reads from memory: the best of `repeats` float32 sums over `size_bytes`."""
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
+    buffer.sum()  # touched once: the pages exist
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - started)
+    return size_bytes / best
+
+
+class LlamaCpp:
+    """llama.cpp (through llama-cpp-python) decoding a GGUF file greedily, one token per call, like d3's steps."""
+
+    def __init__(self, gguf_path: str, threads: int, context: int):
+        import llama_cpp
+
+        self.version = getattr(llama_cpp, "__version__", "?")
+        self.model = llama_cpp.Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=context,
+                                     verbose=False)
+
+    def decode_seconds(self, prompt_ids: Sequence[int], tokens: int) -> list[float]:
+        """Wall seconds of each decode step (steps 1..tokens−1; step 0 is the prefill's), as `decode_seconds`."""
+        import numpy as np
+
+        model = self.model
+        model.reset()
+        model.eval(list(prompt_ids))
+        token = int(np.argmax(model.scores[model.n_tokens - 1]))
+        durations = []
+        for _ in range(tokens - 1):
+            started = time.perf_counter()
+            model.eval([token])
+            token = int(np.argmax(model.scores[model.n_tokens - 1]))
+            durations.append(time.perf_counter() - started)
+        return durations
+
+
+def llama_cpp_side(gguf_path: str | None, threads: int, context: int) -> tuple[LlamaCpp | None, str]:
+    """llama.cpp on the model's GGUF file when both exist, else None and why not."""
+    if gguf_path is None:
+        return None, "the model is not a GGUF file"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None, "llama-cpp-python is not installed (pip install llama-cpp-python builds it in ~10 min)"
+    return LlamaCpp(gguf_path, threads, context), ""
+
+
+@dataclasses.dataclass
+class Side:
+    """One decoder timed in turns with the others: a name, a weight kind, and a function decoding N tokens."""
+
+    name: str
+    weights: str
+    decode: Callable[[int], list[float]]
+    step_bytes: float  # weight bytes one decode step streams (mean over the steps)
+    mean_layers: float | None = None  # k̄ of the decode steps, None for llama.cpp (full depth)
+    rounds: list[list[float]] = dataclasses.field(default_factory=list)
+
+
+def compare(sides: Sequence[Side], tokens: int, repeats: int, bandwidth: float) -> list[dict]:
+    """Every side decodes `tokens` tokens once untimed, then in turns `repeats` times (the order rotating by
+    round); tokens/s from the sum of each step's median; the limit bandwidth ÷ bytes per step beside it."""
+    for side in sides:
+        side.decode(min(tokens, 8))
+    for round_index in range(repeats):
+        shift = round_index % len(sides)
+        for side in [*sides[shift:], *sides[:shift]]:
+            side.rounds.append(side.decode(tokens))
+    rows = []
+    for side in sides:
+        seconds = median_total(side.rounds)
+        rate = len(side.rounds[0]) / seconds if seconds > 0 else float("nan")
+        limit = bandwidth / side.step_bytes if side.step_bytes else None
+        rows.append({"name": side.name, "weights": side.weights, "tokens_per_s": rate,
+                     "step_ms": 1e3 / rate if rate else None, "mean_layers": side.mean_layers,
+                     "step_bytes": side.step_bytes, "limit_tokens_per_s": limit,
+                     "of_limit": rate / limit if limit else None})
+    return rows
+
+
+def d3_sides(loaded, schedules: dict, prompt_ids: Sequence[int], tokens: int) -> list[Side]:
+    """Full depth and each named schedule of one loaded model as timed sides."""
+    from d3cli.evaluation.speed import mean_decode_layers
+
+    report = loaded.weights
+    sides = []
+    for label, schedule in schedules.items():
+        k_bar = mean_decode_layers(schedule, tokens)
+        sides.append(Side(f"d3 {report.kind} {label}", report.kind,
+                          lambda count, schedule=schedule: decode_seconds(loaded.model, prompt_ids, schedule, count),
+                          report.step_bytes_at(k_bar), k_bar))
+    return sides
+
+
+def with_llama_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's tokens/s over llama.cpp's, when llama.cpp ran."""
+    anchor = next((row for row in rows if row["weights"] == "llama.cpp"), None)
+    for row in rows:
+        row["vs_llama_cpp"] = row["tokens_per_s"] / anchor["tokens_per_s"] if anchor else None
+    return rows
+
+
+def gguf_step_bytes(gguf_path: str) -> float:
+    """The bytes a llama.cpp decode step reads from its file: every tensor but the token embedding's rows (read
+    one row a step), counting the embedding once more when it is also the output layer (tied)."""
+    from d3cli.core.gguf_blocks import read_gguf
+
+    _, tensors = read_gguf(gguf_path)
+    names = {tensor.name for tensor in tensors}
+    total = 0
+    for tensor in tensors:
+        size = tensor.data.nbytes
+        if tensor.name == "token_embd.weight":
+            total += size if "output.weight" not in names else 0
+        else:
+            total += size
+    return float(total)
+
+
+def median_step_ms(rounds: Sequence[Sequence[float]]) -> float:
+    return statistics.median(value for round_ in rounds for value in round_) * 1e3
