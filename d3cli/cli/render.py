@@ -193,10 +193,14 @@ def calibration_text(record: dict) -> str:
     """Which calibration a reply used and what its bridges did, or how to make one."""
     if record.get("calibration") is None:
         return "none for this model (d3 calibrate fits its layer order and bridges)"
+    made_on = record.get("calibration_weights")
+    name = record["calibration"]
+    if made_on and record.get("weights") and made_on != record["weights"]:
+        name += f" (made on {made_on} weights)"
     if not record.get("bridges"):
-        return f"{record['calibration']}, bridges off"
+        return f"{name}, bridges off"
     runs = ", ".join(f"{first}" if first == last else f"{first}–{last}" for first, last in record["bridged_runs"])
-    text = f"{record['calibration']}, bridges over layers {runs}" if runs else f"{record['calibration']}, bridges on"
+    text = f"{name}, bridges over layers {runs}" if runs else f"{name}, bridges on"
     if record.get("unbridged_runs"):
         text += f" (no bridge for {len(record['unbridged_runs'])} run(s): skipped plainly)"
     return text

@@ -333,7 +333,9 @@ def embedding_rows(model, count: int):
 
 def model_identity(loaded: LoadedModel) -> dict:
     """What a saved layer profile records about its model, to refuse another model later: the architecture facts
-    and a fingerprint of the weights (mean |w| of the first embedding rows, stable across dtypes)."""
+    and a fingerprint of the weights (mean |w| of the first embedding rows, stable across dtypes), and the kind of
+    weights that ran (`int4`, `float32`, ...): a calibration made on one kind serves the others (identity_mismatch
+    ignores it), but the cache keeps one per kind and prefers the model's own."""
     import torch
 
     config = loaded.model.config.get_text_config(decoder=True)
@@ -346,4 +348,5 @@ def model_identity(loaded: LoadedModel) -> dict:
         "hidden_size": getattr(config, "hidden_size", None),
         "vocab_size": getattr(config, "vocab_size", None),
         "fingerprint": fingerprint,
+        **({"weights": loaded.weights.kind} if getattr(loaded, "weights", None) is not None else {}),
     }

@@ -45,12 +45,23 @@ class ModelCalibration:
         """How summaries name it: "bundled" for the one shipped with d3, else its path."""
         return "bundled" if self.bundled else str(self.path)
 
+    @property
+    def weights(self) -> str:
+        """The kind of weights it was made on."""
+        return made_on(self.model)
+
     def activate(self, device, dtype) -> None:
         """The bridges as schedules carry them: on the model's device and dtype, each moved when first used."""
         self.active_bridges = self.bridges.on(device, dtype) if len(self.bridges) else None
 
     def header(self) -> dict:
         return header_of(self.model, self.profile, self.fit)
+
+
+def made_on(identity: dict) -> str:
+    """The kind of weights a calibration (or a model) with `identity` ran: files from before d3 recorded it were
+    all made on float32 weights."""
+    return str(identity.get("weights") or "float32")
 
 
 def header_of(identity: dict, profile: LayerProfile | None, fit: dict) -> dict:
@@ -198,15 +209,19 @@ def calibrations_dir() -> Path:
 
 def cache_path(identity: dict) -> Path:
     """Where `d3 calibrate` writes the calibration of the model with `identity`: named by its architecture and its
-    weight fingerprint."""
+    weight fingerprint, and the kind of weights it ran (one file per kind: `d3 calibrate --weights int4` does not
+    replace the float32 one)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(identity.get("model_type") or "model"))
     key = f"{identity['num_layers']}L-{identity.get('hidden_size')}d-{float(identity.get('fingerprint') or 0):.6e}"
-    return calibrations_dir() / f"{name}-{key}.safetensors"
+    kind = f"-{identity['weights']}" if identity.get("weights") else ""
+    return calibrations_dir() / f"{name}-{key}{kind}.safetensors"
 
 
 def find_calibration(identity: dict) -> Path | None:
-    """The newest calibration in the user cache made for this model, else the bundled one if it fits, else None.
-    Files that are not calibrations, or are for other models, are passed over."""
+    """The newest calibration in the user cache made for this model on the same kind of weights, else the newest
+    made on another kind (the importance order and the bridges carry over: docs/PERFORMANCE.md measures what that
+    costs), else the bundled one if it fits, else None. Files that are not calibrations, or are for other models,
+    are passed over."""
     folder = calibrations_dir()
     candidates = []
     if folder.is_dir():
@@ -215,10 +230,12 @@ def find_calibration(identity: dict) -> Path | None:
                 payload = read_header(path)
             except UserError:
                 continue
-            if identity_mismatch(payload.get("model") or {}, identity) is None:
-                candidates.append((path.stat().st_mtime, path))
+            recorded = payload.get("model") or {}
+            if identity_mismatch(recorded, identity) is None:
+                same_kind = made_on(recorded) == made_on(identity)
+                candidates.append((same_kind, path.stat().st_mtime, path))
     if candidates:
-        return max(candidates)[1]
+        return max(candidates)[-1]
     if BUNDLED_CALIBRATION.is_file():
         try:
             if identity_mismatch(read_header(BUNDLED_CALIBRATION)["model"], identity) is None:

@@ -64,6 +64,23 @@ def test_the_cache_is_searched_for_this_model_only(tmp_path, tiny_identity):
     assert "8L-64d" in mine.name
 
 
+def test_a_calibration_serves_every_weight_kind_and_the_cache_prefers_the_models_own(tmp_path, tiny_identity):
+    assert tiny_identity["weights"] == "float32"
+    as_int4 = dict(tiny_identity, weights="int4")
+    made_on_float = cache_path(tiny_identity)
+    write_calibration(made_on_float, tiny_identity, None, some_bridges(), FIT)
+    assert find_calibration(as_int4) == made_on_float, "made on float32 weights, it serves int4 ones"
+    made_on_int4 = cache_path(as_int4)
+    assert made_on_int4 != made_on_float and made_on_int4.name.endswith("-int4.safetensors")
+    write_calibration(made_on_int4, as_int4, None, some_bridges(), FIT)
+    os.utime(made_on_float)  # the float32 one is now the newest: each kind still finds its own
+    assert find_calibration(as_int4) == made_on_int4
+    assert find_calibration(tiny_identity) == made_on_float
+    assert read_calibration(made_on_int4).weights == "int4"
+    before = {key: value for key, value in tiny_identity.items() if key != "weights"}
+    assert read_calibration(made_on_float).weights == "float32" and cache_path(before) != made_on_float
+
+
 def damaged(path, how: str):
     data = path.read_bytes()
     if how == "truncated":
@@ -118,8 +135,13 @@ def test_generate_uses_a_calibration_and_says_so(cli, tiny_model_dir, tmp_path, 
     plain = json.loads(cli([*args, "--no-bridges"]).stdout)
     assert plain["bridges"] is False and plain["bridged_runs"] == [] and plain["skip_order"] == "importance"
     assert plain["layers_per_token"] == record["layers_per_token"]
+    assert record["calibration_weights"] == "float32" == record["weights"]
     stats = cli([*args[:-2], "--stats", "Hello"])
     assert f"calibration {path}, bridges over layers" in stats.stderr
+    on_int8 = json.loads(cli([*args[:-2], "--weights", "int8", "--json", "Hello"]).stdout)
+    assert on_int8["weights"] == "int8" and on_int8["calibration"] == path and on_int8["bridged_runs"]
+    stats = cli([*args[:-2], "--weights", "int8", "--stats", "Hello"])
+    assert f"calibration {path} (made on float32 weights), bridges over layers" in " ".join(stats.stderr.split())
 
 
 def test_a_model_without_calibration_says_how_to_make_one(cli, tiny_model_dir):
