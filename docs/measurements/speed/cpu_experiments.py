@@ -6,6 +6,7 @@
     python docs/measurements/speed/cpu_experiments.py cache 64 512 1024 2048   # concatenating vs growing cache
     python docs/measurements/speed/cpu_experiments.py compile layers  # or: compile model
     python docs/measurements/speed/cpu_experiments.py startup         # phases of a warm start (run it twice)
+    python docs/measurements/speed/cpu_experiments.py floor           # a step's weight products alone vs llama.cpp
 
 Variants compared in one process take turns step by step, so a drift in machine speed hits them alike; each figure
 is a median decode-step time (ms) at full depth, batch 1, after ~100 prompt tokens. Imports happen inside each
@@ -155,6 +156,64 @@ def compile_(what: str) -> None:
     print(f"eager {1000 * eager:.1f} ms, compiled ({what}) {1000 * compiled:.1f} ms")
 
 
+def floor() -> None:
+    """How much of a decode step the weight products alone take (every quantized linear of the 30 layers and the LM
+    head, called back to back on one token), against the whole step and against llama.cpp's decode step on the same
+    file (llama-cpp-python, when installed), in turns. What is left after the products is d3's overhead; the
+    products alone against llama.cpp's whole step is how far torch's kernels are from llama.cpp's."""
+    import torch
+
+    from d3cli.core.loader import embedded_gguf_path, load
+
+    loaded = load(None)
+    model = loaded.model
+    inner = {id(module.halves) for module in model.modules() if hasattr(module, "halves")}  # BlockInt8Linear's
+    linears = [module for module in model.modules() if hasattr(module, "in_features") and id(module) not in inner
+               and hasattr(module, "weight_bytes") and not isinstance(module, torch.nn.Embedding)]
+    head = model.get_output_embeddings()
+    inputs = [torch.randn(1, module.in_features, dtype=torch.bfloat16) for module in linears]
+
+    def products() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for module, hidden in zip(linears, inputs):
+                module(hidden)
+        return time.perf_counter() - started
+
+    def head_alone() -> float:
+        hidden = torch.randn(1, head.in_features, dtype=torch.bfloat16)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            head(hidden)
+        return time.perf_counter() - started
+
+    steppers = {"whole step": _decoder(model), "weight products alone": products, "LM head alone": head_alone}
+    try:
+        from d3cli.evaluation.weights_speed import LlamaCpp
+
+        llama = LlamaCpp(str(embedded_gguf_path()), torch.get_num_threads(), 4096)
+        llama.decode_seconds(list(range(100, 100 + PROMPT_TOKENS)), 2)
+
+        def llama_step() -> float:
+            return _llama_one(llama)
+
+        steppers["llama.cpp step"] = llama_step
+    except ImportError:
+        print("llama-cpp-python is not installed: llama.cpp not timed")
+    print(f"{len(linears)} products, {loaded.weights.label()}")
+    print(_medians_in_turns(steppers, 100))
+
+
+def _llama_one(llama) -> float:
+    import numpy as np
+
+    model = llama.model
+    token = int(np.argmax(model.scores[model.n_tokens - 1]))
+    started = time.perf_counter()
+    model.eval([token])
+    return time.perf_counter() - started
+
+
 def _run(step, count: int) -> list[float]:
     return [step() for _ in range(count)]
 
@@ -171,19 +230,21 @@ def startup() -> None:
     import torch
     mark("import torch")
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     assert transformers.LlamaForCausalLM  # the model class's modules, as loading the model imports them
     mark("import transformers + Llama")
     import d3cli.cli.app
     from d3cli.core import loader
     assert d3cli.cli.app
     mark("import d3cli")
-    folder = loader.converted_gguf_dir(loader.embedded_gguf_path())
+    from d3cli.core import gguf_cache
+    from d3cli.core.weights import resolve_weights
+
+    folder = gguf_cache.cached_gguf_dir(loader.embedded_gguf_path())
     mark("sha256 + cache lookup")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    mark("tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    mark("model from_pretrained")
+    choice = resolve_weights("auto", "auto", torch.device("cpu"), gguf_types=gguf_cache.gguf_types(folder),
+                             device_map=None, group_size=32, default_dtype=loader.resolve_dtype)
+    model, tokenizer, _ = gguf_cache.load_cached(folder, choice, "cpu")
+    mark("model + tokenizer (blocks)")
     with torch.inference_mode():
         model(torch.tensor([tokenizer("Hello")["input_ids"]]))
     mark("first forward")
@@ -196,4 +257,4 @@ if __name__ == "__main__":
     elif experiment == "compile":
         compile_(rest[0] if rest else "layers")
     else:
-        {"profile": profile, "fixed": fixed, "knobs": knobs, "startup": startup}[experiment]()
+        {"profile": profile, "fixed": fixed, "knobs": knobs, "startup": startup, "floor": floor}[experiment]()

@@ -67,7 +67,6 @@ def main() -> None:
     rows = {"texts": len(texts), "tokens": sum(len(log_probs) for log_probs, _ in reference), "gguf": [], "on_load": []}
     rows["gguf"].append(compare("float32 (the file dequantized: the reference)", dense, texts, None))
     for name, options in [("auto (int4 from Q4_1, int8 head from Q8_0, bfloat16 activations)", {}),
-                          ("int4, float32 activations", {"weights": "int4", "dtype": "float32"}),
                           ("int8 (the Q4_1 blocks requantized per channel)", {"weights": "int8"}),
                           ("bfloat16 dense", {"weights": "bfloat16"})]:
         rows["gguf"].append(compare(name, loader.load(None, **options), texts, reference))
