@@ -139,26 +139,31 @@ def tiny_models(tokenizer):
     return {family: build_tiny_model(family, len(tokenizer)) for family in FAMILIES}
 
 
-# The same tiny models as the loader prepares them: fused decoder layers (float32), and int8 / int4 weights (with
-# float32 activations, so equivalence tests keep float32 tolerances; bfloat16 activations are tested on their own).
+# The same tiny models as the loader prepares them: fused decoder layers (float32), and int8 / int4 weights with
+# float32 activations, on d3's kernels (where they can be built) or on torch's (`kernels="torch"`: float activations,
+# so products equal the dequantized weights' to float32 rounding).
 WEIGHT_VARIANTS = {"fused": "float32", "int8": "int8", "int4": "int4"}
 
 
 @pytest.fixture(scope="session")
 def tiny_variant_models(tiny_models):
-    """(family, variant) -> a copy of the tiny model with the weights of `variant` (WEIGHT_VARIANTS), built once."""
+    """(family, variant, kernels="d3") -> a copy of the tiny model with the weights of `variant` (WEIGHT_VARIANTS)
+    on those kernels, built once."""
+    import contextlib
     import copy
 
+    from d3cli import kernels as d3_kernels
     from d3cli.core.weights import WeightChoice, apply_weights
 
     built = {}
 
-    def get(family: str, variant: str):
-        if (family, variant) not in built:
+    def get(family: str, variant: str, kernels: str = "d3"):
+        if (family, variant, kernels) not in built:
             model = copy.deepcopy(tiny_models[family])
-            apply_weights(model, WeightChoice(WEIGHT_VARIANTS[variant], torch.float32))
-            built[(family, variant)] = model.eval()
-        return built[(family, variant)]
+            with d3_kernels.turned_off() if kernels == "torch" else contextlib.nullcontext():
+                apply_weights(model, WeightChoice(WEIGHT_VARIANTS[variant], torch.float32))
+            built[(family, variant, kernels)] = model.eval()
+        return built[(family, variant, kernels)]
 
     return get
 

@@ -30,6 +30,7 @@ from d3cli.core.results import Reply, ReplyCollector
 from d3cli.core.sampling import Sampler, greedy, make_sampler
 from d3cli.core.schedule import DecaySchedule
 from d3cli.core.kv_cache import DepthDecayCache
+from d3cli.core.native import native_decoder
 from d3cli.core.skipping import LayerSkipper
 
 
@@ -132,7 +133,12 @@ def decode_one_token(
     attention_mask: torch.Tensor | None,
     cache: DepthDecayCache,
 ) -> torch.Tensor:
-    """Run one new token per row through the layers that are currently kept; return the next-token logits."""
+    """Run one new token per row through the layers that are currently kept; return the next-token logits. Without
+    padding, a model whose layers run on d3's kernels takes its native step (native.py: the same logits, less
+    Python)."""
+    native = native_decoder(model) if attention_mask is None else None
+    if native is not None:
+        return native.step(input_ids, position_ids, cache)
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

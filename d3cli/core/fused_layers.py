@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from d3cli.core.native import native_layer
+
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 SUPPORTED_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -110,6 +112,7 @@ class FusedDecoderLayer(nn.Module):
         # transformers' sdpa path hands a single query to torch with enable_gqa, 2-3x slower on the CPU than the same
         # attention with the query heads grouped under their key/value head (what it does itself when masked)
         self.packs_queries = config._attn_implementation == "sdpa" and self.num_key_value_groups > 1
+        self.native = native_layer(self)  # the whole layer as one call of d3's kernel, where it can be
         self.eval()
 
     @staticmethod
@@ -123,6 +126,10 @@ class FusedDecoderLayer(nn.Module):
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, past_key_values=None,
                 **kwargs) -> torch.Tensor:
         cache = cache if cache is not None else past_key_values
+        if self.native is not None:
+            out = self.native.forward(hidden_states, attention_mask, position_embeddings, cache)
+            if out is not None:
+                return out
         batch, tokens, _ = hidden_states.shape
         residual = hidden_states
         normed = rms_norm(hidden_states, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
@@ -152,3 +159,4 @@ class FusedDecoderLayer(nn.Module):
                           self.post_attention_layernorm.variance_epsilon)
         gate, up = self._project(self.gate_up, normed).split([self.intermediate_size, self.intermediate_size], -1)
         return residual + self.down_proj(self.act_fn(gate) * up)
+

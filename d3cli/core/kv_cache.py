@@ -38,38 +38,59 @@ class GrowingLayer(DynamicLayer):
     def _held(self) -> int:
         return self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
 
-    def _writes_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor, held: int) -> bool:
-        """True when `keys`/`values` are still the heads of our buffers and the new positions fit behind them."""
+    def _writes_in_place(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, held: int) -> bool:
+        """True when `keys`/`values` are still the heads of our buffers and `shape[2]` new positions of that shape
+        ([batch, heads, positions, head_dim]) fit behind them."""
         buffers = (self._key_buffer, self._value_buffer)
         if buffers[0] is None or held == 0:
             return False
         if buffers[0].is_inference() and not torch.is_inference_mode_enabled():
             return False  # an in-place write to an inference tensor is refused outside inference mode
-        for view, buffer, new in zip((self.keys, self.values), buffers, (key_states, value_states)):
+        for view, buffer in zip((self.keys, self.values), buffers):
             if (view.data_ptr() != buffer.data_ptr() or view.stride() != buffer.stride()
-                    or buffer.shape[:2] != new.shape[:2] or buffer.shape[3] != new.shape[3]
-                    or buffer.dtype != new.dtype or buffer.device != new.device):
+                    or buffer.shape[:2] != shape[:2] or buffer.shape[3] != shape[3]
+                    or buffer.dtype != dtype or buffer.device != device):
                 return False
-        return held + key_states.shape[-2] <= buffers[0].shape[-2]
+        return held + shape[2] <= buffers[0].shape[-2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         held = self._held()
         needed = held + key_states.shape[-2]
-        if not self._writes_in_place(key_states, value_states, held):
-            self._reallocate(key_states, value_states, held, needed)
+        if not self._writes_in_place(key_states.shape, key_states.dtype, key_states.device, held):
+            self._reallocate(key_states.shape, key_states.dtype, key_states.device, held, needed)
         self._key_buffer[:, :, held:needed].copy_(key_states)
         self._value_buffer[:, :, held:needed].copy_(value_states)
         self.keys = self._key_buffer[:, :, :needed]
         self.values = self._value_buffer[:, :, :needed]
         return self.keys, self.values
 
-    def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, held: int, needed: int) -> None:
+    def reserve(self, shape: tuple[int, int, int, int], dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for `shape[2]` new positions ([batch, heads, positions, head_dim]) behind the held ones, for a
+        kernel that writes them itself: the key and value buffers (the held positions first) and how many are
+        held. `advance` then makes the new positions part of the cache."""
+        if not self.is_initialized:
+            self.lazy_initialization(torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype,
+                                                                                               device=device))
+        held = self._held()
+        shape = torch.Size(shape)
+        if not self._writes_in_place(shape, dtype, device, held):
+            self._reallocate(shape, dtype, device, held, held + shape[2])
+        return self._key_buffer, self._value_buffer, held
+
+    def advance(self, held: int, tokens: int) -> None:
+        """The `tokens` positions written behind the `held` ones (after `reserve`) are now cached."""
+        self.keys = self._key_buffer[:, :, : held + tokens]
+        self.values = self._value_buffer[:, :, : held + tokens]
+
+    def _reallocate(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, held: int,
+                    needed: int) -> None:
         capacity = max(int(needed * self.GROWTH), self.MIN_CAPACITY)
         buffers = []
-        for old, new in ((self.keys, key_states), (self.values, value_states)):
-            buffer = new.new_empty((new.shape[0], new.shape[1], capacity, new.shape[3]))
+        for old in (self.keys, self.values):
+            buffer = torch.empty((shape[0], shape[1], capacity, shape[3]), dtype=dtype, device=device)
             if held:
                 buffer[:, :, :held].copy_(old)
             buffers.append(buffer)
@@ -106,6 +127,19 @@ class DepthDecayCache(DynamicCache):
         keys_values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self._last_writer[self._is_sliding(layer_idx)] = layer_idx
         return keys_values
+
+    def reserve(self, layer_idx: int, shape: tuple[int, int, int, int], dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """`GrowingLayer.reserve` for layer `layer_idx`, None when that layer is not a growing full-attention one."""
+        while len(self.layers) <= layer_idx and self.layer_class_to_replicate is GrowingLayer:
+            self.layers.append(GrowingLayer())
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        return layer.reserve(shape, dtype, device) if isinstance(layer, GrowingLayer) else None
+
+    def advance(self, layer_idx: int, held: int, tokens: int) -> None:
+        """`GrowingLayer.advance` for layer `layer_idx`, which is now the last layer of its kind to have written."""
+        self.layers[layer_idx].advance(held, tokens)
+        self._last_writer[False] = layer_idx
 
     def _is_sliding(self, layer_idx: int) -> bool:
         return bool(getattr(self.layers[layer_idx], "is_sliding", False))

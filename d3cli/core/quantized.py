@@ -1,26 +1,26 @@
-"""Weight-only quantized linear layers, run by torch's own CPU kernels, and their exact source forms.
+"""Weight-only quantized linear layers and their exact source forms.
 
-Two stored kinds, each the input of one torch kernel:
+Two stored kinds:
 
     int4   4-bit integers q in 0..15 in groups of `group_size` (32) along the input dimension, each group with a
-           scale and an offset: w = q·scale + offset. `aten._weight_int4pack_mm_for_cpu` (one packed [N, K/2]
-           uint8 tensor and one [K/G, N, 2] tensor of scales and "zeros", zero = offset + 8·scale).
-    int8   8-bit integers per output channel with one scale: w = q·scale. `aten._weight_int8pack_mm`.
+           scale and an offset: w = q·scale + offset.
+    int8   8-bit integers with a scale per group of 32 (GGUF's Q8_0 blocks, `BlockInt8`) or per output channel
+           (quantized on load): w = q·scale.
 
 GGUF's Q4_0, Q4_1 and Q4_K store exactly the int4 form (blocks of 32 with a scale and a minimum), so a GGUF file
-runs in its own precision; Q8_0 stores int8 in blocks of 32 (`BlockInt8`), kept exactly too: for embedding lookups
-(`BlockInt8Embedding`) and, split into two 4-bit halves, for the matrix product (`BlockInt8Linear`). A float weight is quantized on load: int4 by each group's minimum
-and maximum (as torchao's and gpt-fast's int4 weight-only quantization do), int8 by each row's largest magnitude.
+runs in its own precision; Q8_0 keeps its blocks, for embedding lookups (`BlockInt8Embedding`) and products
+(`BlockInt8Linear`). A float weight is quantized on load: int4 by each group's minimum and maximum (as torchao's
+and gpt-fast's int4 weight-only quantization do), int8 by each row's largest magnitude.
 
-On this project's CPU (AVX2, no AVX-512) both kernels are fast only with bfloat16 activations (measured in
-docs/PERFORMANCE.md): with float32 activations they take 8-10× longer than a float32 matrix product, so the loader
-runs quantized weights with bfloat16 activations unless --dtype says otherwise. Their scales are stored in the
-activations' dtype, as the kernels require.
+Each layer runs on d3's own kernels (d3cli/kernels: the weights packed in tiles, activations quantized to int8 per
+block of 32 as llama.cpp does, float32 activations otherwise) when they could be built on this machine, else on
+torch's `aten._weight_int4pack_mm_for_cpu` / `aten._weight_int8pack_mm`, which are fast only with bfloat16
+activations here. Scales are kept in float16 where that holds them exactly (a GGUF file's always), else float32.
+The measurements behind these choices are in docs/PERFORMANCE.md.
 
 Why not torchao: torchao 0.18 (the index's newest) runs int4 on the CPU only through the `mslk` package or a
 bfloat16 CUDA tile layout, and its int8 weight-only tensor dequantizes the whole weight on every call (3.7 ms for a
-576×1536 layer, against 0.07 ms for the kernel); it also prints load failures of its CUDA extensions on import. The
-two kernels it would call are torch's, so d3 calls them directly.
+576×1536 layer, against 0.07 ms for a kernel); it also prints load failures of its CUDA extensions on import.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from d3cli import kernels
 
 GROUP_SIZE = 32  # GGUF's block size; the int4 kernel takes 32, 64, 128 or 256
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -107,8 +109,82 @@ def fits_int8(in_features: int) -> bool:
     return in_features % INT8_COLUMN_MULTIPLE == 0
 
 
+def exact_scales(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Scales (and offsets) in float16 when float16 holds every one of them exactly, else in float32."""
+    values = [tensor.float() for tensor in tensors]
+    if all(torch.equal(value.half().float(), value) for value in values):
+        return tuple(value.half() for value in values)
+    return tuple(values)
+
+
+def _tiles_of(rows: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """[N, ...] padded with zero rows to whole tiles: [tiles, tile_rows, ...]."""
+    padded = -rows.shape[0] % tile_rows
+    if padded:
+        rows = torch.cat([rows, rows.new_zeros(padded, *rows.shape[1:])])
+    return rows.reshape(-1, tile_rows, *rows.shape[1:])
+
+
+def pack_tile_scales(scale: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """[N, groups] as [tiles, groups, tile_rows] (d3cli/kernels/blocks.h)."""
+    return _tiles_of(scale, tile_rows).transpose(1, 2).contiguous()
+
+
+def pack_int4_tiles(q: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """q [N, K] in 0..15 as d3's q4 tiles: per tile and block of 32, byte (j, r, i) holds row r's element 4j + i in
+    its low half and element 16 + 4j + i in its high half."""
+    tiles = _tiles_of(q.to(torch.uint8), tile_rows)
+    count, rows, columns = tiles.shape
+    halves = tiles.reshape(count, rows, columns // 32, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # t, b, half, j, r, i
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(count, -1).contiguous()
+
+
+def pack_int8_tiles(q: torch.Tensor, tile_rows: int, unsigned: bool) -> torch.Tensor:
+    """q [N, K] int8 as d3's q8 tiles: per tile and block of 32, byte (j, r, i) holds row r's element 4j + i, as
+    w + 128 when `unsigned`."""
+    tiles = _tiles_of(q.to(torch.int8), tile_rows)
+    count, rows, columns = tiles.shape
+    quads = tiles.reshape(count, rows, columns // 32, 8, 4).permute(0, 2, 3, 1, 4)  # t, b, j, r, i
+    values = (quads.to(torch.int16) + 128).to(torch.uint8) if unsigned else quads.contiguous().view(torch.uint8)
+    return values.reshape(count, -1).contiguous()
+
+
+class TiledWeights(nn.Module):
+    """A weight in d3's tiles: what the kernels' operators and `decoder_layer` take (see d3cli/kernels)."""
+
+    def __init__(self, kernel_kind: int, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                 bias: torch.Tensor | None, group_size: int):
+        super().__init__()
+        tile_rows, unsigned = kernels.layout()
+        self.kernel_kind, self.group_size = kernel_kind, group_size
+        self.out_features, self.in_features = q.shape
+        scales = exact_scales(scale) if offset is None else exact_scales(scale, offset)
+        self.register_buffer("tiles", pack_int4_tiles(q, tile_rows) if kernel_kind == 4
+                             else pack_int8_tiles(q, tile_rows, unsigned))
+        self.register_buffer("scale", pack_tile_scales(scales[0], tile_rows))
+        self.register_buffer("offset", None if offset is None else pack_tile_scales(scales[1], tile_rows))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, self.in_features)
+        if self.kernel_kind == 4:
+            out = torch.ops.d3.q4_linear(flat, self.tiles, self.scale, self.offset, self.group_size, self.out_features)
+        else:
+            out = torch.ops.d3.q8_linear(flat, self.tiles, self.scale, self.group_size, self.out_features)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*hidden.shape[:-1], self.out_features)
+
+    def part(self) -> tuple[list, list[int]]:
+        """This weight as one part of `torch.ops.d3.decoder_layer`: its tensors and (kind, group size, rows)."""
+        return [self.tiles, self.scale, self.offset, self.bias], [self.kernel_kind, self.group_size, self.out_features]
+
+    def weight_bytes(self) -> int:
+        return tensor_bytes(self.tiles, self.scale, self.offset, self.bias)
+
+
 class Int4Linear(nn.Module):
-    """A linear layer whose weight is `AffineInt4` groups, run by `aten._weight_int4pack_mm_for_cpu`."""
+    """A linear layer whose weight is `AffineInt4` groups: d3's q4 kernel, else `aten._weight_int4pack_mm_for_cpu`."""
 
     kind = "int4"
 
@@ -116,6 +192,10 @@ class Int4Linear(nn.Module):
         super().__init__()
         rows, columns = weight.q.shape
         self.in_features, self.out_features, self.group_size = columns, rows, weight.group_size
+        self.tiled = None
+        if kernels.available():
+            self.tiled = TiledWeights(4, weight.q, weight.scale, weight.offset, bias, weight.group_size)
+            return
         padded = -rows % INT4_ROW_MULTIPLE
         q, scale, offset = weight.q, weight.scale, weight.offset
         if padded:  # zero rows: their outputs are cut off again
@@ -129,6 +209,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tiled is not None:
+            return self.tiled(hidden)
         flat = hidden.reshape(-1, self.in_features)
         if flat.dtype != self.scales_and_zeros.dtype:
             flat = flat.to(self.scales_and_zeros.dtype)
@@ -140,6 +222,8 @@ class Int4Linear(nn.Module):
         return out.reshape(*hidden.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
+        if self.tiled is not None:
+            return self.tiled.weight_bytes()
         return tensor_bytes(self.packed, self.scales_and_zeros, self.bias)
 
     def extra_repr(self) -> str:
@@ -147,18 +231,25 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """A linear layer whose weight is int8 per output channel, run by `aten._weight_int8pack_mm`."""
+    """A linear layer whose weight is int8 per output channel: d3's q8 kernel (one group a row), else
+    `aten._weight_int8pack_mm`."""
 
     kind = "int8"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = q.shape
+        self.tiled = None
+        if kernels.available() and self.in_features % 32 == 0:
+            self.tiled = TiledWeights(8, q, scale.float()[:, None], None, bias, self.in_features)
+            return
         self.register_buffer("q", q.contiguous())
         self.register_buffer("scale", scale.detach().to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tiled is not None:
+            return self.tiled(hidden)
         flat = hidden.reshape(-1, self.in_features)
         if flat.dtype != self.scale.dtype:
             flat = flat.to(self.scale.dtype)
@@ -168,6 +259,8 @@ class Int8Linear(nn.Module):
         return out.reshape(*hidden.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
+        if self.tiled is not None:
+            return self.tiled.weight_bytes()
         return tensor_bytes(self.q, self.scale, self.bias)
 
     def extra_repr(self) -> str:
@@ -175,28 +268,34 @@ class Int8Linear(nn.Module):
 
 
 class BlockInt8Linear(nn.Module):
-    """A linear layer whose weight is GGUF's Q8_0 blocks, exactly, run by the int4 kernel: each q in -128..127
-    splits into two 4-bit halves, q + 128 = 16·high + low, so w = q·d = 16d·high + d·low − 128d, a product of the
-    input repeated twice ([x, x]) with [high | low] in groups of 32. Here as fast as per-channel int8
-    (`aten._weight_int8pack_mm`), which would re-quantize the blocks (measured in docs/PERFORMANCE.md)."""
+    """A linear layer whose weight is GGUF's Q8_0 blocks, exactly: d3's q8 kernel, else torch's int4 kernel with
+    each q in -128..127 split into two 4-bit halves, q + 128 = 16·high + low, so w = q·d = 16d·high + d·low − 128d,
+    a product of the input repeated twice ([x, x]) with [high | low] in groups of 32 (as fast as per-channel int8
+    there, which would re-quantize the blocks)."""
 
     kind = "int8"
 
     def __init__(self, table: BlockInt8, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.out_features, self.in_features = table.q.shape
+        self.tiled = self.halves = None
+        if kernels.available():
+            self.tiled = TiledWeights(8, table.q, table.scale, None, bias, table.group_size)
+            return
         shifted = table.q.to(torch.int16) + 128
         high, low = (shifted >> 4).to(torch.uint8), (shifted & 0x0F).to(torch.uint8)
         scale = table.scale.float()
         halves = AffineInt4(torch.cat([high, low], dim=1), torch.cat([16 * scale, scale], dim=1),
                             torch.cat([-128 * scale, torch.zeros_like(scale)], dim=1))
-        self.halves = Int4Linear(halves, bias, dtype)
+        self.halves = Int4Linear(halves, bias, dtype)  # torch's kernel: d3's are not available here
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tiled is not None:
+            return self.tiled(hidden)
         return self.halves(torch.cat([hidden, hidden], dim=-1))
 
     def weight_bytes(self) -> int:
-        return self.halves.weight_bytes()
+        return (self.tiled or self.halves).weight_bytes()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks of 32"

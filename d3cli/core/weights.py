@@ -81,7 +81,7 @@ def resolve_weights(requested: str, dtype_requested: str, device: torch.device, 
                    else f"--dtype {dtype_requested} was asked for" if quantized_file and dtype_requested != "auto"
                    else "float weights stay dense")
             return WeightChoice(str(dtype).replace("torch.", ""), dtype, why=why)
-        return WeightChoice(FILE_KIND, torch.bfloat16, why="the GGUF file's own precision")
+        return WeightChoice(FILE_KIND, quantized_dtype(), why="the GGUF file's own precision")
     # int8 / int4
     if device_map is not None:
         raise UserError(f"--weights {requested} cannot be spread with --device-map (quantized weights run on one "
@@ -92,8 +92,16 @@ def resolve_weights(requested: str, dtype_requested: str, device: torch.device, 
     if dtype_requested == "float16":
         raise UserError(f"--weights {requested} runs with bfloat16 or float32 activations, not float16 (the CPU "
                         "kernels are 10x slower in float16): use --dtype bfloat16")
-    dtype = torch.float32 if dtype_requested == "float32" else torch.bfloat16
+    dtype = quantized_dtype() if dtype_requested == "auto" else getattr(torch, dtype_requested)
     return WeightChoice(requested, dtype, group_size, why="asked for")
+
+
+def quantized_dtype() -> torch.dtype:
+    """The activations' dtype for quantized weights: float32 on d3's kernels (which quantize activations per block
+    themselves), bfloat16 on torch's (fast only with bfloat16 activations)."""
+    from d3cli import kernels
+
+    return torch.float32 if kernels.available() else torch.bfloat16
 
 
 def _nearest(gguf_type: str) -> str:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
+from d3cli import kernels
 from d3cli.core import fused_layers
 from d3cli.core.engine import generate_steps, make_prompt_batch
 from d3cli.core.schedule import DecaySchedule
@@ -49,14 +50,16 @@ def test_fused_layers_decode_as_the_models_own_layers(family, tiny_models):
 
 def test_a_layer_whose_projections_differ_in_kind_runs_them_side_by_side(tiny_models):
     """A GGUF file may store v_proj in another type than q_proj and k_proj (Q4_K_M does): the fused layer then
-    runs the int4 q/k product and the int8 v product and joins them."""
+    runs the int4 q/k product and the int8 v product and joins them. On torch's kernels, so that the fused layers
+    and transformers' own compute the same products (d3's kernel: tests/core/test_native.py)."""
     types = {f"model.layers.{index}.self_attn.{name}.weight": ("Q6_K" if name == "v_proj" else "Q4_1")
              for index in range(8) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
     types.update({f"model.layers.{index}.mlp.{name}.weight": "Q4_1" for index in range(8)
                   for name in ("gate_proj", "up_proj", "down_proj")})
     fused, unfused = copy.deepcopy(tiny_models["llama"]), copy.deepcopy(tiny_models["llama"])
-    apply_weights(fused, WeightChoice(FILE_KIND, torch.float32), gguf_types=types)
-    apply_weights(unfused, WeightChoice(FILE_KIND, torch.float32), gguf_types=types, fuse=False)
+    with kernels.turned_off():
+        apply_weights(fused, WeightChoice(FILE_KIND, torch.float32), gguf_types=types)
+        apply_weights(unfused, WeightChoice(FILE_KIND, torch.float32), gguf_types=types, fuse=False)
     layer = find_decoder_layers(fused)[0]
     assert [part.kind for part in layer.qkv] == ["int4", "int8"] and len(layer.gate_up) == 1
     schedule = DecaySchedule.full(8)

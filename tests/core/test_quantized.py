@@ -1,4 +1,5 @@
-"""Quantized linear layers against the float products of their own dequantized weights."""
+"""Quantized linear layers on torch's kernels against the float products of their own dequantized weights, and the
+quantization of float weights. (On d3's kernels, whose activations are int8, in tests/kernels/.)"""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from d3cli import kernels
 from d3cli.core.quantized import (
     AffineInt4,
     BlockInt8,
@@ -16,6 +18,13 @@ from d3cli.core.quantized import (
     quantize_int4,
     quantize_int8,
 )
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels():
+    """Every layer built in these tests runs on torch's kernels."""
+    with kernels.turned_off():
+        yield
 
 
 def random_int4(rows: int, columns: int, group: int = 32, seed: int = 0) -> AffineInt4:

@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import FAMILIES
 
+from d3cli import kernels
 from d3cli.core import fused_layers
 from d3cli.core.errors import UserError
 from d3cli.core.loader import resolve_dtype
 from d3cli.core.quantized import Int4Linear, Int8Linear
 from d3cli.core.skipping import find_decoder_layers
-from d3cli.core.weights import FILE_KIND, WeightChoice, apply_weights, resolve_weights
+from d3cli.core.weights import FILE_KIND, WeightChoice, apply_weights, quantized_dtype, resolve_weights
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 Q4_FILE = {"model.layers.0.mlp.up_proj.weight": "Q4_1", "model.norm.weight": "F32"}
@@ -27,7 +28,7 @@ def choose(weights="auto", dtype="auto", device=CPU, types=None, device_map=None
 
 
 def test_auto_runs_a_quantized_file_in_its_precision_on_the_cpu_and_everything_else_dense():
-    assert choose(types=Q4_FILE) == WeightChoice(FILE_KIND, torch.bfloat16, why="the GGUF file's own precision")
+    assert choose(types=Q4_FILE) == WeightChoice(FILE_KIND, quantized_dtype(), why="the GGUF file's own precision")
     assert choose(types=F16_FILE).kind == "float32"
     assert choose().kind == "float32"  # a float model stays float32 unless asked
     assert choose(types=Q4_FILE, dtype="float32").kind == "float32"  # --dtype alone keeps its old meaning
@@ -37,11 +38,19 @@ def test_auto_runs_a_quantized_file_in_its_precision_on_the_cpu_and_everything_e
 
 
 def test_asked_kinds_and_their_activations():
-    assert choose("int4") == WeightChoice("int4", torch.bfloat16, 32, why="asked for")
+    assert choose("int4") == WeightChoice("int4", quantized_dtype(), 32, why="asked for")
     assert choose("int8", "float32").dtype == torch.float32
     assert choose("int4", group_size=128).group_size == 128
     assert choose("bfloat16") == WeightChoice("bfloat16", torch.bfloat16, why="asked for")
     assert choose("float32", "float32").kind == "float32"
+
+
+def test_quantized_weights_run_float32_activations_on_d3s_kernels_and_bfloat16_on_torchs():
+    """d3's kernels quantize activations per block themselves; torch's are fast only with bfloat16 ones."""
+    with kernels.turned_off():
+        assert choose("int4").dtype == torch.bfloat16 and choose(types=Q4_FILE).dtype == torch.bfloat16
+    if kernels.available():
+        assert choose("int4").dtype == torch.float32 and choose(types=Q4_FILE).dtype == torch.float32
 
 
 @pytest.mark.parametrize("arguments, fragment", [

@@ -1,0 +1,178 @@
+// The quantized linear layers' operators: y = x·Wᵀ for W packed in tiles of blocks of 32 (blocks.h), any number of
+// rows of x.
+//
+//   torch.ops.d3.q4_linear(x [M, K], tiles, scale, offset, group_size, rows) -> [M, rows]
+//   torch.ops.d3.q8_linear(x [M, K], tiles, scale, group_size, rows) -> [M, rows]
+//   torch.ops.d3.layout() -> [rows a tile, 1 when q8 tiles hold w + 128]
+//   torch.ops.d3.instruction_set() -> "avx512-vnni", "avx2-vnni", "avx2" or "portable"
+//
+// x is float32 or bfloat16 (the result has its dtype). Threads split the tiles; each row of y is computed exactly
+// as it would be alone.
+
+#include "linear.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace d3 {
+
+void QuantizedRows::resize(int64_t rows_, int64_t columns_) {
+  rows = rows_;
+  columns = columns_;
+  q.resize(rows * columns);
+  d.resize(rows * columns / QK);
+  sum.resize(rows * columns / QK);
+  qsum.resize(rows * columns / QK);
+}
+
+void QuantizedRows::quantize(const float* x, int64_t x_stride, int64_t begin, int64_t end) {
+  const int64_t blocks = columns / QK;
+  for (int64_t m = begin; m < end; ++m) {
+    quantize_row(x + m * x_stride, columns, q.data() + m * columns, d.data() + m * blocks, sum.data() + m * blocks,
+                 qsum.data() + m * blocks);
+  }
+}
+
+void check_part(const Part& part, int64_t in_features) {
+  TORCH_CHECK(part.kind == 4 || part.kind == 8, "a part's kind is 4 or 8");
+  TORCH_CHECK(in_features % QK == 0, "K must be a multiple of 32");
+  TORCH_CHECK(part.group_size % QK == 0 && in_features % part.group_size == 0,
+              "group_size must be a multiple of 32 dividing K");
+  const int64_t tiles = (part.rows + kTileRows - 1) / kTileRows, blocks = in_features / QK;
+  const int64_t bytes = part.kind == 4 ? tile_block_bytes<true>() : tile_block_bytes<false>();
+  TORCH_CHECK(part.weight.device().is_cpu() && part.weight.scalar_type() == at::kByte && part.weight.is_contiguous() &&
+                  part.weight.numel() == tiles * blocks * bytes,
+              "the weight must be contiguous uint8 tiles of ", tiles * blocks * bytes, " bytes");
+  TORCH_CHECK(part.scale.is_contiguous() && part.scale.numel() == tiles * (in_features / part.group_size) * kTileRows &&
+                  (part.scale.scalar_type() == at::kFloat || part.scale.scalar_type() == at::kHalf),
+              "scale must be contiguous float32 or float16 [tiles, groups, ", kTileRows, "]");
+  if (part.offset.defined()) {
+    TORCH_CHECK(part.kind == 4 && part.offset.sizes() == part.scale.sizes() &&
+                    part.offset.scalar_type() == part.scale.scalar_type() && part.offset.is_contiguous(),
+                "offset must match scale (q4 only)");
+  }
+  if (part.bias.defined()) {
+    TORCH_CHECK(part.bias.scalar_type() == at::kFloat && part.bias.is_contiguous() && part.bias.numel() == part.rows,
+                "bias must be float32 [rows]");
+  }
+}
+
+namespace {
+
+template <bool kQ4, typename S>
+void run_tiles(const Part& part, const QuantizedRows& x, int64_t begin, int64_t end, float* y, int64_t y_stride) {
+  const int64_t blocks = x.columns / QK, groups = x.columns / part.group_size;
+  const uint8_t* weights = part.weight.data_ptr<uint8_t>();
+  const S* scales = reinterpret_cast<const S*>(part.scale.data_ptr());
+  const S* offsets = part.offset.defined() ? reinterpret_cast<const S*>(part.offset.data_ptr()) : nullptr;
+  const float* bias = part.bias.defined() ? part.bias.data_ptr<float>() : nullptr;
+  alignas(64) float values[kTileRows];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t first = t * kTileRows, count = std::min(kTileRows, part.rows - first);
+    for (int64_t m = 0; m < x.rows; ++m) {
+      tile_dot<kQ4, S>(weights + t * blocks * tile_block_bytes<kQ4>(), scales + t * groups * kTileRows,
+                       offsets != nullptr ? offsets + t * groups * kTileRows : nullptr, blocks,
+                       part.group_size / QK, x.row(m), values);
+      float* out = y + m * y_stride + first;
+      for (int64_t r = 0; r < count; ++r) out[r] = bias != nullptr ? values[r] + bias[first + r] : values[r];
+    }
+  }
+}
+
+}  // namespace
+
+void part_tiles(const Part& part, const QuantizedRows& x, int64_t begin, int64_t end, float* y, int64_t y_stride) {
+  const bool half = part.scale.scalar_type() == at::kHalf;
+  if (part.kind == 4) {
+    half ? run_tiles<true, c10::Half>(part, x, begin, end, y, y_stride)
+         : run_tiles<true, float>(part, x, begin, end, y, y_stride);
+  } else {
+    half ? run_tiles<false, c10::Half>(part, x, begin, end, y, y_stride)
+         : run_tiles<false, float>(part, x, begin, end, y, y_stride);
+  }
+}
+
+void projection_rows(const std::vector<Part>& parts, const QuantizedRows& x, int thread, int threads, float* y,
+                     int64_t y_stride) {
+  int64_t first = 0;
+  for (const Part& part : parts) {
+    int64_t begin, end;
+    thread_tiles((part.rows + kTileRows - 1) / kTileRows, thread, threads, begin, end);
+    part_tiles(part, x, begin, end, y + first, y_stride);
+    first += part.rows;
+  }
+}
+
+int threads_to_use() { return std::max(1, at::get_num_threads()); }
+
+namespace {
+
+at::Tensor linear(const at::Tensor& x, const Part& part) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a [M, K] CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  check_part(part, x.size(1));
+  const at::Tensor input = x.to(at::kFloat).contiguous();
+  const int64_t M = input.size(0), K = input.size(1);
+  at::Tensor out = at::empty({M, part.rows}, input.options());
+  QuantizedRows rows;
+  rows.resize(M, K);
+  const float* source = input.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t tiles = (part.rows + kTileRows - 1) / kTileRows;
+  const int threads = static_cast<int>(std::min<int64_t>(threads_to_use(), tiles));
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num(), count = omp_get_num_threads();
+    int64_t begin, end;
+    thread_tiles(M, thread, count, begin, end);
+    rows.quantize(source, K, begin, end);
+#pragma omp barrier
+    thread_tiles(tiles, thread, count, begin, end);
+    part_tiles(part, rows, begin, end, y, part.rows);
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scale, const at::Tensor& offset,
+                     int64_t group_size, int64_t rows) {
+  return linear(x, Part{4, group_size, rows, tiles, scale, offset, at::Tensor()});
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scale, int64_t group_size,
+                     int64_t rows) {
+  return linear(x, Part{8, group_size, rows, tiles, scale, at::Tensor(), at::Tensor()});
+}
+
+std::vector<int64_t> layout() { return {kTileRows, kUnsignedQ8 ? 1 : 0}; }
+
+std::string instruction_set() {
+#if defined(D3_AVX512)
+  return "avx512-vnni";
+#elif defined(D3_AVX2) && defined(__AVXVNNI__)
+  return "avx2-vnni";
+#elif defined(D3_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+}  // namespace
+
+}  // namespace d3
+
+TORCH_LIBRARY_FRAGMENT(d3, m) {
+  m.def("q4_linear(Tensor x, Tensor tiles, Tensor scale, Tensor offset, int group_size, int rows) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor tiles, Tensor scale, int group_size, int rows) -> Tensor");
+  m.def("layout() -> int[]", &d3::layout);
+  m.def("instruction_set() -> str", &d3::instruction_set);
+}
+
+TORCH_LIBRARY_IMPL(d3, CPU, m) {
+  m.impl("q4_linear", &d3::q4_linear);
+  m.impl("q8_linear", &d3::q8_linear);
+}

@@ -1,0 +1,151 @@
+"""d3's decoder-layer kernel inside the model (native.py): the same layer as the fused Python one, a prefill plus
+decode steps giving the whole-sequence forward to the last bit, and the native decode step giving the model's own
+forward to the last bit, skipped layers and bridges included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_SIZES
+
+from d3cli import kernels
+from d3cli.core.bridges import Bridge
+from d3cli.core.engine import generate_steps, make_prompt_batch
+from d3cli.core.kv_cache import DepthDecayCache
+from d3cli.core.native import NativeLayer, native_decoder
+from d3cli.core.schedule import DecaySchedule
+from d3cli.core.skipping import LayerSkipper, find_decoder_layers
+from d3cli.core.weights import FILE_KIND, WeightChoice, apply_weights
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"d3's kernels: {kernels.load()}")
+
+PROMPT = [1, 4093, 314, 260, 3575, 282, 4649, 47, 9519, 28, 2988]
+
+
+def tiny(family: str, kind: str | None = "int4", vocab_size: int = 10000, seed: int = 0, **config_options):
+    """A tiny model of `family` whose weights are `kind` on d3's kernels (None: transformers' model as it is), with
+    full attention (no sliding windows)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(TINY_SIZES, vocab_size=vocab_size, num_hidden_layers=6, max_position_embeddings=512,
+                  initializer_range=0.05, bos_token_id=1, eos_token_id=2, pad_token_id=2, **config_options)
+    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+              "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family](**common)
+    if family == "mistral":
+        config.sliding_window = None
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if kind is not None:
+        apply_weights(model, WeightChoice(kind, torch.float32))
+    return model
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]  # qwen2: biased q/k/v; qwen3: per-head q/k norms
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_every_layer_runs_as_one_kernel_call(family, kind):
+    model = tiny(family, kind)
+    assert all(isinstance(layer.native, NativeLayer) for layer in find_decoder_layers(model))
+    assert native_decoder(model) is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_kernel_computes_the_fused_layer(family):
+    """The same layer as the Python one over the same int8-activation products: float rounding differs in norms,
+    attention and SiLU, which can move an activation across a rounding step, so the two agree to ~1e-3."""
+    model = tiny(family)
+    layer = find_decoder_layers(model)[2]
+    hidden = torch.randn(2, 7, TINY_SIZES["hidden_size"])
+    positions = torch.arange(7)[None].expand(2, -1)
+    embeddings = model.model.rotary_emb(hidden, positions)
+    with torch.inference_mode():
+        native = layer(hidden, position_embeddings=embeddings)
+        saved, layer.native = layer.native, None
+        python = layer(hidden, position_embeddings=embeddings)
+        layer.native = saved
+    assert native.shape == python.shape
+    assert (native - python).abs().max() < 2e-3 * python.abs().max()
+
+
+def logits_of_steps(model, prompts, steps, schedule=None):
+    schedule = schedule or DecaySchedule.full(len(find_decoder_layers(model)))
+    batch = make_prompt_batch(prompts, pad_token_id=2, device="cpu")
+    run = list(generate_steps(model, batch, schedule, max_new_tokens=steps, pad_token_id=2))
+    return torch.stack([step.token_ids for step in run], 1), torch.stack([step.logits for step in run], 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefill_and_decode_steps_are_the_whole_sequence_forward_to_the_last_bit(family):
+    model = tiny(family)
+    tokens, logits = logits_of_steps(model, [PROMPT], 12)
+    sequence = torch.cat([torch.tensor([PROMPT]), tokens[:, :-1]], dim=1)
+    with torch.inference_mode():
+        whole = model(sequence, use_cache=False).logits[:, len(PROMPT) - 1 :].float()
+    assert torch.equal(logits, whole)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_native_step_is_the_models_forward_to_the_last_bit_with_skips_and_bridges(family):
+    model = tiny(family)
+    layers = len(find_decoder_layers(model))
+    hidden_size = TINY_SIZES["hidden_size"]
+    bridge = Bridge(2, 3, weight=torch.eye(hidden_size) * 0.1)
+    native = native_decoder(model)
+    batch = make_prompt_batch([PROMPT], pad_token_id=2, device="cpu")
+    for kept, bridges in [(range(layers), {}), ((0, 1, 4, 5), {}), ((0, 1, 4, 5), {(2, 3): bridge})]:
+        caches = [DepthDecayCache(config=model.config) for _ in range(2)]
+        with torch.inference_mode(), LayerSkipper(model, bridges) as skipper:
+            for cache in caches:
+                model(input_ids=batch.input_ids, position_ids=batch.position_ids, cache=cache, use_cache=True)
+            skipper.keep(frozenset(kept))
+            position = batch.position_ids[:, -1:] + 1
+            token = torch.tensor([[42]])
+            for _ in range(3):
+                expected = model(input_ids=token, position_ids=position, cache=caches[0], use_cache=True).logits
+                assert torch.equal(native.step(token, position, caches[1]), expected[:, -1].float())
+                position, token = position + 1, token + 7
+
+
+def test_a_padded_batch_decodes_as_its_rows_alone():
+    """The mask reaches the kernel: each row of a left-padded batch gives its own tokens (its logits to float
+    rounding: the padding shifts where the attention's chunks of positions start)."""
+    model = tiny("llama")
+    prompts = [PROMPT, PROMPT[:4]]
+    tokens, logits = logits_of_steps(model, prompts, 10)
+    for row, prompt in enumerate(prompts):
+        alone_tokens, alone_logits = logits_of_steps(model, [prompt], 10)
+        assert torch.equal(tokens[row], alone_tokens[0])
+        torch.testing.assert_close(logits[row], alone_logits[0], rtol=1e-3, atol=1e-3)
+
+
+def test_layers_the_kernel_does_not_take_run_in_python():
+    model = tiny("llama", "float32")  # dense weights: the fused Python layer
+    assert all(layer.native is None for layer in find_decoder_layers(model))
+    assert native_decoder(model) is None
+    windowed = tiny("mistral", "int4")
+    assert native_decoder(windowed) is not None
+    import transformers
+
+    config = transformers.MistralConfig(**TINY_SIZES, vocab_size=10000, num_hidden_layers=2, sliding_window=6)
+    sliding = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    apply_weights(sliding, WeightChoice("int4", torch.float32))
+    assert all(layer.native is None for layer in find_decoder_layers(sliding))  # sliding windows: Python
+
+
+def test_a_layer_whose_projections_differ_in_kind_is_still_one_call():
+    """Q4_K_M files store some v_proj in Q6_K (int8 here): the kernel takes the projection as two parts."""
+    mixed = tiny("llama", None)
+    types = {f"model.layers.{index}.self_attn.{name}.weight": ("Q6_K" if name == "v_proj" else "Q4_1")
+             for index in range(6) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    types.update({f"model.layers.{index}.mlp.{name}.weight": "Q4_1" for index in range(6)
+                  for name in ("gate_proj", "up_proj", "down_proj")})
+    types["lm_head.weight"] = "Q8_0"  # a float head's product would depend on the number of rows (BLAS)
+    apply_weights(mixed, WeightChoice(FILE_KIND, torch.float32), gguf_types=types)
+    layer = find_decoder_layers(mixed)[0]
+    assert [part.kind for part in layer.qkv] == ["int4", "int8"] and layer.native is not None
+    tokens, logits = logits_of_steps(mixed, [PROMPT], 8)
+    sequence = torch.cat([torch.tensor([PROMPT]), tokens[:, :-1]], dim=1)
+    with torch.inference_mode():
+        assert torch.equal(logits, mixed(sequence, use_cache=False).logits[:, len(PROMPT) - 1 :].float())
