@@ -34,6 +34,7 @@ class GrowingLayer(DynamicLayer):
         super().__init__(**kwargs)
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys/values this layer made last
 
     def _held(self) -> int:
         return self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
@@ -62,8 +63,7 @@ class GrowingLayer(DynamicLayer):
             self._reallocate(key_states.shape, key_states.dtype, key_states.device, held, needed)
         self._key_buffer[:, :, held:needed].copy_(key_states)
         self._value_buffer[:, :, held:needed].copy_(value_states)
-        self.keys = self._key_buffer[:, :, :needed]
-        self.values = self._value_buffer[:, :, :needed]
+        self.advance(held, key_states.shape[-2])
         return self.keys, self.values
 
     def reserve(self, shape: tuple[int, int, int, int], dtype: torch.dtype,
@@ -71,6 +71,13 @@ class GrowingLayer(DynamicLayer):
         """Room for `shape[2]` new positions ([batch, heads, positions, head_dim]) behind the held ones, for a
         kernel that writes them itself: the key and value buffers (the held positions first) and how many are
         held. `advance` then makes the new positions part of the cache."""
+        views, buffer = self._views, self._key_buffer
+        if views is not None and views[0] is self.keys and views[1] is self.values:  # a decode step's fast path
+            held = views[0].shape[2]
+            if (held + shape[2] <= buffer.shape[2] and buffer.shape[0] == shape[0] and buffer.shape[1] == shape[1]
+                    and buffer.shape[3] == shape[3] and buffer.dtype == dtype and buffer.device == device
+                    and (not buffer.is_inference() or torch.is_inference_mode_enabled())):
+                return buffer, self._value_buffer, held
         if not self.is_initialized:
             self.lazy_initialization(torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype,
                                                                                                device=device))
@@ -82,8 +89,9 @@ class GrowingLayer(DynamicLayer):
 
     def advance(self, held: int, tokens: int) -> None:
         """The `tokens` positions written behind the `held` ones (after `reserve`) are now cached."""
-        self.keys = self._key_buffer[:, :, : held + tokens]
-        self.values = self._value_buffer[:, :, : held + tokens]
+        self.keys = self._key_buffer.narrow(2, 0, held + tokens)
+        self.values = self._value_buffer.narrow(2, 0, held + tokens)
+        self._views = (self.keys, self.values)
 
     def _reallocate(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, held: int,
                     needed: int) -> None:
@@ -108,7 +116,7 @@ class GrowingLayer(DynamicLayer):
         return tensor_bytes(self._key_buffer, self._value_buffer)
 
     def reset(self) -> None:
-        self._key_buffer = self._value_buffer = None
+        self._key_buffer = self._value_buffer = self._views = None
         super().reset()
 
 

@@ -27,8 +27,26 @@ class NativeLayer:
 
     def __init__(self, layer, tensors: list, layout: list[int], numbers: list[float]):
         self.layer, self.tensors, self.layout, self.numbers = layer, tensors, layout, numbers
-        norms = (layer.q_norm, layer.k_norm)
-        self.q_norm, self.k_norm = (None if norm is None else norm.weight for norm in norms)
+        self._weights = self._build()  # checked by the kernel now, not at the first call
+
+    @property
+    def weights(self):
+        """The layer's weights as the kernel holds them (torch.classes.d3.LayerWeights)."""
+        if self._weights is None:  # a copy of the model: made anew at its first call
+            self._weights = self._build()
+        return self._weights
+
+    def _build(self):
+        layer = self.layer
+        q_norm, k_norm = (None if norm is None else norm.weight for norm in (layer.q_norm, layer.k_norm))
+        return torch.classes.d3.LayerWeights(self.tensors, self.layout, self.numbers, layer.input_layernorm.weight,
+                                             layer.post_attention_layernorm.weight, q_norm, k_norm)
+
+    def __getstate__(self):  # a copy of the model makes its kernel object anew (it holds no state of its own)
+        return {**self.__dict__, "_weights": None}
+
+    def kv_shape(self, batch: int, tokens: int) -> tuple[int, int, int, int]:
+        return batch, self.layer.num_key_value_heads, tokens, self.layer.head_dim
 
     def forward(self, hidden: torch.Tensor, attention_mask, position_embeddings, cache) -> torch.Tensor | None:
         """The layer's output, or None when this call is not one the kernel takes (then the Python path runs)."""
@@ -51,10 +69,8 @@ class NativeLayer:
         if mask is False:
             return None
         cos, sin = position_embeddings
-        out = torch.ops.d3.decoder_layer(
-            hidden.contiguous(), key_buffer, value_buffer, past, mask, cos.contiguous(), sin.contiguous(),
-            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, self.q_norm, self.k_norm,
-            self.tensors, self.layout, self.numbers)
+        out = torch.ops.d3.decoder_layer(hidden.contiguous(), key_buffer, value_buffer, past, mask, cos.contiguous(),
+                                         sin.contiguous(), self.weights)
         if reserved is not None:
             cache.advance(layer.layer_idx, past, tokens)
         elif cache is not None:
@@ -147,19 +163,45 @@ class NativeDecoder:
         self.rotary, self.norm = model.model.rotary_emb, model.model.norm
         self.layers = find_decoder_layers(model)
 
-    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DepthDecayCache) -> torch.Tensor:
         """Next-token logits [batch, vocab] (float32) of one new token per row, no padding, through the layers the
-        model's layer list holds now."""
+        model's layer list holds now: each run of consecutive native layers in one kernel call
+        (torch.ops.d3.decoder_layers), the stand-ins of skipped layers (bridges) between them in Python."""
         hidden = self.embed(input_ids)
         position_embeddings = self.rotary(hidden, position_ids=position_ids)
+        cos, sin = (part.contiguous() for part in position_embeddings)
+        run: list[NativeLayer] = []
         for layer in self.layers:
             native = getattr(layer, "native", None)
-            out = native.forward(hidden, None, position_embeddings, cache) if native is not None else None
-            if out is None:  # a stand-in for a skipped layer (or a call the kernel does not take)
-                out = layer(hidden, attention_mask=None, position_ids=position_ids, cache=cache, use_cache=True,
-                            position_embeddings=position_embeddings)
-            hidden = out
+            if native is not None:
+                run.append(native)
+                continue
+            hidden = self._run(run, hidden, cos, sin, cache)
+            run = []
+            hidden = layer(hidden, attention_mask=None, position_ids=position_ids, cache=cache, use_cache=True,
+                           position_embeddings=position_embeddings)
+        hidden = self._run(run, hidden, cos, sin, cache)
         return self.head(self.norm(hidden))[:, -1, :].float()
+
+    @staticmethod
+    def _run(run: list[NativeLayer], hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             cache: DepthDecayCache) -> torch.Tensor:
+        """The native layers of `run`, one after another, in one kernel call."""
+        if not run:
+            return hidden
+        batch, tokens, _ = hidden.shape
+        keys, values, pasts = [], [], []
+        for native in run:
+            key_buffer, value_buffer, past = cache.reserve(native.layer.layer_idx, native.kv_shape(batch, tokens),
+                                                           hidden.dtype, hidden.device)
+            keys.append(key_buffer)
+            values.append(value_buffer)
+            pasts.append(past)
+        out = torch.ops.d3.decoder_layers(hidden.contiguous(), keys, values, pasts, cos, sin,
+                                          [native.weights for native in run])
+        for native, past in zip(run, pasts):
+            cache.advance(native.layer.layer_idx, past, tokens)
+        return out
 
 
 def native_decoder(model) -> NativeDecoder | None:

@@ -60,6 +60,14 @@ class SamplingSettings:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The best token of each row: torch.argmax's choice (d3's kernel computes it faster on the CPU, once loaded)."""
+    from d3cli import kernels
+
+    if logits.dim() == 2 and logits.device.type == "cpu" and logits.dtype == logits.new_empty(0).float().dtype \
+            and kernels.loaded():
+        import torch
+
+        return torch.ops.d3.argmax(logits)
     return logits.argmax(dim=-1)
 
 

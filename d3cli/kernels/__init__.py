@@ -2,7 +2,8 @@
 
     blocks.h            the arithmetic of blocks of 32: int8 activations, integer dot products (AVX2, VNNI)
     linear.cpp          torch.ops.d3.q4_linear / q8_linear: a quantized linear layer, any number of rows
-    decoder_layer.cpp   torch.ops.d3.decoder_layer: a whole Llama-family layer in one call and one thread team
+    decoder_layer.cpp   torch.ops.d3.decoder_layer(s): Llama-family layers in one call and one thread team
+    argmax.cpp          torch.ops.d3.argmax: the greedy token, as torch.argmax picks it, faster
 
 Why: torch's own int4/int8 weight-only kernels keep activations in bfloat16 and dequantize every weight, which on an
 AVX2 CPU costs more than streaming the weights does; these kernels quantize the activations to int8 per block of 32
@@ -25,7 +26,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-SOURCES = ("linear.cpp", "decoder_layer.cpp")
+SOURCES = ("linear.cpp", "decoder_layer.cpp", "argmax.cpp")
 HEADERS = ("blocks.h", "linear.h", "vector_math.h")
 LIBRARY = "d3_kernels.so"
 SWITCH = "D3_KERNELS"  # "off": torch's kernels only
@@ -55,8 +56,13 @@ _turned_off = False
 
 
 def available() -> bool:
-    """True when quantized weights built now run on d3's kernels."""
+    """True when quantized weights built now run on d3's kernels (building them first if need be)."""
     return not _turned_off and load() is None
+
+
+def loaded() -> bool:
+    """True when d3's kernels are already loaded in this process (never builds them)."""
+    return load.cache_info().currsize > 0 and load() is None
 
 
 @contextlib.contextmanager

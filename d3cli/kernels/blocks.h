@@ -113,7 +113,11 @@ constexpr int64_t tile_block_bytes() { return kQ4 ? kTileRows * QK / 2 : kTileRo
 // decode step's products from bound by memory latency to bound by bandwidth.
 constexpr int64_t kPrefetchBytes = 2048;
 
+#if defined(D3_AVX512) || defined(D3_AVX2)
+#define D3_VECTORS 1
+#endif
 #if defined(D3_AVX512)
+constexpr int64_t kLanes = 16;
 using IntVector = __m512i;
 using FloatVector = __m512;
 inline IntVector int_zero() { return _mm512_setzero_si512(); }
@@ -135,7 +139,10 @@ inline FloatVector load_scales(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline void store(float* out, FloatVector v) { _mm512_storeu_ps(out, v); }
+inline FloatVector load_floats(const float* p) { return _mm512_loadu_ps(p); }
+inline float sum_all(FloatVector v) { return _mm512_reduce_add_ps(v); }
 #elif defined(D3_AVX2)
+constexpr int64_t kLanes = 8;
 using IntVector = __m256i;
 using FloatVector = __m256;
 inline IntVector int_zero() { return _mm256_setzero_si256(); }
@@ -163,6 +170,8 @@ inline FloatVector load_scales(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline void store(float* out, FloatVector v) { _mm256_storeu_ps(out, v); }
+inline FloatVector load_floats(const float* p) { return _mm256_loadu_ps(p); }
+inline float sum_all(FloatVector v) { return sum_lanes(v); }
 #endif
 
 // out[r] = Σ_k w[r][k]·x[k] for the kTileRows rows of one tile.

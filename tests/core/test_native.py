@@ -4,6 +4,8 @@ forward to the last bit, skipped layers and bridges included."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import TINY_SIZES
@@ -149,3 +151,12 @@ def test_a_layer_whose_projections_differ_in_kind_is_still_one_call():
     sequence = torch.cat([torch.tensor([PROMPT]), tokens[:, :-1]], dim=1)
     with torch.inference_mode():
         assert torch.equal(logits, mixed(sequence, use_cache=False).logits[:, len(PROMPT) - 1 :].float())
+
+
+def test_a_copy_of_the_model_runs_natively_too():
+    model = tiny("llama")
+    twin = copy.deepcopy(model)
+    assert native_decoder(twin) is not None and native_decoder(twin) is not native_decoder(model)
+    tokens, logits = logits_of_steps(model, [PROMPT], 6)
+    twin_tokens, twin_logits = logits_of_steps(twin, [PROMPT], 6)
+    assert torch.equal(logits, twin_logits)

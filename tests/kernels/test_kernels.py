@@ -163,3 +163,17 @@ def test_without_a_compiler_quantized_weights_still_run(monkeypatch, tmp_path):
     reason = kernels.load.__wrapped__()
     assert reason is not None and "no-such-compiler" in reason
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob(".building-*"))
+
+
+def test_argmax_picks_what_torch_picks_ties_nans_and_infinities_included():
+    generator = torch.Generator().manual_seed(4)
+    for vocab in (1, 7, 8, 9, 49152, 100003):
+        for trial in range(12):
+            logits = torch.randn(3, vocab, generator=generator)
+            if trial % 3 == 0:
+                logits[0, torch.randint(0, vocab, (1,), generator=generator)] = logits[0].max()  # a tie
+            if trial % 4 == 0:
+                logits[1, torch.randint(0, vocab, (1,), generator=generator)] = float("nan")
+            if trial % 5 == 0:
+                logits[2] = float("-inf")
+            assert torch.equal(torch.ops.d3.argmax(logits), logits.argmax(-1))
