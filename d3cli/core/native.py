@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 
 from d3cli.core.kv_cache import DepthDecayCache
+from d3cli.core.skipping import SkippedLayer
 
 NATIVE_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+CACHE_DTYPE = torch.float16  # the kernel's keys and values (decoder_layer.cpp): llama.cpp's default too
 
 
 class NativeLayer:
@@ -55,7 +57,7 @@ class NativeLayer:
             return None
         batch, tokens, _ = hidden.shape
         shape = (batch, layer.num_key_value_heads, tokens, layer.head_dim)
-        reserved = cache.reserve(layer.layer_idx, shape, hidden.dtype, hidden.device) if isinstance(
+        reserved = cache.reserve(layer.layer_idx, shape, CACHE_DTYPE, hidden.device) if isinstance(
             cache, DepthDecayCache) else None
         if reserved is not None:  # d3's own cache: the kernel writes into its buffers
             key_buffer, value_buffer, past = reserved
@@ -64,7 +66,8 @@ class NativeLayer:
             if held is None:
                 return None
             past = held[0].shape[2]
-            key_buffer, value_buffer = (torch.cat([states, states.new_empty(shape)], dim=2) for states in held)
+            key_buffer, value_buffer = (torch.cat([states.to(CACHE_DTYPE), states.new_empty(shape, dtype=CACHE_DTYPE)],
+                                                  dim=2) for states in held)
         mask = _bool_mask(attention_mask, past + tokens)
         if mask is False:
             return None
@@ -73,8 +76,9 @@ class NativeLayer:
                                          sin.contiguous(), self.weights)
         if reserved is not None:
             cache.advance(layer.layer_idx, past, tokens)
-        elif cache is not None:
-            cache.update(key_buffer[:, :, past:], value_buffer[:, :, past:], layer.layer_idx)
+        elif cache is not None:  # in the cache's own dtype (float32 holds float16 values exactly)
+            cache.update(key_buffer[:, :, past:].to(hidden.dtype), value_buffer[:, :, past:].to(hidden.dtype),
+                         layer.layer_idx)
         return out
 
 
@@ -121,7 +125,7 @@ def _sliding(layer) -> bool:
 def _past_states(cache, layer_idx: int, batch: int, kv_heads: int, head_dim: int):
     """The keys and values a cache other than d3's holds for layer `layer_idx` ([batch, kv_heads, positions,
     head_dim]), empty ones when it holds none (or there is no cache), None when they are not a full-attention
-    layer's plain float32 tensors."""
+    layer's plain float32 (or float16) tensors."""
     from transformers.cache_utils import DynamicLayer
 
     empty = torch.empty(batch, kv_heads, 0, head_dim)
@@ -136,7 +140,8 @@ def _past_states(cache, layer_idx: int, batch: int, kv_heads: int, head_dim: int
     if not held.is_initialized or held.keys is None or held.keys.numel() == 0:
         return empty, empty
     keys, values = held.keys, held.values
-    if keys.dtype != torch.float32 or keys.shape[0] != batch or keys.shape[1] != kv_heads or keys.dim() != 4:
+    if keys.dtype not in (torch.float32, CACHE_DTYPE) or keys.shape[0] != batch or keys.shape[1] != kv_heads \
+            or keys.dim() != 4:
         return None
     return keys, values
 
@@ -165,8 +170,9 @@ class NativeDecoder:
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DepthDecayCache) -> torch.Tensor:
         """Next-token logits [batch, vocab] (float32) of one new token per row, no padding, through the layers the
-        model's layer list holds now: each run of consecutive native layers in one kernel call
-        (torch.ops.d3.decoder_layers), the stand-ins of skipped layers (bridges) between them in Python."""
+        model's layer list holds now: the native layers in one kernel call (torch.ops.d3.decoder_layers) up to a
+        stand-in that applies a bridge, which runs in Python between two calls; a stand-in without one passes its
+        input through, so it simply drops out of the call."""
         hidden = self.embed(input_ids)
         position_embeddings = self.rotary(hidden, position_ids=position_ids)
         cos, sin = (part.contiguous() for part in position_embeddings)
@@ -175,6 +181,8 @@ class NativeDecoder:
             native = getattr(layer, "native", None)
             if native is not None:
                 run.append(native)
+                continue
+            if isinstance(layer, SkippedLayer) and layer.bridge is None:
                 continue
             hidden = self._run(run, hidden, cos, sin, cache)
             run = []
@@ -193,7 +201,7 @@ class NativeDecoder:
         keys, values, pasts = [], [], []
         for native in run:
             key_buffer, value_buffer, past = cache.reserve(native.layer.layer_idx, native.kv_shape(batch, tokens),
-                                                           hidden.dtype, hidden.device)
+                                                           CACHE_DTYPE, hidden.device)
             keys.append(key_buffer)
             values.append(value_buffer)
             pasts.append(past)
@@ -208,7 +216,7 @@ def native_decoder(model) -> NativeDecoder | None:
     """The model's NativeDecoder (made once), or None when its class or a decoder layer has no native path."""
     found = model.__dict__.get("_d3_native_decoder", False)
     if found is False:
-        from d3cli.core.skipping import SkippedLayer, find_decoder_layers
+        from d3cli.core.skipping import find_decoder_layers
 
         layers = list(find_decoder_layers(model))
         fits = type(model).__name__ in NATIVE_MODELS and all(

@@ -8,9 +8,10 @@
 Why: torch's own int4/int8 weight-only kernels keep activations in bfloat16 and dequantize every weight, which on an
 AVX2 CPU costs more than streaming the weights does; these kernels quantize the activations to int8 per block of 32
 (as llama.cpp does) and take one integer dot product per block, so a decode step is bound by the weights' bytes.
-They are compiled with the host's own instruction set (`-march=native`) the first time quantized weights run, into
-d3's cache (keyed by the sources, torch's version, the compiler and the CPU), about 20 s once. Without a C++
-compiler, or with D3_KERNELS=off, d3 runs torch's kernels instead and says so in the weights it reports.
+They are compiled with the host's own instruction set (`-march=native`; D3_KERNELS_MARCH=haswell builds the AVX2
+path on any x86-64 machine) the first time quantized weights run, into d3's cache (keyed by the sources, torch's
+version, the compiler, the flags and the CPU), about 20 s once. Without a C++ compiler, or with D3_KERNELS=off, d3
+runs torch's kernels instead and says so in the weights it reports.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SOURCES = ("linear.cpp", "decoder_layer.cpp", "argmax.cpp")
 HEADERS = ("blocks.h", "linear.h", "vector_math.h")
 LIBRARY = "d3_kernels.so"
 SWITCH = "D3_KERNELS"  # "off": torch's kernels only
+ARCHITECTURE = "D3_KERNELS_MARCH"  # the -march they are built for: native (the default), or e.g. haswell for AVX2
 
 
 @cache
@@ -155,7 +157,7 @@ def _built(compiler: str) -> Path:
 def _flags() -> list[str]:
     import torch
 
-    return ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-std=c++20", "-w",
+    return ["-O3", f"-march={os.environ.get(ARCHITECTURE) or 'native'}", "-fopenmp", "-ffp-contract=off", "-fPIC", "-std=c++20", "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 

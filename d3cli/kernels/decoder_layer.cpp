@@ -5,7 +5,7 @@
 //       one layer's weights, checked once (layout: [heads, kv_heads, head_dim, intermediate, parts of qkv, of o,
 //       of gate_up, of down, then (kind, group_size, rows) per part]; parts: (tiles, scale, offset?, bias?) per part;
 //       numbers: [input norm eps, post norm eps, q/k norm eps, attention scaling])
-//   torch.ops.d3.decoder_layer(hidden [B, T, D], key_buffer [B, Hkv, C, hd], value_buffer, past, mask [B, 1, T,
+//   torch.ops.d3.decoder_layer(hidden [B, T, D], key_buffer [B, Hkv, C, hd] float16, value_buffer, past, mask [B, 1, T,
 //       past + T] bool or None (causal), cos [B, T, hd], sin, weights) -> hidden out [B, T, D]
 //   torch.ops.d3.decoder_layers(hidden, key_buffers, value_buffers, pasts, cos, sin, weights) -> hidden out
 //       the layers one after another (causal, no mask): a decode step's run of kept layers in one call
@@ -105,7 +105,34 @@ struct Partial {
   float* weighted;
 };
 
+// The key/value cache holds float16 (as llama.cpp's does): half the bytes a step reads at long contexts. A key or
+// value is rounded to float16 once, when written, and every read (this step's or a later one's) sees that value.
+using Cache = c10::Half;
+
+inline Cache to_cache(float value) {  // saturating: a value beyond float16's range becomes its largest, not inf
+  return Cache(std::min(std::max(value, -65504.f), 65504.f));
+}
+
 #ifdef D3_VECTORS
+#if defined(D3_AVX512)
+inline FloatVector load_cache(const Cache* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#else
+inline FloatVector load_cache(const Cache* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+// Rows of keys and values are read one after another: fetched kAhead rows early, as the weights' tiles are.
+constexpr int64_t kAhead = 8;
+
+inline void prefetch_row(const Cache* row, int vectors) {
+  for (int64_t byte = 0; byte < vectors * kLanes * static_cast<int64_t>(sizeof(Cache)); byte += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(row) + byte, _MM_HINT_T0);
+  }
+}
+
 // scores[g][j − start] = query_g · key_j · scaling for the query heads of one key/value head (−inf where masked):
 // each key is loaded once for all of them. kVectors = head_dim / kLanes.
 template <int kVectors, typename KeyAt>
@@ -116,9 +143,10 @@ void vector_scores(const float* const* queries, int64_t groups, int64_t start, i
       for (int64_t g = 0; g < groups; ++g) scores[g * kChunk + j - start] = -std::numeric_limits<float>::infinity();
       continue;
     }
-    const float* key = key_at(j);
+    const Cache* key = key_at(j);
+    prefetch_row(key_at(std::min(j + kAhead, stop - 1)), kVectors);
     FloatVector k[kVectors];
-    for (int i = 0; i < kVectors; ++i) k[i] = load_floats(key + i * kLanes);
+    for (int i = 0; i < kVectors; ++i) k[i] = load_cache(key + i * kLanes);
     for (int64_t g = 0; g < groups; ++g) {
       FloatVector sums = mul(load_floats(queries[g]), k[0]);
       for (int i = 1; i < kVectors; ++i) sums = fma(load_floats(queries[g] + i * kLanes), k[i], sums);
@@ -133,9 +161,10 @@ void vector_values(Partial* const* partials, int64_t groups, int64_t start, int6
                    ValueAt value_at, const float* weights) {
   for (int64_t j = start; j < stop; ++j) {
     if (row != nullptr && !row[j]) continue;
-    const float* value = value_at(j);
+    const Cache* value = value_at(j);
+    prefetch_row(value_at(std::min(j + kAhead, stop - 1)), kVectors);
     FloatVector v[kVectors];
-    for (int i = 0; i < kVectors; ++i) v[i] = load_floats(value + i * kLanes);
+    for (int i = 0; i < kVectors; ++i) v[i] = load_cache(value + i * kLanes);
     for (int64_t g = 0; g < groups; ++g) {
       const FloatVector w = broadcast(weights[g * kChunk + j - start]);
       float* out = partials[g]->weighted;
@@ -144,6 +173,17 @@ void vector_values(Partial* const* partials, int64_t groups, int64_t start, int6
   }
 }
 #endif
+
+// The same one element at a time, for head sizes the vectors do not divide.
+inline float cache_dot(const float* query, const Cache* key, int64_t size) {
+  float total = 0.f;
+  for (int64_t i = 0; i < size; ++i) total = std::fma(query[i], to_float(key[i]), total);
+  return total;
+}
+
+inline void add_scaled_cache(float* out, const Cache* value, float weight, int64_t size) {
+  for (int64_t i = 0; i < size; ++i) out[i] = std::fma(weight, to_float(value[i]), out[i]);
+}
 
 // The chunk [start, stop) of the positions the query heads `queries` of one key/value head see (`row`: the mask's
 // row, or null for all of them), into `partials` (one a query head); `scores` holds groups × kChunk floats.
@@ -168,24 +208,27 @@ void attend_chunk(const float* const* queries, Partial* const* partials, int64_t
     for (int64_t j = start; j < stop; ++j) {
       for (int64_t g = 0; g < groups; ++g) {
         scores[g * kChunk + j - start] = row != nullptr && !row[j] ? -std::numeric_limits<float>::infinity()
-                                                                   : dot(queries[g], key_at(j), head_dim) * scaling;
+                                                                   : cache_dot(queries[g], key_at(j), head_dim) * scaling;
       }
     }
   }
   for (int64_t g = 0; g < groups; ++g) {
     float* own = scores + g * kChunk;
-    float largest = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < stop - start; ++j) largest = std::max(largest, own[j]);
+    const int64_t count = stop - start;
+    const float largest = largest_of(own, count);
     Partial& partial = *partials[g];
     std::fill(partial.weighted, partial.weighted + head_dim, 0.f);
     partial.largest = largest;
     partial.total = 0.f;
     if (largest == -std::numeric_limits<float>::infinity()) {
-      std::fill(own, own + (stop - start), 0.f);
+      std::fill(own, own + count, 0.f);
       continue;
     }
-    exp_shifted(own, stop - start, largest);  // masked positions: exp(−inf) = 0
-    for (int64_t j = 0; j < stop - start; ++j) partial.total += own[j];
+    exp_shifted(own, count, largest);  // masked positions: exp(−inf) = 0
+    // summed over the whole chunk, zeros past the visible positions: the same additions in the same order for a
+    // query whether later positions exist (a forward over a longer sequence) or not (a prefill, a decode step)
+    std::fill(own + count, own + kChunk, 0.f);
+    partial.total = total_of(own, kChunk);
   }
   done = false;
 #ifdef D3_VECTORS
@@ -205,7 +248,7 @@ void attend_chunk(const float* const* queries, Partial* const* partials, int64_t
     for (int64_t j = start; j < stop; ++j) {
       if (row != nullptr && !row[j]) continue;
       for (int64_t g = 0; g < groups; ++g) {
-        add_scaled(partials[g]->weighted, value_at(j), scores[g * kChunk + j - start], head_dim);
+        add_scaled_cache(partials[g]->weighted, value_at(j), scores[g * kChunk + j - start], head_dim);
       }
     }
   }
@@ -269,8 +312,8 @@ struct LayerWeights : torch::CustomClassHolder {
 // One call of a layer: its key/value buffers and how many positions they held before it.
 struct LayerCall {
   const LayerWeights* weights;
-  float* keys;
-  float* values;
+  Cache* keys;
+  Cache* values;
   int64_t k0, k1, k2, v0, v1, v2;  // the buffers' strides
   int64_t past;
 };
@@ -278,13 +321,13 @@ struct LayerCall {
 LayerCall make_call(const LayerWeights& weights, const at::Tensor& key_buffer, const at::Tensor& value_buffer,
                     int64_t past, int64_t B, int64_t T) {
   for (const at::Tensor* buffer : {&key_buffer, &value_buffer}) {
-    TORCH_CHECK(buffer->scalar_type() == at::kFloat && buffer->dim() == 4 && buffer->size(0) == B &&
+    TORCH_CHECK(buffer->scalar_type() == at::kHalf && buffer->dim() == 4 && buffer->size(0) == B &&
                     buffer->size(1) == weights.kv_heads && buffer->size(2) >= past + T &&
                     buffer->size(3) == weights.head_dim && buffer->stride(3) == 1,
-                "the key and value buffers must be float32 [B, kv_heads, >= past + T, head_dim] with contiguous rows");
+                "the key and value buffers must be float16 [B, kv_heads, >= past + T, head_dim] with contiguous rows");
   }
   TORCH_CHECK(past >= 0, "past must not be negative");
-  return {&weights, key_buffer.data_ptr<float>(), value_buffer.data_ptr<float>(), key_buffer.stride(0),
+  return {&weights, key_buffer.data_ptr<Cache>(), value_buffer.data_ptr<Cache>(), key_buffer.stride(0),
           key_buffer.stride(1), key_buffer.stride(2), value_buffer.stride(0), value_buffer.stride(1),
           value_buffer.stride(2), past};
 }
@@ -340,8 +383,8 @@ void run_layer(const LayerCall& call, const CallShape& shape, const float* x, fl
   const int64_t groups = heads / kv_heads, chunks = (positions + kChunk - 1) / kChunk;
   const bool by_chunk = M * kv_heads < 4 * count;
   const bool* allowed = shape.allowed;
-  float* keys = call.keys;
-  float* values = call.values;
+  Cache* keys = call.keys;
+  Cache* values = call.values;
   const float* q_weight = w.q_norm.defined() ? w.q_norm.data_ptr<float>() : nullptr;
   const float* k_weight = w.k_norm.defined() ? w.k_norm.data_ptr<float>() : nullptr;
   int64_t begin, end;
@@ -368,9 +411,10 @@ void run_layer(const LayerCall& call, const CallShape& shape, const float* x, fl
     rotate(state, shape.cos + m * head_dim, shape.sin + m * head_dim, head_dim);
     if (head >= heads) {
       const int64_t b = m / T, position = past + m % T, kv = head - heads;
-      std::copy(state, state + head_dim, keys + b * call.k0 + kv * call.k1 + position * call.k2);
+      Cache* key = keys + b * call.k0 + kv * call.k1 + position * call.k2;
+      Cache* value = values + b * call.v0 + kv * call.v1 + position * call.v2;
       const float* v = s.qkv.data() + m * qkv_size + q_size + kv_size + kv * head_dim;
-      std::copy(v, v + head_dim, values + b * call.v0 + kv * call.v1 + position * call.v2);
+      for (int64_t i = 0; i < head_dim; ++i) key[i] = to_cache(state[i]), value[i] = to_cache(v[i]);
     }
   }
 #pragma omp barrier

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "blocks.h"
 
@@ -65,6 +66,34 @@ inline void silu_times(const float* gate, const float* up, int64_t count, float*
   }
 #endif
   for (; i < count; ++i) out[i] = gate[i] / (1.f + exp1(-gate[i])) * up[i];
+}
+
+// The largest of `count` values (none NaN): the same whatever the order, so vectors may take them in any.
+inline float largest_of(const float* values, int64_t count) {
+  float largest = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#ifdef D3_AVX2
+  __m256 top = _mm256_set1_ps(largest);
+  for (; i + 8 <= count; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(values + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  for (int lane = 0; lane < 8; ++lane) largest = std::max(largest, lanes[lane]);
+#endif
+  for (; i < count; ++i) largest = std::max(largest, values[i]);
+  return largest;
+}
+
+// Σ values: eight running sums, then their sum and the remainder (a fixed order for a given count).
+inline float total_of(const float* values, int64_t count) {
+  int64_t i = 0;
+  float total = 0.f;
+#ifdef D3_AVX2
+  __m256 sums = _mm256_setzero_ps();
+  for (; i + 8 <= count; i += 8) sums = _mm256_add_ps(sums, _mm256_loadu_ps(values + i));
+  total = sum_lanes(sums);
+#endif
+  for (; i < count; ++i) total += values[i];
+  return total;
 }
 
 inline float dot(const float* a, const float* b, int64_t size) {

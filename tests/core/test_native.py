@@ -79,13 +79,21 @@ def logits_of_steps(model, prompts, steps, schedule=None):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_prefill_and_decode_steps_are_the_whole_sequence_forward_to_the_last_bit(family):
+@pytest.mark.parametrize("prompts", [[PROMPT], [PROMPT, PROMPT[:4], PROMPT[:9]]], ids=["one", "padded"])
+def test_a_prefill_and_decode_steps_are_the_whole_sequence_forward_to_the_last_bit(family, prompts):
+    """Also for left-padded rows, whose queries see fewer positions than the sequence holds: a query's attention
+    is the same whether later (masked) positions exist or not."""
     model = tiny(family)
-    tokens, logits = logits_of_steps(model, [PROMPT], 12)
-    sequence = torch.cat([torch.tensor([PROMPT]), tokens[:, :-1]], dim=1)
+    tokens, logits = logits_of_steps(model, prompts, 20)
+    batch = make_prompt_batch(prompts, pad_token_id=2, device="cpu")
+    sequence = torch.cat([batch.input_ids, tokens[:, :-1]], dim=1)
+    mask = torch.ones_like(sequence)
+    if batch.attention_mask is not None:
+        mask[:, : batch.input_ids.shape[1]] = batch.attention_mask
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     with torch.inference_mode():
-        whole = model(sequence, use_cache=False).logits[:, len(PROMPT) - 1 :].float()
-    assert torch.equal(logits, whole)
+        whole = model(sequence, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    assert torch.equal(logits, whole[:, batch.input_ids.shape[1] - 1 :].float())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -177,3 +177,23 @@ def test_argmax_picks_what_torch_picks_ties_nans_and_infinities_included():
             if trial % 5 == 0:
                 logits[2] = float("-inf")
             assert torch.equal(torch.ops.d3.argmax(logits), logits.argmax(-1))
+
+
+@pytest.mark.skipif(not kernels.available() or torch.ops.d3.instruction_set() == "avx2",
+                    reason="the AVX2 path is the native one here")
+def test_the_avx2_path_passes_these_tests_too():
+    """The tests above exercise the path this CPU builds; the AVX2 one (x86-64 machines without AVX-512) is built
+    and tested in a subprocess, so both instruction sets are covered wherever the suite runs (built once per
+    checkout, in pytest's cache like the rest)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    environment = {**os.environ, "D3_KERNELS_MARCH": "haswell"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(Path(__file__)), "tests/core/test_native.py",
+                             "-k", "not avx2_path"], env=environment, cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout
