@@ -32,7 +32,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ENV_PREFIX = "D3_"
-RESERVED_ENV = {"D3_CACHE_DIR", "D3_DATA_DIR", "D3_DEBUG"}  # d3's own paths and switches, not option values
+RESERVED_ENV = {"D3_CACHE_DIR", "D3_DATA_DIR", "D3_DEBUG", "D3_KERNELS", "D3_KERNELS_MARCH"}  # d3's own paths and
+# switches, not option values
 LAYER_COUNT_KEYS = {"min_layers", "head", "tail"}
 NOT_CONFIGURABLE = {"help", "version"}
 

@@ -556,8 +556,9 @@ def print_weight_kinds(console: Console, report: dict) -> None:
         return
     table = Table(title=f"decode tokens/s · memory bandwidth {report['bandwidth_gb_s']:.1f} GB/s",
                   header_style="bold", box=None, padding=(0, 1))
-    for heading in ("", "k̄", "MB/step", "tok/s", "limit", "of limit", "× llama.cpp"):
-        table.add_column(heading, justify="right" if heading else "left", no_wrap=True)
+    table.add_column("", justify="left", overflow="fold", ratio=1)  # a long name wraps, the numbers never do
+    for heading in ("k̄", "MB/step", "tok/s", "limit", "of limit", "× llama.cpp"):
+        table.add_column(heading, justify="right", no_wrap=True)
     for row in rows:
         layers = "" if row["mean_layers"] is None else f"{row['mean_layers']:.2f}"
         ratio = "" if row.get("vs_llama_cpp") is None else f"{row['vs_llama_cpp']:.2f}"

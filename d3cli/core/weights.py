@@ -7,9 +7,9 @@
                                  its GGUF type (Q4_0/Q4_1/Q4_K as int4 exactly, Q8_0 and 5-8-bit types as int8); a
                                  float model in float32. On a GPU: dense bfloat16 (the int kernels are CPU kernels).
 
-Quantized kinds run on the CPU with bfloat16 activations by default (the kernels' fast path here; --dtype float32
-runs them with float32 activations, slower, for exactness checks). The choices are measured in
-docs/PERFORMANCE.md.
+Quantized kinds run on the CPU on d3's own kernels (d3cli/kernels) with float32 activations, which the kernels
+quantize to int8 per block of 32 as llama.cpp does; where those kernels cannot be built, on torch's int4/int8 kernels
+with bfloat16 activations (their fast path). The choices are measured in docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ class WeightsReport:
     other_bytes: int = 0  # everything else (embeddings, final norm)
     why: str = ""
     head_kind: str | None = None  # the LM head's stored kind
+    kernels: str | None = None  # which kernels quantized weights run on: "d3 kernels (avx2)", "torch kernels (...)"
 
     @property
     def step_bytes(self) -> int:
@@ -147,10 +148,13 @@ class WeightsReport:
         text = self.kind + (f" ({'; '.join(details)})" if details else "")
         if self.head_kind and self.head_kind != self.kind:
             text += f", LM head {self.head_kind}"
-        return f"{text}, {self.dtype} activations"
+        kernels = f", {self.kernels.split(' (')[0] if self.kernels.startswith('torch') else self.kernels}" \
+            if self.kernels else ""
+        return f"{text}, {self.dtype} activations{kernels}"
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "dtype": self.dtype, "label": self.label(), "modules": dict(self.modules),
+        return {"kind": self.kind, "dtype": self.dtype, "label": self.label(), "kernels": self.kernels,
+                "modules": dict(self.modules),
                 "sources": dict(self.sources), "group_size": self.group_size, "head": self.head_kind,
                 "step_bytes": self.step_bytes, "why": self.why}
 
@@ -353,7 +357,20 @@ def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: C
     return WeightsReport(kind=kind, dtype=dtype_name(choice.dtype), modules=dict(modules), sources=dict(sources),
                          group_size=group_size, layer_bytes=layer_bytes,
                          head_bytes=head_bytes, other_bytes=max(0, total - sum(layer_bytes) - head_bytes),
-                         why=choice.why, head_kind=head_kind)
+                         why=choice.why, head_kind=head_kind, kernels=_kernels(model) if choice.quantized else None)
+
+
+def _kernels(model: nn.Module) -> str | None:
+    """Which kernels the model's quantized layers run on: d3's (and their instruction set) or torch's (and why)."""
+    from d3cli import kernels
+    from d3cli.core.quantized import TiledWeights
+
+    if any(isinstance(module, TiledWeights) for module in model.modules()):
+        return kernels.description() if kernels.loaded() else "d3 kernels"
+    if any(isinstance(module, (Int4Linear, Int8Linear, BlockInt8Linear)) for module in model.modules()):
+        reason = kernels.load() or "turned off"
+        return f"torch kernels ({reason})"
+    return None
 
 
 def module_weight_bytes(module: nn.Module) -> int:

@@ -126,15 +126,21 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
     from d3cli.core.schedule import DecaySchedule
     from d3cli.evaluation import weights_speed
 
-    models = [loaded] + [settings.with_calibration(load(dataclasses.replace(model_options, weights=kind,
-                                                                            dtype="auto")))
-                         for kind in other_weight_kinds(loaded)]
+    models = [(loaded, None)] + [(settings.with_calibration(load(dataclasses.replace(model_options, weights=kind,
+                                                                                     dtype="auto"))), None)
+                                 for kind in other_weight_kinds(loaded)]
+    if loaded.weights is not None and (loaded.weights.kernels or "").startswith("d3"):
+        from d3cli import kernels
+
+        with kernels.turned_off():  # the same weights on torch's kernels: what d3 ran before its own
+            on_torch = settings.with_calibration(load(dataclasses.replace(model_options, dtype="auto")))
+        models.append((on_torch, f"{loaded.weights.kind} on torch's kernels"))
     sides = []
-    for model in models:
+    for model, name in models:
         num_layers = num_decoder_layers(model.model)
         schedule = settings.schedule_for(num_layers, model.calibration)
         sides += weights_speed.d3_sides(model, {"full depth": DecaySchedule.full(num_layers),
-                                                f"α {schedule.alpha:g}": schedule}, prompt, tokens)
+                                                f"α {schedule.alpha:g}": schedule}, prompt, tokens, name)
     llama, why = weights_speed.llama_cpp_side(None if gguf_path is None else str(gguf_path),
                                               torch.get_num_threads(), len(prompt) + tokens + 16)
     if llama is not None:

@@ -88,13 +88,15 @@ class Side:
 
 
 def compare(sides: Sequence[Side], tokens: int, repeats: int, bandwidth: float) -> list[dict]:
-    """Every side decodes `tokens` tokens once untimed, then in turns `repeats` times (the order rotating by
-    round); tokens/s from the sum of each step's median; the limit bandwidth ÷ bytes per step beside it."""
-    for side in sides:
-        side.decode(min(tokens, 8))
+    """The sides decode `tokens` tokens in turns `repeats` times (the order rotating by round), each timed decode
+    right after an untimed one of a few tokens: the side before may have pushed this one's weights out of the CPU's
+    caches (a float32 model streams 538 MB a step), and each side is timed as it runs on its own. Tokens/s from the
+    sum of each step's median; the limit bandwidth ÷ bytes per step beside it."""
+    warm_up = min(tokens, 8)
     for round_index in range(repeats):
         shift = round_index % len(sides)
         for side in [*sides[shift:], *sides[:shift]]:
+            side.decode(warm_up)
             side.rounds.append(side.decode(tokens))
     rows = []
     for side in sides:
@@ -108,15 +110,16 @@ def compare(sides: Sequence[Side], tokens: int, repeats: int, bandwidth: float) 
     return rows
 
 
-def d3_sides(loaded, schedules: dict, prompt_ids: Sequence[int], tokens: int) -> list[Side]:
-    """Full depth and each named schedule of one loaded model as timed sides."""
+def d3_sides(loaded, schedules: dict, prompt_ids: Sequence[int], tokens: int, name: str | None = None) -> list[Side]:
+    """Full depth and each named schedule of one loaded model as timed sides (named "d3 NAME LABEL", NAME the
+    weights' kind unless given)."""
     from d3cli.evaluation.speed import mean_decode_layers
 
     report = loaded.weights
     sides = []
     for label, schedule in schedules.items():
         k_bar = mean_decode_layers(schedule, tokens)
-        sides.append(Side(f"d3 {report.kind} {label}", report.kind,
+        sides.append(Side(f"d3 {name or report.kind} {label}", report.kind,
                           lambda count, schedule=schedule: decode_seconds(loaded.model, prompt_ids, schedule, count),
                           report.step_bytes_at(k_bar), k_bar))
     return sides

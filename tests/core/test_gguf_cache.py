@@ -80,9 +80,15 @@ def test_auto_runs_each_tensor_as_the_nearest_kind_of_its_type(mixed_gguf):
                               "gguf Q6_K re-quantized to int8": 1, "gguf Q8_0 as it is": 2,
                               "gguf F16 dequantized": 1}
     assert report.modules["int8 embedding"] == 1
-    assert report.label() == f"int4 (group 32; 1 {activations}; 2 int8), LM head int8, {activations} activations"
+    assert report.label() == (f"int4 (group 32; 1 {activations}; 2 int8), LM head int8, {activations} activations, "
+                              f"{kernels_phrase()}")
     dense = loader.load(str(mixed_gguf), weights="float32")
     assert report.step_bytes < dense.weights.step_bytes / 3
+
+
+def kernels_phrase() -> str:
+    """How the weights line names the kernels quantized weights run on here."""
+    return kernels.description() if kernels.available() else "torch kernels"
 
 
 def test_a_file_of_exact_types_runs_as_its_own_dequantized_weights(exact_gguf):
@@ -141,7 +147,7 @@ def test_the_embedded_model_runs_its_files_blocks_within_a_hundredth_of_a_nat(em
     report = embedded_default.weights
     assert report.sources == {"gguf Q4_1 as it is": 210, "gguf Q8_0 as it is": 1}
     activations = str(quantized_dtype()).replace("torch.", "")
-    assert report.label() == f"int4 (group 32), LM head int8, {activations} activations"
+    assert report.label() == f"int4 (group 32), LM head int8, {activations} activations, {kernels_phrase()}"
     assert report.step_bytes < embedded.weights.step_bytes / 5  # 97 MB a step against 538 MB in float32
     ids = embedded.tokenizer(HELD_OUT_TEXT, return_tensors="pt").input_ids
     reference, reference_top1 = nll_and_top1(embedded.model, ids)

@@ -6,7 +6,7 @@
     python docs/measurements/speed/cpu_experiments.py cache 64 512 1024 2048   # concatenating vs growing cache
     python docs/measurements/speed/cpu_experiments.py compile layers  # or: compile model
     python docs/measurements/speed/cpu_experiments.py startup         # phases of a warm start (run it twice)
-    python docs/measurements/speed/cpu_experiments.py floor           # a step's weight products alone vs llama.cpp
+    python docs/measurements/speed/cpu_experiments.py floor           # a step's parts vs llama.cpp's whole step
 
 Variants compared in one process take turns step by step, so a drift in machine speed hits them alike; each figure
 is a median decode-step time (ms) at full depth, batch 1, after ~100 prompt tokens. Imports happen inside each
@@ -59,7 +59,7 @@ def _medians_in_turns(steppers: dict, steps: int, before_each=None) -> dict:
             if before_each:
                 before_each(name)
             seconds[name].append(step())
-    return {name: round(1000 * statistics.median(values[5:]), 1) for name, values in seconds.items()}
+    return {name: round(1000 * statistics.median(values[5:]), 2) for name, values in seconds.items()}
 
 
 def profile() -> None:
@@ -157,37 +157,55 @@ def compile_(what: str) -> None:
 
 
 def floor() -> None:
-    """How much of a decode step the weight products alone take (every quantized linear of the 30 layers and the LM
-    head, called back to back on one token), against the whole step and against llama.cpp's decode step on the same
-    file (llama-cpp-python, when installed), in turns. What is left after the products is d3's overhead; the
-    products alone against llama.cpp's whole step is how far torch's kernels are from llama.cpp's."""
+    """Where a decode step of the default weights goes, against llama.cpp's whole step on the same file (llama-cpp-
+    python, when installed), in turns: d3's step as the engine takes it (native.NativeDecoder.step), its 30 layers in
+    the one kernel call the step makes, the LM head alone, and the rest (embedding, rotary tables, final norm,
+    Python) as the difference."""
     import torch
 
+    from d3cli.core.engine import make_prompt_batch, prefill
+    from d3cli.core.kv_cache import DepthDecayCache
     from d3cli.core.loader import embedded_gguf_path, load
+    from d3cli.core.native import native_decoder
 
     loaded = load(None)
     model = loaded.model
-    inner = {id(module.halves) for module in model.modules() if hasattr(module, "halves")}  # BlockInt8Linear's
-    linears = [module for module in model.modules() if hasattr(module, "in_features") and id(module) not in inner
-               and hasattr(module, "weight_bytes") and not isinstance(module, torch.nn.Embedding)]
-    head = model.get_output_embeddings()
-    inputs = [torch.randn(1, module.in_features, dtype=torch.bfloat16) for module in linears]
+    native = native_decoder(model)
+    cache = DepthDecayCache(config=model.config)
+    batch = make_prompt_batch([list(range(100, 100 + PROMPT_TOKENS))], 0, "cpu")
+    with torch.inference_mode():
+        prefill(model, batch, cache)
+    position = [PROMPT_TOKENS]
 
-    def products() -> float:
+    def whole_step() -> float:
         started = time.perf_counter()
         with torch.inference_mode():
-            for module, hidden in zip(linears, inputs):
-                module(hidden)
+            native.step(torch.tensor([[42]]), torch.tensor([[position[0]]]), cache)
+        position[0] += 1
         return time.perf_counter() - started
 
+    layers = [layer.native for layer in native.layers]
+    buffers = [torch.randn(1, layer.layer.num_key_value_heads, 4 * PROMPT_TOKENS, layer.layer.head_dim).half()
+               for layer in layers for _ in range(2)]
+    hidden = torch.randn(1, 1, model.config.hidden_size)
+    cos, sin = (part.contiguous() for part in native.rotary(hidden, torch.tensor([[PROMPT_TOKENS]])))
+
+    def layers_alone() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            torch.ops.d3.decoder_layers(hidden, buffers[0::2], buffers[1::2], [PROMPT_TOKENS] * len(layers), cos,
+                                        sin, [layer.weights for layer in layers])
+        return time.perf_counter() - started
+
+    head = model.get_output_embeddings()
+
     def head_alone() -> float:
-        hidden = torch.randn(1, head.in_features, dtype=torch.bfloat16)
         started = time.perf_counter()
         with torch.inference_mode():
             head(hidden)
         return time.perf_counter() - started
 
-    steppers = {"whole step": _decoder(model), "weight products alone": products, "LM head alone": head_alone}
+    steppers = {"whole step": whole_step, "30 layers in one call": layers_alone, "LM head alone": head_alone}
     try:
         from d3cli.evaluation.weights_speed import LlamaCpp
 
@@ -200,8 +218,11 @@ def floor() -> None:
         steppers["llama.cpp step"] = llama_step
     except ImportError:
         print("llama-cpp-python is not installed: llama.cpp not timed")
-    print(f"{len(linears)} products, {loaded.weights.label()}")
-    print(_medians_in_turns(steppers, 100))
+    print(loaded.weights.label())
+    medians = _medians_in_turns(steppers, 200)
+    medians["the rest (embedding, rotary, norm, Python)"] = round(
+        medians["whole step"] - medians["30 layers in one call"] - medians["LM head alone"], 2)
+    print(medians)
 
 
 def _llama_one(llama) -> float:

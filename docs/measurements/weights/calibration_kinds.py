@@ -1,6 +1,6 @@
 """What a calibration made on one kind of weights costs on another: teacher-forced NLL of held-out gsm8k answers
 at full depth and at the defaults (the calibration's importance order and bridges), for the embedded model run in
-float32 (its file dequantized) and in int4 (auto: its Q4_1 blocks, bfloat16 activations), with the bundled
+float32 (its file dequantized) and in int4 (auto: its Q4_1 blocks on d3's kernels), with the bundled
 calibration (made on float32 weights) and with one made by `d3 calibrate` on int4 weights.
 
     d3 calibrate --json -o /tmp/cal-int4.safetensors > calibrate-int4.json     # auto: int4 weights

@@ -6,7 +6,9 @@ Held-out text: gsm8k test questions with their reference answers, rows 500 onwar
 profiles use its own prompts and the first rows). For each kind: mean NLL per token, its difference from the
 reference, top-1 agreement with the reference's argmax at every position, and the weight bytes one decode step
 streams. Two families: the embedded GGUF file run as it is (its Q4_1 blocks as int4 group 32, its Q8_0 head as
-int8) or dequantized; and the same weights saved as a float32 safetensors folder, quantized on load.
+int8; on d3's kernels, whose activations are int8 per block of 32, and on torch's, with bfloat16 activations) or
+dequantized; and the same weights saved as a float32 safetensors folder (transformers' own layers, so the folder
+holds transformers' names), quantized on load.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from d3cli import kernels
 from d3cli.core import loader
 
 
@@ -62,14 +65,18 @@ def main() -> None:
     args = parser.parse_args()
     texts = texts_from(args.data_dir, args.first, args.texts)
     torch.manual_seed(0)
-    dense = loader.load(None, weights="float32")
+    dense = loader.load(loader.ModelOptions(None, weights="float32", fused=False))
     reference = scores(dense.model, dense.tokenizer, texts)
-    rows = {"texts": len(texts), "tokens": sum(len(log_probs) for log_probs, _ in reference), "gguf": [], "on_load": []}
+    rows = {"texts": len(texts), "tokens": sum(len(log_probs) for log_probs, _ in reference),
+            "kernels": kernels.description(), "gguf": [], "on_load": []}
     rows["gguf"].append(compare("float32 (the file dequantized: the reference)", dense, texts, None))
-    for name, options in [("auto (int4 from Q4_1, int8 head from Q8_0, bfloat16 activations)", {}),
+    for name, options in [("auto: int4 from Q4_1, int8 head from Q8_0 (d3's kernels)", {}),
                           ("int8 (the Q4_1 blocks requantized per channel)", {"weights": "int8"}),
                           ("bfloat16 dense", {"weights": "bfloat16"})]:
         rows["gguf"].append(compare(name, loader.load(None, **options), texts, reference))
+    with kernels.turned_off():
+        on_torch = loader.load(None)
+    rows["gguf"].append(compare("auto on torch's kernels (bfloat16 activations)", on_torch, texts, reference))
     with tempfile.TemporaryDirectory() as folder:
         dense.model.save_pretrained(folder)
         dense.tokenizer.save_pretrained(folder)
