@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,3 +218,9 @@ def d3_executable() -> str:
     """The installed console script beside this interpreter."""
     candidate = Path(sys.executable).with_name("d3")
     return str(candidate) if candidate.exists() else "d3"
+
+
+def default_ctrl_c() -> None:
+    """Run in a spawned child before exec: Ctrl-C back to its default action. A test runner started with SIGINT ignored
+    (a background job, nohup) would otherwise pass the ignored signal on, and the spawned d3 would never see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import d3_executable
+from conftest import d3_executable, default_ctrl_c
 
 SCHEDULE = ["--alpha", "0.8", "--min-layers", "3", "--head", "1", "--tail", "1", "-n", "8"]
 
@@ -107,10 +107,12 @@ def test_chat_options_are_checked_before_loading(cli):
 
 # --- a real terminal ----------------------------------------------------------------------------------------------
 
+
 def spawn_chat(args, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "TERM": "xterm", "XDG_STATE_HOME": str(tmp_path / "state")}
-    return pexpect.spawn(d3_executable(), args, dimensions=(40, 120), timeout=120, encoding="utf-8", env=env)
+    return pexpect.spawn(d3_executable(), args, dimensions=(40, 120), timeout=120, encoding="utf-8", env=env,
+                         preexec_fn=default_ctrl_c)
 
 
 def test_terminal_chat_replies_with_bars_and_a_summary_line(tiny_model_dir, tmp_path):

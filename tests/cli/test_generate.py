@@ -9,7 +9,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import d3_executable
+from conftest import d3_executable, default_ctrl_c
 
 JSON_KEYS = {
     "model", "alpha", "min_layers", "warmup", "head", "tail", "skip_order", "num_layers", "prompt_tokens",
@@ -198,7 +198,7 @@ def test_output_closed_early_ends_quietly(tiny_model_dir):
 def test_ctrl_c_keeps_the_text_and_exits_130():
     process = subprocess.Popen(
         [d3_executable(), "generate", "-n", "400", "--alpha", "1", "--no-chat", "Once upon a time"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_ctrl_c,
     )
     first = process.stdout.read(12)  # the first streamed text: generation is under way
     process.send_signal(signal.SIGINT)
@@ -232,7 +232,8 @@ def test_terminal_shows_layer_bars_and_summary(tiny_model_dir):
 def test_ctrl_c_on_a_terminal_keeps_the_text_and_summary():
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(d3_executable(), ["generate", "-n", "400", "--no-chat", "Once upon a time"],
-                          dimensions=(30, 100), timeout=120, encoding="utf-8", env={**os.environ, "TERM": "xterm"})
+                          dimensions=(30, 100), timeout=120, encoding="utf-8", env={**os.environ, "TERM": "xterm"},
+                          preexec_fn=default_ctrl_c)
     child.expect("layers")  # the live status line: tokens are streaming
     child.sendintr()
     child.expect(pexpect.EOF)
