@@ -5,7 +5,7 @@
 _d3() {
     local curcontext="$curcontext" state line
     local -a subcommands
-    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.' 'profile-ppl:Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.' 'calibrate:Calibrate a model for D3\: its layer order and bridges over skipped layers.' 'serve:Serve the model over an OpenAI-compatible HTTP API, every reply decoded with D3.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
+    subcommands=('generate:Generate a reply with Position-Aware Depth Decay Decoding.' 'chat:Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).' 'bench:Benchmark full depth, D3 and matched-compute baselines on GSM8K, BBH or everyday prompts, side by side.' 'profile-ppl:Show how perplexity falls with position after the prompt, what each layer is worth, and which α to use.' 'calibrate:Calibrate a model for D3\: its layer order, bridges over skipped layers, and schedule.' 'serve:Serve the model over an OpenAI-compatible HTTP API, every reply decoded with D3.' 'completions:Print the shell completion script for SHELL (the README says where to put it).' 'config:Show d3'\''s settings and the files they come from.')
     _arguments -C \
         '(--version)--version[Print the version and exit.]' \
         '(--help -h)--help[Show this message and exit.]' \
@@ -37,9 +37,9 @@ _d3_generate() {
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
-        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
-        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
-        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
+        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8). Default\: the floor the model'\''s calibration chose, else 0.84 of L.]:value: ' \
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
@@ -82,9 +82,9 @@ _d3_chat() {
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
-        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
-        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
-        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
+        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8). Default\: the floor the model'\''s calibration chose, else 0.84 of L.]:value: ' \
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
@@ -111,7 +111,7 @@ _d3_chat() {
 
 _d3_bench() {
     _arguments -s \
-        '(--task)--task[gsm8k, bbh, lm-eval\:TASK\[,TASK\] (lm-evaluation-harness tasks, scored by lm-eval; needs d3cli), or speed (timings only\: α = 1 against the model'\''s own generate, step cost per layer, D3 against its ideal, batches, KV cache, first token).]:value: ' \
+        '(--task)--task[gsm8k, bbh, replies (everyday prompts answered freely\: each method'\''s repetition and the full-depth model'\''s NLL of its replies against full depth'\''s), lm-eval\:TASK\[,TASK\] (lm-evaluation-harness tasks, scored by lm-eval; needs d3cli), or speed (timings only\: α = 1 against the model'\''s own generate, step cost per layer, D3 against its ideal, batches, KV cache, first token).]:value: ' \
         '(--subtasks)--subtasks[BBH subtasks, comma-separated (default\: all 27).]:value: ' \
         '(--limit)--limit[Only the first N examples (per BBH subtask).]:value: ' \
         '(--shots)--shots[Few-shot exemplars (gsm8k\: 8, bbh\: 3).]:value: ' \
@@ -127,9 +127,9 @@ _d3_bench() {
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
-        '(--alpha -a)--alpha[D3 decay rates, comma-separated\: one D3 run (and its matched baselines) each.]:value: ' \
-        '(--alpha -a)-a[D3 decay rates, comma-separated\: one D3 run (and its matched baselines) each.]:value: ' \
-        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
+        '(--alpha -a)--alpha[D3 decay rates, comma-separated\: one D3 run (and its matched baselines) each. Default\: the model'\''s own schedule (calibrated, else d3'\''s default).]:value: ' \
+        '(--alpha -a)-a[D3 decay rates, comma-separated\: one D3 run (and its matched baselines) each. Default\: the model'\''s own schedule (calibrated, else d3'\''s default).]:value: ' \
+        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8). Default\: the floor the model'\''s calibration chose, else 0.84 of L.]:value: ' \
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
@@ -179,7 +179,7 @@ _d3_profile_ppl() {
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
         '(--alpha -a)--alpha[Also profile D3 at these decay rates (comma-separated).]:value: ' \
         '(--alpha -a)-a[Also profile D3 at these decay rates (comma-separated).]:value: ' \
-        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
+        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8). Default\: the floor the model'\''s calibration chose, else 0.84 of L.]:value: ' \
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \
@@ -213,7 +213,7 @@ _d3_calibrate() {
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
-        '(--prompts)--prompts[How many of the 128 built-in prompts the model answers (fewer\: faster, weaker bridges).]:value: ' \
+        '(--prompts)--prompts[How many of the 116 built-in prompts the bridges are fitted on (fewer\: faster, weaker bridges).]:value: ' \
         '(--reply-tokens)--reply-tokens[Most tokens of each of the model'\''s replies.]:value: ' \
         '(--batch-size -b)--batch-size[Replies generated at once.]:value: ' \
         '(--batch-size -b)-b[Replies generated at once.]:value: ' \
@@ -222,6 +222,11 @@ _d3_calibrate() {
         '(--ridge)--ridge[Ridge strength, relative to the mean diagonal of XᵀX.]:value: ' \
         '(--head)--head[First layers that are never skipped (bridges are fitted for the others).]:value: ' \
         '(--tail)--tail[Last layers that are never skipped.]:value: ' \
+        '(--budget)--budget[The chosen schedule'\''s fidelity budget\: its replies to held-out prompts at most this many nats per token above full depth'\''s (the full-depth model'\''s NLL), and none looping where full depth'\''s does not.]:value: ' \
+        '(--schedule-prompts)--schedule-prompts[Held-out prompts each candidate schedule answers.]:value: ' \
+        '(--schedule-tokens)--schedule-tokens[Most tokens of each such reply.]:value: ' \
+        '(--schedule-only)--schedule-only[Choose the schedule again for the model'\''s calibration as it is (e.g. with another --budget)\: its order and bridges stay.]' \
+        '(--calibration)--calibration[With --schedule-only\: the calibration to choose for (default\: the model'\''s own, as every command finds it).]:path:_files' \
         '(--output -o)--output[Write the calibration here instead of the user cache (then pass it with --calibration).]:value: ' \
         '(--output -o)-o[Write the calibration here instead of the user cache (then pass it with --calibration).]:value: ' \
         '(--json)--json[Print what was made as JSON.]' \
@@ -240,9 +245,9 @@ _d3_serve() {
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
-        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
-        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping.]:value: ' \
-        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8).]:value: ' \
+        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8). Default\: the floor the model'\''s calibration chose, else 0.84 of L.]:value: ' \
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
         '(--tail)--tail[Last layers that always run\: a count or a fraction of L.]:value: ' \

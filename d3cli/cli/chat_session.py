@@ -100,9 +100,8 @@ class ChatSession:
         except GenerationInterrupted as stopped:
             reply, interrupted = stopped.replies[0], True
         self.turn += 1
-        record = {"turn": self.turn, **reply_record(reply, conversation.schedule(), conversation.loaded.name,
-                                                     len(plan.token_ids), calibration=conversation.loaded.calibration,
-                                                     weights=conversation.loaded.weights)}
+        record = {"turn": self.turn, **reply_record(reply, conversation.decode_plan(), conversation.loaded.name,
+                                                     len(plan.token_ids), weights=conversation.loaded.weights)}
         self.records.append(record)
         if self.as_jsonl:
             render.write_json_line(record)
@@ -132,16 +131,17 @@ class ChatSession:
             render.print_info(render.stdout_console(), message)
 
     def describe_settings(self) -> str:
-        schedule = self.conversation.schedule()
-        calibration = self.conversation.loaded.calibration
+        decode_plan = self.conversation.decode_plan()
+        schedule, calibration = decode_plan.schedule, decode_plan.calibration
         bridges = (f"calibration {calibration.label}, bridges {'on' if schedule.bridges is not None else 'off'}"
                    if calibration is not None else "not calibrated (d3 calibrate)")
-        return (f"α={schedule.alpha}, min-layers {schedule.min_layers} of {schedule.num_layers}, "
-                f"head {schedule.head}, tail {schedule.tail}, skip order {schedule.skip_order}, {bridges}")
+        return (f"α={schedule.alpha}, min-layers {schedule.min_layers} of {schedule.num_layers} "
+                f"({decode_plan.schedule_source}), head {schedule.head}, tail {schedule.tail}, skip order "
+                f"{schedule.skip_order}, {bridges}")
 
     def change_settings(self, **changes) -> None:
         updated = dataclasses.replace(self.conversation.settings, **changes)
-        self.conversation.schedule(updated)  # validate against this model before accepting
+        self.conversation.decode_plan(updated)  # validate against this model before accepting
         self.conversation.settings = updated
         self.info(f"now {self.describe_settings()}")
 
@@ -192,7 +192,7 @@ class ChatSession:
             raise UserError("/load needs a file name, like /load chat.json")
         path = Path(argument).expanduser()
         system, settings, messages, model = read_saved_chat(path, self.conversation.settings)
-        self.conversation.schedule(settings)
+        self.conversation.decode_plan(settings)
         self.conversation.settings = settings
         self.conversation.set_system(system)
         self.conversation.messages = messages

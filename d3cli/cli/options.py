@@ -108,14 +108,16 @@ TrustRemoteCodeOption = Annotated[
 ]
 
 AlphaOption = Annotated[
-    float,
-    typer.Option("--alpha", "-a", help="Decay rate α in (0, 1]: token i runs floor(L·α^i) layers. 1 = no skipping.",
-                 rich_help_panel=SCHEDULE_PANEL),
+    Optional[float],
+    typer.Option("--alpha", "-a", help="Decay rate α in (0, 1]: token i runs floor(L·α^i) layers. 1 = no skipping. "
+                                       f"Default: the α the model's calibration chose, else {DEFAULT_ALPHA}.",
+                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
 ]
 AlphaListOption = Annotated[
-    str,
-    typer.Option("--alpha", "-a", help="D3 decay rates, comma-separated: one D3 run (and its matched baselines) each.",
-                 rich_help_panel=SCHEDULE_PANEL),
+    Optional[str],
+    typer.Option("--alpha", "-a", help="D3 decay rates, comma-separated: one D3 run (and its matched baselines) each. "
+                                       "Default: the model's own schedule (calibrated, else d3's default).",
+                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
 ]
 ProfileAlphasOption = Annotated[
     Optional[str],
@@ -123,9 +125,10 @@ ProfileAlphasOption = Annotated[
                  rich_help_panel=SCHEDULE_PANEL, show_default=False),
 ]
 MinLayersOption = Annotated[
-    str,
-    typer.Option(help="Floor on the layers per token: a count (24) or a fraction of L (0.8).",
-                 rich_help_panel=SCHEDULE_PANEL),
+    Optional[str],
+    typer.Option(help="Floor on the layers per token: a count (24) or a fraction of L (0.8). Default: the floor the "
+                      f"model's calibration chose, else {DEFAULT_MIN_LAYERS} of L.",
+                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
 ]
 WarmupOption = Annotated[
     int, typer.Option(help="Generated tokens that run at full depth before the decay starts.",
@@ -252,8 +255,8 @@ class DepthArgs(OptionGroup):
     """The depth schedule: --alpha, --min-layers, --warmup, --head, --tail, --skip-order, --profile, --calibration,
     --bridges."""
 
-    alpha: AlphaOption = DEFAULT_ALPHA
-    min_layers: MinLayersOption = DEFAULT_MIN_LAYERS
+    alpha: AlphaOption = None
+    min_layers: MinLayersOption = None
     warmup: WarmupOption = DEFAULT_WARMUP
     head: HeadOption = DEFAULT_HEAD
     tail: TailOption = DEFAULT_TAIL
@@ -267,7 +270,7 @@ class DepthArgs(OptionGroup):
 class AlphaListDepthArgs(DepthArgs):
     """bench: the schedule options with --alpha a comma-separated list of rates (a field redefined keeps its place)."""
 
-    alpha: AlphaListOption = str(DEFAULT_ALPHA)
+    alpha: AlphaListOption = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -325,24 +325,61 @@ def _percent(value) -> str:
 
 def print_bench_table(console: Console, summary: dict) -> None:
     """`d3 bench`'s summary: one row per method (every number is also in --json)."""
+    methods = summary["methods"]
+    free = summary["task"] == "replies"  # everyday prompts: fidelity columns instead of accuracy ones
     table = Table(title=f"d3 bench · {summary['task']} · {summary['model']} · {summary['examples']} examples",
                   title_justify="left", header_style="bold", box=None, padding=(0, 1))
     table.add_column("method", no_wrap=True)
-    for heading in ("strict", "flex", "Δpts", "agree", "layers", "tokens", "tok/s", "speedup", "decode"):
+    headings = (["answers", "rep", "Δrep", "loops", "ΔNLL", "leaves", "layers", "speedup"] if free
+                else ["strict", "flex", "Δpts", "agree", "rep", "loops", "layers", "tokens", "tok/s", "speedup",
+                      "decode"])
+    for heading in headings:
         table.add_column(heading, justify="right", no_wrap=True)
-    for row in summary["methods"]:
-        table.add_row(
-            row["label"], _percent(row["accuracy"]), _percent(row["accuracy_flexible"]),
-            _points(row["delta_points"]), _percent(row["agreement"]), f"{row['mean_layers']:.1f}",
-            str(row["generated_tokens"]), f"{row['tokens_per_s']:.1f}", _times(row["measured_speedup"]),
-            _times(row.get("decode_speedup")),
-        )
+    for row in methods:
+        loops = "–" if row.get("loops") is None else f"{row['loops']}/{row['examples']}"
+        if free:
+            leaves = row.get("median_first_difference")
+            cells = [_percent(row["accuracy"]), _fraction(row.get("repetition")),
+                     _signed(row.get("delta_repetition")), loops, _signed(row.get("delta_nll")),
+                     "–" if leaves is None else str(leaves)]
+        else:
+            cells = [_percent(row["accuracy"]), _percent(row["accuracy_flexible"]), _points(row["delta_points"]),
+                     _percent(row["agreement"]), _percent(row.get("repetition")), loops]
+        cells += [f"{row['mean_layers']:.1f}", *([] if free else [str(row["generated_tokens"]),
+                                                                 f"{row['tokens_per_s']:.1f}"]),
+                  _times(row["measured_speedup"]),
+                  *([] if free else [_times(row.get("decode_speedup"))])]
+        table.add_row(row["label"], *cells)
     console.print(table)
-    console.print(Text("strict, flex: accuracy by the two answer extractors; Δpts: strict accuracy minus full "
-                       "depth's; agree: same flexible answer as full depth; static and linear use the mean depth "
-                       "of the d3 run with their α; speedup: tokens/s over full depth's, prefill included; decode: "
-                       "the same without the prefill", style="dim"))
+    if free:
+        legend = ("answers: replies with their prompt's answer (a number or word; prompts that have one); rep: "
+                  "repeated 4-grams of the replies; Δrep: the mean change from full "
+                  "depth's reply to the same prompt (the largest in --json); loops: replies repeating themselves where full depth's do not "
+                  "(5 points more of their 4-grams); ΔNLL: the full-depth model's NLL per token of the replies "
+                  "minus of its own; leaves: the median position where a reply leaves full depth's words")
+    else:
+        legend = ("strict, flex: accuracy by the two answer extractors; Δpts: strict accuracy minus full depth's; "
+                  "agree: same flexible answer as full depth; rep: repeated 4-grams of the replies; loops: replies "
+                  "repeating themselves where full depth's do not")
+    console.print(Text(legend + "; static and linear use the mean depth of the d3 run with their α; speedup: "
+                       "tokens/s over full depth's, prefill included" + ("" if free else
+                                                                         "; decode: the same without the prefill"),
+                       style="dim"))
+    source = summary.get("schedule_source")
+    if source == "default":
+        why = "its calibration chose none" if summary.get("calibration") else "the model is not calibrated"
+        console.print(Text(f"the d3 schedule: d3's default ({why}: d3 calibrate chooses one)", style="dim"))
+    elif source is not None:
+        console.print(Text(f"the d3 schedule: from the {source}", style="dim"))
     console.print(Text(f"per-example results: {summary['output']}", style="dim"))
+
+
+def _signed(value) -> str:
+    return "–" if value is None else f"{value:+.2f}"
+
+
+def _fraction(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def print_lm_eval_table(console: Console, summary: dict) -> None:
@@ -570,6 +607,18 @@ def print_weight_kinds(console: Console, report: dict) -> None:
         console.print(Text(f"llama.cpp: not timed ({skipped})", style="dim"))
 
 
+def calibrated_schedule_text(schedule: dict) -> str:
+    """The schedule a calibration chose, in one line: α and floor, predicted speedup, and its replies' fidelity."""
+    layers = schedule["step_costs"].get("num_layers")
+    if schedule["fidelity"] is None:
+        return (f"full depth: no candidate's replies stayed within {schedule['budget']['nll']:g} nats/token "
+                f"of full depth's without looping")
+    fidelity = schedule["fidelity"]
+    return (f"α {schedule['alpha']:g}, floor {schedule['min_layers']}" + (f" of {layers}" if layers else "")
+            + f" · predicted {schedule['predicted_speedup']:.2f}× · replies {fidelity['delta_nll']:+.3f} nats/token, "
+            f"repetition {fidelity['delta_repetition']:+.3f} (budget {schedule['budget']['nll']:g})")
+
+
 def print_calibration_made(console: Console, record: dict) -> None:
     """`d3 calibrate`'s closing summary."""
     table = Table.grid(padding=(0, 2))
@@ -582,6 +631,9 @@ def print_calibration_made(console: Console, record: dict) -> None:
     table.add_row("bridges", f"{len(record['bridged_runs'])} runs ({runs}), "
                              f"{record['bridge_bytes'] / 2**20:.1f} MiB"
                              + (f", rank {record['rank']}" if record["rank"] else ""))
+    schedule = record.get("schedule")
+    if schedule:
+        table.add_row("schedule", calibrated_schedule_text(schedule))
     table.add_row("time", ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record["seconds"].items()))
     console.print(Panel(table, title=f"d3 calibrate · {record['model']}", expand=False, border_style="cyan"))
 

@@ -55,9 +55,11 @@ class Conversation:
     def num_layers(self) -> int:
         return num_decoder_layers(self.loaded.model)
 
-    def schedule(self, settings: DecodeSettings | None = None):
-        """The depth schedule of `settings` (default: the conversation's) for this model and its calibration."""
-        return (settings or self.settings).schedule_for(self.num_layers, self.loaded.calibration)
+    def decode_plan(self, settings: DecodeSettings | None = None):
+        """The DecodePlan of `settings` (default: the conversation's) for this model and its calibration."""
+        from d3cli.core.plan import plan_for
+
+        return plan_for(self.loaded, settings or self.settings)
 
     def reset(self) -> None:
         """Forget every turn (the system message stays)."""
@@ -107,9 +109,8 @@ class Conversation:
         plan = plan or self.plan(user_text)
         if self.cache is None or not self.cache.crop_to(plan.reused):
             self.cache, plan.reused = DepthDecayCache(config=self.loaded.model.config), 0
-        schedule = self.schedule()
         try:
-            (reply,) = engine.decode(self.loaded, [plan.token_ids[plan.reused:]], schedule, self.settings,
+            (reply,) = engine.decode(self.loaded, [plan.token_ids[plan.reused:]], self.decode_plan(),
                                      on_event=on_event, cache=self.cache, past_length=plan.reused)
         except engine.GenerationInterrupted as stopped:
             self._record(plan, user_text, stopped.replies[0])

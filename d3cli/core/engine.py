@@ -6,8 +6,9 @@ A ladder of small functions, each used by the one above it:
     generate_steps               the loop: schedule -> kept layers -> forward -> sampler, one `Step` per position
     stream_generate              detokenizing, EOS and stop strings, timing: one `TokenEvent` per generated token
     generate                     the replies, gathered from the events (partial ones too, on Ctrl-C)
-    stream_decode / decode       the entry point of every command: a loaded model, prompts and DecodeSettings
-                                 (sampler, stop strings, max_new_tokens clamped to the context) -> events / replies
+    stream_decode / decode       the entry point of every command: a loaded model, prompts and a DecodePlan
+                                 (plan.py: schedule, sampler, stop strings, reply length clamped to the context)
+                                 -> events / replies
 
 Commands (generate, chat, bench, calibrate, profile-ppl's corpora) call `stream_decode` or `decode`; timing and
 scoring code that needs single steps uses `generate_steps`. Sampling and stopping come in as settings, never as CLI
@@ -319,29 +320,24 @@ def collect(events: Iterator[TokenEvent], rows: int, on_event=None) -> list[Repl
     return collector.replies
 
 
-def stream_decode(loaded, prompts: Sequence[Sequence[int]], schedule: DecaySchedule, settings, *,
-                  stop: Sequence[str] | None = None, seed: int | None = None, cache: DepthDecayCache | None = None,
+def stream_decode(loaded, prompts: Sequence[Sequence[int]], plan, *, stop: Sequence[str] | None = None,
+                  seed: int | None = None, cache: DepthDecayCache | None = None,
                   past_length: int = 0) -> Iterator[TokenEvent]:
-    """The one decode entry point of every command: token-id prompts of `loaded` (a loader.LoadedModel) under
-    `schedule`, with the reply settings of `settings` (a settings.DecodeSettings): its sampler (`seed` overrides its
-    seed), its stop strings (or `stop`), and its `max_new_tokens` clamped so the longest prompt (after the
-    `past_length` positions already in `cache`) plus its reply fits the model's context. Yields the engine's events."""
-    from d3cli.core.loader import context_length
-
-    context = context_length(loaded.model)
+    """The one decode entry point of every command: token-id prompts of `loaded` (a loader.LoadedModel) under `plan`
+    (a plan.DecodePlan, from `plan.plan_for`): its schedule, its sampler (`seed` overrides its seed), its stop strings
+    (or `stop`), and its reply length clamped so the longest prompt (after the `past_length` positions already in
+    `cache`) plus its reply fits the model's context. Yields the engine's events."""
     longest = past_length + max(len(prompt) for prompt in prompts)
-    max_new_tokens = settings.max_new_tokens if context is None else min(settings.max_new_tokens, context - longest)
-    sampling = settings.sampling if seed is None else dataclasses.replace(settings.sampling, seed=seed)
+    sampling = plan.sampling if seed is None else dataclasses.replace(plan.sampling, seed=seed)
     sampler = make_sampler(sampling, model_device(loaded.model))
-    return stream_generate(loaded.model, loaded.tokenizer, prompts, schedule, sampler, max_new_tokens,
-                           settings.stop if stop is None else stop, cache=cache, past_length=past_length)
+    return stream_generate(loaded.model, loaded.tokenizer, prompts, plan.schedule, sampler,
+                           plan.max_new_tokens_for(longest), plan.stop if stop is None else stop, cache=cache,
+                           past_length=past_length)
 
 
-def decode(loaded, prompts: Sequence[Sequence[int]], schedule: DecaySchedule, settings, *, on_event=None,
-           stop: Sequence[str] | None = None, seed: int | None = None, cache: DepthDecayCache | None = None,
-           past_length: int = 0) -> list[Reply]:
+def decode(loaded, prompts: Sequence[Sequence[int]], plan, *, on_event=None, stop: Sequence[str] | None = None,
+           seed: int | None = None, cache: DepthDecayCache | None = None, past_length: int = 0) -> list[Reply]:
     """`stream_decode`, collected: one `Reply` per prompt; `on_event(event)` sees every token as it comes. On Ctrl-C
     `GenerationInterrupted` carries the partial replies."""
-    events = stream_decode(loaded, prompts, schedule, settings, stop=stop, seed=seed, cache=cache,
-                           past_length=past_length)
+    events = stream_decode(loaded, prompts, plan, stop=stop, seed=seed, cache=cache, past_length=past_length)
     return collect(events, len(prompts), on_event)

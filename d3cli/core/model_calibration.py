@@ -4,7 +4,9 @@ The file holds the bridges' matrices as float16 tensors (`bridge.FIRST.LAST.weig
 low-rank: half the bytes of float32, and their rounding is far below what a fit leaves unexplained) and, in the
 safetensors header's metadata under "d3", a JSON object with the rest: the format, the model's identity
 (architecture facts and a weight fingerprint, as `loader.model_identity`), the layer profile behind the `importance`
-skip order, the runs bridged and how they were fitted (corpus, tokens, ridge, rank).
+skip order, the runs bridged and how they were fitted (corpus, tokens, ridge, rank), and the schedule (α,
+min-layers) its last stage chose with what that choice rests on (schedule_choice.py; files from before d3 chose
+schedules have none, and the model then gets d3's default schedule).
 
 `d3 calibrate` writes one to the user cache, named after the model's identity; every command finds it there by
 itself (`find_calibration`), else uses the one d3 ships for the embedded model. `--calibration FILE` names one
@@ -39,6 +41,8 @@ class ModelCalibration:
     bridges: object = field(repr=False, default=None)  # bridges.Bridges (empty when the file has none)
     bundled: bool = False
     active_bridges: object = field(repr=False, default=None)  # `bridges` on the model's device, after `activate`
+    schedule: dict | None = None  # the α and min-layers its schedule stage chose, and what that rests on (None:
+    # a calibration from before d3 chose schedules)
 
     @property
     def label(self) -> str:
@@ -55,7 +59,7 @@ class ModelCalibration:
         self.active_bridges = self.bridges.on(device, dtype) if len(self.bridges) else None
 
     def header(self) -> dict:
-        return header_of(self.model, self.profile, self.fit)
+        return header_of(self.model, self.profile, self.fit, self.schedule)
 
 
 def made_on(identity: dict) -> str:
@@ -64,12 +68,16 @@ def made_on(identity: dict) -> str:
     return str(identity.get("weights") or "float32")
 
 
-def header_of(identity: dict, profile: LayerProfile | None, fit: dict) -> dict:
-    return {"format": CALIBRATION_FORMAT, "model": identity,
-            "profile": profile.as_dict() if profile is not None else None, "fit": fit}
+def header_of(identity: dict, profile: LayerProfile | None, fit: dict, schedule: dict | None = None) -> dict:
+    header = {"format": CALIBRATION_FORMAT, "model": identity,
+              "profile": profile.as_dict() if profile is not None else None, "fit": fit}
+    if schedule is not None:
+        header["schedule"] = schedule
+    return header
 
 
-def write_calibration(path: Path, identity: dict, profile: LayerProfile | None, bridges, fit: dict) -> None:
+def write_calibration(path: Path, identity: dict, profile: LayerProfile | None, bridges, fit: dict,
+                      schedule: dict | None = None) -> None:
     """Write the calibration to `path` through a temporary file and a rename, so a crash leaves no half file."""
     from safetensors.torch import save
 
@@ -82,7 +90,7 @@ def write_calibration(path: Path, identity: dict, profile: LayerProfile | None, 
     for bridge in bridges:
         tensors.update({name: tensor.detach().to("cpu", stored).contiguous()
                         for name, tensor in bridge.tensors().items()})
-    metadata = {"d3": json.dumps(header_of(identity, profile, fit))}
+    metadata = {"d3": json.dumps(header_of(identity, profile, fit, schedule))}
     write_atomically(Path(path), save(tensors, metadata=metadata), make_parents=True)
 
 
@@ -148,6 +156,7 @@ def read_calibration(path: str | Path, bundled: bool = False) -> ModelCalibratio
         num_layers, hidden_size = int(identity["num_layers"]), int(identity["hidden_size"])
         profile = _profile_from(payload.get("profile"), identity, num_layers)
         fit = dict(payload.get("fit") or {})
+        schedule = _schedule_from(payload.get("schedule"), num_layers)
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path} is not a d3 calibration file: bad metadata ({error})") from None
 
@@ -166,7 +175,22 @@ def read_calibration(path: str | Path, bundled: bool = False) -> ModelCalibratio
     for (first, last), found in sorted(parts.items()):
         bridges.append(_bridge_from(path, first, last, found, hidden_size))
     return ModelCalibration(path=path, model=identity, profile=profile, fit=fit,
-                            bridges=Bridges(bridges, "bundled" if bundled else str(path)), bundled=bundled)
+                            bridges=Bridges(bridges, "bundled" if bundled else str(path)), bundled=bundled,
+                            schedule=schedule)
+
+
+def _schedule_from(data, num_layers: int) -> dict | None:
+    """A calibration's chosen schedule, checked: α in (0, 1], min-layers a whole number of layers up to L."""
+    if data is None:
+        return None
+    schedule = dict(data)
+    alpha, floor = schedule.get("alpha"), schedule.get("min_layers")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise ValueError(f"the chosen schedule's alpha must lie in (0, 1], not {alpha!r}")
+    if isinstance(floor, bool) or not isinstance(floor, int) or not 1 <= floor <= num_layers:
+        raise ValueError(f"the chosen schedule's min_layers must be a layer count from 1 to {num_layers}, "
+                         f"not {floor!r}")
+    return schedule
 
 
 def _bridge_from(path: Path, first: int, last: int, found: dict, hidden_size: int):

@@ -2,7 +2,7 @@
 
 What `d3 generate` does between parsing and rendering, for one prompt or a stream of them: encode each prompt (chat
 template, context check) with the settings its reply uses, group consecutive prompts whose settings can share a
-batch, and decode a batch under its D3 schedule or the full-depth one. No rendering here.
+batch, and decode a batch under its D3 plan or the full-depth one. No rendering here.
 """
 
 from __future__ import annotations
@@ -39,20 +39,18 @@ def prepare_prompt(loaded, prompt: str, settings: DecodeSettings, line: int | No
     return PreparedPrompt(token_ids, settings, line, request_id)
 
 
-def schedules(loaded, settings: DecodeSettings):
-    """The D3 schedule of these settings for this model, and the full-depth one to compare it with."""
-    from d3cli.core.loader import num_decoder_layers
+def plans(loaded, settings: DecodeSettings):
+    """The D3 plan of these settings for this model, and the full-depth one to compare it with."""
+    from d3cli.core.plan import plan_for
 
-    num_layers = num_decoder_layers(loaded.model)
-    return settings.schedule_for(num_layers, loaded.calibration), settings.full_depth().schedule_for(num_layers)
+    return plan_for(loaded, settings), plan_for(loaded, settings.full_depth())
 
 
-def decode(loaded, prompts: list[PreparedPrompt], schedule, on_event=None, seed: int | None = None) -> list[Reply]:
-    """Decode prompts that share their settings in one batch, with `schedule`."""
+def decode(loaded, prompts: list[PreparedPrompt], plan, on_event=None, seed: int | None = None) -> list[Reply]:
+    """Decode prompts that share their settings in one batch, with `plan` (made from those settings)."""
     from d3cli.core import engine
 
-    return engine.decode(loaded, [prompt.token_ids for prompt in prompts], schedule, prompts[0].settings,
-                         on_event=on_event, seed=seed)
+    return engine.decode(loaded, [prompt.token_ids for prompt in prompts], plan, on_event=on_event, seed=seed)
 
 
 def comparison_seed(settings: DecodeSettings) -> int | None:
@@ -62,10 +60,9 @@ def comparison_seed(settings: DecodeSettings) -> int | None:
     return random.randrange(2**31)
 
 
-def warm_up(loaded, prompt: PreparedPrompt, full_depth_schedule) -> None:
+def warm_up(loaded, prompt: PreparedPrompt, full_depth_plan) -> None:
     """A few untimed tokens first, so a comparison does not charge one-time costs to whichever run goes first."""
-    short = replace(prompt, settings=replace(prompt.settings, max_new_tokens=WARMUP_TOKENS, stop=()))
-    decode(loaded, [short], full_depth_schedule)
+    decode(loaded, [prompt], full_depth_plan.with_settings(max_new_tokens=WARMUP_TOKENS, stop=()))
 
 
 def batches(prepared_prompts, batch_size: int):

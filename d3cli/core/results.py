@@ -118,23 +118,26 @@ def weights_fields(weights) -> dict[str, object]:
     return {"weights": weights.kind, "weights_detail": weights.label()}
 
 
-def schedule_fields(schedule: DecaySchedule) -> dict[str, object]:
-    """The schedule's settings as every reply's JSON reports them."""
+def schedule_fields(plan) -> dict[str, object]:
+    """The schedule's settings as every reply's JSON reports them, and where they came from (a plan.DecodePlan's
+    `schedule_source`: option, calibration or default)."""
+    schedule = plan.schedule
     return {"alpha": schedule.alpha, "min_layers": schedule.min_layers, "warmup": schedule.warmup,
-            "head": schedule.head, "tail": schedule.tail, "skip_order": schedule.skip_order}
+            "head": schedule.head, "tail": schedule.tail, "skip_order": schedule.skip_order,
+            "schedule_source": plan.schedule_source}
 
 
 def reply_record(
-    reply: Reply, schedule: DecaySchedule, model_name: str, prompt_tokens: int, baseline: Reply | None = None,
-    calibration=None, weights=None,
+    reply: Reply, plan, model_name: str, prompt_tokens: int, baseline: Reply | None = None, weights=None,
 ) -> dict[str, object]:
-    """The JSON object of `generate --json` / `--jsonl` for one reply; `calibration` is the model's
-    (model_calibration.ModelCalibration) or None, `weights` what ran (weights.WeightsReport) or None."""
+    """The JSON object of `generate --json` / `--jsonl` for one reply decoded with `plan` (a plan.DecodePlan, whose
+    calibration it names); `weights` what ran (weights.WeightsReport) or None."""
+    schedule = plan.schedule
     record: dict[str, object] = {
         "model": model_name,
         **weights_fields(weights),
-        **schedule_fields(schedule),
-        **calibration_fields(schedule, reply.layers_per_token, calibration),
+        **schedule_fields(plan),
+        **calibration_fields(schedule, reply.layers_per_token, plan.calibration),
         "num_layers": schedule.num_layers,
         "prompt_tokens": prompt_tokens,
         "generated_tokens": reply.generated_tokens,

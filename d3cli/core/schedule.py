@@ -124,19 +124,21 @@ def check_warmup(warmup: int) -> None:
 
 
 def check_parameters(
-    alpha: float,
-    min_layers: int | float | str,
+    alpha: float | None,
+    min_layers: int | float | str | None,
     warmup: int,
     head: int | float | str,
     tail: int | float | str,
     skip_order: str | SkipOrder,
 ) -> None:
-    """Every check that does not need the model's layer count, so bad options fail before a model loads."""
-    check_alpha(alpha)
+    """Every check that does not need the model's layer count, so bad options fail before a model loads (α and
+    min-layers when set: None leaves them to the model's calibration)."""
+    if alpha is not None:
+        check_alpha(alpha)
     check_warmup(warmup)
     counts = {name: parse_layer_count(value, name) for name, value in
-              (("min-layers", min_layers), ("head", head), ("tail", tail))}
-    if all(isinstance(count, int) for count in counts.values()):
+              (("min-layers", min_layers), ("head", head), ("tail", tail)) if value is not None}
+    if len(counts) == 3 and all(isinstance(count, int) for count in counts.values()):
         check_layer_counts(counts["head"], counts["tail"], counts["min-layers"])
     if not callable(skip_order) and skip_order not in SKIP_ORDER_NAMES:
         raise UserError(f"unknown skip order {skip_order!r} (choose from: {', '.join(SKIP_ORDER_NAMES)})")
@@ -188,8 +190,7 @@ class DecaySchedule:
         if callable(skip_order):
             order_fn, order_name = skip_order, skip_order_name or getattr(skip_order, "__name__", "custom")
         elif skip_order in (MEASURED_SKIP_ORDER, AUTO_SKIP_ORDER):
-            raise UserError(f"the {skip_order} skip order needs the model's layer profile (DecodeSettings.schedule_for "
-                            "finds it)")
+            raise UserError(f"the {skip_order} skip order needs the model's layer profile (plan.plan_for finds it)")
         else:
             order_fn, order_name = SKIP_ORDERS[skip_order], skip_order
         flex_layers = list(range(head_layers, num_layers - tail_layers))

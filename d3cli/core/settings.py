@@ -1,6 +1,8 @@
 """What one reply needs besides its prompt: depth schedule, sampling, length, stops, prompt format. No torch here.
 
-Command-line options, per-line JSONL options and saved chats all end up as a `DecodeSettings`.
+Command-line options, per-line JSONL options and saved chats all end up as a `DecodeSettings`; `plan.plan_for`
+binds one to a loaded model. α and min-layers are None unless the user set them: the model's calibration then
+chooses them, else d3's defaults (plan.py).
 """
 
 from __future__ import annotations
@@ -12,16 +14,13 @@ from dataclasses import dataclass, field
 from d3cli.core.errors import UserError, check_at_least
 from d3cli.core.sampling import SamplingSettings, check_temperature, check_top_k, check_top_p
 from d3cli.core.schedule import (
-    DEFAULT_ALPHA,
+    AUTO_SKIP_ORDER,
     DEFAULT_HEAD,
-    DEFAULT_MIN_LAYERS,
     DEFAULT_SKIP_ORDER,
     DEFAULT_TAIL,
     DEFAULT_WARMUP,
-    AUTO_SKIP_ORDER,
     MEASURED_SKIP_ORDER,
     UNMEASURED_SKIP_ORDER,
-    DecaySchedule,
     check_alpha,
     check_parameters,
     check_warmup,
@@ -49,8 +48,8 @@ VALUE_CHECKS = {
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    alpha: float = DEFAULT_ALPHA
-    min_layers: int | float = parse_layer_count(DEFAULT_MIN_LAYERS, "min-layers")
+    alpha: float | None = None  # None: the model's calibrated α, else the default (plan.py)
+    min_layers: int | float | None = None  # None: the model's calibrated floor, else the default
     warmup: int = DEFAULT_WARMUP
     head: int | float = parse_layer_count(DEFAULT_HEAD, "head")
     tail: int | float = parse_layer_count(DEFAULT_TAIL, "tail")
@@ -68,7 +67,7 @@ class DecodeSettings:
         check_max_new_tokens(self.max_new_tokens)
         if self.chat is False and self.system is not None:
             raise UserError("--system needs the chat template; it cannot be combined with --no-chat")
-        check_parameters(self.alpha, self.min_layers, self.warmup, self.head, self.tail, self.skip_order)
+        check_parameters(self.alpha, self.min_layers, self.warmup, self.head, self.tail, self.skip_order)  # (those set)
         if self.profile is not None and self.skip_order not in (MEASURED_SKIP_ORDER, AUTO_SKIP_ORDER):
             raise UserError(f"--profile is used by --skip-order importance only, not with skip order "
                             f"{self.skip_order!r}")
@@ -82,7 +81,7 @@ class DecodeSettings:
         """The settings of a subcommand's command-line options (layer counts as typed, the skip order's enum)."""
         return cls(
             alpha=alpha,
-            min_layers=parse_layer_count(min_layers, "min-layers"),
+            min_layers=None if min_layers is None else parse_layer_count(min_layers, "min-layers"),
             warmup=warmup,
             head=parse_layer_count(head, "head"),
             tail=parse_layer_count(tail, "tail"),
@@ -94,41 +93,6 @@ class DecodeSettings:
             system=system,
             profile=str(profile) if profile is not None else None,
             calibration=str(calibration) if calibration is not None else None,
-            bridges=bridges,
-        )
-
-    def schedule_for(self, num_layers: int, calibration=None) -> DecaySchedule:
-        """The schedule of these settings for a model with `num_layers` layers whose calibration (a
-        model_calibration.ModelCalibration from `calibration_for`, or None) is `calibration`: the skip order `auto`
-        resolved (importance from --profile or the calibration, else middle), and the calibration's bridges unless
-        bridges are off."""
-        from d3cli.core.layer_profile import importance_order
-
-        profile = self.layer_profile(calibration)
-        skip_order, name = self.skip_order, self.skip_order
-        if skip_order == AUTO_SKIP_ORDER:
-            name = MEASURED_SKIP_ORDER if profile is not None else UNMEASURED_SKIP_ORDER
-            skip_order = name
-        if skip_order == MEASURED_SKIP_ORDER:
-            if profile is None:
-                raise UserError("--skip-order importance needs a layer profile of this model: make its calibration "
-                                "with d3 calibrate, or pass --profile FILE")
-            if profile.num_layers != num_layers:
-                raise UserError(f"the layer profile {self.profile} is for a model with {profile.num_layers} layers, "
-                                f"this one has {num_layers}: make one with d3 profile-ppl --save-profile FILE")
-            skip_order = importance_order(profile)
-        bridges = None
-        if self.bridges and calibration is not None and calibration.active_bridges:
-            bridges = calibration.active_bridges
-        return DecaySchedule.build(
-            num_layers,
-            alpha=self.alpha,
-            min_layers=self.min_layers,
-            warmup=self.warmup,
-            head=self.head,
-            tail=self.tail,
-            skip_order=skip_order,
-            skip_order_name=name,
             bridges=bridges,
         )
 
@@ -187,7 +151,7 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "bridges": (bool,),
 }
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
-NULLABLE_KEYS = ("seed", "chat", "system", "profile")  # null means "not set"
+NULLABLE_KEYS = ("alpha", "min_layers", "seed", "chat", "system", "profile")  # null means "not set"
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -210,7 +174,7 @@ def apply_options(base: DecodeSettings, options: dict, extra_keys: tuple[str, ..
         elif isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
             names = " or ".join(kind.__name__ for kind in expected)
             raise UserError(f"key {key!r} must be {names}, not {json_type(value)}")
-        if key in ("min_layers", "head", "tail"):
+        if key in ("min_layers", "head", "tail") and value is not None:
             value = parse_layer_count(value, key.replace("_", "-"))
         if key == "stop":
             value = (value,) if isinstance(value, str) else tuple(value)

@@ -38,8 +38,25 @@ from d3cli.evaluation.distributed import World
 from d3cli.evaluation.tasks.base import Example, TaskOptions
 
 BRIDGED = "+bridges"
-SCHEDULES = ("d3", "static", "linear")
-METHODS = ("full", *SCHEDULES, *(f"{name}{BRIDGED}" for name in SCHEDULES))
+
+
+@dataclass(frozen=True)
+class MethodKind:
+    """A kind of schedule `d3 bench` runs: its name, and its schedule made from the D3 schedule it goes with; a
+    `matched` kind is a baseline whose schedule is fitted to the D3 run's mean depth (its finished records)."""
+
+    name: str
+    matched: bool
+    schedule: object  # (d3 schedule, d3 records) -> schedule; None for full depth (the plan's own)
+    bridgeable: bool = True  # comes as NAME+bridges too
+
+
+def _d3_itself(d3_schedule: DecaySchedule, records: Sequence[dict]) -> DecaySchedule:
+    return d3_schedule
+
+
+METHOD_KINDS: dict[str, MethodKind] = {}  # filled below, once the matching functions exist
+METHODS: tuple[str, ...] = ()
 DEFAULT_METHODS = ("full", "d3", f"d3{BRIDGED}", "static", f"static{BRIDGED}", "linear")
 
 
@@ -81,8 +98,9 @@ def method_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[MethodR
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r} (choose from: {', '.join(METHODS)})")
+    matched_kinds = [kind.name for kind in METHOD_KINDS.values() if kind.matched]
     for bridged in ("", BRIDGED):
-        baselines = [f"{name}{bridged}" for name in ("static", "linear") if f"{name}{bridged}" in methods]
+        baselines = [f"{name}{bridged}" for name in matched_kinds if f"{name}{bridged}" in methods]
         if baselines and f"d3{bridged}" not in methods:
             raise UserError(f"{' and '.join(baselines)} {'is' if len(baselines) == 1 else 'are'} matched to a "
                             f"d3{bridged} run: add d3{bridged} to --methods")
@@ -92,7 +110,7 @@ def method_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[MethodR
 
     runs = [MethodRun("full", None)]
     runs += [run for alpha in alphas for run in wanted("d3", alpha)]
-    runs += [run for alpha in alphas for method in ("static", "linear") for run in wanted(method, alpha)]
+    runs += [run for alpha in alphas for method in matched_kinds for run in wanted(method, alpha)]
     return runs
 
 
@@ -267,23 +285,41 @@ def matched_linear(d3_schedule: DecaySchedule, records: Sequence[dict]) -> Linea
     return LinearSchedule.like(d3_schedule, best)
 
 
-def schedule_for(run: MethodRun, settings: DecodeSettings, num_layers: int, d3_records: Sequence[dict] = (),
-                 calibration=None) -> DecaySchedule:
-    """The schedule of `run` for a model with `num_layers` layers and `calibration`; a baseline is matched to
-    `d3_records`, the finished records (their "tokens" and "layers") of the D3 run `run.matched_d3`."""
-    if run.method == "full":
-        return settings.full_depth().schedule_for(num_layers)
-    d3_schedule = dataclasses.replace(settings, alpha=run.alpha).schedule_for(num_layers, calibration)
+METHOD_KINDS.update({kind.name: kind for kind in (
+    MethodKind("full", matched=False, schedule=None, bridgeable=False),
+    MethodKind("d3", matched=False, schedule=_d3_itself),
+    MethodKind("static", matched=True, schedule=matched_static),
+    MethodKind("linear", matched=True, schedule=matched_linear),
+)})
+METHODS = tuple(name for kind in METHOD_KINDS.values() for name in
+                ((kind.name, f"{kind.name}{BRIDGED}") if kind.bridgeable else (kind.name,)))
+
+
+def plan_for_run(run: MethodRun, loaded, settings: DecodeSettings, d3_records: Sequence[dict] = ()):
+    """The DecodePlan of `run` for `loaded`: full depth, the D3 plan of `settings` at the run's α (its min-layers
+    the user's, else the model's calibrated one), or a baseline matched to `d3_records`, the finished records
+    (their "tokens" and "layers") of the D3 run `run.matched_d3`."""
+    from d3cli.core.plan import plan_for
+
+    kind = METHOD_KINDS[run.method]
+    if kind.schedule is None:
+        return plan_for(loaded, settings.full_depth())
+    d3_plan = plan_for(loaded, dataclasses.replace(settings, alpha=run.alpha))
+    d3_schedule = d3_plan.schedule
     if run.bridged and d3_schedule.bridges is None:
         raise UserError(f"{run.name} needs bridges: this model's calibration has none (make it with d3 calibrate), "
                         "or bridges are off")
     d3_schedule = d3_schedule.with_bridges(d3_schedule.bridges if run.bridged else None)
-    if run.method == "d3":
-        return d3_schedule
-    if not d3_records:
+    if kind.matched and not d3_records:
         raise UserError(f"{run.label} is matched to the {run.matched_d3.label} run, which has no results")
-    match = matched_static if run.method == "static" else matched_linear
-    return match(d3_schedule, d3_records)
+    return d3_plan.with_schedule(kind.schedule(d3_schedule, d3_records))
+
+
+def bench_alphas(loaded, settings: DecodeSettings, asked: Sequence[float] | None) -> tuple[float, ...]:
+    """The D3 rates a bench runs: the ones asked for, else the one the model's plan has (calibrated or default)."""
+    from d3cli.core.plan import plan_for
+
+    return tuple(asked) if asked else (plan_for(loaded, settings).schedule.alpha,)
 
 
 def encode_examples(loaded, examples: Sequence[Example]) -> dict[str, list[int]]:
@@ -301,23 +337,26 @@ def encode_examples(loaded, examples: Sequence[Example]) -> dict[str, list[int]]
     return encoded
 
 
-def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, list[int]], run: MethodRun,
-               schedule: DecaySchedule, settings: DecodeSettings, batch_size: int, results: ResultsFile,
-               on_example=None, batch_tag: str = "") -> None:
+def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, list[int]], run: MethodRun, plan,
+               batch_size: int, results: ResultsFile, on_example=None, batch_tag: str = "") -> None:
     """Decode every example this method has not finished yet; each result is written the moment its row ends.
     `batch_tag` keeps batch ids of different processes apart (the summary times a batch by its id)."""
     from d3cli.core import engine
     from d3cli.core.results import ReplyCollector
+    from d3cli.evaluation import fidelity
 
+    eos = engine.eos_token_ids(loaded.model, loaded.tokenizer)
     done = results.done(run.key, examples)
     todo = [example for example in examples if example.id not in done]
-    stop_strings = tuple(task.stop_strings) + settings.stop
+    stop_strings = tuple(task.stop_strings) + plan.stop
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         batch_prompts = [prompts[example.id] for example in batch]
         collector = ReplyCollector(len(batch))
         batch_id = f"{run.key}/{time.time():.6f}{batch_tag}"
-        events = engine.stream_decode(loaded, batch_prompts, schedule, settings, stop=stop_strings)
+        events = engine.stream_decode(loaded, batch_prompts, plan, stop=stop_strings)
+        scoring = getattr(task, "scores_replies", False)
+        waiting = []  # rows to score at full depth once the batch's decode is over (it holds the model's layers)
         try:
             for event in events:
                 collector.add(event)
@@ -325,7 +364,8 @@ def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, lis
                     continue
                 example, reply = batch[event.row], collector.replies[event.row]
                 answer = task.extract(reply.text, example)
-                results.add({
+                words = fidelity.reply_tokens(reply, eos)
+                record = {
                     "type": "example", "method": run.key, "id": example.id, "subtask": example.subtask,
                     "prompt_sha256": prompt_digest(example), "output": reply.text, "strict": answer.strict,
                     "flexible": answer.flexible, "gold": example.gold,
@@ -333,12 +373,52 @@ def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, lis
                     "correct_flexible": task.is_correct(answer.flexible, example),
                     "tokens": reply.generated_tokens, "layers": reply.layers_per_token,
                     "seconds": round(reply.time_s, 4), "first_token_seconds": round(reply.first_token_s or 0.0, 4),
-                    "batch": batch_id, "finish_reason": reply.finish_reason,
-                })
+                    "batch": batch_id, "finish_reason": reply.finish_reason, "token_ids": reply.token_ids,
+                    "repetition": round(fidelity.repeated_share(words), 4),
+                }
+                if scoring:
+                    waiting.append((record, prompts[example.id], words))
+                    continue
+                results.add(record)
                 if on_example is not None:
                     on_example(run)
         finally:
             events.close()
+        for record, prompt_ids, words in waiting:
+            record["nll_full_depth"] = fidelity.full_depth_nll(loaded, prompt_ids, words)
+            results.add(record)
+            if on_example is not None:
+                on_example(run)
+
+
+def fidelity_columns(done: dict[str, dict], full: dict[str, dict], shared: Sequence[str]) -> dict:
+    """A method's free-running fidelity against full depth on the examples both finished (fidelity.py): its
+    repeated 4-grams, the change from full depth's (mean, worst, replies that loop where full depth's do not),
+    where its replies leave full depth's path, and (a replies task) the change in the full-depth model's NLL."""
+    from d3cli.evaluation.fidelity import LOOP_MARGIN, first_difference
+
+    with_tokens = [example_id for example_id in shared if "token_ids" in done[example_id]
+                   and "token_ids" in full[example_id]]
+    repetitions = [record["repetition"] for record in done.values() if "repetition" in record]
+    columns = {"repetition": round(sum(repetitions) / len(repetitions), 4) if repetitions else None}
+    if not with_tokens:
+        return columns
+    deltas = [done[i]["repetition"] - full[i]["repetition"] for i in with_tokens]
+    differences = [first_difference(full[i]["token_ids"], done[i]["token_ids"]) for i in with_tokens]
+    left = sorted(position for position in differences if position is not None)
+    columns.update({
+        "delta_repetition": round(sum(deltas) / len(deltas), 4),
+        "worst_delta_repetition": round(max(deltas), 4),
+        "loops": sum(delta > LOOP_MARGIN for delta in deltas),
+        "identical": sum(position is None for position in differences),
+        "median_first_difference": left[len(left) // 2] if left else None,
+    })
+    scored = [i for i in with_tokens if done[i].get("nll_full_depth") is not None
+              and full[i].get("nll_full_depth") is not None]
+    if scored:
+        columns["delta_nll"] = round(sum(done[i]["nll_full_depth"] - full[i]["nll_full_depth"] for i in scored)
+                                     / len(scored), 4)
+    return columns
 
 
 def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequence[Example],
@@ -368,6 +448,7 @@ def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequ
         decode_tokens = tokens - len(done)
         mean_layers = sum(sum(record["layers"]) for record in done.values()) / tokens if tokens else 0.0
         shared = [example_id for example_id in done if example_id in full]
+        checked = [record for record in done.values() if record.get("gold") != ""]  # (a replies prompt may have none)
         row = {
             "name": run.name,
             "method": run.method,
@@ -375,8 +456,8 @@ def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequ
             "alpha": run.alpha,
             "label": run.label,
             "examples": len(done),
-            "accuracy": _mean(record["correct"] for record in done.values()),
-            "accuracy_flexible": _mean(record["correct_flexible"] for record in done.values()),
+            "accuracy": _mean(record["correct"] for record in checked),
+            "accuracy_flexible": _mean(record["correct_flexible"] for record in checked),
             "agreement": _mean(done[i]["flexible"] == full[i]["flexible"] for i in shared) if shared else None,
             "mean_layers": round(mean_layers, 3),
             "layer_ratio": round(mean_layers / num_layers, 4) if num_layers else None,
@@ -384,6 +465,7 @@ def summarize(records: Sequence[dict], runs: Sequence[MethodRun], examples: Sequ
             "tokens_per_s": round(tokens / seconds, 3) if seconds else 0.0,
             "decode_tokens_per_s": round(decode_tokens / decode_seconds, 3) if decode_seconds > 0 else None,
             "seconds_per_example": round(seconds / len(done), 3),
+            **fidelity_columns(done, full, shared),
         }
         if run.method == "full":
             full_row = row
@@ -463,12 +545,15 @@ class Benchmark:
         the results file's identity) is made here; nothing is written yet."""
         from d3cli.core.loader import num_decoder_layers
 
+        from d3cli.core.plan import plan_for
+
         num_layers = num_decoder_layers(loaded.model)
-        chosen = methods or default_methods(settings.schedule_for(num_layers, loaded.calibration))
+        alphas = bench_alphas(loaded, settings, alphas)
+        chosen = methods or default_methods(plan_for(loaded, settings).schedule)
         runs = method_runs(chosen, alphas)
         for run in runs:  # every schedule must fit this model before anything runs
-            if run.method in ("full", "d3"):
-                schedule_for(run, settings, num_layers, calibration=loaded.calibration)
+            if not METHOD_KINDS[run.method].matched:
+                plan_for_run(run, loaded, settings)
         prompts = encode_examples(loaded, examples)
         identity = run_identity(task.name, loaded.name, options, settings, alphas, chosen, loaded.calibration)
         results = ResultsFile(path, identity, resume, start=False)
@@ -500,11 +585,11 @@ class Benchmark:
                                  len(self.results.done(run.key, self.examples)))
             for run in self.runs:
                 d3_records = list(self.results.done(run.matched_d3.key, self.examples).values())
-                schedule = schedule_for(run, self.settings, self.num_layers, d3_records, self.loaded.calibration)
+                plan = plan_for_run(run, self.loaded, self.settings, d3_records)
                 progress.start(run.key)
                 before = len(self.results.records)
-                run_method(self.loaded, self.task, shares[run.key], self.prompts, run, schedule, self.settings,
-                           batch_size, self.results, on_example=lambda finished: progress.advance(finished.key),
+                run_method(self.loaded, self.task, shares[run.key], self.prompts, run, plan, batch_size,
+                           self.results, on_example=lambda finished: progress.advance(finished.key),
                            batch_tag=f"/rank{world.rank}" if world.parallel else "")
                 if world.parallel:
                     everyone = world.all_gather(self.results.records[before:])
@@ -521,13 +606,16 @@ class Benchmark:
 
     def summary(self) -> dict:
         """The side-by-side summary of what the results file holds."""
-        d3_schedule = self.settings.schedule_for(self.num_layers, self.loaded.calibration)
-        calibration = self.loaded.calibration
+        from d3cli.core.plan import plan_for
+
+        d3_plan = plan_for(self.loaded, self.settings)
+        d3_schedule, calibration = d3_plan.schedule, self.loaded.calibration
         summary = {
             "task": self.task.name,
             "model": self.loaded.name,
             "calibration": calibration.label if calibration is not None else None,
             "skip_order": d3_schedule.skip_order,
+            "schedule_source": d3_plan.schedule_source,
             "examples": len(self.examples),
             "output": str(self.results.path),
             "methods": summarize(self.results.records, self.runs, self.examples, self.num_layers),

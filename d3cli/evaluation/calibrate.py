@@ -1,6 +1,6 @@
 """`d3 calibrate`: make one model's calibration from its own words.
 
-Three stages, each a pass over text the model itself wrote:
+Four stages, each a pass over text the model itself wrote:
 
 1. corpus    the model's greedy full-depth replies to d3's built-in prompts (profiles/calibration-prompts.json:
              chat questions of many kinds, and plain-text beginnings of prose, instructions, Q/A and code)
@@ -8,6 +8,9 @@ Three stages, each a pass over text the model itself wrote:
              layer profile behind the `importance` skip order
 3. bridges   the full-depth hidden states of every reply; for each run of layers that the importance order skips at
              some depth, the ridge least-squares map from the run's input to the change it makes (bridges.py)
+4. schedule  the model's replies to prompts held out from the bridges' fit, under candidate (α, min-layers) pairs
+             with that order and those bridges, against its full-depth replies: the fastest pair whose replies stay
+             within the fidelity budget is the model's schedule (schedule_choice.py)
 
 Why the model's own replies: D3 skips layers while the model writes, so those are the hidden states a bridge must
 stand in for; and a bridge learns its text's domain (fitted on GSM8K answers it halves the loss there but doubles it
@@ -23,8 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from d3cli.core.bridges import DEFAULT_RIDGE, BridgeFitter
+from d3cli.core.bridges import DEFAULT_RIDGE, BridgeFitter, Bridges
 from d3cli.core.errors import UserError, check_at_least
+from d3cli.core.model_calibration import ModelCalibration
+from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_PROMPTS, SCHEDULE_TOKENS
 from d3cli.evaluation.scoring import ScoringText
 
 PROMPTS_FILE = Path(__file__).parents[1] / "profiles" / "calibration-prompts.json"
@@ -42,29 +47,48 @@ class CalibrationOptions:
     head: int = 2  # the core layers the bridged runs avoid (as the schedule's defaults)
     tail: int = 2
     fewest_layers: int | None = None  # bridges for depths down to this (None: head + tail)
+    budget: float = DEFAULT_NLL_BUDGET  # the chosen schedule's replies: at most this much NLL above full depth's
+    schedule_prompts: int = SCHEDULE_PROMPTS  # held-out prompts the candidate schedules answer
+    schedule_tokens: int = SCHEDULE_TOKENS  # most tokens per such reply
 
     def __post_init__(self) -> None:
         for name, value, least in (("--prompts", self.prompts, 1), ("--reply-tokens", self.reply_tokens, LATE_FROM + 2),
                                    ("--batch-size", self.batch_size, 1), ("--profile-texts", self.profile_texts, 1),
-                                   ("--rank", self.rank, 1)):
+                                   ("--rank", self.rank, 1), ("--schedule-prompts", self.schedule_prompts, 1),
+                                   ("--schedule-tokens", self.schedule_tokens, 8)):
             if value is not None:
                 check_at_least(name, value, least)
         if not self.ridge > 0:
             raise UserError(f"--ridge must be above 0, not {self.ridge}")
+        if not self.budget > 0:
+            raise UserError(f"--budget must be above 0 nats per token, not {self.budget}")
 
 
 Progress = Callable[[str, int], None]  # (stage, amount done since the last call)
 
 
-def builtin_prompts(limit: int | None = None) -> list[tuple[str, str]]:
-    """(kind, text) of the built-in prompts, chat and raw interleaved so that any first N mix both kinds."""
+def builtin_prompts(limit: int | None = None, held_out: int = SCHEDULE_PROMPTS) -> list[tuple[str, str]]:
+    """(kind, text) of the built-in prompts the corpus is made of, chat and raw interleaved so that any first N mix
+    both kinds; the last `held_out` of them are never among them (the schedule stage's, `held_out_prompts`)."""
+    mixed = _all_builtin()[:-held_out] if held_out else _all_builtin()
+    return mixed[:limit] if limit is not None else mixed
+
+
+def held_out_prompts(count: int = SCHEDULE_PROMPTS):
+    """The last `count` built-in prompts, which no bridge was fitted on: the schedule stage's (fidelity.ReplyPrompt)."""
+    from d3cli.evaluation.fidelity import ReplyPrompt
+
+    return [ReplyPrompt(f"held-out/{index}", kind, text) for index, (kind, text) in enumerate(_all_builtin()[-count:])]
+
+
+def _all_builtin() -> list[tuple[str, str]]:
     data = json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))
     chat, raw = [("chat", text) for text in data["chat"]], [("raw", text) for text in data["raw"]]
     mixed, every = [], max(1, round(len(chat) / max(len(raw), 1)))
     while chat or raw:
         mixed += chat[:every] + raw[:1]
         chat, raw = chat[every:], raw[1:]
-    return mixed[:limit] if limit is not None else mixed
+    return mixed
 
 
 def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
@@ -80,17 +104,15 @@ def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: Calibra
                     progress: Progress) -> list[ScoringText]:
     """The model's greedy full-depth reply to each prompt (batched), as prompt + continuation."""
     from d3cli.core.engine import decode
-    from d3cli.core.loader import num_decoder_layers
-    from d3cli.core.schedule import DecaySchedule
+    from d3cli.core.plan import plan_for
     from d3cli.core.settings import DecodeSettings
 
-    full_depth = DecaySchedule.full(num_decoder_layers(loaded.model))
+    full_depth = plan_for(loaded, DecodeSettings(max_new_tokens=options.reply_tokens).full_depth())  # greedy
     encoded = [encode_builtin(loaded.tokenizer, kind, text) for kind, text in prompts]
     texts = []
     for start in range(0, len(encoded), options.batch_size):
         batch = encoded[start:start + options.batch_size]
-        replies = decode(loaded, batch, full_depth, DecodeSettings(max_new_tokens=options.reply_tokens),  # greedy
-                         on_event=lambda event: progress("corpus", 1))
+        replies = decode(loaded, batch, full_depth, on_event=lambda event: progress("corpus", 1))
         for offset, (prompt_ids, reply) in enumerate(zip(batch, replies)):
             progress("corpus", options.reply_tokens - reply.generated_tokens)  # a reply that ended early
             if reply.generated_tokens > 1:
@@ -158,6 +180,7 @@ class CalibrationResult:
     drop_order: list[int]
     seconds: dict[str, float]
     bridge_bytes: int
+    schedule: dict | None = None  # schedule_choice.ScheduleChoice.as_dict()
 
 
 def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress: Progress,
@@ -197,7 +220,60 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
     path = Path(output) if output is not None else cache_path(identity)
     fit = {**asdict(options), "fewest_layers": fewest, "corpus": "d3 built-in prompts, the model's own greedy replies",
            "texts": len(texts), "tokens": tokens, "skip_order": "importance", "drop_order": list(drop_order),
-           "runs": [list(run) for run in runs], "seconds": {key: round(value, 1) for key, value in seconds.items()}}
-    write_calibration(path, identity, profile, bridges, fit)
+           "runs": [list(run) for run in runs]}
+    calibration = ModelCalibration(path=path, model=identity, profile=profile, fit=fit,
+                                   bridges=Bridges(bridges, str(path)))
+    choice = choose_stage(loaded, calibration, options, progress, on_stage, seconds)
+    fit["seconds"] = {key: round(value, 1) for key, value in seconds.items()}
+    write_calibration(path, identity, profile, bridges, fit, choice)
     return CalibrationResult(path=path, texts=len(texts), tokens=tokens, runs=runs, drop_order=list(drop_order),
-                             seconds=seconds, bridge_bytes=sum(bridge.nbytes() for bridge in bridges))
+                             seconds=seconds, bridge_bytes=sum(bridge.nbytes() for bridge in bridges),
+                             schedule=choice)
+
+
+def choose_stage(loaded, calibration, options: CalibrationOptions, progress: Progress,
+                 on_stage: Callable[[str, int], None], seconds: dict[str, float]) -> dict:
+    """Stage 4: the schedule `calibration` (its order and bridges, activated on the model here) lets the model run
+    within the budget (schedule_choice.choose_schedule), as the calibration file stores it."""
+    from d3cli.core.engine import model_device, model_dtype
+    from d3cli.core.loader import num_decoder_layers
+    from d3cli.core.settings import DecodeSettings
+    from d3cli.evaluation.schedule_choice import Budget, choose_schedule, expected_replies
+
+    started = time.perf_counter()
+    calibration.activate(model_device(loaded.model), model_dtype(loaded.model))
+    prompts = held_out_prompts(options.schedule_prompts)
+    num_layers = num_decoder_layers(loaded.model)
+    on_stage("schedule", expected_replies(len(prompts), num_layers - options.head - options.tail))
+    settings = DecodeSettings(head=options.head, tail=options.tail, skip_order="importance")
+    choice = choose_schedule(loaded._replace(calibration=calibration), settings, prompts, Budget(options.budget),
+                             options.schedule_tokens, options.batch_size, progress)
+    seconds["schedule"] = time.perf_counter() - started
+    return choice.as_dict()
+
+
+def choose_only(loaded, options: CalibrationOptions, output: Path | None, progress: Progress,
+                on_stage: Callable[[str, int], None] = lambda stage, total: None) -> CalibrationResult:
+    """`d3 calibrate --schedule-only`: choose the schedule again for the model's calibration as it is (its order
+    and bridges, e.g. with another --budget), and write the calibration with it to `output` (default: the user
+    cache)."""
+    from d3cli.core.loader import model_identity
+    from d3cli.core.model_calibration import cache_path, write_calibration
+
+    calibration = loaded.calibration
+    if calibration is None:
+        raise UserError("--schedule-only needs the model's calibration: make one with d3 calibrate (without "
+                        "--schedule-only), or pass --calibration FILE")
+    if calibration.profile is None:
+        raise UserError(f"the calibration {calibration.label} has no layer profile: make a new one with d3 calibrate")
+    check_fits(loaded, options)
+    seconds: dict[str, float] = {}
+    choice = choose_stage(loaded, calibration, options, progress, on_stage, seconds)
+    path = Path(output) if output is not None else cache_path(model_identity(loaded))
+    fit = {**calibration.fit, "schedule_seconds": round(seconds["schedule"], 1)}
+    write_calibration(path, calibration.model, calibration.profile, list(calibration.bridges), fit, choice)
+    runs = [tuple(run) for run in calibration.fit.get("runs", [])]
+    return CalibrationResult(path=path, texts=int(calibration.fit.get("texts", 0)),
+                             tokens=int(calibration.fit.get("tokens", 0)), runs=runs,
+                             drop_order=list(calibration.fit.get("drop_order", [])), seconds=seconds,
+                             bridge_bytes=sum(bridge.nbytes() for bridge in calibration.bridges), schedule=choice)

@@ -44,18 +44,16 @@ def self_texts(loaded, examples: Sequence[Example], stop_strings: Sequence[str],
                context: int | None, on_text=None) -> list[ScoringText]:
     """Each prompt with the model's own greedy full-depth continuation (up to `max_positions` tokens)."""
     from d3cli.core.engine import decode
-    from d3cli.core.loader import num_decoder_layers
-    from d3cli.core.schedule import DecaySchedule
+    from d3cli.core.plan import plan_for
     from d3cli.core.settings import DecodeSettings
 
-    full_depth = DecaySchedule.full(num_decoder_layers(loaded.model))
     texts = []
     for example in examples:
         prompt_ids = example.prompt_ids(loaded.tokenizer)
         room = fit_to_context(prompt_ids, list(range(max_positions)), max_positions, context)
         if len(room) >= MIN_CONTINUATION:
-            settings = DecodeSettings(max_new_tokens=len(room), stop=tuple(stop_strings))  # greedy
-            (reply,) = decode(loaded, [prompt_ids], full_depth, settings)
+            settings = DecodeSettings(max_new_tokens=len(room), stop=tuple(stop_strings)).full_depth()  # greedy
+            (reply,) = decode(loaded, [prompt_ids], plan_for(loaded, settings))
             if len(reply.token_ids) >= MIN_CONTINUATION:
                 texts.append(ScoringText(example.id, tuple(prompt_ids), tuple(reply.token_ids)))
         if on_text is not None:

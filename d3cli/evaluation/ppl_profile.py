@@ -78,11 +78,12 @@ def profile(loaded, corpus: Corpus, settings: DecodeSettings, alphas: Sequence[f
     from d3cli.core.loader import model_identity, num_decoder_layers
     from d3cli.evaluation import profiling
 
+    from d3cli.core.plan import plan_for
+
     num_layers = num_decoder_layers(loaded.model)
-    schedules = {f"α={value:g}": dataclasses.replace(settings, alpha=value).schedule_for(num_layers,
-                                                                                        loaded.calibration)
+    schedules = {f"α={value:g}": plan_for(loaded, dataclasses.replace(settings, alpha=value)).schedule
                  for value in alphas}
-    base_schedule = settings.schedule_for(num_layers, loaded.calibration)
+    base_schedule = plan_for(loaded, settings).schedule
     texts = corpus.texts(loaded, options.max_positions, on_status)
 
     on_status(f"scoring {len(texts)} texts")

@@ -42,13 +42,15 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     from d3cli.core.prompts import encode_prompt
     from d3cli.evaluation import speed, weights_speed
 
+    from d3cli.core.plan import plan_for
+
     num_layers = num_decoder_layers(loaded.model)
+    alphas = alphas or (plan_for(loaded, settings).schedule.alpha,)  # none asked: the model's own schedule
     if quick:
         repeats = min(repeats, QUICK_REPEATS)
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, QUICK_TOKENS))
         alphas = alphas[:1]
-    schedules = [dataclasses.replace(settings, alpha=alpha).schedule_for(num_layers, loaded.calibration)
-                 for alpha in alphas]
+    schedules = [plan_for(loaded, dataclasses.replace(settings, alpha=alpha)).schedule for alpha in alphas]
     if schedules[0].bridges is not None:  # bridged D3 beside plain D3 at each α
         schedules = [variant for schedule in schedules for variant in (schedule, schedule.with_bridges(None))]
     tokens = settings.max_new_tokens
@@ -123,6 +125,7 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
     import torch
 
     from d3cli.core.loader import load, num_decoder_layers
+    from d3cli.core.plan import plan_for
     from d3cli.core.schedule import DecaySchedule
     from d3cli.evaluation import weights_speed
 
@@ -138,7 +141,7 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
     sides = []
     for model, name in models:
         num_layers = num_decoder_layers(model.model)
-        schedule = settings.schedule_for(num_layers, model.calibration)
+        schedule = plan_for(model, settings).schedule
         sides += weights_speed.d3_sides(model, {"full depth": DecaySchedule.full(num_layers),
                                                 f"α {schedule.alpha:g}": schedule}, prompt, tokens, name)
     llama, why = weights_speed.llama_cpp_side(None if gguf_path is None else str(gguf_path),

@@ -79,11 +79,12 @@ class ServerState:
         server is told to stop."""
         started = time.perf_counter()
         try:
-            from d3cli.core.loader import load, num_decoder_layers
+            from d3cli.core.loader import load
+            from d3cli.core.plan import plan_for
 
             loaded = load(self.config.model_options)
             loaded = self.config.settings.with_calibration(loaded)
-            self.config.settings.schedule_for(num_decoder_layers(loaded.model), loaded.calibration)  # fits the model
+            plan_for(loaded, self.config.settings)  # the server's settings fit the model
             self.tokenizer = copy.deepcopy(loaded.tokenizer)
             self.model_ids = tuple(dict.fromkeys((self.model_id, loaded.name)))
             self.worker = Worker(loaded, self.config.queue_size, max_batch=self.config.max_batch)
@@ -127,9 +128,12 @@ class ServerState:
             raise ApiError(400, f"{param}: {error}", param=param, code="context_length_exceeded") from None
         return token_ids
 
-    def schedule(self, request: CompletionRequest):
+    def plan(self, request: CompletionRequest):
+        """The request's DecodePlan; a schedule that does not fit the model is the request's error (400)."""
+        from d3cli.core.plan import plan_for
+
         try:
-            return request.settings.schedule_for(self.num_layers, self.loaded.calibration)
+            return plan_for(self.loaded, request.settings)
         except UserError as error:
             raise protocol.schedule_error(error, request) from None
 
@@ -199,14 +203,14 @@ async def watch_disconnect(receive, job: Job) -> None:
             return
 
 
-def job_events(loop: asyncio.AbstractEventLoop, request: CompletionRequest, token_ids, schedule):
+def job_events(loop: asyncio.AbstractEventLoop, token_ids, plan):
     """A job and the asyncio queue its events arrive in."""
     events: asyncio.Queue = asyncio.Queue()
 
     def deliver(item) -> None:
         loop.call_soon_threadsafe(events.put_nowait, item)
 
-    return Job(token_ids, request.settings, schedule, deliver), events
+    return Job(token_ids, plan, deliver), events
 
 
 def log_reply(log: dict, reply, prompt_tokens: int, end: JobEnd | None, disconnected: bool, batch_size: int = 1
@@ -232,8 +236,8 @@ def completions_route(endpoint_kind: str):
         body = protocol.parse_json_body(await read_body(request, state.config.max_body_bytes))
         parsed = protocol.parse_request(endpoint_kind, body, state.config.settings, state.model_ids)
         token_ids = state.prompt_ids(parsed)
-        schedule = state.schedule(parsed)
-        job, events = job_events(asyncio.get_running_loop(), parsed, token_ids, schedule)
+        plan = state.plan(parsed)
+        job, events = job_events(asyncio.get_running_loop(), token_ids, plan)
         try:
             state.worker.submit(job)
         except QueueFull:
@@ -242,7 +246,7 @@ def completions_route(endpoint_kind: str):
         weights = state.loaded.weights.kind if state.loaded.weights is not None else None
         identity = ResponseIdentity.new(endpoint_kind, state.model_id, weights)
         watcher = asyncio.create_task(watch_disconnect(request.receive, job))
-        chunks = ChunkStream(parsed, identity, schedule, len(token_ids))
+        chunks = ChunkStream(parsed, identity, plan, len(token_ids))
         log = request.scope["d3"]
         try:
             first = await events.get()
@@ -290,7 +294,7 @@ async def whole_reply(first, events: asyncio.Queue, chunks: ChunkStream, job: Jo
     if item.reason != "done":
         raise end_error(item, gone)
     return JSONResponse(protocol.completion_response(chunks.request.endpoint, chunks.identity, chunks.reply,
-                                                     chunks.schedule, chunks.prompt_tokens, job.batch_size))
+                                                     chunks.plan, chunks.prompt_tokens, job.batch_size))
 
 
 class EventStream:

@@ -126,6 +126,8 @@ def parse_json_body(raw: bytes) -> dict:
         where = f" at line {error.lineno}, column {error.colno}" if hasattr(error, "lineno") else ""
         message = getattr(error, "msg", str(error))
         raise ApiError(400, f"the request body is not valid JSON ({message}{where})", code="invalid_json") from None
+    except RecursionError:  # "[" * 100000: arrays or objects nested past what the parser's recursion allows
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply)", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {json_type(body)}", code="invalid_json")
     try:
@@ -133,6 +135,8 @@ def parse_json_body(raw: bytes) -> dict:
     except UnicodeEncodeError:  # an escaped lone surrogate ("\ud800") is not text: no tokenizer takes it
         raise ApiError(400, "the request body has a lone surrogate escape (like \\ud800): strings must be valid "
                             "Unicode text", code="invalid_json") from None
+    except RecursionError:  # parsed just under the limit, but a few frames deeper here
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply)", code="invalid_json") from None
     return body
 
 
@@ -357,9 +361,10 @@ def usage(prompt_tokens: int, reply: Reply) -> dict:
             "total_tokens": prompt_tokens + reply.generated_tokens}
 
 
-def d3_extension(reply: Reply, schedule, batch_size: int = 1, weights: str | None = None) -> dict:
+def d3_extension(reply: Reply, plan, batch_size: int = 1, weights: str | None = None) -> dict:
     """D3's numbers for one reply, in the extension object `d3` (`batch_size`: how many replies were decoded
     together with this one, itself included; `weights`: which weights ran)."""
+    schedule = plan.schedule
     return {
         "weights": weights,
         "layers_per_token": reply.layers_per_token,
@@ -367,7 +372,7 @@ def d3_extension(reply: Reply, schedule, batch_size: int = 1, weights: str | Non
         "layer_ratio": round(layer_ratio(reply, schedule.num_layers), 4),
         "estimated_speedup": round(estimated_speedup(reply, schedule.num_layers), 4),
         "num_layers": schedule.num_layers,
-        **schedule_fields(schedule),
+        **schedule_fields(plan),
         "bridges": schedule.bridges is not None,
         "token_ids": reply.token_ids,
         "time_s": round(reply.time_s, 4),
@@ -376,7 +381,7 @@ def d3_extension(reply: Reply, schedule, batch_size: int = 1, weights: str | Non
     }
 
 
-def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply, schedule,
+def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply, plan,
                         prompt_tokens: int, batch_size: int = 1) -> dict:
     """The whole (non-streamed) response object of a finished reply."""
     if endpoint == CHAT:
@@ -385,17 +390,17 @@ def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply,
     else:
         choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": finish_reason(reply)}
     return {**identity.header(endpoint), "choices": [choice], "usage": usage(prompt_tokens, reply),
-            "d3": d3_extension(reply, schedule, batch_size, identity.weights)}
+            "d3": d3_extension(reply, plan, batch_size, identity.weights)}
 
 
 class ChunkStream:
     """The chunks of one streamed reply: one per token as its events come, then the finish chunk, then (when asked)
     the usage chunk with empty choices; D3's numbers ride on the last of them."""
 
-    def __init__(self, request: CompletionRequest, identity: ResponseIdentity, schedule, prompt_tokens: int):
+    def __init__(self, request: CompletionRequest, identity: ResponseIdentity, plan, prompt_tokens: int):
         self.request = request
         self.identity = identity
-        self.schedule = schedule
+        self.plan = plan
         self.prompt_tokens = prompt_tokens
         self.reply = Reply()
 
@@ -427,7 +432,7 @@ class ChunkStream:
         chunks = [self._chunk([self._choice(None, finish_reason(self.reply))])]
         if self.request.include_usage:
             chunks.append({**self._chunk([]), "usage": usage(self.prompt_tokens, self.reply)})
-        chunks[-1]["d3"] = d3_extension(self.reply, self.schedule, batch_size, self.identity.weights)
+        chunks[-1]["d3"] = d3_extension(self.reply, self.plan, batch_size, self.identity.weights)
         return chunks
 
 

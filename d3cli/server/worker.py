@@ -40,11 +40,10 @@ class JobEnd:
 
 @dataclass
 class Job:
-    """One reply to decode: token ids, settings and schedule, and where its events go."""
+    """One reply to decode: token ids, its plan (settings and schedule), and where its events go."""
 
     token_ids: list[int]
-    settings: object  # settings.DecodeSettings
-    schedule: object  # schedule.DecaySchedule
+    plan: object  # plan.DecodePlan
     deliver: Callable[[object], None]  # called on the worker thread with each TokenEvent, then a JobEnd
     cancelled: threading.Event = field(default_factory=threading.Event)
     delivered: int = 0
@@ -54,7 +53,7 @@ class Job:
     @property
     def batchable(self) -> bool:
         """Greedy replies may share a batch; a sampled one keeps its own random stream (its seed means what it says)."""
-        return self.settings.sampling.greedy
+        return self.plan.sampling.greedy
 
     def cancel(self) -> None:
         """Stop this job at its next event (or skip it, if it has not started). Safe from any thread."""
@@ -130,11 +129,11 @@ class Worker:
         """`first` and, up to `max_batch` in all, the jobs waiting behind it that may share its batch."""
         if self.max_batch == 1 or not first.batchable:
             return [first]
-        key = first.settings.batch_key()
+        key = first.plan.settings.batch_key()
         with self.jobs.mutex:  # taken out of the queue's own deque, in order, under its lock
             waiting = self.jobs.queue
             taken = [job for job in waiting if job is not STOP and job.batchable and not job.cancelled.is_set()
-                     and job.settings.batch_key() == key][: self.max_batch - 1]
+                     and job.plan.settings.batch_key() == key][: self.max_batch - 1]
             for job in taken:
                 waiting.remove(job)
             if taken:
@@ -160,7 +159,7 @@ class Worker:
         open_rows = dict(enumerate(rows))
         events = None
         try:
-            events = self.decode(self.loaded, [job.token_ids for job in rows], rows[0].schedule, rows[0].settings)
+            events = self.decode(self.loaded, [job.token_ids for job in rows], rows[0].plan)
             for event in events:
                 job = open_rows.get(event.row)
                 if job is None:

@@ -59,7 +59,7 @@ def test_config_show_says_where_each_value_came_from(cli, user_file, monkeypatch
     assert settings["warmup"] == {"value": 3, "source": f"user file {user_file}"}
     assert settings["stop"]["value"] == ["END"] and settings["stop"]["source"].endswith("d3.toml [generate]")
     assert settings["top_p"] == {"value": 0.5, "source": "environment D3_TOP_P"}
-    assert settings["alpha"] == {"value": 0.98, "source": "default"}
+    assert settings["alpha"] == {"value": None, "source": "default: the model's calibrated schedule"}
     everything = json.loads(cli(["config", "show", "--json"]).stdout)
     assert {"generate", "chat"} <= everything.keys()
     table = cli(["config", "show"])

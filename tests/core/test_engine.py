@@ -307,21 +307,26 @@ def test_the_cache_goes_under_the_name_the_model_takes():
     assert cache_argument(Older(), held) == {"past_key_values": held}
 
 
-def test_decode_takes_the_settings_and_keeps_every_reply_inside_the_context(tiny_models, tokenizer):
+def test_decode_takes_the_plan_and_keeps_every_reply_inside_the_context(tiny_models, tokenizer):
     from d3cli.core.engine import decode
     from d3cli.core.loader import LoadedModel
+    from d3cli.core.plan import plan_for
     from d3cli.core.settings import DecodeSettings
 
     model = tiny_models["llama"]  # a 512-position context
     loaded = LoadedModel(model, tokenizer, "tiny")
-    schedule = DecaySchedule.build(num_layers(model), alpha=0.9, min_layers=3, head=1, tail=1)
+    settings = DecodeSettings(alpha=0.9, min_layers=3, head=1, tail=1, skip_order="middle", max_new_tokens=20)
+    plan = plan_for(loaded, settings)
+    schedule = plan.schedule
+    assert schedule == DecaySchedule.build(num_layers(model), alpha=0.9, min_layers=3, head=1, tail=1)
+    assert plan.context == 512 and plan.schedule_source == "option"
     long_prompt, short_prompt = list(range(1, 509)), [1, 4093, 314]
-    (clamped, short) = decode(loaded, [long_prompt, short_prompt], schedule, DecodeSettings(max_new_tokens=20))
+    (clamped, short) = decode(loaded, [long_prompt, short_prompt], plan)
     assert clamped.generated_tokens == short.generated_tokens == 4  # 512 - 508: the longest prompt sets the room
-    (alone,) = decode(loaded, [short_prompt], schedule, DecodeSettings(max_new_tokens=20))
+    (alone,) = decode(loaded, [short_prompt], plan)
     assert alone.generated_tokens == 20
     assert alone.token_ids == generate(model, tokenizer, [short_prompt], schedule, max_new_tokens=20)[0].token_ids
-    sampled = DecodeSettings(max_new_tokens=12, sampling=SamplingSettings(temperature=1.0, seed=1))
-    first, again = (decode(loaded, [short_prompt], schedule, sampled, seed=7)[0] for _ in range(2))
+    sampled = plan.with_settings(max_new_tokens=12, sampling=SamplingSettings(temperature=1.0, seed=1))
+    first, again = (decode(loaded, [short_prompt], sampled, seed=7)[0] for _ in range(2))
     assert first.token_ids == again.token_ids  # the seed given wins, the same each time
-    assert first.token_ids != decode(loaded, [short_prompt], schedule, sampled, seed=8)[0].token_ids
+    assert first.token_ids != decode(loaded, [short_prompt], sampled, seed=8)[0].token_ids

@@ -17,6 +17,7 @@ from d3cli.core.layer_profile import (
 )
 from d3cli.core.schedule import DecaySchedule
 from d3cli.core.settings import DecodeSettings
+from d3cli.core.plan import plan_of
 
 IDENTITY = {"name": "tiny", "model_type": "llama", "num_layers": 6, "hidden_size": 64, "vocab_size": 100,
             "fingerprint": 0.25}
@@ -49,13 +50,13 @@ def test_a_schedule_with_the_importance_order_drops_the_cheapest_layers_first(tm
     saved = json.loads(path.read_text())
     assert saved["importance_ranking"] == [2, 4, 3, 1, 5, 0] and saved["model"] == IDENTITY
     settings = DecodeSettings(alpha=0.5, min_layers=2, head=1, tail=1, skip_order="importance", profile=str(path))
-    schedule = settings.schedule_for(6)
+    schedule = plan_of(settings, 6).schedule
     assert schedule.skip_order == "importance"
     assert schedule.drop_order == (2, 4, 3, 1)
     assert schedule.kept_layers(1) == (0, 1, 5)  # k_1 = 3: layers 2, 4, 3 dropped
     assert set(schedule.kept_layers(2)) <= set(schedule.kept_layers(1))
     with pytest.raises(UserError, match="6 layers"):
-        settings.schedule_for(8)
+        plan_of(settings, 8).schedule
 
 
 def test_importance_comes_from_a_profile_or_the_calibration(tmp_path):
@@ -66,15 +67,15 @@ def test_importance_comes_from_a_profile_or_the_calibration(tmp_path):
     with pytest.raises(UserError, match="needs the model's layer profile"):
         DecaySchedule.build(6, skip_order="importance")
     with pytest.raises(UserError, match="needs a layer profile of this model: make its calibration with d3 calibrate"):
-        DecodeSettings(skip_order="importance").schedule_for(30)
-    assert DecodeSettings().schedule_for(30).skip_order == "middle", "auto without a calibration is middle"
+        plan_of(DecodeSettings(skip_order="importance"), 30).schedule
+    assert plan_of(DecodeSettings(), 30).schedule.skip_order == "middle", "auto without a calibration is middle"
     calibration = read_calibration(BUNDLED_CALIBRATION)
     for order in ("importance", "auto"):
-        schedule = DecodeSettings(skip_order=order).schedule_for(30, calibration)
+        schedule = plan_of(DecodeSettings(skip_order=order), 30, calibration).schedule
         assert schedule.skip_order == "importance"
         assert schedule.drop_order == tuple(calibration.fit["drop_order"])
     with pytest.raises(UserError, match="30 layers, this one has 8"):
-        DecodeSettings(skip_order="importance", profile=str(BUNDLED_PROFILE)).schedule_for(8)
+        plan_of(DecodeSettings(skip_order="importance", profile=str(BUNDLED_PROFILE)), 8).schedule
     with pytest.raises(UserError, match="make one with d3 profile-ppl --save-profile"):
         check_profile_matches(load_profile(BUNDLED_PROFILE), IDENTITY, BUNDLED_PROFILE)
 

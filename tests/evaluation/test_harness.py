@@ -17,6 +17,7 @@ from d3cli.core.schedule import DecaySchedule  # noqa: E402
 from d3cli.core.settings import DecodeSettings  # noqa: E402
 from d3cli.evaluation.harness.model import D3LM  # noqa: E402
 from d3cli.evaluation.scoring import ScoringText, teacher_forced_nll  # noqa: E402
+from d3cli.core.plan import plan_for
 
 CONTEXTS = ["The capital of France is", "Two plus two equals", "Once upon a time, in a small village,"]
 CONTINUATIONS = [" Paris, a city of light and museums.", " four, as everyone knows.", " there lived a baker."]
@@ -29,6 +30,11 @@ def loaded(tiny_models, tokenizer):
 
 def decayed(loaded) -> DecaySchedule:
     return DecaySchedule.build(8, alpha=0.8, min_layers=3, head=1, tail=1, skip_order="middle")
+
+
+def plan_with(loaded, schedule: DecaySchedule):
+    """A plan of this model with `schedule` (what d3 bench hands the lm-eval model for a baseline)."""
+    return plan_for(loaded, DecodeSettings()).with_schedule(schedule)
 
 
 def requests(kind: str, arguments: list[tuple]) -> list[Instance]:
@@ -58,7 +64,7 @@ def test_at_alpha_one_a_loglikelihood_is_the_full_depth_forward(loaded):
 def test_under_d3_a_loglikelihood_is_what_cached_decoding_computes(loaded):
     """The continuation scored under the schedule equals forcing it through the real cached engine step by step."""
     schedule = decayed(loaded)
-    lm = D3LM(loaded=loaded, schedule=schedule)
+    lm = D3LM(loaded=loaded, plan=plan_with(loaded, schedule))
     answers = lm.loglikelihood(requests("loglikelihood", list(zip(CONTEXTS, CONTINUATIONS))), disable_tqdm=True)
     full = D3LM(loaded=loaded, alpha=1.0).loglikelihood(
         requests("loglikelihood", list(zip(CONTEXTS, CONTINUATIONS))), disable_tqdm=True)
@@ -74,7 +80,7 @@ def test_under_d3_a_loglikelihood_is_what_cached_decoding_computes(loaded):
 
 def test_requests_sharing_a_context_give_what_they_give_alone(loaded):
     """Multiple choice reuses a context's prefill across its answers; each answer must score as if alone."""
-    lm = D3LM(loaded=loaded, schedule=decayed(loaded))
+    lm = D3LM(loaded=loaded, plan=plan_with(loaded, decayed(loaded)))
     choices = [(CONTEXTS[0], " Paris."), (CONTEXTS[0], " Lyon."), (CONTEXTS[1], " four."), (CONTEXTS[0], " Nice.")]
     together = lm.loglikelihood(requests("loglikelihood", choices), disable_tqdm=True)
     alone = [lm.loglikelihood(requests("loglikelihood", [choice]), disable_tqdm=True)[0] for choice in choices]
@@ -97,14 +103,14 @@ def test_rolling_loglikelihood_sums_every_token_once_and_equals_full_depth_at_al
 
 def test_generate_until_is_d3_decoding_cut_at_the_stop_strings(loaded):
     schedule = decayed(loaded)
-    lm = D3LM(loaded=loaded, schedule=schedule, batch_size=2)
+    lm = D3LM(loaded=loaded, plan=plan_with(loaded, schedule), batch_size=2)
     gen_kwargs = {"until": ["\n\n", "Question:"], "max_gen_toks": 12, "do_sample": False}
     texts = lm.generate_until(requests("generate_until", [(context, gen_kwargs) for context in CONTEXTS]),
                               disable_tqdm=True)
-    settings = DecodeSettings(max_new_tokens=12)
+    plan = plan_with(loaded, schedule).with_settings(max_new_tokens=12)
     for text, context, record in zip(texts, CONTEXTS, lm.records):
         prompt = loaded.tokenizer.encode(context, add_special_tokens=False)
-        (reply,) = engine.decode(loaded, [prompt], schedule, settings, stop=["\n\n", "Question:", "<|im_end|>"])
+        (reply,) = engine.decode(loaded, [prompt], plan, stop=["\n\n", "Question:", "<|im_end|>"])
         assert text == reply.text.split("\n\n")[0].split("Question:")[0]
         assert record["layers"] == [schedule.layers_at(step) for step in range(record["tokens"])]
     short = lm.generate_until(requests("generate_until", [(CONTEXTS[0], {"until": [], "max_gen_toks": 3})]),

@@ -20,6 +20,8 @@ import pytest
 from conftest import d3_executable
 
 from d3cli.core.settings import DecodeSettings
+from d3cli.core.model_calibration import BUNDLED_CALIBRATION, read_calibration
+from d3cli.core.plan import plan_of
 
 START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 120
@@ -223,7 +225,7 @@ def test_completions_at_alpha_1_equal_generate_without_the_template(server, refe
 def test_layers_per_token_follow_the_schedule(server, depth):
     response = chat_reply(server.client(), max_tokens=20, **depth)
     layers = d3_of(response)["layers_per_token"]
-    schedule = DecodeSettings(**depth).schedule_for(8)
+    schedule = plan_of(DecodeSettings(**depth), 8).schedule
     assert layers == [schedule.layers_at(index) for index in range(len(layers))]
     if depth:
         assert min(layers) == 3 and d3_of(response)["mean_layers"] == pytest.approx(sum(layers) / len(layers), 1e-3)
@@ -364,6 +366,12 @@ def test_a_body_over_the_limit_is_413(server):
     assert status == 413 and answer["error"]["code"] == "request_too_large"
 
 
+def test_a_body_nested_too_deeply_is_400_invalid_json(server):
+    status, answer = request(server, "POST", "/v1/chat/completions", b"[" * 100_000)
+    assert status == 400 and answer["error"]["code"] == "invalid_json", answer
+    assert "nested too deeply" in answer["error"]["message"]
+
+
 def test_the_server_survived_every_bad_request_and_logged_each(server):
     assert request(server, "GET", "/health")[0] == 200
     requests = [record for record in server.records() if record.get("event") == "request"]
@@ -494,7 +502,7 @@ def test_embedded_served_replies_equal_d3_generate(cli, tmp_path):
                                                          messages=[{"role": "user", "content": PROMPT}]))
             assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == reference["text"]
             assert d3_of(chunks[-1])["token_ids"] == reference["token_ids"]
-        schedule = DecodeSettings().schedule_for(30)
+        schedule = plan_of(DecodeSettings(), 30, read_calibration(BUNDLED_CALIBRATION)).schedule
         layers = reference["layers_per_token"]
         assert layers == [schedule.layers_at(index) for index in range(len(layers))] and min(layers) < 30
     finally:

@@ -14,6 +14,7 @@ from d3cli.core.errors import UserError
 from d3cli.core.settings import DecodeSettings
 from d3cli.server import protocol
 from d3cli.server.protocol import CHAT, COMPLETION, ApiError, ChunkStream, ResponseIdentity
+from d3cli.core.plan import plan_of
 
 MODEL = "tiny"
 BASE = DecodeSettings()
@@ -154,10 +155,18 @@ def test_a_body_that_is_not_a_json_object_is_refused(raw, words):
     assert caught.value.status == 400 and words in caught.value.message
 
 
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"prompt": "hi", "x": ' + b'{"a": ' * 100_000])
+def test_a_body_nested_too_deeply_is_invalid_json_not_a_crash(raw):
+    with pytest.raises(ApiError) as caught:
+        protocol.parse_json_body(raw)
+    assert (caught.value.status, caught.value.code) == (400, "invalid_json")
+    assert "nested too deeply" in caught.value.message
+
+
 def test_a_schedule_that_does_not_fit_the_model_names_the_field():
     request = chat(min_layers=40)
     with pytest.raises(UserError) as caught:
-        request.settings.schedule_for(8)
+        plan_of(request.settings, 8)
     error = protocol.schedule_error(caught.value, request)
     assert (error.status, error.param) == (400, "min_layers") and "8 layers" in error.message
 
@@ -172,8 +181,8 @@ def events(texts, finish_reason="eos"):
             for index, text in enumerate(texts)]
 
 
-def schedule():
-    return DecodeSettings(alpha=0.9, min_layers=6, head=1, tail=1).schedule_for(8)
+def decode_plan():
+    return plan_of(DecodeSettings(alpha=0.9, min_layers=6, head=1, tail=1), 8)
 
 
 def test_a_whole_chat_response_is_an_openai_chat_completion():
@@ -183,7 +192,7 @@ def test_a_whole_chat_response_is_an_openai_chat_completion():
     for event in events(["Hi", " there", ""]):
         reply.add(event)
     identity = ResponseIdentity.new(CHAT, MODEL)
-    body = protocol.completion_response(CHAT, identity, reply, schedule(), prompt_tokens=9)
+    body = protocol.completion_response(CHAT, identity, reply, decode_plan(), prompt_tokens=9)
     parsed = ChatCompletion.model_validate(json.loads(json.dumps(body)))
     assert parsed.id.startswith("chatcmpl-") and parsed.object == "chat.completion" and parsed.model == MODEL
     assert parsed.choices[0].message.content == "Hi there" and parsed.choices[0].finish_reason == "stop"
@@ -199,7 +208,7 @@ def test_a_whole_completion_response_is_an_openai_completion():
     reply = Reply()
     for event in events(["a", "b"], finish_reason="length"):
         reply.add(event)
-    body = protocol.completion_response(COMPLETION, ResponseIdentity.new(COMPLETION, MODEL), reply, schedule(), 4)
+    body = protocol.completion_response(COMPLETION, ResponseIdentity.new(COMPLETION, MODEL), reply, decode_plan(), 4)
     parsed = Completion.model_validate(body)
     assert parsed.object == "text_completion" and parsed.id.startswith("cmpl-")
     assert parsed.choices[0].text == "ab" and parsed.choices[0].finish_reason == "length"
@@ -209,7 +218,7 @@ def stream_chunks(endpoint, include_usage, texts, finish_reason="eos"):
     request = chat(stream=True, stream_options={"include_usage": include_usage}) if endpoint == CHAT else \
         protocol.parse_request(COMPLETION, {"prompt": "x", "stream": True,
                                             "stream_options": {"include_usage": include_usage}}, BASE, (MODEL,))
-    stream = ChunkStream(request, ResponseIdentity.new(endpoint, MODEL), schedule(), prompt_tokens=5)
+    stream = ChunkStream(request, ResponseIdentity.new(endpoint, MODEL), decode_plan(), prompt_tokens=5)
     chunks = [chunk for event in events(texts, finish_reason) for chunk in stream.token(event)]
     return chunks + stream.finish()
 

@@ -11,6 +11,7 @@ from d3cli.core.engine import TokenEvent, decode
 from d3cli.core.prompts import encode_prompt
 from d3cli.core.settings import DecodeSettings
 from d3cli.server.worker import Job, JobEnd, QueueFull, Worker
+from d3cli.core.plan import plan_of
 
 
 class FakeStream:
@@ -38,7 +39,7 @@ def collecting_job(on_event=None):
         if on_event is not None:
             on_event(job, item)
 
-    job = Job([1, 2, 3], DecodeSettings(), None, deliver)
+    job = Job([1, 2, 3], plan_of(DecodeSettings(), 8), deliver)
     return job, items
 
 
@@ -55,7 +56,7 @@ def worker_with(streams: list[FakeStream], queue_size: int = 4) -> Worker:
     pending = iter(streams)
     wrapped = []
 
-    def fake_decode(loaded, prompts, schedule, settings):
+    def fake_decode(loaded, prompts, plan):
         stream = next(pending)
         wrapped.append(stream)
         return _closing(stream)
@@ -99,7 +100,7 @@ def test_a_failing_deliver_ends_the_job_too():
         if isinstance(item, TokenEvent) and item.index == 2:
             raise ValueError("the loop is gone")
 
-    worker.run_job(Job([1], DecodeSettings(), None, deliver))
+    worker.run_job(Job([1], plan_of(DecodeSettings(), 8), deliver))
     assert stream.closed and stream.made == 3
 
 
@@ -143,12 +144,12 @@ def test_after_a_cancelled_and_a_failed_decode_the_model_decodes_exactly(tiny_mo
     loaded = LoadedModel(tiny_models["llama"], tokenizer, "tiny")
     prompt = encode_prompt(tokenizer, "Tell me about the sea.", chat=False)
     exact = DecodeSettings(alpha=1.0, max_new_tokens=12)
-    reference = decode(loaded, [prompt], exact.schedule_for(8), exact)[0].token_ids
+    reference = decode(loaded, [prompt], plan_of(exact, 8))[0].token_ids
     decaying = DecodeSettings(alpha=0.7, min_layers=3, head=1, tail=1, max_new_tokens=40)
     worker = Worker(loaded, queue_size=4)
 
     job, items = collecting_job(lambda job, item: job.cancel() if getattr(item, "index", -1) == 6 else None)
-    job.token_ids, job.settings, job.schedule = prompt, decaying, decaying.schedule_for(8)
+    job.token_ids, job.plan = prompt, plan_of(decaying, 8)
     worker.run_job(job)
     got = drain(items)
     assert got[-1].reason == "cancelled" and got[-2].layers < 8 and len(got) == 8
@@ -158,12 +159,12 @@ def test_after_a_cancelled_and_a_failed_decode_the_model_decodes_exactly(tiny_mo
             raise RuntimeError("the client's handler broke")
 
     job, items = collecting_job(fail)
-    job.token_ids, job.settings, job.schedule = prompt, decaying, decaying.schedule_for(8)
+    job.token_ids, job.plan = prompt, plan_of(decaying, 8)
     worker.run_job(job)
     assert drain(items)[-1].reason == "failed"
 
     job, items = collecting_job()
-    job.token_ids, job.settings, job.schedule = prompt, exact, exact.schedule_for(8)
+    job.token_ids, job.plan = prompt, plan_of(exact, 8)
     worker.run_job(job)
     assert [event.token_id for event in drain(items)[:-1]] == reference
 
@@ -175,7 +176,7 @@ def job_with(temperature: float = 0.0, alpha: float = 0.98, deliver=None) -> Job
     from d3cli.core.sampling import SamplingSettings
 
     settings = DecodeSettings(alpha=alpha, sampling=SamplingSettings(temperature=temperature))
-    return Job([1, 2], settings, None, deliver or (lambda item: None))
+    return Job([1, 2], plan_of(settings, 8), deliver or (lambda item: None))
 
 
 def test_a_batch_takes_the_greedy_jobs_with_the_same_settings_that_wait_behind_the_first():
@@ -210,7 +211,7 @@ class BatchStream:
 
 def test_each_row_of_a_batch_ends_on_its_own_and_a_cancelled_row_stops_alone():
     stream = BatchStream([3, 10, 6])
-    worker = Worker(None, 4, decode=lambda loaded, prompts, schedule, settings: _closing(stream), max_batch=4)
+    worker = Worker(None, 4, decode=lambda loaded, prompts, plan: _closing(stream), max_batch=4)
     jobs = [collecting_job() for _ in range(3)]
     jobs[1][0].deliver = _cancel_at(jobs[1][0], jobs[1][1], index=4)
     worker.run_batch([job for job, _ in jobs])

@@ -34,7 +34,9 @@ def model_slug(name: str) -> str:
 
 @uses_option_groups
 def bench(
-    task: Annotated[str, typer.Option("--task", help="gsm8k, bbh, lm-eval:TASK[,TASK] (lm-evaluation-harness tasks, "
+    task: Annotated[str, typer.Option("--task", help="gsm8k, bbh, replies (everyday prompts answered freely: each "
+                                      "method's repetition and the full-depth model's NLL of its replies against "
+                                      "full depth's), lm-eval:TASK[,TASK] (lm-evaluation-harness tasks, "
                                       "scored by lm-eval; needs d3cli[eval]), or speed (timings only: α = 1 against "
                                       "the model's own generate, step cost per layer, D3 against its ideal, batches, "
                                       "KV cache, first token).", rich_help_panel=TASK_PANEL)] = "gsm8k",
@@ -86,7 +88,7 @@ def bench(
                            "sections (weight kinds, α = 1, step costs): a few minutes.", rich_help_panel=OUTPUT_PANEL),
     ] = False,
 ) -> None:
-    """Benchmark full depth, D3 and matched-compute baselines on GSM8K or BBH, side by side.
+    """Benchmark full depth, D3 and matched-compute baselines on GSM8K, BBH or everyday prompts, side by side.
 
     Data: gsm8k/{test,train}.jsonl, bbh/tasks/*.json and bbh/cot-prompts/*.txt from the official repositories;
     downloaded into the cache on first use when there is internet.
@@ -96,7 +98,7 @@ def bench(
     from d3cli.evaluation.tasks import get_task, task_examples
     from d3cli.evaluation.tasks.base import TaskOptions
 
-    alphas = parse_alphas(depth.alpha)
+    alphas = parse_alphas(depth.alpha) if depth.alpha is not None else ()  # none: the model's own schedule
     if quick and task != "speed":
         raise UserError("--quick applies to --task speed only")
     if task == "speed" and distributed.launched_size() > 1:
@@ -107,7 +109,7 @@ def bench(
 
         check_at_least("--repeats", repeats, 1)
         greedy = dataclasses.replace(sampling, temperature=0.0, seed=None)  # the timings decode greedily
-        settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **greedy.values())
+        settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0] if alphas else None), **greedy.values())
         model_options = model.options()
         loaded = settings.with_calibration(load(model_options))
         console = render.stderr_console()
@@ -135,7 +137,7 @@ def bench(
     if limit is not None:
         check_at_least("--limit", limit, 1)
     check_at_least("--batch-size", batch_size, 1)
-    settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **sampling.values())
+    settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0] if alphas else None), **sampling.values())
     benchmark = get_task(task)
     options = TaskOptions(shots=shots, chat=chat, subtasks=parse_list(subtasks), limit=limit)
     if distributed.single_process_launch():
@@ -201,7 +203,7 @@ def run_lm_eval(task, model, depth, sampling, alphas, methods, limit, shots, cha
     check_at_least("--batch-size", batch_size, 1)
     if include_path is not None and not include_path.is_dir():
         raise UserError(f"--include-path {include_path} is not a folder")
-    settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0]), **sampling.values())
+    settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0] if alphas else None), **sampling.values())
     folder, downloadable = resolve_data_dir(data_dir)
     loaded = settings.with_calibration(load(model.options()))
     options = harness.HarnessOptions(names, limit=limit, shots=shots, chat=chat, include_path=include_path,

@@ -1,4 +1,5 @@
-"""`d3 calibrate`: fit one model's layer profile and bridges on its own replies; every command then uses them.
+"""`d3 calibrate`: fit one model's layer profile and bridges on its own replies, and choose its schedule; every
+command then uses them.
 
 A subcommand of its own rather than a mode of profile-ppl: profile-ppl measures a corpus the user brings and
 reports; calibrate makes the one artifact the other commands pick up by themselves, from text d3 brings, with a
@@ -14,6 +15,7 @@ import typer
 
 from d3cli.cli import render
 from d3cli.cli.options import OUTPUT_PANEL, ModelArgs, uses_option_groups
+from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_PROMPTS, SCHEDULE_TOKENS
 
 CALIBRATION_PANEL = "Calibration"
 
@@ -22,8 +24,8 @@ CALIBRATION_PANEL = "Calibration"
 def calibrate(
     model: ModelArgs = ModelArgs(),
     prompts: Annotated[
-        int, typer.Option(help="How many of the 128 built-in prompts the model answers (fewer: faster, weaker "
-                          "bridges).", rich_help_panel=CALIBRATION_PANEL),
+        int, typer.Option(help="How many of the 116 built-in prompts the bridges are fitted on (fewer: faster, "
+                          "weaker bridges).", rich_help_panel=CALIBRATION_PANEL),
     ] = 64,
     reply_tokens: Annotated[
         int, typer.Option(help="Most tokens of each of the model's replies.", rich_help_panel=CALIBRATION_PANEL),
@@ -51,6 +53,27 @@ def calibrate(
     tail: Annotated[
         int, typer.Option(help="Last layers that are never skipped.", rich_help_panel=CALIBRATION_PANEL),
     ] = 2,
+    budget: Annotated[
+        float, typer.Option(help="The chosen schedule's fidelity budget: its replies to held-out prompts at most this "
+                            "many nats per token above full depth's (the full-depth model's NLL), and none looping "
+                            "where full depth's does not.", rich_help_panel=CALIBRATION_PANEL),
+    ] = DEFAULT_NLL_BUDGET,
+    schedule_prompts: Annotated[
+        int, typer.Option(help="Held-out prompts each candidate schedule answers.", rich_help_panel=CALIBRATION_PANEL),
+    ] = SCHEDULE_PROMPTS,
+    schedule_tokens: Annotated[
+        int, typer.Option(help="Most tokens of each such reply.", rich_help_panel=CALIBRATION_PANEL),
+    ] = SCHEDULE_TOKENS,
+    schedule_only: Annotated[
+        bool, typer.Option("--schedule-only", help="Choose the schedule again for the model's calibration as it is "
+                           "(e.g. with another --budget): its order and bridges stay.",
+                           rich_help_panel=CALIBRATION_PANEL),
+    ] = False,
+    calibration: Annotated[
+        Optional[Path], typer.Option(help="With --schedule-only: the calibration to choose for (default: the model's "
+                                     "own, as every command finds it).", rich_help_panel=CALIBRATION_PANEL,
+                                     show_default=False),
+    ] = None,
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Write the calibration here instead of the user cache "
                                      "(then pass it with --calibration).", rich_help_panel=OUTPUT_PANEL,
@@ -60,29 +83,45 @@ def calibrate(
         bool, typer.Option("--json", help="Print what was made as JSON.", rich_help_panel=OUTPUT_PANEL),
     ] = False,
 ) -> None:
-    """Calibrate a model for D3: its layer order and bridges over skipped layers.
+    """Calibrate a model for D3: its layer order, bridges over skipped layers, and schedule.
 
     The model answers d3's built-in prompts at full depth. On its replies d3
     measures what skipping each layer costs, and fits a linear bridge for every
-    run of layers that order skips. The result goes to the user cache, where
-    generate, chat, bench and profile-ppl find it by themselves.
+    run of layers that order skips. Then it answers held-out prompts under
+    candidate schedules, and the fastest whose replies stay within the budget
+    becomes its schedule. The result goes to the user cache, where generate,
+    chat, bench, serve and profile-ppl find it by themselves.
     """
-    from d3cli.evaluation.calibrate import CalibrationOptions, check_fits
-    from d3cli.evaluation.calibrate import calibrate as make_calibration
+    from d3cli.core.errors import UserError
     from d3cli.core.loader import load
+    from d3cli.core.settings import DecodeSettings
+    from d3cli.evaluation.calibrate import CalibrationOptions, check_fits, choose_only
+    from d3cli.evaluation.calibrate import calibrate as make_calibration
 
+    if calibration is not None and not schedule_only:
+        raise UserError("--calibration names the calibration --schedule-only chooses for; a new calibration goes to "
+                        "--output")
     options = CalibrationOptions(prompts=prompts, reply_tokens=reply_tokens, batch_size=batch_size,
-                                 profile_texts=profile_texts, ridge=ridge, rank=rank, head=head, tail=tail)
+                                 profile_texts=profile_texts, ridge=ridge, rank=rank, head=head, tail=tail,
+                                 budget=budget, schedule_prompts=schedule_prompts, schedule_tokens=schedule_tokens)
     loaded = load(model.options())
     check_fits(loaded, options)
-    labels = {"corpus": "replies (tokens)", "profile": "layer profile (texts)", "bridges": "bridges (texts)"}
+    if schedule_only:
+        loaded = DecodeSettings(calibration=str(calibration) if calibration else None).with_calibration(loaded)
+    labels = {"corpus": "replies (tokens)", "profile": "layer profile (texts)", "bridges": "bridges (texts)",
+              "schedule": "schedule (replies)"}
     with render.BenchProgress(render.stderr_console()) as progress:
         def on_stage(stage: str, total: int) -> None:
             progress.add(stage, labels[stage], total, 0)
             progress.start(stage)
 
-        result = make_calibration(loaded, options, output, lambda stage, amount: progress.advance(stage, amount),
-                                  on_stage)
+        def advance(stage: str, amount: int) -> None:
+            progress.advance(stage, amount)
+
+        if schedule_only:
+            result = choose_only(loaded, options, output, advance, on_stage)
+        else:
+            result = make_calibration(loaded, options, output, advance, on_stage)
     record = {
         "model": loaded.name,
         "calibration": str(result.path),
@@ -94,6 +133,7 @@ def calibrate(
         "rank": rank,
         "bridge_bytes": result.bridge_bytes,
         "seconds": {stage: round(value, 1) for stage, value in result.seconds.items()},
+        "schedule": result.schedule,
     }
     if as_json:
         render.write_json_line(record)

@@ -39,7 +39,7 @@ def chat(
     loaded = load(model.options())
     loaded = settings.with_calibration(loaded)
     conversation = Conversation(loaded, settings, system=system)
-    conversation.schedule()  # the depth options fit this model
+    conversation.decode_plan()  # the depth options fit this model
     scripted = jsonl or not sys.stdin.isatty()
     session = ChatSession(conversation, scripted=scripted, as_jsonl=jsonl)
     if scripted:

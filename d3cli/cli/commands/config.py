@@ -34,6 +34,10 @@ def _state(ctx: typer.Context) -> ConfigState:
 SECRET_KEYS = {"api_key"}  # settings whose value `config show` must not print (d3 serve's key)
 
 
+SCHEDULE_KEYS = ("alpha", "min_layers")  # unset: each model's calibration (or the conservative default) decides
+CALIBRATED_DEFAULT = "default: the model's calibrated schedule"
+
+
 @config_app.command("show")
 def show(
     ctx: typer.Context,
@@ -58,7 +62,9 @@ def show(
                 value = "(set, not shown)" if key in SECRET_KEYS and setting.value else setting.value
                 rows[name][key] = {"value": value, "source": setting.source}
             else:
-                rows[name][key] = {"value": state.defaults[name].get(key), "source": "default"}
+                value = state.defaults[name].get(key)
+                source = CALIBRATED_DEFAULT if key in SCHEDULE_KEYS and value is None else "default"
+                rows[name][key] = {"value": value, "source": source}
     if as_json:
         render.write_json_line(rows)
     else:

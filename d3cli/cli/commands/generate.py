@@ -27,7 +27,7 @@ from d3cli.core.prompt_batches import (
     comparison_seed,
     decode,
     prepare_prompt,
-    schedules,
+    plans,
     warm_up,
 )
 from d3cli.core.prompts import read_stdin_prompt
@@ -108,7 +108,7 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
     """Decode one prompt; render live on a terminal, else stream plain text (or print JSON)."""
     from d3cli.core.engine import GenerationInterrupted
 
-    schedule, full_depth = schedules(loaded, prepared.settings)
+    plan, full_depth = plans(loaded, prepared.settings)
     on_terminal = sys.stdout.isatty() and not as_json
     seed = comparison_seed(prepared.settings) if compare else None
     if compare:
@@ -119,14 +119,14 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
     interrupted = False
     try:
         if on_terminal:
-            with render.ReplyView(render.stdout_console(), schedule.num_layers) as view:
-                (reply,) = decode(loaded, [prepared], schedule, on_event=view.add, seed=seed)
+            with render.ReplyView(render.stdout_console(), plan.schedule.num_layers) as view:
+                (reply,) = decode(loaded, [prepared], plan, on_event=view.add, seed=seed)
         elif as_json and sys.stdout.isatty():
             with render.Spinner(render.stdout_console(), "generating…") as spinner:
-                (reply,) = decode(loaded, [prepared], schedule, seed=seed,
+                (reply,) = decode(loaded, [prepared], plan, seed=seed,
                                   on_event=lambda event: spinner.update(f"generating… {event.index + 1} tokens"))
         else:
-            (reply,) = decode(loaded, [prepared], schedule, on_event=None if as_json else write_text, seed=seed)
+            (reply,) = decode(loaded, [prepared], plan, on_event=None if as_json else write_text, seed=seed)
         if compare:
             if sys.stdout.isatty():
                 with render.Spinner(render.stdout_console(), "decoding at full depth for --compare…"):
@@ -138,8 +138,7 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
         if reply is None:  # stopped during the D3 run, not during the baseline
             (reply,) = stopped.replies
 
-    record = reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration,
-                          loaded.weights)
+    record = reply_record(reply, plan, loaded.name, len(prepared.token_ids), baseline, loaded.weights)
     if as_json:
         render.write_json_line(record)
     elif on_terminal:
@@ -170,7 +169,7 @@ def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, 
 
     requests = read_requests(sys.stdin.buffer, settings, prepare, skip_bad_lines, warn=render.print_warning)
     for number, batch in enumerate(batches(requests, batch_size)):
-        schedule, full_depth = schedules(loaded, batch[0].settings)
+        plan, full_depth = plans(loaded, batch[0].settings)
         seed = comparison_seed(batch[0].settings) if compare else None
         if compare and number == 0:
             warm_up(loaded, batch[0], full_depth)
@@ -178,7 +177,7 @@ def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, 
         baselines: list[Reply | None] = [None] * len(batch)
         interrupted = False
         try:
-            replies = decode(loaded, batch, schedule, seed=seed)
+            replies = decode(loaded, batch, plan, seed=seed)
             if compare:
                 baselines = decode(loaded, batch, full_depth, seed=seed)
         except GenerationInterrupted as stopped:
@@ -186,15 +185,14 @@ def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, 
             if replies is None:  # stopped during the D3 run, not during the baseline
                 replies = stopped.replies
         for prepared, reply, baseline in zip(batch, replies, baselines):
-            render.write_json_line(line_record(loaded, prepared, reply, schedule, baseline))
+            render.write_json_line(line_record(loaded, prepared, reply, plan, baseline))
         if interrupted:
             raise typer.Exit(130)
 
 
-def line_record(loaded, prepared: PreparedPrompt, reply: Reply, schedule, baseline: Reply | None) -> dict:
+def line_record(loaded, prepared: PreparedPrompt, reply: Reply, plan, baseline: Reply | None) -> dict:
     record = {"line": prepared.line}
     if prepared.request_id is not None:
         record["id"] = prepared.request_id
-    record.update(reply_record(reply, schedule, loaded.name, len(prepared.token_ids), baseline, loaded.calibration,
-                          loaded.weights))
+    record.update(reply_record(reply, plan, loaded.name, len(prepared.token_ids), baseline, loaded.weights))
     return record

@@ -56,16 +56,18 @@ def run(loaded, settings: DecodeSettings, alphas: Sequence[float], methods: Sequ
 
     task_manager = TaskManager(include_path=str(options.include_path) if options.include_path else None)
     tasks = task_list(options.tasks, task_manager, folder, require)
+    from d3cli.core.plan import plan_for
+
     num_layers = num_decoder_layers(loaded.model)
-    chosen = methods or d3_bench.default_methods(settings.schedule_for(num_layers, loaded.calibration))
-    runs = d3_bench.method_runs(chosen, alphas)
+    d3_plan = plan_for(loaded, settings)
+    chosen = methods or d3_bench.default_methods(d3_plan.schedule)
+    runs = d3_bench.method_runs(chosen, d3_bench.bench_alphas(loaded, settings, alphas))
     d3_records: dict[str, list[dict]] = {}  # per D3 run: each request's tokens and layers
     rows, full_samples = [], None
     for run_ in runs:
-        schedule = d3_bench.schedule_for(run_, settings, num_layers, d3_records.get(run_.matched_d3.key, ()),
-                                         loaded.calibration)
+        plan = d3_bench.plan_for_run(run_, loaded, settings, d3_records.get(run_.matched_d3.key, ()))
         on_status(f"lm-eval: {run_.label}")
-        lm = D3LM(loaded=loaded, schedule=schedule, batch_size=options.batch_size, max_gen_toks=settings.max_new_tokens)
+        lm = D3LM(loaded=loaded, plan=plan, batch_size=options.batch_size, max_gen_toks=settings.max_new_tokens)
         started = time.perf_counter()
         try:
             with _quiet_lm_eval():
@@ -90,7 +92,8 @@ def run(loaded, settings: DecodeSettings, alphas: Sequence[float], methods: Sequ
         "task": "lm-eval:" + ",".join(options.tasks),
         "model": loaded.name,
         "calibration": loaded.calibration.label if loaded.calibration is not None else None,
-        "skip_order": settings.schedule_for(num_layers, loaded.calibration).skip_order,
+        "skip_order": d3_plan.schedule.skip_order,
+        "schedule_source": d3_plan.schedule_source,
         "tasks": sorted(rows[0]["metrics"]) if rows else [],
         "documents": rows[0]["documents"] if rows else {},
         "methods": rows,

@@ -41,7 +41,6 @@ from tqdm import tqdm
 
 from d3cli.core.errors import UserError, check_at_least
 from d3cli.core.sampling import SamplingSettings
-from d3cli.core.schedule import DecaySchedule
 from d3cli.core.settings import DecodeSettings, apply_options
 
 log = logging.getLogger("lm_eval.models.d3")  # lm-eval's logging setup shows its own loggers only
@@ -60,10 +59,10 @@ class D3LM(TemplateLM):
                  device_map: str | None = None, trust_remote_code: bool = False, weights: str = "auto",
                  group_size: int | str = 32, calibration: str | None = None,
                  batch_size: int | str = 1, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None,
-                 loaded=None, schedule: DecaySchedule | None = None, **depth):
+                 loaded=None, plan=None, **depth):
         """Either model arguments (what lm-eval passes: the model's, `calibration`, and the depth options of
         `DEPTH_ARGS`, checked as a JSONL line's are), or `loaded` (a loader.LoadedModel with its calibration) and
-        `schedule` (any DecaySchedule: d3 bench's baselines) from d3 itself."""
+        `plan` (a plan.DecodePlan with any schedule: d3 bench's baselines) from d3 itself."""
         super().__init__()
         unknown = sorted(key for key in depth if key not in DEPTH_ARGS and key not in IGNORED_ARGS)
         if unknown:
@@ -88,9 +87,11 @@ class D3LM(TemplateLM):
         self.tokenizer = loaded.tokenizer
         from d3cli.core.loader import context_length, num_decoder_layers
 
+        from d3cli.core.plan import plan_for
+
         self.num_layers = num_decoder_layers(loaded.model)
-        self.schedule = schedule if schedule is not None else self.settings.schedule_for(self.num_layers,
-                                                                                          loaded.calibration)
+        self.plan = plan if plan is not None else plan_for(loaded, self.settings)
+        self.schedule = self.plan.schedule
         self._max_length = int(max_length) if max_length else (context_length(loaded.model) or DEFAULT_MAX_LENGTH)
         from d3cli.core.engine import model_device
 
@@ -268,7 +269,7 @@ class D3LM(TemplateLM):
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start:start + self.batch_size]
                 prompts = [self.tok_encode(requests[index].args[0], left_truncate_len=max_context) for index in batch]
-                replies = engine.decode(self.loaded, prompts, self.schedule, settings, stop=until)
+                replies = engine.decode(self.loaded, prompts, self.plan.for_settings(settings), stop=until)
                 for index, reply in zip(batch, replies):
                     text = postprocess_generated_text(reply.text, until, None)
                     results[index] = text

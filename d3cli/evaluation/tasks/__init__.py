@@ -7,8 +7,9 @@ from pathlib import Path
 from d3cli.core.errors import UserError
 from d3cli.evaluation.tasks.bbh import BbhTask
 from d3cli.evaluation.tasks.gsm8k import Gsm8kTask
+from d3cli.evaluation.tasks.replies import RepliesTask
 
-TASKS = {"gsm8k": Gsm8kTask, "bbh": BbhTask}
+TASKS = {"gsm8k": Gsm8kTask, "bbh": BbhTask, "replies": RepliesTask}
 
 
 def get_task(name: str):
