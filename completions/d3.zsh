@@ -37,8 +37,8 @@ _d3_generate() {
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
-        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
-        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 1 (full depth).]:value: ' \
+        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 1 (full depth).]:value: ' \
         '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8). Default\: the floor the model'\''s calibration chose, else 0.84 of L.]:value: ' \
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
@@ -82,8 +82,8 @@ _d3_chat() {
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
-        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
-        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 1 (full depth).]:value: ' \
+        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 1 (full depth).]:value: ' \
         '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8). Default\: the floor the model'\''s calibration chose, else 0.84 of L.]:value: ' \
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \
@@ -245,8 +245,8 @@ _d3_serve() {
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
         '(--group-size)--group-size[Weights per int4 group when float weights are quantized on load\: 32, 64, 128 or 256.]:value: ' \
-        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
-        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 0.98.]:value: ' \
+        '(--alpha -a)--alpha[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 1 (full depth).]:value: ' \
+        '(--alpha -a)-a[Decay rate α in (0, 1\]\: token i runs floor(L·α^i) layers. 1 = no skipping. Default\: the α the model'\''s calibration chose, else 1 (full depth).]:value: ' \
         '(--min-layers)--min-layers[Floor on the layers per token\: a count (24) or a fraction of L (0.8). Default\: the floor the model'\''s calibration chose, else 0.84 of L.]:value: ' \
         '(--warmup)--warmup[Generated tokens that run at full depth before the decay starts.]:value: ' \
         '(--head)--head[First layers that always run\: a count or a fraction of L.]:value: ' \

@@ -135,6 +135,8 @@ class ChatSession:
         schedule, calibration = decode_plan.schedule, decode_plan.calibration
         bridges = (f"calibration {calibration.label}, bridges {'on' if schedule.bridges is not None else 'off'}"
                    if calibration is not None else "not calibrated (d3 calibrate)")
+        if schedule.alpha == 1.0:  # nothing is skipped: the floor, ends and order do not matter
+            return f"full depth, {schedule.num_layers} layers (α=1, {decode_plan.schedule_source}), {bridges}"
         return (f"α={schedule.alpha}, min-layers {schedule.min_layers} of {schedule.num_layers} "
                 f"({decode_plan.schedule_source}), head {schedule.head}, tail {schedule.tail}, skip order "
                 f"{schedule.skip_order}, {bridges}")

@@ -110,7 +110,8 @@ TrustRemoteCodeOption = Annotated[
 AlphaOption = Annotated[
     Optional[float],
     typer.Option("--alpha", "-a", help="Decay rate α in (0, 1]: token i runs floor(L·α^i) layers. 1 = no skipping. "
-                                       f"Default: the α the model's calibration chose, else {DEFAULT_ALPHA}.",
+                                       "Default: the α the model's calibration chose, else "
+                                       f"{DEFAULT_ALPHA:g} (full depth).",
                  rich_help_panel=SCHEDULE_PANEL, show_default=False),
 ]
 AlphaListOption = Annotated[

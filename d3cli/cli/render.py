@@ -170,7 +170,8 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
     num_layers = record["num_layers"]
     rows = [
         ("schedule", f"α={record['alpha']}, min-layers {record['min_layers']}, head {record['head']}, "
-                     f"tail {record['tail']}, warmup {record['warmup']}, skip order {record['skip_order']}"),
+                     f"tail {record['tail']}, warmup {record['warmup']}, skip order {record['skip_order']}"
+                     + schedule_source_text(record)),
         ("calibration", calibration_text(record)),
         *([("weights", record["weights_detail"])] if record.get("weights_detail") else []),
         ("tokens", f"{record['generated_tokens']} ({record['finish_reason']})"),
@@ -187,6 +188,24 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
             ("identical to full depth", "yes" if record["identical"] else "no"),
         ]
     return rows
+
+
+def schedule_source_text(record: dict) -> str:
+    """Where a reply's α and min-layers came from, as the summary's schedule row ends."""
+    source = record.get("schedule_source")
+    if source == "option":
+        return " (as set)"
+    if source == "calibration":
+        if record.get("alpha") == 1.0:
+            return " (full depth: the model's calibration found no schedule whose replies stay within its budget)"
+        return " (chosen by the model's calibration)"
+    if source == "default":
+        if record.get("calibration") is None:
+            return (" (d3's conservative default for a model it has not calibrated: d3 calibrate chooses this "
+                    "model's)")
+        return (" (d3's conservative default: this calibration chose none; "
+                "d3 calibrate --schedule-only chooses one)")
+    return ""
 
 
 def calibration_text(record: dict) -> str:
@@ -366,7 +385,11 @@ def print_bench_table(console: Console, summary: dict) -> None:
                                                                          "; decode: the same without the prefill"),
                        style="dim"))
     source = summary.get("schedule_source")
-    if source == "default":
+    if summary["methods"] and all(row["method"] == "full" for row in summary["methods"]):
+        console.print(Text("only full depth ran: the d3 schedule is full depth (α 1"
+                           + (", the model's calibration found none within its budget" if source == "calibration"
+                              else "") + "); --alpha 0.98 compares D3 with it", style="dim"))
+    elif source == "default":
         why = "its calibration chose none" if summary.get("calibration") else "the model is not calibrated"
         console.print(Text(f"the d3 schedule: d3's default ({why}: d3 calibrate chooses one)", style="dim"))
     elif source is not None:
@@ -610,13 +633,16 @@ def print_weight_kinds(console: Console, report: dict) -> None:
 def calibrated_schedule_text(schedule: dict) -> str:
     """The schedule a calibration chose, in one line: α and floor, predicted speedup, and its replies' fidelity."""
     layers = schedule["step_costs"].get("num_layers")
+    noise = schedule.get("noise")
+    noise_text = (f" · full depth itself, decoded alone instead of batched: {noise['prompts'] - noise['identical']} "
+                  f"of {noise['prompts']} replies change, {noise['loops']} loop(s)") if noise else ""
     if schedule["fidelity"] is None:
         return (f"full depth: no candidate's replies stayed within {schedule['budget']['nll']:g} nats/token "
-                f"of full depth's without looping")
+                f"of full depth's without looping{noise_text}")
     fidelity = schedule["fidelity"]
     return (f"α {schedule['alpha']:g}, floor {schedule['min_layers']}" + (f" of {layers}" if layers else "")
             + f" · predicted {schedule['predicted_speedup']:.2f}× · replies {fidelity['delta_nll']:+.3f} nats/token, "
-            f"repetition {fidelity['delta_repetition']:+.3f} (budget {schedule['budget']['nll']:g})")
+            f"repetition {fidelity['delta_repetition']:+.3f} (budget {schedule['budget']['nll']:g}){noise_text}")
 
 
 def print_calibration_made(console: Console, record: dict) -> None:

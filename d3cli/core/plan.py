@@ -6,9 +6,9 @@
         calibration chose, else d3's default for a model without one; the skip order resolved; the calibration's
         bridges), the sampling settings, the stop strings, the reply length, and where each part came from.
 
-`plan_for` (and `plan_of`, the same without a loaded model) is the only place that turns settings into a schedule. Commands, the server, the benchmarks and the
-lm-eval model hand a plan to the engine (`engine.stream_decode(loaded, prompts, plan)`); a benchmark's baselines
-are the same plan with another schedule (`with_schedule`).
+`plan_for` (and `plan_of`, the same without a loaded model) is the only place that turns settings into a schedule.
+Commands, the server, the benchmarks and the lm-eval model hand a plan to the engine (`engine.stream_decode(loaded,
+prompts, plan)`); a benchmark's baselines are the same plan with another schedule (`with_schedule`).
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ def calibrated_schedule(calibration) -> dict | None:
     chosen = getattr(calibration, "schedule", None) if calibration is not None else None
     if not chosen:
         return None
+    if chosen.get("alpha") == 1.0:  # full depth: no floor was chosen, so one the user's own α goes with is d3's
+        return {"alpha": 1.0}
     return {key: chosen[key] for key in SCHEDULE_KEYS if key in chosen}
 
 

@@ -51,11 +51,13 @@ AUTO_SKIP_ORDER = "auto"
 UNMEASURED_SKIP_ORDER = "middle"  # what auto means for a model d3 knows nothing about
 SKIP_ORDER_NAMES = (AUTO_SKIP_ORDER, *SKIP_ORDERS, MEASURED_SKIP_ORDER)
 
-# Defaults, chosen from measurements on the embedded SmolLM2-135M-Instruct (30 layers) with its calibration (bridges
-# and the measured order); docs/BRIDGES.md and docs/DEFAULTS.md have the numbers. A value with a decimal point is a
-# fraction of the model's layer count.
-DEFAULT_ALPHA = 0.98
-DEFAULT_MIN_LAYERS = "0.84"  # 25 of 30: quality first; the floor, not α, sets the cost of a long reply
+# Defaults, chosen from measurements on the embedded SmolLM2-135M-Instruct (30 layers); docs/BRIDGES.md and
+# docs/DEFAULTS.md have the numbers. A value with a decimal point is a fraction of the model's layer count.
+# α and min-layers are what a model gets where neither the user nor its calibration chose them (core/plan.py): the
+# schedule search of `d3 calibrate`, run on the embedded model without a calibration, found no schedule whose replies
+# stay within the fidelity budget, so a model d3 knows nothing about decodes at full depth until calibrated.
+DEFAULT_ALPHA = 1.0
+DEFAULT_MIN_LAYERS = "0.84"  # 25 of 30, for a user who sets only α: the floor, not α, sets the cost of a long reply
 DEFAULT_HEAD = "2"  # layers 0 and 1 are by far the costliest to skip
 DEFAULT_TAIL = "2"  # then layers 29 and 28
 DEFAULT_WARMUP = 0

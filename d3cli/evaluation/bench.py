@@ -94,7 +94,8 @@ def default_methods(d3_schedule: DecaySchedule) -> tuple[str, ...]:
 
 
 def method_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[MethodRun]:
-    """`full` first, then every D3 run (plain, then bridged), then the baselines matched to each D3 run."""
+    """`full` first, then every D3 run (plain, then bridged), then the baselines matched to each D3 run. An α of 1
+    is full depth itself (no layer skipped, no bridge applied): it adds no run beside `full`."""
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r} (choose from: {', '.join(METHODS)})")
@@ -109,8 +110,9 @@ def method_runs(methods: Sequence[str], alphas: Sequence[float]) -> list[MethodR
                 if f"{method}{BRIDGED if bridged else ''}" in methods]
 
     runs = [MethodRun("full", None)]
-    runs += [run for alpha in alphas for run in wanted("d3", alpha)]
-    runs += [run for alpha in alphas for method in matched_kinds for run in wanted(method, alpha)]
+    skipping = [alpha for alpha in alphas if alpha < 1.0]
+    runs += [run for alpha in skipping for run in wanted("d3", alpha)]
+    runs += [run for alpha in skipping for method in matched_kinds for run in wanted(method, alpha)]
     return runs
 
 

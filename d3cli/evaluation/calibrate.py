@@ -271,9 +271,9 @@ def choose_only(loaded, options: CalibrationOptions, output: Path | None, progre
     choice = choose_stage(loaded, calibration, options, progress, on_stage, seconds)
     path = Path(output) if output is not None else cache_path(model_identity(loaded))
     fit = {**calibration.fit, "schedule_seconds": round(seconds["schedule"], 1)}
-    write_calibration(path, calibration.model, calibration.profile, list(calibration.bridges), fit, choice)
+    write_calibration(path, calibration.model, calibration.profile, list(calibration.bridges.values()), fit, choice)
     runs = [tuple(run) for run in calibration.fit.get("runs", [])]
     return CalibrationResult(path=path, texts=int(calibration.fit.get("texts", 0)),
                              tokens=int(calibration.fit.get("tokens", 0)), runs=runs,
                              drop_order=list(calibration.fit.get("drop_order", [])), seconds=seconds,
-                             bridge_bytes=sum(bridge.nbytes() for bridge in calibration.bridges), schedule=choice)
+                             bridge_bytes=sum(bridge.nbytes() for bridge in calibration.bridges.values()), schedule=choice)

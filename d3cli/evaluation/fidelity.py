@@ -139,15 +139,12 @@ def decode_replies(loaded, prompt_ids: Sequence[Sequence[int]], plan, batch_size
 
 def full_depth_nll(loaded, prompt_ids: Sequence[int], continuation: Sequence[int]) -> float | None:
     """The full-depth model's mean NLL per token of `continuation` after `prompt_ids` (None for an empty one)."""
-    from d3cli.core.loader import num_decoder_layers
-    from d3cli.core.schedule import DecaySchedule
-    from d3cli.evaluation.scoring import ScoringText, teacher_forced_nll
+    from d3cli.evaluation.scoring import ContinuationScorer, ScoringText
 
     if not continuation:
         return None
     text = ScoringText("reply", tuple(prompt_ids), tuple(continuation))
-    return float(teacher_forced_nll(loaded.model, text, DecaySchedule.full(num_decoder_layers(loaded.model)))
-                 .mean())
+    return float(ContinuationScorer(loaded.model, text).score(None)[0].mean())  # one pass over the reply
 
 
 @dataclass

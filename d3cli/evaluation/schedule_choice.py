@@ -8,7 +8,9 @@ when no reply repeats itself more than full depth's by more than `budget.repetit
 the full-depth model's NLL of the replies is at most `budget.nll` nats/token above that of its own replies, on
 average. Each candidate's speed is predicted from the model's measured step costs, T(k) = T_fixed + k·T_layer (+ a
 bridge's T_bridge per bridged run), over the steps of its own replies; the fastest candidate within the budget is
-the model's schedule. When none is, the model keeps full depth (α 1), and the calibration says so.
+the model's schedule. When none is, the model keeps full depth (α 1), and the calibration says so. Beside the candidates, full depth is
+compared with itself, its replies decoded one at a time instead of in a batch: a small model's greedy replies can
+change on rounding alone, and that is the floor under any schedule's numbers.
 
 A lower floor is rarely safer than a higher one, so the search stops after two floors where no α was within the
 budget. Every candidate, measured, goes into the calibration file, so what the choice rests on can be read there.
@@ -71,6 +73,9 @@ class ScheduleChoice:
     prompts: int
     reply_tokens: int
     candidates: list[Candidate] = field(default_factory=list)
+    # full depth against itself: its replies decoded one at a time instead of batched (other rounding), fidelity.summary
+    # of those pairs. How far a model's replies move on rounding alone: the floor under any schedule's numbers.
+    noise: dict | None = None
 
     def as_dict(self) -> dict:
         """As the calibration file stores it (model_calibration: "schedule")."""
@@ -78,7 +83,7 @@ class ScheduleChoice:
                 "budget": {"nll": self.budget.nll, "repetition": self.budget.repetition},
                 "predicted_speedup": self.predicted_speedup, "fidelity": self.fidelity,
                 "step_costs": self.step_costs, "prompts": self.prompts, "reply_tokens": self.reply_tokens,
-                "candidates": [candidate.as_dict() for candidate in self.candidates]}
+                "candidates": [candidate.as_dict() for candidate in self.candidates], "noise": self.noise}
 
 
 Progress = Callable[[str, int], None]
@@ -125,6 +130,7 @@ def choose_schedule(loaded, settings, prompts: Sequence[ReplyPrompt], budget: Bu
     settings = dataclasses.replace(settings, max_new_tokens=reply_tokens)
     full_plan = plan_for(loaded, settings.full_depth())
     full = full_depth_replies(loaded, prompts, full_plan, batch_size, on_reply=lambda: progress("schedule", 1))
+    noise = summary(compare_with(loaded, full, full_plan, 1, on_reply=lambda: progress("schedule", 1)))
     base = plan_for(loaded, dataclasses.replace(settings, alpha=CANDIDATE_ALPHAS[0], min_layers=num_layers - 1))
     costs = measure_step_costs(loaded, base, full.prompt_ids[0])
     head_tail = base.schedule.head + base.schedule.tail
@@ -144,12 +150,13 @@ def choose_schedule(loaded, settings, prompts: Sequence[ReplyPrompt], budget: Bu
             break
     admitted = [candidate for candidate in candidates if candidate.within_budget]
     if not admitted:
-        return ScheduleChoice(1.0, num_layers, budget, 1.0, None, costs, len(prompts), reply_tokens, candidates)
+        return ScheduleChoice(1.0, num_layers, budget, 1.0, None, costs, len(prompts), reply_tokens, candidates,
+                              noise)
     best = max(admitted, key=lambda candidate: (candidate.predicted_speedup, candidate.min_layers))
     return ScheduleChoice(best.alpha, best.min_layers, budget, best.predicted_speedup, best.fidelity, costs,
-                          len(prompts), reply_tokens, candidates)
+                          len(prompts), reply_tokens, candidates, noise)
 
 
 def expected_replies(prompts: int, floors: int) -> int:
     """An upper bound on the replies the stage decodes, for a progress bar: full depth's and each candidate's."""
-    return prompts * (1 + floors * len(CANDIDATE_ALPHAS))
+    return prompts * (2 + floors * len(CANDIDATE_ALPHAS))

@@ -33,6 +33,7 @@ def test_methods_run_full_first_then_d3_then_the_baselines():
     assert [run.key for run in runs] == ["full", "d3@0.98", "d3@0.9", "static@0.98", "linear@0.98", "static@0.9",
                                          "linear@0.9"]
     assert [run.key for run in method_runs(("full", "d3"), (0.9,))] == ["full", "d3@0.9"]
+    assert [run.key for run in method_runs(("full", "d3", "static"), (1.0,))] == ["full"]  # α 1 is full depth
     with pytest.raises(UserError, match="add d3"):
         method_runs(("full", "static"), (0.9,))
     with pytest.raises(UserError, match="unknown method"):
@@ -158,7 +159,7 @@ def test_bench_on_bbh_subtasks(cli, tiny_model_dir, shared_data, tmp_path):
     output = tmp_path / "bbh.jsonl"
     args = ["bench", "--task", "bbh", "--subtasks", "navigate,object_counting", "--limit", "2", "--model",
             str(tiny_model_dir), "--data-dir", str(shared_data), "-n", "6", "--methods", "d3", "--shots", "1", "--output",
-            str(output), "--json", *TINY]
+            str(output), "--json", "--alpha", "0.9", *TINY]
     result = cli(args)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -241,5 +242,34 @@ def test_bench_runs_bridged_methods_with_a_calibration(cli, tiny_model_dir, shar
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert records[0]["calibration"] == path
     without = cli(["bench", "--task", "gsm8k", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
-                   "--output", str(tmp_path / "plain.jsonl"), "--limit", "1", *TINY, "--methods", "d3+bridges"])
+                   "--output", str(tmp_path / "plain.jsonl"), "--limit", "1", "--alpha", "0.9", *TINY,
+                   "--methods", "d3+bridges"])
     assert without.exit_code == 2 and "needs bridges" in without.stderr
+
+
+def test_bench_replies_reports_free_running_fidelity_per_method(cli, tiny_model_dir, tmp_path):
+    output = tmp_path / "replies.jsonl"
+    result = cli(["bench", "--task", "replies", "--model", str(tiny_model_dir), "--alpha", "0.7", "--min-layers", "3",
+                  "--head", "1", "--tail", "1", "-n", "16", "--limit", "3", "--methods", "d3,linear", "--json",
+                  "-o", str(output)])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["task"] == "replies" and summary["schedule_source"] == "option"
+    rows = {row["method"]: row for row in summary["methods"]}
+    assert set(rows) == {"full", "d3", "linear"}
+    full, d3 = rows["full"], rows["d3"]
+    assert full["delta_repetition"] == 0 and full["loops"] == 0 and full["delta_nll"] == 0
+    assert d3["mean_layers"] < 8 and d3["loops"] <= 3 and d3["worst_delta_repetition"] >= d3["delta_repetition"]
+    assert d3["delta_nll"] is not None and "repetition" in d3 and "median_first_difference" in d3
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    examples = [record for record in records if record.get("type") == "example"]
+    assert len(examples) == 9 and all("token_ids" in record and "repetition" in record for record in examples)
+    assert "loops" in result.stderr and "ΔNLL" in result.stderr
+
+
+def test_bench_at_a_full_depth_schedule_runs_full_depth_only_and_says_so(cli, tiny_model_dir, tmp_path):
+    result = cli(["bench", "--task", "replies", "--model", str(tiny_model_dir), "--alpha", "1", "-n", "8",
+                  "--limit", "2", "--json", "-o", str(tmp_path / "r.jsonl")])
+    assert result.exit_code == 0, result.stderr
+    assert [row["method"] for row in json.loads(result.stdout)["methods"]] == ["full"]
+    assert "only full depth ran" in " ".join(result.stderr.split())

@@ -19,7 +19,8 @@ def tiny_identity(tiny_model_dir):
 
 def test_calibrate_writes_to_the_cache_and_every_command_finds_it(cli, tiny_model_dir, tiny_identity):
     result = cli(["calibrate", "--model", str(tiny_model_dir), "--prompts", "4", "--reply-tokens", "24",
-                  "--profile-texts", "2", "--head", "1", "--tail", "1", "--json"])
+                  "--profile-texts", "2", "--head", "1", "--tail", "1", "--schedule-prompts", "2",
+                  "--schedule-tokens", "12", "--json"])
     assert result.exit_code == 0, result.stderr
     made = json.loads(result.stdout)
     assert made["calibration"] == str(cache_path(tiny_identity)) and made["tokens"] > 40
@@ -42,3 +43,37 @@ def test_calibrate_writes_to_the_cache_and_every_command_finds_it(cli, tiny_mode
 def test_bad_calibrate_options_are_one_line(cli, tiny_model_dir, args, message):
     result = cli(["calibrate", "--model", str(tiny_model_dir), *args])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_calibrate_chooses_a_schedule_and_schedule_only_chooses_again(cli, tiny_model_dir, tiny_identity, tmp_path):
+    made = json.loads(cli(["calibrate", "--model", str(tiny_model_dir), "--prompts", "4", "--reply-tokens", "24",
+                           "--profile-texts", "2", "--head", "1", "--tail", "1", "--schedule-prompts", "2",
+                           "--schedule-tokens", "12", "--json"]).stdout)
+    schedule = made["schedule"]
+    assert schedule["budget"] == {"nll": 0.1, "repetition": 0.05} and schedule["prompts"] == 2
+    assert schedule["candidates"] and schedule["step_costs"]["t_layer_ms"] > 0
+    stored = read_calibration(made["calibration"]).schedule
+    assert (stored["alpha"], stored["min_layers"]) == (schedule["alpha"], schedule["min_layers"])
+
+    # a budget nothing can miss: the fastest candidate tried is chosen, written where -o says; order and bridges kept
+    again = tmp_path / "again.safetensors"
+    result = cli(["calibrate", "--model", str(tiny_model_dir), "--schedule-only", "--budget", "1000",
+                  "--head", "1", "--tail", "1", "--schedule-prompts", "2", "--schedule-tokens", "12",
+                  "-o", str(again), "--json"])
+    assert result.exit_code == 0, result.stderr
+    rechosen = json.loads(result.stdout)["schedule"]
+    assert rechosen["budget"]["nll"] == 1000 and rechosen["alpha"] < 1
+    fastest = max(candidate["predicted_speedup"] for candidate in rechosen["candidates"])
+    assert rechosen["predicted_speedup"] == fastest
+    before, after = read_calibration(made["calibration"]), read_calibration(again)
+    assert after.profile == before.profile and sorted(after.bridges) == sorted(before.bridges)
+    record = json.loads(cli(["generate", "--model", str(tiny_model_dir), "--calibration", str(again), "-n", "6",
+                             "--head", "1", "--tail", "1", "--json", "Hello"]).stdout)
+    assert (record["alpha"], record["min_layers"]) == (rechosen["alpha"], rechosen["min_layers"])
+    assert record["schedule_source"] == "calibration"
+    os.unlink(made["calibration"])
+
+
+def test_schedule_only_needs_a_calibration(cli, tiny_model_dir):
+    result = cli(["calibrate", "--model", str(tiny_model_dir), "--schedule-only"])
+    assert result.exit_code == 2 and "--schedule-only needs the model's calibration" in result.stderr

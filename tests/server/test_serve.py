@@ -483,12 +483,14 @@ def test_a_model_that_cannot_load_stops_the_server_with_one_line(cli, tmp_path):
 
 @pytest.mark.embedded
 def test_embedded_served_replies_equal_d3_generate(cli, tmp_path):
-    """At alpha 1 the served reply is `d3 generate --alpha 1`'s, token for token, streamed or not; at the defaults
-    (the bundled calibration's order and bridges) it is `d3 generate`'s, layer counts included."""
+    """At the defaults (the bundled calibration's schedule: full depth) the served reply is `d3 generate`'s, token
+    for token, streamed or not; with a request's α and floor (the calibration's order and bridges) it is `d3 generate
+    --alpha --min-layers`'s, layer counts included; the `d3` object says where the schedule came from."""
     process = ServeProcess([], tmp_path)
     try:
         client = process.client()
-        for options, extra in ((["--alpha", "1"], {"alpha": 1}), ([], {})):
+        skipping = (["--alpha", "0.98", "--min-layers", "25"], {"alpha": 0.98, "min_layers": 25})
+        for options, extra in (([], {}), skipping):
             generated = cli(["generate", "--json", "-n", "24", *options, PROMPT])
             assert generated.exit_code == 0, generated.stderr
             reference = json.loads(generated.stdout)
@@ -502,7 +504,12 @@ def test_embedded_served_replies_equal_d3_generate(cli, tmp_path):
                                                          messages=[{"role": "user", "content": PROMPT}]))
             assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == reference["text"]
             assert d3_of(chunks[-1])["token_ids"] == reference["token_ids"]
-        schedule = plan_of(DecodeSettings(), 30, read_calibration(BUNDLED_CALIBRATION)).schedule
+            assert d3_of(whole)["schedule_source"] == reference["schedule_source"] == (
+                "option" if extra else "calibration")
+            if not extra:
+                assert set(reference["layers_per_token"]) == {30}
+        calibration = read_calibration(BUNDLED_CALIBRATION)
+        schedule = plan_of(DecodeSettings(alpha=0.98, min_layers=25), 30, calibration).schedule
         layers = reference["layers_per_token"]
         assert layers == [schedule.layers_at(index) for index in range(len(layers))] and min(layers) < 30
     finally:

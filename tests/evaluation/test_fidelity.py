@@ -1,0 +1,81 @@
+"""Free-running fidelity (evaluation/fidelity.py): repetition, first difference, answer checks, and replies compared
+on a real (tiny) model: a schedule that keeps full depth is identical to it, one that skips is not."""
+
+from __future__ import annotations
+
+import pytest
+
+from d3cli.core.loader import LoadedModel
+from d3cli.core.plan import plan_of
+from d3cli.core.settings import DecodeSettings
+from d3cli.evaluation.fidelity import (
+    ReplyPrompt,
+    builtin_reply_prompts,
+    compare_with,
+    first_difference,
+    full_depth_replies,
+    repeated_share,
+    summary,
+)
+
+
+def test_repeated_share_is_zero_for_fresh_text_and_near_one_for_a_loop():
+    assert repeated_share(list(range(40))) == 0.0
+    loop = [5, 6, 7] * 30
+    assert repeated_share(loop) > 0.9
+    assert repeated_share([1, 2, 3]) == 0.0  # too short for one 4-gram
+    half = list(range(20)) + list(range(20))  # the second half repeats the first
+    assert repeated_share(half) == pytest.approx(17 / 37)
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 9, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2  # one is a prefix of the other
+
+
+def test_answer_checks():
+    number = ReplyPrompt("n", "chat", "?", number="391")
+    assert number.check("17 × 23 = 391.") and number.check("It is 391") and not number.check("It is 3910")
+    assert ReplyPrompt("n", "chat", "?", number="1500").check("about 1,500 people")
+    words = ReplyPrompt("w", "chat", "?", words=("Tokyo",))
+    assert words.check("The capital is tokyo.") and not words.check("Kyoto")
+    assert ReplyPrompt("x", "chat", "?").check("anything") is None
+
+
+def test_builtin_prompts_have_unique_ids_and_valid_checks():
+    prompts = builtin_reply_prompts()
+    assert len(prompts) >= 12 and len({prompt.id for prompt in prompts}) == len(prompts)
+    assert all(prompt.kind in ("chat", "raw") and prompt.text for prompt in prompts)
+    assert any(prompt.number for prompt in prompts) and any(prompt.words for prompt in prompts)
+
+
+@pytest.fixture
+def loaded(tiny_models, tokenizer):
+    return LoadedModel(tiny_models["llama"], tokenizer, "tiny")
+
+
+def test_full_depth_compared_with_itself_is_identical(loaded):
+    prompts = builtin_reply_prompts()[:3]
+    settings = DecodeSettings(head=1, tail=1, max_new_tokens=16)
+    full = full_depth_replies(loaded, prompts, plan_of(settings.full_depth(), 8), batch_size=2)
+    pairs = compare_with(loaded, full, plan_of(DecodeSettings(alpha=0.5, min_layers=8, head=1, tail=1,
+                                                               max_new_tokens=16), 8), batch_size=3)
+    found = summary(pairs)
+    assert found["identical"] == 3 and found["delta_nll"] == 0.0 and found["worst_delta_repetition"] == 0.0
+    assert found["loops"] == 0 and found["median_first_difference"] is None
+    assert all(pair.nll_full is not None and pair.nll_full > 0 for pair in pairs)
+
+
+def test_a_skipping_schedule_is_measured_against_full_depth(loaded):
+    prompts = builtin_reply_prompts()[:4]
+    settings = DecodeSettings(head=1, tail=1, max_new_tokens=20)
+    full = full_depth_replies(loaded, prompts, plan_of(settings.full_depth(), 8), batch_size=4)
+    pairs = compare_with(loaded, full, plan_of(DecodeSettings(alpha=0.5, min_layers=2, head=1, tail=1,
+                                                               max_new_tokens=20), 8), batch_size=4)
+    found = summary(pairs)
+    assert found["identical"] < 4 and found["mean_layers"] < 8
+    assert found["delta_nll"] > 0  # the full model finds the skipped model's words less likely than its own
+    for pair in pairs:
+        assert pair.first_difference is not None and 0 <= pair.first_difference <= min(pair.tokens, pair.full_tokens)
+        assert pair.as_dict()["delta_nll"] == pytest.approx(pair.nll - pair.nll_full)
