@@ -171,11 +171,10 @@ def comparable(summary: dict) -> list[dict]:
     return [{key: value for key, value in method.items() if key not in TIMING_KEYS} for method in summary["methods"]]
 
 
-def test_a_killed_bench_resumes_to_the_same_summary(tiny_model_dir, shared_data, tmp_path):
+def test_a_killed_bench_resumes_to_the_same_summary(cli, tiny_model_dir, shared_data, tmp_path):
     straight = tmp_path / "straight.jsonl"
-    uninterrupted = subprocess.run([d3_executable(), *bench_args(tiny_model_dir, shared_data, straight, "--json")],
-                                   capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    uninterrupted = cli(bench_args(tiny_model_dir, shared_data, straight, "--json"))  # the reference, in this process
+    assert uninterrupted.exit_code == 0, uninterrupted.stderr
     killed = tmp_path / "killed.jsonl"
     process = subprocess.Popen([d3_executable(), *bench_args(tiny_model_dir, shared_data, killed)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
