@@ -133,7 +133,7 @@ class ChatSession:
     def describe_settings(self) -> str:
         decode_plan = self.conversation.decode_plan()
         schedule, calibration = decode_plan.schedule, decode_plan.calibration
-        bridges = (f"calibration {calibration.label}, bridges {'on' if schedule.bridges is not None else 'off'}"
+        bridges = (f"calibration {calibration.label}, bridges {'on' if schedule.bridge_maps is not None else 'off'}"
                    if calibration is not None else "not calibrated (d3 calibrate)")
         if schedule.alpha == 1.0:  # nothing is skipped: the floor, ends and order do not matter
             return f"full depth, {schedule.num_layers} layers (α=1, {decode_plan.schedule_source}), {bridges}"

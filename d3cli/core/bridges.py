@@ -130,7 +130,7 @@ def bridges_used(schedule, steps: int) -> tuple[list[tuple[int, int]], list[tupl
     from d3cli.core.schedule import runs_at_depths
 
     seen = runs_at_depths(schedule.num_layers, schedule.drop_order, schedule.depths(steps))
-    bridges = schedule.bridges or {}
+    bridges = schedule.bridge_maps or {}
     return [run for run in seen if run in bridges], [run for run in seen if run not in bridges]
 
 

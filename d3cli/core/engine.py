@@ -174,7 +174,7 @@ def generate_steps(
     attention_mask = batch.attention_mask
     position_ids = batch.position_ids[:, -1:]
     next_input = None  # the tokens fed to the next step: each row's last token, or padding once it is finished
-    with LayerSkipper(model, schedule.bridges) as skipper:
+    with LayerSkipper(model, schedule.bridge_maps) as skipper:
         if skipper.num_layers != schedule.num_layers:
             raise ValueError(f"schedule is for {schedule.num_layers} layers, the model has {skipper.num_layers}")
         logits = prefill(model, batch, cache)

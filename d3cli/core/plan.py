@@ -148,4 +148,4 @@ def schedule_of(settings: DecodeSettings, num_layers: int, calibration, alpha: f
         bridges = calibration.active_bridges
     return DecaySchedule.build(num_layers, alpha=alpha, min_layers=min_layers, warmup=settings.warmup,
                                head=settings.head, tail=settings.tail, skip_order=skip_order,
-                               skip_order_name=name, bridges=bridges)
+                               skip_order_name=name, bridge_maps=bridges)

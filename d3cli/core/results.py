@@ -98,15 +98,15 @@ def session_totals(records: list[dict], num_layers: int) -> dict | None:
 def calibration_fields(schedule: DecaySchedule, layers_per_token, calibration=None) -> dict[str, object]:
     """What a reply's JSON says about the model's calibration: which file (None: the model has none, "bundled":
     the one d3 ships) and the kind of weights it was made on, whether bridges stood in for skipped runs, and which runs they were."""
-    bridges = schedule.bridges or {}
+    bridges = schedule.bridge_maps or {}
     runs = runs_at_depths(schedule.num_layers, schedule.drop_order, dict.fromkeys(layers_per_token))
     fields = {
         "calibration": getattr(calibration, "label", None),
         "calibration_weights": getattr(calibration, "weights", None),
-        "bridges": schedule.bridges is not None,
+        "bridges": schedule.bridge_maps is not None,
         "bridged_runs": [list(run) for run in runs if run in bridges],
     }
-    if schedule.bridges is not None:
+    if schedule.bridge_maps is not None:
         fields["unbridged_runs"] = [list(run) for run in runs if run not in bridges]
     return fields
 

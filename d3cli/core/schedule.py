@@ -160,7 +160,7 @@ class DecaySchedule:
     drop_order: tuple[int, ...] = field(repr=False)
     # What stands in for a run of skipped layers: None (each passes its input through) or the model's fitted bridges
     # (bridges.Bridges, opaque here). Never used at full depth, so alpha = 1 stays the model's own forward.
-    bridges: object = field(default=None, repr=False, compare=False)
+    bridge_maps: object = field(default=None, repr=False, compare=False)
 
     @classmethod
     def full(cls, num_layers: int) -> DecaySchedule:
@@ -178,7 +178,7 @@ class DecaySchedule:
         tail: int | float | str = DEFAULT_TAIL,
         skip_order: str | SkipOrder = UNMEASURED_SKIP_ORDER,
         skip_order_name: str | None = None,
-        bridges: object = None,
+        bridge_maps: object = None,
     ) -> DecaySchedule:
         """Validate every parameter against the model's layer count and fix the drop order of the flex layers."""
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -209,7 +209,7 @@ class DecaySchedule:
             tail=tail_layers,
             skip_order=order_name,
             drop_order=drop_order,
-            bridges=bridges,
+            bridge_maps=bridge_maps,
         )
 
     def retuned(self, alpha: float, min_layers: int) -> DecaySchedule:
@@ -218,7 +218,7 @@ class DecaySchedule:
         check_layer_counts(self.head, self.tail, min_layers, self.num_layers)
         return DecaySchedule(num_layers=self.num_layers, alpha=float(alpha), min_layers=min_layers,
                              warmup=self.warmup, head=self.head, tail=self.tail, skip_order=self.skip_order,
-                             drop_order=self.drop_order, bridges=self.bridges)
+                             drop_order=self.drop_order, bridge_maps=self.bridge_maps)
 
     def layers_at(self, step: int) -> int:
         """k_i: how many layers run for generated token `step`."""
@@ -243,9 +243,9 @@ class DecaySchedule:
         """The runs of consecutive layers that step `step` skips, as (first, last) pairs."""
         return skipped_runs(self.kept_layers(step), self.num_layers)
 
-    def with_bridges(self, bridges: object) -> DecaySchedule:
+    def with_bridge_maps(self, bridge_maps: object) -> DecaySchedule:
         """The same schedule with other stand-ins for skipped runs (None: plain skipping)."""
-        return dataclasses.replace(self, bridges=bridges)
+        return dataclasses.replace(self, bridge_maps=bridge_maps)
 
     @property
     def method(self) -> str:

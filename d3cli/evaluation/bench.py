@@ -88,7 +88,7 @@ class MethodRun:
 
 def default_methods(d3_schedule: DecaySchedule) -> tuple[str, ...]:
     """What `d3 bench` runs when --methods is not given: the bridged methods only when there are bridges."""
-    if d3_schedule.bridges is None:
+    if d3_schedule.bridge_maps is None:
         return tuple(method for method in DEFAULT_METHODS if not method.endswith(BRIDGED))
     return DEFAULT_METHODS
 
@@ -308,10 +308,10 @@ def plan_for_run(run: MethodRun, loaded, settings: DecodeSettings, d3_records: S
         return plan_for(loaded, settings.full_depth())
     d3_plan = plan_for(loaded, dataclasses.replace(settings, alpha=run.alpha))
     d3_schedule = d3_plan.schedule
-    if run.bridged and d3_schedule.bridges is None:
+    if run.bridged and d3_schedule.bridge_maps is None:
         raise UserError(f"{run.name} needs bridges: this model's calibration has none (make it with d3 calibrate), "
                         "or bridges are off")
-    d3_schedule = d3_schedule.with_bridges(d3_schedule.bridges if run.bridged else None)
+    d3_schedule = d3_schedule.with_bridge_maps(d3_schedule.bridge_maps if run.bridged else None)
     if kind.matched and not d3_records:
         raise UserError(f"{run.label} is matched to the {run.matched_d3.label} run, which has no results")
     return d3_plan.with_schedule(kind.schedule(d3_schedule, d3_records))

@@ -93,7 +93,7 @@ def profile(loaded, corpus: Corpus, settings: DecodeSettings, alphas: Sequence[f
                               on_text=lambda: on_status(f"scoring texts: {next(done)}/{len(texts)}"))
     result = {"model": loaded.name, "corpus": corpus.name, "num_layers": num_layers,
               "calibration": loaded.calibration.label if loaded.calibration is not None else None,
-              "skip_order": base_schedule.skip_order, "bridges": base_schedule.bridges is not None,
+              "skip_order": base_schedule.skip_order, "bridges": base_schedule.bridge_maps is not None,
               "profile": profiling.report(found, schedules, options.bucket_size, options.max_positions)}
     if options.layers:
         layer_profile = profiling.layer_profile_of(found, model_identity(loaded), corpus.name, len(texts),

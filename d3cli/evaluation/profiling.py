@@ -108,7 +108,7 @@ def report(found: Measurements, schedules: dict[str, DecaySchedule], bucket_size
             "alpha": schedule.alpha,
             "min_layers": schedule.min_layers,
             "skip_order": schedule.skip_order,
-            "bridges": schedule.bridges is not None,
+            "bridges": schedule.bridge_maps is not None,
             "mean_layers": sum(layers) / len(layers) if layers else float("nan"),
             "mean_nll": mean_nll,
             "nll_increase": mean_nll - full_mean,

@@ -117,7 +117,7 @@ class ContinuationScorer:
         """`score` as decoding with `schedule` would see it: its skip plan and its bridges."""
         if schedule.is_full_depth():
             return self.score()
-        return self.score(plan_for_schedule(schedule, self.text.steps), bridges=schedule.bridges)
+        return self.score(plan_for_schedule(schedule, self.text.steps), bridges=schedule.bridge_maps)
 
 
 def block_influence(model, scorer: ContinuationScorer, late_from: int, inputs: dict | None = None

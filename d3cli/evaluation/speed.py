@@ -100,9 +100,9 @@ def step_times(model, prompt_ids: Sequence[int], base: DecaySchedule, tokens: in
     the median extra time per bridged run."""
     floor, num_layers = base.head + base.tail, base.num_layers
     depths = sorted({floor, num_layers, *range(floor, num_layers + 1, max(1, (num_layers - floor) // 8))})
-    plain = base.with_bridges(None)
+    plain = base.with_bridge_maps(None)
     variants = {"plain": [StaticSchedule.like(plain, depth) for depth in depths]}
-    if base.bridges is not None:
+    if base.bridge_maps is not None:
         variants["bridged"] = [StaticSchedule.like(base, depth) for depth in depths]
     decode_seconds(model, prompt_ids, variants["plain"][-1], min(tokens, 8))  # warm-up
     seconds = {name: [[] for _ in depths] for name in variants}
@@ -129,7 +129,7 @@ def step_times(model, prompt_ids: Sequence[int], base: DecaySchedule, tokens: in
 
 def bridged_runs_at(schedule: DecaySchedule, step: int) -> int:
     """How many of the runs step `step` skips have a bridge."""
-    bridges = schedule.bridges or {}
+    bridges = schedule.bridge_maps or {}
     return sum(1 for run in schedule.runs_at(step) if run in bridges)
 
 
@@ -158,7 +158,7 @@ def alpha_rows(model, prompt_ids: Sequence[int], schedules: Sequence[DecaySchedu
                                                                    + r_bar * t_bridge_ms)
         measured = measured_decode_speedup(model, [prompt_ids], schedule, tokens, repeats)
         rows.append({"alpha": schedule.alpha, "min_layers": schedule.min_layers,
-                     "bridges": schedule.bridges is not None, "mean_layers": k_bar, "mean_bridged_runs": r_bar, "ideal_speedup": ideal,
+                     "bridges": schedule.bridge_maps is not None, "mean_layers": k_bar, "mean_bridged_runs": r_bar, "ideal_speedup": ideal,
                      "measured_speedup": measured, "efficiency": measured / ideal})
     return rows
 

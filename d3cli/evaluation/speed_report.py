@@ -51,8 +51,8 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
         settings = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, QUICK_TOKENS))
         alphas = alphas[:1]
     schedules = [plan_for(loaded, dataclasses.replace(settings, alpha=alpha)).schedule for alpha in alphas]
-    if schedules[0].bridges is not None:  # bridged D3 beside plain D3 at each α
-        schedules = [variant for schedule in schedules for variant in (schedule, schedule.with_bridges(None))]
+    if schedules[0].bridge_maps is not None:  # bridged D3 beside plain D3 at each α
+        schedules = [variant for schedule in schedules for variant in (schedule, schedule.with_bridge_maps(None))]
     tokens = settings.max_new_tokens
     prompt = encode_prompt(loaded.tokenizer, SPEED_PROMPT)
     batch_prompts = [encode_prompt(loaded.tokenizer, text) for text in BATCH_PROMPTS]
@@ -94,7 +94,7 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
         from d3cli.core.loader import load
 
         unfused = load(dataclasses.replace(model_options, fused=False))
-        before = speed.step_times(unfused.model, prompt, schedules[0].with_bridges(None), tokens, repeats)
+        before = speed.step_times(unfused.model, prompt, schedules[0].with_bridge_maps(None), tokens, repeats)
         report["transformers_layers"] = {key: before[key] for key in ("t_fixed_ms", "t_layer_ms", "r2", "step_ms")}
         del unfused
     on_status("timing batches")

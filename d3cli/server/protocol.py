@@ -373,7 +373,7 @@ def d3_extension(reply: Reply, plan, batch_size: int = 1, weights: str | None = 
         "estimated_speedup": round(estimated_speedup(reply, schedule.num_layers), 4),
         "num_layers": schedule.num_layers,
         **schedule_fields(plan),
-        "bridges": schedule.bridges is not None,
+        "bridges": schedule.bridge_maps is not None,
         "token_ids": reply.token_ids,
         "time_s": round(reply.time_s, 4),
         "tokens_per_s": round(reply.tokens_per_s, 3),

@@ -55,7 +55,7 @@ def reference_logits(model, batch, generated, schedule):
                 first = layer_index
                 while first - 1 in skipped:
                     first -= 1
-                matrix = schedule.bridges[(first, layer_index)].weight
+                matrix = schedule.bridge_maps[(first, layer_index)].weight
                 result[:, position] = hidden_in[:, position] + hidden_in[:, position] @ matrix
             return result
         return hook
@@ -74,7 +74,7 @@ def cached_minus_reference(model, prompts, schedule, steps) -> float:
 def bridged_schedule(model, steps=20, **options) -> DecaySchedule:
     options = {"alpha": 0.8, "min_layers": 2, "head": 1, "tail": 1, **options}
     schedule = DecaySchedule.build(num_layers(model), **options)
-    return schedule.with_bridges(random_bridges(model, schedule, steps))
+    return schedule.with_bridge_maps(random_bridges(model, schedule, steps))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -85,7 +85,7 @@ def test_cached_decoding_with_bridges_equals_the_reference(family, order, tiny_m
     assert len({run for step in range(20) for run in schedule.runs_at(step)}) > 2, "several runs must be bridged"
     for prompts in (PROMPTS[:1], PROMPTS):  # one row, and a ragged batch
         assert cached_minus_reference(model, prompts, schedule, steps=20) < 1e-4
-    plain = schedule.with_bridges(None)
+    plain = schedule.with_bridge_maps(None)
     batch = make_prompt_batch(PROMPTS[:1], pad_token_id=2, device="cpu")
     bridged_logits = torch.stack([s.logits for s in generate_steps(model, batch, schedule, max_new_tokens=12)])
     plain_logits = torch.stack([s.logits for s in generate_steps(model, batch, plain, max_new_tokens=12)])
@@ -98,8 +98,8 @@ def test_baselines_carry_the_bridges_and_stay_exact(make, tiny_models):
     model = tiny_models["llama"]
     base = DecaySchedule.build(8, alpha=0.8, min_layers=2, head=1, tail=1)
     schedule = make(base)
-    schedule = schedule.with_bridges(random_bridges(model, schedule, 20))
-    assert schedule.bridges is not None
+    schedule = schedule.with_bridge_maps(random_bridges(model, schedule, 20))
+    assert schedule.bridge_maps is not None
     assert cached_minus_reference(model, PROMPTS, schedule, steps=20) < 1e-4
 
 
@@ -108,7 +108,7 @@ def test_the_embedded_model_with_bridges_equals_the_reference(embedded):
 
     model = copy.deepcopy(embedded.model).double()
     schedule = DecaySchedule.build(30, alpha=0.9, min_layers=20, head=2, tail=2)
-    schedule = schedule.with_bridges(Bridges(
+    schedule = schedule.with_bridge_maps(Bridges(
         Bridge(b.first, b.last, weight=b.weight.double()) for b in random_bridges(model, schedule, 16, 0.1).values()))
     assert cached_minus_reference(model, PROMPTS[:2], schedule, steps=16) < 1e-4
 
@@ -118,7 +118,7 @@ def test_scoring_with_bridges_equals_cached_decoding_with_bridges(family, tiny_m
     model = tiny_models[family]
     schedule = bridged_schedule(model, steps=TEXT.steps, alpha=0.85)
     scorer = ContinuationScorer(model, TEXT)
-    scored = scorer.nll(plan_for_schedule(schedule, TEXT.steps), bridges=schedule.bridges)
+    scored = scorer.nll(plan_for_schedule(schedule, TEXT.steps), bridges=schedule.bridge_maps)
     assert (scored - teacher_forced_nll(model, TEXT, schedule)).abs().max().item() < 1e-4
     assert (scorer.score_schedule(schedule)[0] - scored).abs().max().item() == 0
     plain = scorer.nll(plan_for_schedule(schedule, TEXT.steps))
@@ -129,7 +129,7 @@ def test_full_depth_never_applies_a_bridge(tiny_models, tokenizer):
     """α = 1 with bridges is the model's own greedy decoding, token for token."""
     model = tiny_models["llama"]
     steps = DecaySchedule.build(8, alpha=0.7, min_layers=2, head=1, tail=1)
-    full = DecaySchedule.build(8, alpha=1.0, head=1, tail=1, min_layers=2).with_bridges(
+    full = DecaySchedule.build(8, alpha=1.0, head=1, tail=1, min_layers=2).with_bridge_maps(
         random_bridges(model, steps, 20, scale=5.0))
     assert d3_tokens(model, tokenizer, PROMPTS, full, 16) == hf_greedy(model, PROMPTS, 16)
 
@@ -158,8 +158,8 @@ def test_a_run_without_a_bridge_is_skipped_plainly(tiny_models):
     model = tiny_models["llama"]
     schedule = bridged_schedule(model)
     runs = [run for step in range(20) for run in schedule.runs_at(step)]
-    partial = Bridges(bridge for run, bridge in schedule.bridges.items() if run != runs[-1])
-    schedule = schedule.with_bridges(partial)
+    partial = Bridges(bridge for run, bridge in schedule.bridge_maps.items() if run != runs[-1])
+    schedule = schedule.with_bridge_maps(partial)
     bridged, plain = bridges_used(schedule, 20)
     assert plain == [runs[-1]] and runs[-1] not in bridged
     # the reference needs a matrix for every run: zero is what plain skipping does
@@ -168,7 +168,7 @@ def test_a_run_without_a_bridge_is_skipped_plainly(tiny_models):
     run = list(generate_steps(model, batch, schedule, max_new_tokens=20))
     generated = torch.stack([step.token_ids for step in run], dim=1)
     cached = torch.stack([step.logits for step in run], dim=1)
-    expected = reference_logits(model, batch, generated, schedule.with_bridges(reference))
+    expected = reference_logits(model, batch, generated, schedule.with_bridge_maps(reference))
     assert (cached - expected).abs().max().item() < 1e-4
 
 

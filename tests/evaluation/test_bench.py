@@ -49,7 +49,7 @@ def test_bridged_methods_run_beside_the_plain_ones_and_match_their_own_d3():
         method_runs(("full", "d3", "static+bridges"), (0.9,))
     plain = DecaySchedule.build(8, alpha=0.9, min_layers=3, head=1, tail=1)
     assert default_methods(plain) == ("full", "d3", "static", "linear")
-    assert default_methods(plain.with_bridges({(3, 4): object()})) == DEFAULT_METHODS
+    assert default_methods(plain.with_bridge_maps({(3, 4): object()})) == DEFAULT_METHODS
 
 
 def records_for(schedule, lengths):

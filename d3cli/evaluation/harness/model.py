@@ -221,7 +221,7 @@ class D3LM(TemplateLM):
             nll, top = scorer.score()
         else:
             plan = plan_for_schedule(self.schedule, first_step + steps)[:, first_step:]
-            nll, top = scorer.score(plan, bridges=self.schedule.bridges)
+            nll, top = scorer.score(plan, bridges=self.schedule.bridge_maps)
         layers = [self.schedule.layers_at(step) for step in range(first_step, first_step + steps)]
         self.records.append({"tokens": steps, "layers": layers})
         targets = torch.tensor(scorer.text.continuation_ids)

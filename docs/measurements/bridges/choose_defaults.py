@@ -71,7 +71,7 @@ def main() -> None:
         schedule = choice.schedule_for(30, loaded.calibration)
         label = f"α={choice.alpha:g} floor {choice.min_layers} head {choice.head} tail {choice.tail}"
         schedules[label] = schedule
-        schedules[label + " plain"] = schedule.with_bridges(None)
+        schedules[label + " plain"] = schedule.with_bridge_maps(None)
     results = {}
     for kind, texts in kinds.items():
         found = measure(loaded.model, texts, schedules, 30)
@@ -79,7 +79,7 @@ def main() -> None:
         log(f"{time.time() - started:.0f}s scored {kind}")
     for label, schedule in schedules.items():
         row = {"label": label, "alpha": schedule.alpha, "min_layers": schedule.min_layers, "head": schedule.head,
-               "tail": schedule.tail, "bridges": schedule.bridges is not None,
+               "tail": schedule.tail, "bridges": schedule.bridge_maps is not None,
                "predicted_speedup_128": round(predicted(schedule, 128, costs), 4),
                "predicted_speedup_256": round(predicted(schedule, 256, costs), 4)}
         for kind in kinds:

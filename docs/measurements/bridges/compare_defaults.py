@@ -41,7 +41,7 @@ def main() -> None:
     }
     schedules = {label: choice.schedule_for(30, loaded.calibration) for label, choice in choices.items()}
     rows = {label: {"skip_order": schedule.skip_order, "min_layers": schedule.min_layers,
-                    "bridges": schedule.bridges is not None} for label, schedule in schedules.items()}
+                    "bridges": schedule.bridge_maps is not None} for label, schedule in schedules.items()}
     for kind in heldout.KINDS:
         found = measure(loaded.model, heldout.texts_of(kind, loaded, data_dir), schedules, 30)
         for row in report(found, schedules, 16, heldout.MAX_POSITIONS)["d3"]:
