@@ -143,9 +143,10 @@ def test_bench_summary_json_and_per_example_records(cli, tiny_model_dir, shared_
     for method in summary["methods"]:
         assert {"name", "alpha", "accuracy", "accuracy_flexible", "delta_points", "agreement", "mean_layers",
                 "layer_ratio", "generated_tokens", "tokens_per_s", "seconds_per_example",
-                "measured_speedup"} <= method.keys()
+                "measured_speedup", "repetition", "delta_repetition", "loops"} <= method.keys()
     full, d3 = summary["methods"][0], summary["methods"][1]
     assert full["mean_layers"] == 8 and full["agreement"] == 1.0 and d3["mean_layers"] < 8
+    assert full["loops"] == 0 and full["delta_repetition"] == 0 and 0 <= d3["repetition"] <= 1  # GSM8K: repetition too
     assert "d3 bench" in result.stderr  # the table goes to stderr with --json
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert records[0]["type"] == "run"
