@@ -125,3 +125,10 @@ def test_alpha_set_anywhere_wins_over_the_calibration(cli, calibrated_tiny, monk
     assert (records[0]["alpha"], records[0]["min_layers"], records[0]["schedule_source"]) == (0.9, 3, "option")
     if place == "jsonl line":  # the next line set nothing: the calibration's
         assert (records[1]["alpha"], records[1]["schedule_source"]) == (0.7, "calibration")
+
+
+def test_an_uncalibrated_model_runs_full_depth_and_the_summary_says_how_to_calibrate(cli, tiny_model_dir):
+    (record,) = generated(cli, ["--model", str(tiny_model_dir), "Hello"])
+    assert record["schedule_source"] == "default" and set(record["layers_per_token"]) == {8}
+    result = cli(["generate", "--model", str(tiny_model_dir), "-n", "6", "--stats", "Hello"])
+    assert result.exit_code == 0 and "d3 calibrate chooses this model's" in " ".join(result.stderr.split())
