@@ -53,6 +53,18 @@ def test_bad_lm_eval_benches_are_one_line(cli, tiny_model_dir, shared_data, args
 
 
 def harness(args: list[str], processes: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    return harness_result(start_harness(args, processes, tmp_path))
+
+
+def harness_result(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def start_harness(args: list[str], processes: int, tmp_path: Path) -> subprocess.Popen:
     launcher = []
     if processes > 1:
         with socket.socket() as probe:  # a free loopback port for the processes to meet on
@@ -65,7 +77,8 @@ def harness(args: list[str], processes: int, tmp_path: Path) -> subprocess.Compl
                     "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
     command = [*launcher, "-m", "d3cli.evaluation.harness"] if launcher else [sys.executable, "-m",
                                                                               "d3cli.evaluation.harness"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=240, cwd=tmp_path, env=OFFLINE)
+    return subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env=OFFLINE)
 
 
 def rounded(value):
@@ -97,10 +110,16 @@ def test_lm_eval_runs_model_d3_on_local_yamls_in_one_and_in_two_processes(tiny_m
     args = ["--model", "d3", "--model_args", f"pretrained={tiny_model_dir},alpha=0.8,min_layers=3,head=1,tail=1",
             "--tasks", "gsm8k_cot_local,bbh_mc_navigate_local", "--include_path", str(tasks), "--limit", "6",
             "--gen_kwargs", "max_gen_toks=12", "--log_samples"]
-    one = harness([*args, "--output_path", str(tmp_path / "one")], 1, tmp_path)
+    # both runs at once: each spends most of its time starting up (imports, lm-eval's task index), not decoding
+    started = {name: start_harness([*args, "--output_path", str(tmp_path / name)], processes, tmp_path)
+               for name, processes in (("one", 1), ("two", 2))}
+    try:
+        one, two = harness_result(started["one"]), harness_result(started["two"])
+    finally:
+        for process in started.values():
+            process.kill()
     assert one.returncode == 0, one.stderr[-3000:]
     assert "process 1 of 1: 6 generate_until requests" in one.stderr
-    two = harness([*args, "--output_path", str(tmp_path / "two")], 2, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "process 1 of 2: 3 generate_until requests" in two.stderr
     assert "process 2 of 2: 3 generate_until requests" in two.stderr
