@@ -135,16 +135,22 @@ def choose_schedule(loaded, settings, prompts: Sequence[ReplyPrompt], budget: Bu
     costs = measure_step_costs(loaded, base, full.prompt_ids[0])
     head_tail = base.schedule.head + base.schedule.tail
     candidates, failed_in_a_row = [], 0
+    measured: dict[tuple[int, ...], Candidate] = {}  # depth per step -> its measurement
     for floor in range(num_layers - 1, max(head_tail, 1) - 1, -1):
         passed = False
         for alpha in CANDIDATE_ALPHAS:
             plan = plan_for(loaded, dataclasses.replace(settings, alpha=alpha, min_layers=floor))
-            pairs = compare_with(loaded, full, plan, batch_size, on_reply=lambda: progress("schedule", 1))
-            found = summary(pairs)
-            within = budget.admits(found)
-            speed = predicted_speedup(plan.schedule, [pair.tokens + 1 for pair in pairs], costs)
-            candidates.append(Candidate(alpha, floor, found, round(speed, 4), within))
-            passed = passed or within
+            # pairs that decode every step at the same depth are one schedule (at floor L−1 every α < 1 is): the
+            # same order and bridges make the same replies, so it is measured once
+            depths = tuple(plan.schedule.layers_at(step) for step in range(reply_tokens))
+            if depths not in measured:
+                pairs = compare_with(loaded, full, plan, batch_size, on_reply=lambda: progress("schedule", 1))
+                found = summary(pairs)
+                speed = predicted_speedup(plan.schedule, [pair.tokens + 1 for pair in pairs], costs)
+                measured[depths] = Candidate(alpha, floor, found, round(speed, 4), budget.admits(found))
+            same = measured[depths]
+            candidates.append(Candidate(alpha, floor, same.fidelity, same.predicted_speedup, same.within_budget))
+            passed = passed or same.within_budget
         failed_in_a_row = 0 if passed else failed_in_a_row + 1
         if failed_in_a_row >= FAILED_FLOORS_TO_STOP:
             break

@@ -61,10 +61,27 @@ def test_the_choice_is_the_fastest_candidate_within_the_budget(choices):
 
 
 def test_the_search_stops_after_two_floors_with_no_schedule_within_budget(choices):
-    floors = sorted({candidate.min_layers for candidate in choices["plain"].candidates}, reverse=True)
-    passing = {candidate.min_layers for candidate in choices["plain"].candidates if candidate.within_budget}
-    if floors[-1] > 2:  # it stopped early: the last two floors tried had no schedule within the budget
-        assert not passing & set(floors[-2:])
+    plain = choices["plain"]  # every layer of a random model matters: nothing passes at the first two floors
+    assert [(candidate.min_layers, candidate.within_budget) for candidate in plain.candidates] == [
+        (7, False)] * 3 + [(6, False)] * 3
+    assert (plain.alpha, plain.min_layers, plain.fidelity) == (1.0, 8, None)
+
+
+def test_candidates_with_the_same_depth_at_every_step_are_decoded_once(tokenizer, monkeypatch):
+    from d3cli.evaluation import schedule_choice
+
+    decoded = []
+    compare = schedule_choice.compare_with
+    monkeypatch.setattr(schedule_choice, "compare_with",
+                        lambda loaded, full, plan, *args, **kwargs: decoded.append(plan.schedule) or
+                        compare(loaded, full, plan, *args, **kwargs))
+    plain = LoadedModel(build_tiny_model("llama", len(tokenizer), seed=3), tokenizer, "plain")
+    choice = choose_schedule(plain, SETTINGS, builtin_reply_prompts()[:2], Budget(), reply_tokens=16, batch_size=2)
+    # the noise reference (full depth alone), floor 7 once (every α reaches it at token 1), floor 6 three times
+    assert [(schedule.alpha, schedule.min_layers) for schedule in decoded] == [
+        (1.0, 8), (0.99, 7), (0.99, 6), (0.98, 6), (0.95, 6)]
+    at_seven = [candidate for candidate in choice.candidates if candidate.min_layers == 7]
+    assert len(at_seven) == 3 and len({str(candidate.fidelity) for candidate in at_seven}) == 1
 
 
 def test_predicted_speedup_follows_the_step_costs():
