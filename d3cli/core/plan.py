@@ -82,10 +82,6 @@ class DecodePlan:
         """The same schedule with another reply's length, stops and sampling (lm-eval's per-request options)."""
         return dataclasses.replace(self, settings=settings)
 
-    def report(self) -> dict[str, object]:
-        """Where the schedule came from, as replies' JSON and the server's `d3` object carry it."""
-        return {"schedule_source": self.schedule_source}
-
 
 def plan_for(loaded, settings: DecodeSettings) -> DecodePlan:
     """`settings` bound to `loaded` (a loader.LoadedModel, its calibration activated or None)."""

@@ -55,12 +55,18 @@ def loaded(tiny_models, tokenizer):
     return LoadedModel(tiny_models["llama"], tokenizer, "tiny")
 
 
+def compared(loaded, count: int, min_layers: int, tokens: int, full_batch: int, batch: int):
+    """The first `count` built-in prompts: their full-depth replies (decoded `full_batch` at a time) and the replies
+    under α 0.5 with this floor (`batch` at a time), compared."""
+    prompts = builtin_reply_prompts()[:count]
+    full = full_depth_replies(loaded, prompts, plan_of(DecodeSettings(head=1, tail=1, max_new_tokens=tokens)
+                                                        .full_depth(), 8), batch_size=full_batch)
+    plan = plan_of(DecodeSettings(alpha=0.5, min_layers=min_layers, head=1, tail=1, max_new_tokens=tokens), 8)
+    return full, compare_with(loaded, full, plan, batch_size=batch)
+
+
 def test_full_depth_compared_with_itself_is_identical(loaded):
-    prompts = builtin_reply_prompts()[:3]
-    settings = DecodeSettings(head=1, tail=1, max_new_tokens=16)
-    full = full_depth_replies(loaded, prompts, plan_of(settings.full_depth(), 8), batch_size=2)
-    pairs = compare_with(loaded, full, plan_of(DecodeSettings(alpha=0.5, min_layers=8, head=1, tail=1,
-                                                               max_new_tokens=16), 8), batch_size=3)
+    _, pairs = compared(loaded, 3, min_layers=8, tokens=16, full_batch=2, batch=3)  # a floor of L skips nothing
     found = summary(pairs)
     assert found["identical"] == 3 and found["delta_nll"] == 0.0 and found["worst_delta_repetition"] == 0.0
     assert found["loops"] == 0 and found["median_first_difference"] is None
@@ -68,14 +74,17 @@ def test_full_depth_compared_with_itself_is_identical(loaded):
 
 
 def test_a_skipping_schedule_is_measured_against_full_depth(loaded):
-    prompts = builtin_reply_prompts()[:4]
-    settings = DecodeSettings(head=1, tail=1, max_new_tokens=20)
-    full = full_depth_replies(loaded, prompts, plan_of(settings.full_depth(), 8), batch_size=4)
-    pairs = compare_with(loaded, full, plan_of(DecodeSettings(alpha=0.5, min_layers=2, head=1, tail=1,
-                                                               max_new_tokens=20), 8), batch_size=4)
+    full, pairs = compared(loaded, 4, min_layers=2, tokens=20, full_batch=4, batch=4)
     found = summary(pairs)
     assert found["identical"] < 4 and found["mean_layers"] < 8
     assert found["delta_nll"] > 0  # the full model finds the skipped model's words less likely than its own
     for pair in pairs:
         assert pair.first_difference is not None and 0 <= pair.first_difference <= min(pair.tokens, pair.full_tokens)
         assert pair.as_dict()["delta_nll"] == pytest.approx(pair.nll - pair.nll_full)
+    # the one-pass NLL equals the cached engine forced through the same tokens, one step at a time
+    from d3cli.core.schedule import DecaySchedule
+    from d3cli.evaluation.scoring import ScoringText, teacher_forced_nll
+
+    stepwise = teacher_forced_nll(loaded.model, ScoringText("r", tuple(full.prompt_ids[0]), tuple(full.tokens[0])),
+                                  DecaySchedule.full(8))
+    assert full.nll[0] == pytest.approx(float(stepwise.mean()), abs=1e-4)

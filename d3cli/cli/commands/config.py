@@ -10,6 +10,7 @@ import typer
 from d3cli.cli import render
 from d3cli.cli.config import Configuration
 from d3cli.core.errors import UserError
+from d3cli.core.plan import SCHEDULE_KEYS  # unset: the model's calibration (or the default) decides
 
 
 @dataclass
@@ -34,7 +35,6 @@ def _state(ctx: typer.Context) -> ConfigState:
 SECRET_KEYS = {"api_key"}  # settings whose value `config show` must not print (d3 serve's key)
 
 
-SCHEDULE_KEYS = ("alpha", "min_layers")  # unset: each model's calibration (or the conservative default) decides
 CALIBRATED_DEFAULT = "default: the model's calibrated schedule"
 
 

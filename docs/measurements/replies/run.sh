@@ -2,7 +2,7 @@
 # Issue 19's measurements on the embedded SmolLM2-135M-Instruct (int4 weights, d3's kernels), 2 vCPUs.
 set -euo pipefail
 cd "$(dirname "$0")"
-# The schedule the bundled calibration chooses (76 s): bundled-schedule-choice.json is its "schedule" record.
+# The schedule the bundled calibration chooses (53 s): bundled-schedule-choice.json is its "schedule" record.
 d3 calibrate --schedule-only -o /tmp/bundled.safetensors --json > /tmp/bundled.json
 # The same search without a calibration (middle order, no bridges): uncalibrated-schedule-choice.json.
 python - <<'PY'
