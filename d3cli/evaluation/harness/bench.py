@@ -48,13 +48,12 @@ def run(loaded, settings: DecodeSettings, alphas: Sequence[float], methods: Sequ
     """Every method on the tasks; the summary (rows of lm-eval metrics, their change from full depth, agreement of
     the filtered answers with full depth's, mean depth, time)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from d3cli.core.loader import num_decoder_layers
-    from d3cli.evaluation.harness.local_tasks import task_list
+    from d3cli.evaluation.harness.local_tasks import task_list, task_manager_for
     from d3cli.evaluation.harness.model import D3LM
 
-    task_manager = TaskManager(include_path=str(options.include_path) if options.include_path else None)
+    task_manager = task_manager_for(str(options.include_path) if options.include_path else None)
     tasks = task_list(options.tasks, task_manager, folder, require)
     from d3cli.core.plan import plan_for
 

@@ -7,10 +7,10 @@ configuration, to outputs d3 scored, so the claim is checked by running both, no
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from d3cli.evaluation.harness.local_tasks import task_manager_for
 from d3cli.evaluation.tasks.base import Example
 
 # d3's answer kind -> the lm-eval filter it mirrors, per d3 task
@@ -34,16 +34,8 @@ class Verdict:
         return self.d3_correct == self.lm_eval_correct
 
 
-@functools.lru_cache(maxsize=1)
-def default_task_manager():
-    """lm-eval's index of its installed tasks (built once: it reads a few thousand YAML files)."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
-
-
 def lm_eval_config(task_name: str, task_manager=None) -> dict:
-    entry = (task_manager or default_task_manager()).task_index.get(task_name)
+    entry = (task_manager or task_manager_for()).task_index.get(task_name)
     if entry is None:
         raise KeyError(f"lm-eval has no task {task_name}")
     return dict(entry.cfg)
