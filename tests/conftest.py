@@ -10,7 +10,9 @@ import io
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,18 +23,47 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("D3_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def isolated_user_dirs(request, tmp_path_factory):
-    """Point d3's cache at pytest's cache folder and the user's home folders at a temporary one."""
-    saved = {key: os.environ.get(key) for key in ("D3_CACHE_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE")}
-    home = tmp_path_factory.mktemp("home")
-    os.environ["D3_CACHE_DIR"] = str(request.config.cache.mkdir("d3-cache"))
+ISOLATED = ("D3_CACHE_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE")
+_saved_environment: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    """Before collection (test modules ask at import whether d3's kernels build, which builds them): d3's cache in
+    pytest's cache folder, the user's home folders in a temporary one, no hub."""
+    _saved_environment.update({key: os.environ.get(key) for key in ISOLATED})
+    os.environ["D3_CACHE_DIR"] = str(config.cache.mkdir("d3-cache"))
     shutil.rmtree(Path(os.environ["D3_CACHE_DIR"]) / "calibrations", ignore_errors=True)  # none from earlier runs
+    home = Path(tempfile.mkdtemp(prefix="d3-tests-home-"))
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
     os.environ["XDG_CONFIG_HOME"] = str(home / "config")
     os.environ["XDG_CACHE_HOME"] = str(home / "cache")
     os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach for the internet
-    yield
-    for key, value in saved.items():
+
+
+AVX2_TEST = "test_the_avx2_path_passes_these_tests_too"
+_background_builds: list = []
+
+
+def pytest_collection_finish(session):
+    """Where the AVX2 kernels test will run, its library is built in the background while the other tests run
+    (on a fresh checkout a build takes 15-20 s; the test's own process waits for it through the build lock)."""
+    if not any(item.name == AVX2_TEST for item in session.items):
+        return
+    from d3cli.kernels import ARCHITECTURE
+    _background_builds.append(subprocess.Popen(
+        [sys.executable, "-c", "from d3cli import kernels; kernels.load()"], env={**os.environ, ARCHITECTURE: "haswell"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+def pytest_unconfigure(config):
+    for build in _background_builds:  # done by now unless the run was cut short: then as Ctrl-C stops d3
+        if build.poll() is None:
+            build.send_signal(signal.SIGINT)
+            try:
+                build.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                build.kill()
+    for key, value in _saved_environment.items():
         if value is None:
             os.environ.pop(key, None)
         else:

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -34,9 +35,18 @@ SWITCH = "D3_KERNELS"  # "off": torch's kernels only
 ARCHITECTURE = "D3_KERNELS_MARCH"  # the -march they are built for: native (the default), or e.g. haswell for AVX2
 
 
-@cache
+_load_lock = threading.Lock()
+
+
 def load() -> str | None:
-    """Build (once) and load d3's kernels into torch.ops.d3; None when they are available, else why not."""
+    """Build (once) and load d3's kernels into torch.ops.d3; None when they are available, else why not. Threads
+    that ask together wait for one build."""
+    with _load_lock:
+        return _load()
+
+
+@cache
+def _load() -> str | None:
     if os.environ.get(SWITCH, "").lower() in ("0", "off", "no", "false"):
         return f"{SWITCH}={os.environ[SWITCH]}"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -64,7 +74,7 @@ def available() -> bool:
 
 def loaded() -> bool:
     """True when d3's kernels are already loaded in this process (never builds them)."""
-    return load.cache_info().currsize > 0 and load() is None
+    return _load.cache_info().currsize > 0 and _load() is None
 
 
 @contextlib.contextmanager
@@ -121,6 +131,28 @@ def _built(compiler: str) -> Path:
     if library.is_file():
         return library
     folder.mkdir(parents=True, exist_ok=True)
+    with _building(folder):  # processes started together (accelerate, torchrun) build once; the rest wait for it
+        if not library.is_file():
+            _compile(compiler, flags, here, library)
+    return library
+
+
+@contextlib.contextmanager
+def _building(folder: Path):
+    """An exclusive lock on `folder` for as long as one process builds into it."""
+    import fcntl
+
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compile(compiler: str, flags: list[str], here: Path, library: Path) -> None:
+    """Compile the sources beside this file into `library`."""
+    folder = library.parent
     if sys.stderr.isatty():
         sys.stderr.write("d3: building its CPU kernels for this machine once (about 20 seconds)\n")
     from torch.utils import cpp_extension
@@ -151,7 +183,6 @@ def _built(compiler: str) -> Path:
         for leftover in [staging, *(f"{staging}.{name}.o" for name in SOURCES)]:
             if os.path.exists(leftover):
                 os.remove(leftover)
-    return library
 
 
 def _flags() -> list[str]:

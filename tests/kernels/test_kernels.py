@@ -160,9 +160,35 @@ def test_without_a_compiler_quantized_weights_still_run(monkeypatch, tmp_path):
     """A machine without a C++ compiler: the reason is given and nothing is half-written in the cache."""
     monkeypatch.setenv("D3_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    reason = kernels.load.__wrapped__()
+    reason = kernels._load.__wrapped__()
     assert reason is not None and "no-such-compiler" in reason
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob(".building-*"))
+
+
+def test_builds_started_together_compile_once(monkeypatch, tmp_path):
+    """Processes started together on a fresh machine (accelerate, torchrun) or threads: one compiles, the others
+    wait for its library (a stand-in compiler that records its calls and takes a moment)."""
+    import stat
+    import threading
+
+    calls = tmp_path / "calls.txt"
+    compiler = tmp_path / "c++"
+    compiler.write_text(f"""#!/bin/sh
+[ "$1" = "--version" ] && {{ echo stand-in 1.0; exit 0; }}
+echo "$@" >> {calls}
+sleep 0.5
+while [ $# -gt 0 ]; do [ "$1" = "-o" ] && : > "$2"; shift; done
+""")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("D3_CACHE_DIR", str(tmp_path / "cache"))
+    built = []
+    threads = [threading.Thread(target=lambda: built.append(kernels._built(str(compiler)))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 3 and len(set(built)) == 1 and built[0].is_file()
+    assert len(calls.read_text().splitlines()) == len(kernels.SOURCES) + 1  # each source once, one link
 
 
 def test_argmax_picks_what_torch_picks_ties_nans_and_infinities_included():
@@ -181,7 +207,7 @@ def test_argmax_picks_what_torch_picks_ties_nans_and_infinities_included():
 
 @pytest.mark.skipif(not kernels.available() or torch.ops.d3.instruction_set() == "avx2",
                     reason="the AVX2 path is the native one here")
-def test_the_avx2_path_passes_these_tests_too():
+def test_the_avx2_path_passes_these_tests_too(request):
     """The tests above exercise the path this CPU builds; the AVX2 one (x86-64 machines without AVX-512) is built
     and tested in a subprocess, so both instruction sets are covered wherever the suite runs (built once per
     checkout, in pytest's cache like the rest)."""
@@ -193,7 +219,8 @@ def test_the_avx2_path_passes_these_tests_too():
     root = Path(__file__).resolve().parents[2]
     environment = {**os.environ, "D3_KERNELS_MARCH": "haswell"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(Path(__file__)), "tests/core/test_native.py",
-                             "-k", "not avx2_path"], env=environment, cwd=root, capture_output=True, text=True,
+                             "-k", "not avx2_path", "-o", f"cache_dir={request.config.getini('cache_dir')}"],
+                            env=environment, cwd=root, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout
