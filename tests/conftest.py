@@ -38,6 +38,17 @@ def pytest_configure(config):
     os.environ["XDG_CONFIG_HOME"] = str(home / "config")
     os.environ["XDG_CACHE_HOME"] = str(home / "cache")
     os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach for the internet
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The suite runs in one worker per core (pytest-xdist, `-n auto` in pyproject.toml): each worker, and every
+        # process it starts, computes on one thread. Two threads per worker on two cores made the suite three
+        # times slower (OpenMP's threads spin while they wait for a core); kernel tests ask for two (thread_team).
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core this process may use, at most four (each holds its own models)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 AVX2_TEST = "test_the_avx2_path_passes_these_tests_too"
@@ -48,6 +59,8 @@ def pytest_collection_finish(session):
     """Where the AVX2 kernels test will run, its library is built in the background while the other tests run
     (on a fresh checkout a build takes 15-20 s; the test's own process waits for it through the build lock)."""
     if not any(item.name == AVX2_TEST for item in session.items):
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":  # every worker collects every test: one builds
         return
     from d3cli.kernels import ARCHITECTURE
     _background_builds.append(subprocess.Popen(
@@ -68,6 +81,16 @@ def pytest_unconfigure(config):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def thread_team():
+    """d3's kernels split their work across torch's threads and meet at barriers: their tests run on two threads,
+    so the splitting is exercised even in a test worker that computes on one."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from d3cli.core.errors import UserError
-from d3cli.core.paths import cache_home
+from d3cli.core.paths import cache_home, exclusive
 
 CACHE_FORMAT = 2  # 1: a float32 safetensors copy (d3 before quantized execution)
 SOURCE_FILE = "d3-source.json"
@@ -49,6 +49,14 @@ def cached_gguf_dir(gguf_path: Path) -> Path:
     target = cache_home() / "models" / f"{gguf_path.stem}-{key[:16]}-v{CACHE_FORMAT}"
     if (target / SOURCE_FILE).is_file():
         return target
+    with exclusive(cache_home() / "locks" / f"{target.name}.lock"):  # processes started together convert it once
+        if not (target / SOURCE_FILE).is_file():
+            _convert_into(gguf_path, key, target)
+    return target
+
+
+def _convert_into(gguf_path: Path, key: str, target: Path) -> None:
+    """Convert into a staging folder beside `target`, renamed to `target` once complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
@@ -56,14 +64,9 @@ def cached_gguf_dir(gguf_path: Path) -> Path:
         (staging / SOURCE_FILE).write_text(json.dumps(
             {"gguf_file": str(gguf_path), "sha256": key, "format": CACHE_FORMAT, "types": types or {}},
             indent=2) + "\n")
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / SOURCE_FILE).is_file():  # not a concurrent conversion that won the race
-                raise
+        os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def gguf_types(folder: Path) -> dict[str, str]:

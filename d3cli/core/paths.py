@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -26,3 +27,18 @@ def config_home() -> Path:
 def state_home() -> Path:
     """d3's state folder (chat history): $XDG_STATE_HOME/d3, else ~/.local/state/d3."""
     return _xdg("XDG_STATE_HOME", Path.home() / ".local" / "state") / "d3"
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path):
+    """Held by one process (or thread) at a time: processes started together on a fresh cache (accelerate, torchrun)
+    make a cached thing once while the others wait for it."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -131,23 +131,12 @@ def _built(compiler: str) -> Path:
     if library.is_file():
         return library
     folder.mkdir(parents=True, exist_ok=True)
-    with _building(folder):  # processes started together (accelerate, torchrun) build once; the rest wait for it
+    from d3cli.core.paths import exclusive
+
+    with exclusive(folder / ".lock"):  # processes started together build once; the rest wait for it
         if not library.is_file():
             _compile(compiler, flags, here, library)
     return library
-
-
-@contextlib.contextmanager
-def _building(folder: Path):
-    """An exclusive lock on `folder` for as long as one process builds into it."""
-    import fcntl
-
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _compile(compiler: str, flags: list[str], here: Path, library: Path) -> None:

@@ -15,6 +15,8 @@ from d3cli.core.schedule import DecaySchedule
 from d3cli.core.skipping import find_decoder_layers
 from d3cli.core.weights import FILE_KIND, WeightChoice, apply_weights
 
+pytestmark = pytest.mark.usefixtures("thread_team")  # the kernels' threads split the work
+
 SUPPORTED = ["llama", "mistral", "qwen2", "qwen3"]
 PROMPTS = [[1, 4093, 314, 260, 3575, 282, 4649, 47], [1, 504, 2]]  # the second is padded: a masked batch
 

@@ -79,6 +79,33 @@ def test_a_conversion_parses_the_file_once_and_leaves_gguf_as_it_was(mixed_gguf,
     assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
 
 
+def test_conversions_started_together_convert_once(mixed_gguf, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    conversions = []
+    convert = gguf_cache._convert_gguf
+
+    def slow_convert(path, out_dir):
+        conversions.append(path)
+        time.sleep(0.5)  # long enough for the other threads to arrive while it converts
+        return convert(path, out_dir)
+
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", slow_convert)
+    monkeypatch.setattr(gguf_cache, "cache_home", lambda: tmp_path)
+    folders = []
+    threads = [threading.Thread(target=lambda: folders.append(gguf_cache.cached_gguf_dir(mixed_gguf)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(conversions) == 1 and len(folders) == 3 and len(set(folders)) == 1
+    assert (folders[0] / gguf_cache.SOURCE_FILE).is_file()
+    assert [path.name for path in (tmp_path / "models").iterdir() if not path.name.startswith(".")] == [
+        folders[0].name]  # no staging folder left behind
+
+
 def test_dense_weights_from_the_cache_equal_transformers_reading_of_the_file(mixed_gguf):
     from transformers import AutoModelForCausalLM
 

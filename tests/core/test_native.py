@@ -19,7 +19,8 @@ from d3cli.core.schedule import DecaySchedule
 from d3cli.core.skipping import LayerSkipper, find_decoder_layers
 from d3cli.core.weights import FILE_KIND, WeightChoice, apply_weights
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"d3's kernels: {kernels.load()}")
+pytestmark = [pytest.mark.skipif(not kernels.available(), reason=f"d3's kernels: {kernels.load()}"),
+              pytest.mark.usefixtures("thread_team")]
 
 PROMPT = [1, 4093, 314, 260, 3575, 282, 4649, 47, 9519, 28, 2988]
 

@@ -22,7 +22,8 @@ from d3cli.core.quantized import (
     quantize_int8,
 )
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"d3's kernels: {kernels.load()}")
+pytestmark = [pytest.mark.skipif(not kernels.available(), reason=f"d3's kernels: {kernels.load()}"),
+              pytest.mark.usefixtures("thread_team")]
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +220,7 @@ def test_the_avx2_path_passes_these_tests_too(request):
     root = Path(__file__).resolve().parents[2]
     environment = {**os.environ, "D3_KERNELS_MARCH": "haswell"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(Path(__file__)), "tests/core/test_native.py",
-                             "-k", "not avx2_path", "-o", f"cache_dir={request.config.getini('cache_dir')}"],
+                             "-k", "not avx2_path", "-n", "0", "-o", f"cache_dir={request.config.getini('cache_dir')}"],
                             env=environment, cwd=root, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
