@@ -10,7 +10,6 @@ import io
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -48,34 +47,11 @@ def pytest_configure(config):
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: a worker per core this process may use, at most four (each holds its own models)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-AVX2_TEST = "test_the_avx2_path_passes_these_tests_too"
-_background_builds: list = []
-
-
-def pytest_collection_finish(session):
-    """Where the AVX2 kernels test will run, its library is built in the background while the other tests run
-    (on a fresh checkout a build takes 15-20 s; the test's own process waits for it through the build lock)."""
-    if not any(item.name == AVX2_TEST for item in session.items):
-        return
-    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":  # every worker collects every test: one builds
-        return
-    from d3cli.kernels import ARCHITECTURE
-    _background_builds.append(subprocess.Popen(
-        [sys.executable, "-c", "from d3cli import kernels; kernels.load()"], env={**os.environ, ARCHITECTURE: "haswell"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
 
 
 def pytest_unconfigure(config):
-    for build in _background_builds:  # done by now unless the run was cut short: then as Ctrl-C stops d3
-        if build.poll() is None:
-            build.send_signal(signal.SIGINT)
-            try:
-                build.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                build.kill()
     for key, value in _saved_environment.items():
         if value is None:
             os.environ.pop(key, None)

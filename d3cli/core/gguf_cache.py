@@ -1,7 +1,6 @@
 """A GGUF file's cached copy: converted once, loaded in about a second, in any weight kind.
 
-Transformers reads a GGUF file by dequantizing every tensor (about 9 s for the embedded model, 28 s before
-_each_gguf_part_parsed_once). d3 does that once per
+Transformers reads a GGUF file by dequantizing every tensor (about 9 s for the embedded model). d3 does that once per
 file (keyed by its sha256) and caches what the file holds, as safetensors in the user cache:
 
     blocks.safetensors   each quantized weight in its exact block form (gguf_blocks.py): `NAME.int4_nibbles`,
@@ -22,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from d3cli.core.errors import UserError
@@ -49,7 +49,7 @@ def cached_gguf_dir(gguf_path: Path) -> Path:
     target = cache_home() / "models" / f"{gguf_path.stem}-{key[:16]}-v{CACHE_FORMAT}"
     if (target / SOURCE_FILE).is_file():
         return target
-    with exclusive(cache_home() / "locks" / f"{target.name}.lock"):  # processes started together convert it once
+    with exclusive(target.name):  # processes started together convert it once
         if not (target / SOURCE_FILE).is_file():
             _convert_into(gguf_path, key, target)
     return target
@@ -166,30 +166,35 @@ def load_cached(folder: Path, choice, device, fuse: bool = True):
     return model.to(device).eval(), tokenizer, report
 
 
+_gguf_patched = threading.Lock()
+
+
 @contextlib.contextmanager
 def _each_gguf_part_parsed_once():
     """Transformers parses the file's header three times (for the tokenizer, the config and the weights: 5 s each for
     the embedded model's 49k-entry vocabulary) and builds gguf's tensor-name map again for every module it walks
     (about 800 times, 13 s in all). Within a conversion each is made once: the readers are only read, and the map
-    is a pure function of (architecture, layers). This took the embedded model's conversion from 28 s to 9 s."""
+    is a pure function of (architecture, layers). The embedded model's conversion: 28 s before, 9 s with."""
     import functools
 
     import gguf
 
-    saved_reader, saved_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers = {}
 
-    def shared_reader(path, mode="r"):
-        key = (os.fspath(path), mode)
-        if key not in readers:
-            readers[key] = saved_reader(path, mode)
-        return readers[key]
+    with _gguf_patched:  # the patch is the gguf module's: conversions in two threads take turns
+        saved_reader, saved_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.cache(saved_name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = saved_reader, saved_name_map
+        def shared_reader(path, mode="r"):
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                readers[key] = saved_reader(path, mode)
+            return readers[key]
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.cache(saved_name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = saved_reader, saved_name_map
 
 
 @contextlib.contextmanager

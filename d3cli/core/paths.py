@@ -30,11 +30,12 @@ def state_home() -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path):
-    """Held by one process (or thread) at a time: processes started together on a fresh cache (accelerate, torchrun)
-    make a cached thing once while the others wait for it."""
+def exclusive(name: str):
+    """Held by one process or thread at a time (a lock file in d3's cache, `locks/NAME.lock`): processes started
+    together on a fresh cache (accelerate, torchrun, two shells) make a cached thing once while the others wait."""
     import fcntl
 
+    lock_file = cache_home() / "locks" / f"{name}.lock"
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

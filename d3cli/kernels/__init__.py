@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from functools import cache
 from pathlib import Path
 
@@ -35,18 +34,9 @@ SWITCH = "D3_KERNELS"  # "off": torch's kernels only
 ARCHITECTURE = "D3_KERNELS_MARCH"  # the -march they are built for: native (the default), or e.g. haswell for AVX2
 
 
-_load_lock = threading.Lock()
-
-
-def load() -> str | None:
-    """Build (once) and load d3's kernels into torch.ops.d3; None when they are available, else why not. Threads
-    that ask together wait for one build."""
-    with _load_lock:
-        return _load()
-
-
 @cache
-def _load() -> str | None:
+def load() -> str | None:
+    """Build (once) and load d3's kernels into torch.ops.d3; None when they are available, else why not."""
     if os.environ.get(SWITCH, "").lower() in ("0", "off", "no", "false"):
         return f"{SWITCH}={os.environ[SWITCH]}"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -74,7 +64,7 @@ def available() -> bool:
 
 def loaded() -> bool:
     """True when d3's kernels are already loaded in this process (never builds them)."""
-    return _load.cache_info().currsize > 0 and _load() is None
+    return load.cache_info().currsize > 0 and load() is None
 
 
 @contextlib.contextmanager
@@ -130,10 +120,9 @@ def _built(compiler: str) -> Path:
     library = folder / LIBRARY
     if library.is_file():
         return library
-    folder.mkdir(parents=True, exist_ok=True)
     from d3cli.core.paths import exclusive
 
-    with exclusive(folder / ".lock"):  # processes started together build once; the rest wait for it
+    with exclusive(f"kernels-{folder.name}"):  # processes started together build once; the rest wait for it
         if not library.is_file():
             _compile(compiler, flags, here, library)
     return library
@@ -142,6 +131,7 @@ def _built(compiler: str) -> Path:
 def _compile(compiler: str, flags: list[str], here: Path, library: Path) -> None:
     """Compile the sources beside this file into `library`."""
     folder = library.parent
+    folder.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty():
         sys.stderr.write("d3: building its CPU kernels for this machine once (about 20 seconds)\n")
     from torch.utils import cpp_extension

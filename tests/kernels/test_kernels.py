@@ -161,7 +161,7 @@ def test_without_a_compiler_quantized_weights_still_run(monkeypatch, tmp_path):
     """A machine without a C++ compiler: the reason is given and nothing is half-written in the cache."""
     monkeypatch.setenv("D3_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    reason = kernels._load.__wrapped__()
+    reason = kernels.load.__wrapped__()
     assert reason is not None and "no-such-compiler" in reason
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob(".building-*"))
 
