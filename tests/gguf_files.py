@@ -1,38 +1,44 @@
-"""Tiny GGUF files for tests: a two-layer Llama with random weights stored in the GGUF types a test names, and the
-embedded model's tokenizer (copied from its file's metadata), written with the `gguf` package's own writer."""
+"""Small GGUF files for tests: a two-layer model of a family (Llama, Qwen2, Qwen3, Gemma 2/3) with random weights
+stored in the GGUF types a test names, and the embedded model's tokenizer (copied from its file's metadata), written
+with the `gguf` package's own writer; `Shape` makes bigger ones."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2  # 256: Q4_K and Q6_K rows need multiples of 256
-HEAD_DIM = HIDDEN // HEADS
-# every weight role, as [rows, columns] of the Hugging Face weight
-ROLES = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
-         "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
-         "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
-RAW_BLOCKS = {"Q4_K": (144, 256), "Q6_K": (210, 256)}  # bytes and weights per block of types gguf cannot write
+# bytes and weights per block of the types written as random blocks (gguf cannot write the K types; Q4_0 is
+# written this way for big files, where quantizing random floats would take long)
+RAW_BLOCKS = {"Q4_K": (144, 256), "Q6_K": (210, 256), "Q4_0": (18, 32)}
+SCALE_BYTES = {"Q4_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,)}  # where each block's float16 scales lie
+# One layer of every kind d3 meets: exact 4-bit types, Q8_0, a 6-bit type without an exact form, a float type.
+MIXED = {"blk.0.attn_q": "Q4_0", "blk.0.attn_v": "Q6_K", "blk.0.attn_output": "Q4_K", "blk.0.ffn_down": "Q8_0",
+         "blk.1.ffn_down": "F16"}
+EXACT = {"blk.0.attn_q": "Q4_0", "blk.0.attn_output": "Q4_K", "output": "Q4_1"}  # every linear layer exact
 
 
-def tensor_bytes(values: np.ndarray, type_name: str, rng) -> tuple[np.ndarray, GGMLQuantizationType]:
+def tensor_bytes(shape: tuple[int, int], scale: float, type_name: str, rng) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """A random tensor of `shape` ([rows, columns]) stored as `type_name`: normal values times `scale` quantized
+    by the gguf package, or (big Q4_0 tensors and types it cannot write) random blocks with small float16 scales."""
     qtype = GGMLQuantizationType[type_name]
-    if type_name == "F32":
-        return values.astype(np.float32), qtype
-    if type_name == "F16":
-        return values.astype(np.float16), qtype
-    if type_name in RAW_BLOCKS:  # random blocks with small float16 scales
+    rows, columns = shape
+    if type_name in RAW_BLOCKS and (type_name != "Q4_0" or rows * columns > 1 << 22):
         block_bytes, block_weights = RAW_BLOCKS[type_name]
-        rows, columns = values.shape
         blocks = rng.integers(0, 256, size=(rows * columns // block_weights, block_bytes), dtype=np.uint8)
-        scale_at = (0, 2) if type_name == "Q4_K" else (block_bytes - 2,)
-        for start in scale_at:
+        for start in SCALE_BYTES[type_name]:
             halves = rng.uniform(0.0005, 0.002, size=blocks.shape[0]).astype(np.float16)
             blocks[:, start:start + 2] = halves.view(np.uint8).reshape(-1, 2)
         return blocks.reshape(rows, -1), qtype
-    return quants.quantize(values.astype(np.float32), qtype), qtype
+    values = rng.standard_normal(shape).astype(np.float32) * scale
+    if type_name == "F32":
+        return values, qtype
+    if type_name == "F16":
+        return values.astype(np.float16), qtype
+    return quants.quantize(values, qtype), qtype
 
 
 VOCABULARY = 2048  # the embedded tokenizer's first tokens, and the merges among them: a working small BPE
@@ -58,24 +64,60 @@ def small_vocabulary(embedded_gguf: Path):
     return _vocabularies[embedded_gguf]
 
 
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = HIDDEN
+    ffn: int = FFN
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    layers: int = LAYERS
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def roles(self) -> dict[str, tuple[int, int]]:
+        """Every linear weight of a layer, as [rows, columns] of the Hugging Face weight."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"attn_q": (q, self.hidden), "attn_k": (kv, self.hidden), "attn_v": (kv, self.hidden),
+                "attn_output": (self.hidden, q), "ffn_gate": (self.ffn, self.hidden),
+                "ffn_up": (self.ffn, self.hidden), "ffn_down": (self.hidden, self.ffn)}
+
+
+# The families the tests write: the layer's norms beside attn_norm/ffn_norm, whether q/k/v have biases, and
+# whether norms are stored as 1 + w (llama.cpp's Gemma convention).
+FAMILIES = {
+    "llama": {"norms": (), "qkv_bias": False},
+    "qwen2": {"norms": (), "qkv_bias": True},
+    "qwen3": {"norms": ("attn_q_norm", "attn_k_norm"), "qkv_bias": False},
+    "gemma2": {"norms": ("post_attention_norm", "post_ffw_norm"), "qkv_bias": False},
+    "gemma3": {"norms": ("post_attention_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm"), "qkv_bias": False},
+}
+
+
 def write_tiny_gguf(path: Path, embedded_gguf: Path, types: dict[str, str], tied: bool = True,
-                    seed: int = 0) -> Path:
-    """`types`: role (a key of ROLES, or `token_embd`, `output`) -> GGUF type name; roles not named are Q4_1,
-    `token_embd` Q8_0. Layer i's roles may be given as `blk.i.ROLE`."""
+                    seed: int = 0, shape: Shape = Shape(), architecture: str = "llama") -> Path:
+    """`types`: role (a key of Shape.roles(), or `token_embd`, `output`) -> GGUF type name; roles not named are
+    Q4_1, `token_embd` Q8_0. Layer i's roles may be given as `blk.i.ROLE`. `architecture`: a key of FAMILIES."""
+    family = FAMILIES[architecture]
     rng = np.random.default_rng(seed)
     tokens, token_types, merges, fields = small_vocabulary(embedded_gguf)
     vocab = len(tokens)
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_block_count(LAYERS)
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_block_count(shape.layers)
     writer.add_context_length(512)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_embedding_length(shape.hidden)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_rope_dimension_count(shape.head_dim)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(vocab)
+    if architecture.startswith("gemma"):
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+        writer.add_sliding_window(4)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
         writer.add_string(key, fields[key])
     writer.add_token_list(tokens)
@@ -85,23 +127,30 @@ def write_tiny_gguf(path: Path, embedded_gguf: Path, types: dict[str, str], tied
     writer.add_eos_token_id(fields["eos"])
     writer.add_pad_token_id(fields["padding"])
 
-    def add(name: str, role: str, shape: tuple[int, int], default: str, scale: float):
+    def add(name: str, role: str, size: tuple[int, int], default: str, scale: float):
         type_name = types.get(name.removesuffix(".weight"), types.get(role, default))
-        data, qtype = tensor_bytes(rng.standard_normal(shape).astype(np.float32) * scale, type_name, rng)
+        data, qtype = tensor_bytes(size, scale, type_name, rng)
         if type_name in ("F32", "F16"):
             writer.add_tensor(name, data)
         else:
             writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
 
-    add("token_embd.weight", "token_embd", (vocab, HIDDEN), "Q8_0", 1.0)
-    for layer in range(LAYERS):
-        for role, shape in ROLES.items():
-            add(f"blk.{layer}.{role}.weight", role, shape, "Q4_1", shape[1] ** -0.5)
-        for norm in ("attn_norm", "ffn_norm"):
-            writer.add_tensor(f"blk.{layer}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
+    def norm(name: str, size: int):
+        values = 1 + 0.1 * rng.standard_normal(size)  # as llama.cpp stores Gemma's (1 + w): near 1 either way
+        writer.add_tensor(name, values.astype(np.float32))
+
+    add("token_embd.weight", "token_embd", (vocab, shape.hidden), "Q8_0", 1.0)
+    for layer in range(shape.layers):
+        for role, size in shape.roles().items():
+            add(f"blk.{layer}.{role}.weight", role, size, "Q4_1", size[1] ** -0.5)
+            if family["qkv_bias"] and role in ("attn_q", "attn_k", "attn_v"):
+                writer.add_tensor(f"blk.{layer}.{role}.bias", (0.1 * rng.standard_normal(size[0])).astype(np.float32))
+        for name in ("attn_norm", "ffn_norm") + family["norms"]:
+            norm(f"blk.{layer}.{name}.weight", shape.head_dim if name in ("attn_q_norm", "attn_k_norm")
+                 else shape.hidden)
+    norm("output_norm.weight", shape.hidden)
     if not tied:
-        add("output.weight", "output", (vocab, HIDDEN), "Q4_1", HIDDEN ** -0.5)
+        add("output.weight", "output", (vocab, shape.hidden), "Q4_1", shape.hidden ** -0.5)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,18 +1,20 @@
-"""A GGUF file's quantized tensors as they are stored: Q4_0, Q4_1 and Q4_K as 4-bit groups of 32 (`AffineInt4`),
-Q8_0 as 8-bit blocks of 32 (`BlockInt8`), under the model's own parameter names.
+"""A GGUF file's header and its quantized tensors as they are stored: Q4_0, Q4_1 and Q4_K as 4-bit groups of 32
+(`AffineInt4`), Q8_0 as 8-bit blocks of 32 (`BlockInt8`).
 
-Transformers only dequantizes a GGUF file. To run it in its own precision d3 reads the blocks itself (the `gguf`
-package's reader, with its Q4_K scale unpacking), names each tensor as transformers does (its GGUF→Hugging Face
-name map and tensor processor, which also undoes llama.cpp's row permutation of the query and key projections) and
-keeps a block form only when it dequantizes to exactly the tensor transformers produced: anything else (another
-architecture's processing, a type without an exact form) stays a float tensor and is quantized from that.
+Transformers only dequantizes a GGUF file. To run it in its own precision d3 reads the header itself (`read_gguf`)
+and each tensor's blocks straight from their bytes (`block_form`, with the `gguf` package's Q4_K scale unpacking);
+gguf_weights.py names them as transformers does and applies transformers' tensor processing (`row_order`: the
+query and key rows llama.cpp permutes for its rotary layout). tests/core/test_gguf_weights.py holds every form
+against transformers' own dequantized reading of the same file.
 """
-
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -102,30 +104,59 @@ def block_form(raw: np.ndarray, gguf_type: str, rows: int, columns: int) -> Affi
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor of a GGUF file: its name, type, [rows, columns] and its bytes ([rows, bytes per row])."""
+    """One tensor of a GGUF file: its name, type, [rows, columns] (rows: every dimension but the first of GGUF's),
+    its shape as numpy and Hugging Face order it (GGUF's dimensions reversed), and where its bytes lie in the file.
+    `data` is a memory-mapped view ([rows, bytes per row]); `read()` copies them out of the file."""
 
     name: str
     type_name: str
     rows: int
     columns: int
     data: np.ndarray
+    shape: tuple[int, ...] = ()
+    path: str = ""
+    offset: int = 0  # from the start of the file
+    nbytes: int = 0
+
+    def read(self) -> np.ndarray:
+        """The tensor's bytes as [rows, bytes per row], read from the file (not kept mapped in memory)."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = np.frombuffer(handle.read(self.nbytes), dtype=np.uint8)
+        if data.size != self.nbytes:
+            raise ValueError(f"tensor {self.name} is cut short: the file ends inside it")
+        return data.reshape(self.rows, -1)
+
+
+class GGUFHeader(NamedTuple):
+    strings: dict[str, str]  # the metadata's string values
+    tensors: list[TensorInfo]
+    data_start: int  # where the tensors' data begins: everything before is metadata and tensor descriptions
 
 
 _FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
 _STRING, _ARRAY = 8, 9
 
 
-def read_gguf(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
+def read_gguf(path: Path) -> GGUFHeader:
     """A GGUF file's string metadata and its tensors, read straight from the header (the gguf package's reader
-    decodes every metadata value, which takes ~5 s for the embedded model's 98 000 tokenizer strings)."""
+    decodes every metadata value, which takes ~5 s for the embedded model's 98 000 tokenizer strings). A ValueError
+    names what is wrong with a file that is not one, or is cut short (naming the first tensor past its end)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    size = os.path.getsize(path)
     with open(path, "rb") as handle:
         def unpack(layout: str):
-            return struct.unpack("<" + layout, handle.read(struct.calcsize("<" + layout)))
+            wanted = struct.calcsize("<" + layout)
+            raw = handle.read(wanted)
+            if len(raw) != wanted:
+                raise ValueError(f"{path} is cut short inside its header")
+            return struct.unpack("<" + layout, raw)
 
         def string() -> str:
             (length,) = unpack("Q")
+            if length > size:
+                raise ValueError(f"{path} has a corrupt header (a string of {length} bytes)")
             return handle.read(length).decode("utf-8", errors="replace")
 
         def skip(value_type: int) -> None:
@@ -139,11 +170,13 @@ def read_gguf(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
                 else:
                     for _ in range(count):
                         skip(element_type)
-            else:
+            elif value_type in _FIXED_SIZES:
                 handle.seek(_FIXED_SIZES[value_type], 1)
+            else:
+                raise ValueError(f"{path} has a corrupt header (value type {value_type})")
 
         if handle.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
+            raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
         version, tensor_count, kv_count = unpack("IQQ")
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is not supported")
@@ -168,66 +201,67 @@ def read_gguf(path: Path) -> tuple[dict[str, str], list[TensorInfo]]:
     contents = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = []
     for name, type_id, shape, offset in infos:
-        qtype = GGMLQuantizationType(type_id)
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise ValueError(f"tensor {name} has GGML type {type_id}, which this gguf package does not know") from None
         block_weights, block_bytes = GGML_QUANT_SIZES[qtype]
         columns, rows = int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))
         row_bytes = columns // block_weights * block_bytes
-        data = contents[start + offset: start + offset + rows * row_bytes].reshape(rows, row_bytes)
-        tensors.append(TensorInfo(name, qtype.name, rows, columns, data))
-    return strings, tensors
+        begin, end = start + offset, start + offset + rows * row_bytes
+        if end > size:
+            raise ValueError(f"tensor {name} ends at byte {end:,} but the file has {size:,} bytes: the file is "
+                             "truncated or corrupt")
+        data = contents[begin:end].reshape(rows, row_bytes)
+        tensors.append(TensorInfo(name, qtype.name, rows, columns, data, tuple(int(d) for d in reversed(shape)),
+                                  str(path), begin, end - begin))
+    return GGUFHeader(strings, tensors, start)
 
 
-def _permute_rows(form, order: torch.Tensor):
+def header_digest(path: Path, header: GGUFHeader) -> str:
+    """A key for what a GGUF file's header says (metadata, tokenizer, tensor names, types and places) and its
+    size: what d3 derives from a file once and caches. The weights are read from the file itself at every load."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        remaining = header.data_start
+        while remaining > 0:
+            block = handle.read(min(remaining, 1 << 20))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+    digest.update(str(os.path.getsize(path)).encode())
+    return digest.hexdigest()
+
+
+def permute_rows(form, order: torch.Tensor):
+    """A block form with its rows in `order`."""
     if isinstance(form, AffineInt4):
         return AffineInt4(form.q[order], form.scale[order], form.offset[order])
     return BlockInt8(form.q[order], form.scale[order])
 
 
-def read_block_forms(gguf_path: Path, model) -> tuple[dict[str, object], dict[str, str]]:
-    """The exact block forms of `model`'s weights in `gguf_path` (the model transformers loaded from that file),
-    by parameter name, and every mapped tensor's GGUF type by parameter name. A form is kept only where it
-    dequantizes to exactly the model's float tensor."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
-    config = model.config.get_text_config(decoder=True)
-    processor_config = {"num_attention_heads": getattr(config, "num_attention_heads", None),
-                        "num_key_value_heads": getattr(config, "num_key_value_heads", None)}
-    strings, tensors = read_gguf(gguf_path)
-    architecture = strings.get("general.architecture", "")
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=processor_config)
-    names = get_gguf_hf_weights_map(model, processor)
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    forms, types = {}, {}
-    for tensor in tensors:
-        gguf_type = tensor.type_name
-        name = names.get(tensor.name)
-        if name is None or name not in parameters:
-            continue
-        types[name] = gguf_type
-        target = parameters[name]
-        if target.dim() != 2 or target.shape[1] % 32 or (tensor.rows, tensor.columns) != tuple(target.shape):
-            continue
-        rows, columns = target.shape
-        form = block_form(tensor.data, gguf_type, rows, columns)
-        if form is None:
-            continue
-        order = _row_order(processor, tensor.name, rows, names)
-        if order is not None:
-            form = _permute_rows(form, order)
-        if same_values(form.dequantize(), target.detach().float().cpu()):
-            forms[name] = form
-    return forms, types
+KEEPS_ROWS = "keeps"  # row_order: the processor leaves the tensor as it is
 
 
-def _row_order(processor, gguf_name: str, rows: int, names: dict) -> torch.Tensor | None:
-    """The row order transformers' tensor processor gives this tensor (llama.cpp permutes the query and key rows
-    for its rotary layout), found by processing the row numbers themselves; None when it keeps them."""
-    processed = processor.process(weights=np.arange(rows, dtype=np.int64).reshape(rows, 1), name=gguf_name,
-                                  tensor_key_mapping=names, parsed_parameters={"tensors": {}, "config": {}})
-    order = np.asarray(processed.weights).reshape(-1)
-    if order.shape[0] != rows or np.array_equal(order, np.arange(rows)):
+def row_order(processor, gguf_name: str, rows: int, names: dict) -> torch.Tensor | str | None:
+    """What transformers' tensor processor does to this 2-D tensor, found by processing the row numbers themselves:
+    KEEPS_ROWS, the row order it gives (llama.cpp permutes the query and key rows for its rotary layout), or None
+    when it does more than reorder rows (changes values or shape: then the block form cannot be kept)."""
+    numbers = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+    try:
+        processed = processor.process(weights=numbers.copy(), name=gguf_name, tensor_key_mapping=names,
+                                      parsed_parameters={"tensors": {}, "config": {}})
+    except Exception:  # a processor that needs the real shape: let it process the dequantized tensor
         return None
-    return torch.from_numpy(order.copy())
+    if processed.name != gguf_name or np.shape(processed.weights) != (rows, 1):
+        return None
+    order = np.asarray(processed.weights).reshape(-1)
+    if np.array_equal(order, numbers.reshape(-1)):
+        return KEEPS_ROWS
+    if not np.array_equal(np.sort(order), numbers.reshape(-1)):
+        return None
+    return torch.from_numpy(order.astype(np.int64))
 
 
 def same_values(dequantized: torch.Tensor, reference: torch.Tensor) -> bool:

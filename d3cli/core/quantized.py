@@ -152,17 +152,25 @@ def pack_int8_tiles(q: torch.Tensor, tile_rows: int, unsigned: bool) -> torch.Te
 class TiledWeights(nn.Module):
     """A weight in d3's tiles: what the kernels' operators and `decoder_layer` take (see d3cli/kernels)."""
 
-    def __init__(self, kernel_kind: int, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                 bias: torch.Tensor | None, group_size: int):
+    def __init__(self, kernel_kind: int, q: torch.Tensor | None, scale: torch.Tensor, offset: torch.Tensor | None,
+                 bias: torch.Tensor | None, group_size: int, packed=None):
+        """From q [N, K] with its scales (and offsets) per group, or already `packed` (gguf_tiles.PackedTiles: then
+        q, scale and offset are ignored)."""
         super().__init__()
-        tile_rows, unsigned = kernels.layout()
         self.kernel_kind, self.group_size = kernel_kind, group_size
-        self.out_features, self.in_features = q.shape
-        scales = exact_scales(scale) if offset is None else exact_scales(scale, offset)
-        self.register_buffer("tiles", pack_int4_tiles(q, tile_rows) if kernel_kind == 4
-                             else pack_int8_tiles(q, tile_rows, unsigned))
-        self.register_buffer("scale", pack_tile_scales(scales[0], tile_rows))
-        self.register_buffer("offset", None if offset is None else pack_tile_scales(scales[1], tile_rows))
+        if packed is not None:
+            self.out_features, self.in_features = packed.rows, packed.columns
+            tiles, scale_tiles, offset_tiles = packed.tiles, packed.scale, packed.offset
+        else:
+            tile_rows, unsigned = kernels.layout()
+            self.out_features, self.in_features = q.shape
+            scales = exact_scales(scale) if offset is None else exact_scales(scale, offset)
+            tiles = pack_int4_tiles(q, tile_rows) if kernel_kind == 4 else pack_int8_tiles(q, tile_rows, unsigned)
+            scale_tiles = pack_tile_scales(scales[0], tile_rows)
+            offset_tiles = None if offset is None else pack_tile_scales(scales[1], tile_rows)
+        self.register_buffer("tiles", tiles)
+        self.register_buffer("scale", scale_tiles)
+        self.register_buffer("offset", offset_tiles)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -188,8 +196,12 @@ class Int4Linear(nn.Module):
 
     kind = "int4"
 
-    def __init__(self, weight: AffineInt4, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, weight: AffineInt4 | None, bias: torch.Tensor | None, dtype: torch.dtype, packed=None):
         super().__init__()
+        if packed is not None:  # the file's blocks already in d3's tiles (gguf_tiles.py): d3's kernels only
+            self.in_features, self.out_features, self.group_size = packed.columns, packed.rows, GROUP_SIZE
+            self.tiled = TiledWeights(4, None, None, None, bias, GROUP_SIZE, packed)
+            return
         rows, columns = weight.q.shape
         self.in_features, self.out_features, self.group_size = columns, rows, weight.group_size
         self.tiled = None
@@ -275,10 +287,14 @@ class BlockInt8Linear(nn.Module):
 
     kind = "int8"
 
-    def __init__(self, table: BlockInt8, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, table: BlockInt8 | None, bias: torch.Tensor | None, dtype: torch.dtype, packed=None):
         super().__init__()
-        self.out_features, self.in_features = table.q.shape
         self.tiled = self.halves = None
+        if packed is not None:  # the file's blocks already in d3's tiles (gguf_tiles.py): d3's kernels only
+            self.out_features, self.in_features = packed.rows, packed.columns
+            self.tiled = TiledWeights(8, None, None, None, bias, GROUP_SIZE, packed)
+            return
+        self.out_features, self.in_features = table.q.shape
         if kernels.available():
             self.tiled = TiledWeights(8, table.q, table.scale, None, bias, table.group_size)
             return
@@ -301,36 +317,61 @@ class BlockInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks of 32"
 
 
-class BlockInt8Embedding(nn.Module):
-    """An embedding table kept as GGUF's Q8_0 blocks: a lookup dequantizes only the rows it reads, exactly as the
-    file's own dequantization does. The blocks are plain attributes, not buffers: `model.to(dtype)` leaves them
-    exact (quantized weights run on the CPU only, so they never move)."""
+class QuantizedEmbedding(nn.Module):
+    """An embedding table kept in a quantized form: a lookup dequantizes only the rows it reads (`rows`), exactly as
+    the file's own dequantization does, then scales them as a scaled embedding (Gemma's) does. The stored tensors are
+    plain attributes, not buffers: `model.to(dtype)` leaves them exact (quantized weights run on the CPU only, so
+    they never move)."""
 
-    kind = "int8"
+    kind = "quantized embedding"  # what a weights report counts it as
 
-    def __init__(self, table: BlockInt8, dtype: torch.dtype, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, padding_idx: int | None = None,
+                 embed_scale: torch.Tensor | None = None):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = table.q.shape
-        self.group_size, self.padding_idx = table.group_size, padding_idx
-        self.q, self.scale = table.q.contiguous(), table.scale.float().contiguous()
-        self.output_dtype = dtype
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.output_dtype, self.embed_scale = dtype, embed_scale
 
     def rows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The rows of `input_ids`, dequantized in float32."""
+        """The rows of `input_ids`, dequantized in float32 (unscaled)."""
+        raise NotImplementedError
+
+    def stored_tensors(self) -> list:
+        """The tensors that hold the table (for byte counts)."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.rows(input_ids).to(self.output_dtype)
+        if self.embed_scale is not None:  # as Gemma's ScaledWordEmbedding: the scale in the table's dtype
+            rows = rows * self.embed_scale.to(self.output_dtype)
+        return rows
+
+    def weight_bytes(self) -> int:
+        return tensor_bytes(*self.stored_tensors())
+
+
+class BlockInt8Embedding(QuantizedEmbedding):
+    """An embedding table kept as GGUF's Q8_0 blocks."""
+
+    kind = "int8 embedding"
+
+    def __init__(self, table: BlockInt8, dtype: torch.dtype, padding_idx: int | None = None,
+                 embed_scale: torch.Tensor | None = None):
+        super().__init__(*table.q.shape, dtype, padding_idx, embed_scale)
+        self.group_size = table.group_size
+        self.q, self.scale = table.q.contiguous(), table.scale.float().contiguous()
+
+    def rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.q[input_ids].reshape(*input_ids.shape, -1, self.group_size).float()
         return (rows * self.scale[input_ids][..., None]).reshape(*input_ids.shape, self.embedding_dim)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.rows(input_ids).to(self.output_dtype)
-
-    def weight_bytes(self) -> int:
-        return tensor_bytes(self.q, self.scale)
+    def stored_tensors(self) -> list:
+        return [self.q, self.scale]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, blocks of {self.group_size}"
 
 
-QUANTIZED_MODULES = (Int4Linear, Int8Linear, BlockInt8Linear, BlockInt8Embedding)
+QUANTIZED_MODULES = (Int4Linear, Int8Linear, BlockInt8Linear, QuantizedEmbedding)
 
 
 def tensor_bytes(*tensors) -> int:

@@ -112,6 +112,13 @@ def check_layer_counts(head: int, tail: int, min_layers: int, num_layers: int | 
         )
 
 
+def _core_within(floor: int, num_layers: int) -> tuple[int, int]:
+    """The default core (head and tail) shrunk to fit a floor below it on a shallow model: half each, the head
+    first, at least one layer."""
+    core = max(1, min(floor, num_layers))
+    return (core + 1) // 2, core // 2
+
+
 def check_alpha(alpha: float) -> None:
     """The one check of a decay rate: a number in (0, 1]."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
@@ -187,6 +194,8 @@ class DecaySchedule:
         head_layers = resolve_layer_count(head, num_layers, "head")
         tail_layers = resolve_layer_count(tail, num_layers, "tail")
         floor = resolve_layer_count(min_layers, num_layers, "min-layers")
+        if (str(head), str(tail)) == (DEFAULT_HEAD, DEFAULT_TAIL) and head_layers + tail_layers > floor:
+            head_layers, tail_layers = _core_within(floor, num_layers)  # the defaults fit any model
         check_layer_counts(head_layers, tail_layers, floor, num_layers)
 
         if callable(skip_order):

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from d3cli import kernels
 from d3cli.core.errors import UserError
+from d3cli.core.gguf_tiles import GGUFBlocks
 from d3cli.core.quantized import (
     GROUP_SIZE,
     INT4_GROUP_SIZES,
     AffineInt4,
     BlockInt8,
     BlockInt8Embedding,
+    QuantizedEmbedding,
     BlockInt8Linear,
     Int4Linear,
     Int8Linear,
@@ -140,7 +143,7 @@ class WeightsReport:
         """One phrase for summaries: "int4 (group 32), LM head int8, bfloat16 activations"."""
         if self.kind not in QUANTIZED_KINDS:
             return self.kind
-        layers = Counter({kind: count for kind, count in self.modules.items() if kind != "int8 embedding"})
+        layers = Counter({kind: count for kind, count in self.modules.items() if not kind.endswith(" embedding")})
         if self.head_kind:
             layers[self.head_kind] -= 1
         details = [f"group {self.group_size}"] if self.kind == "int4" and self.group_size else []
@@ -173,13 +176,51 @@ def embedding_name(model: nn.Module) -> str | None:
     return next((name for name, module in model.named_modules() if module is embedding), None)
 
 
+class ModelWeights:
+    """The weight source of a model whose weights are already loaded: exact block forms by weight name where a GGUF
+    cache gave them, else each module's own weight. (gguf_weights.GGUFWeights reads them from a GGUF file instead.)"""
+
+    def __init__(self, forms: Mapping[str, object] | None = None, types: Mapping[str, str] | None = None):
+        self.forms, self.types = dict(forms or {}), dict(types or {})
+
+    def form(self, name: str):
+        """The exact block form of the weight `name`, or None."""
+        return self.forms.get(name)
+
+    def values(self, name: str, module: nn.Module | None = None) -> torch.Tensor:
+        """The weight's values in float: its exact form dequantized, else the module's own weight."""
+        form = self.forms.get(name)
+        return form.dequantize() if form is not None else module.weight.detach()
+
+    def tie(self, head: str, embedding: str) -> None:
+        """The LM head's weight `head` is the embedding table's `embedding`."""
+        for known in (self.forms, self.types):
+            if embedding in known:
+                known[head] = known[embedding]
+
+    def embedding(self, name: str, dtype: torch.dtype, old: nn.Module) -> nn.Module | None:
+        """A quantized embedding module for the table `name` (its Q8_0 blocks), or None to keep a dense table."""
+        table = self.forms.get(name)
+        if isinstance(table, BlockInt8):
+            return BlockInt8Embedding(table, dtype, getattr(old, "padding_idx", None), _embed_scale(old))
+        return None
+
+    def release(self) -> None:
+        """Forget what was read for the modules built so far (a file-backed source frees it)."""
+
+
+def _embed_scale(embedding: nn.Module) -> torch.Tensor | None:
+    """The factor a scaled embedding (Gemma's) multiplies its rows by, or None."""
+    scale = getattr(embedding, "embed_scale", None)
+    return scale.detach().float().clone() if isinstance(scale, torch.Tensor) else None
+
+
 @dataclass
 class _Builder:
     """Builds the weight modules of one model for one choice, counting what it made."""
 
     choice: WeightChoice
-    forms: dict
-    gguf_types: dict
+    source: ModelWeights
     modules: Counter = field(default_factory=Counter)
     sources: Counter = field(default_factory=Counter)
     groups: Counter = field(default_factory=Counter)  # int4 group size -> linear layers
@@ -191,14 +232,14 @@ class _Builder:
         if not choice.quantized:
             return choice.kind
         if choice.kind == FILE_KIND:
-            gguf_type = self.gguf_types.get(f"{name}.weight")
+            gguf_type = self.source.types.get(f"{name}.weight")
             kind = _nearest(gguf_type) if gguf_type else "float"
             if kind == "float":
                 return dtype_name(choice.dtype)
         else:
             kind = "int8" if is_head else choice.kind
-        if kind == "int4" and not fits_int4(linear.in_features, self.group_size if f"{name}.weight" not in
-                                            self.forms else GROUP_SIZE):
+        if kind == "int4" and not fits_int4(linear.in_features, self.group_size if self.source.form(
+                f"{name}.weight") is None else GROUP_SIZE):
             kind = "int8"
         if kind == "int8" and not fits_int8(linear.in_features):
             return dtype_name(choice.dtype)
@@ -208,17 +249,27 @@ class _Builder:
     def group_size(self) -> int:
         return self.choice.group_size if self.choice.kind == "int4" else GROUP_SIZE
 
+    def values(self, name: str, form, linear: nn.Linear) -> torch.Tensor:
+        return form.dequantize() if form is not None else self.source.values(f"{name}.weight", linear)
+
     def build(self, names: Sequence[str], linears: Sequence[nn.Linear], kind: str) -> nn.Module:
         """One module computing the linear layers `linears` (named `names`), their outputs side by side."""
-        forms = [self.forms.get(f"{name}.weight") for name in names]
+        forms = [self.source.form(f"{name}.weight") for name in names]
         for name, form in zip(names, forms):
             self.modules[kind] += 1
-            self.sources[_source(kind, form, self.gguf_types.get(f"{name}.weight"))] += 1
+            self.sources[_source(kind, form, self.source.types.get(f"{name}.weight"))] += 1
         bias = _joint_bias(linears)
+        packed = self.packed(forms, kind)
+        if packed is not None:  # a GGUF file's blocks straight into d3's tiles
+            if kind == "int4":
+                self.groups[GROUP_SIZE] += len(forms)
+                return Int4Linear(None, bias, self.choice.dtype, packed=packed)
+            return BlockInt8Linear(None, bias, self.choice.dtype, packed=packed)
+        forms = [form.exact() if isinstance(form, GGUFBlocks) else form for form in forms]
         if kind == "int4":  # a GGUF file's 4-bit blocks as they are (groups of 32); float weights in groups
             group = GROUP_SIZE if any(isinstance(form, AffineInt4) for form in forms) else self.group_size
-            parts = [form if isinstance(form, AffineInt4) else quantize_int4(_values(form, linear), group)
-                     for form, linear in zip(forms, linears)]
+            parts = [form if isinstance(form, AffineInt4) else quantize_int4(self.values(name, form, linear), group)
+                     for name, form, linear in zip(names, forms, linears)]
             self.groups[group] += len(parts)
             return Int4Linear(AffineInt4(*(torch.cat(tensors) for tensors in zip(
                 *((part.q, part.scale, part.offset) for part in parts)))), bias, self.choice.dtype)
@@ -226,24 +277,43 @@ class _Builder:
             return BlockInt8Linear(BlockInt8(torch.cat([form.q for form in forms]),
                                              torch.cat([form.scale for form in forms])), bias, self.choice.dtype)
         if kind == "int8":
-            q, scale = quantize_int8(torch.cat([_values(form, linear) for form, linear in zip(forms, linears)]))
+            q, scale = quantize_int8(torch.cat([self.values(name, form, linear)
+                                                for name, form, linear in zip(names, forms, linears)]))
             return Int8Linear(q, scale, bias, self.choice.dtype)
         dtype = getattr(torch, kind)
-        if len(linears) == 1 and forms[0] is None:
+        if len(linears) == 1 and forms[0] is None and linears[0].weight.device.type != "meta":
             return linears[0]
-        values = torch.cat([_values(form, linear).to(dtype) for form, linear in zip(forms, linears)])
+        values = torch.cat([self.values(name, form, linear).to(dtype)
+                            for name, form, linear in zip(names, forms, linears)])
         joint = nn.Linear(values.shape[1], values.shape[0], bias=bias is not None, device="meta")
         joint.weight = nn.Parameter(values, requires_grad=False)
         if bias is not None:
             joint.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
         return joint
 
+    @staticmethod
+    def packed(forms: Sequence, kind: str):
+        """The forms as one gguf_tiles.PackedTiles when every one is a GGUF file's blocks of `kind` and d3's kernels
+        run (parts stack by whole tiles), else None."""
+        from d3cli.core.gguf_tiles import joined
+
+        kernel_kind = {"int4": 4, "int8": 8}.get(kind)
+        if kernel_kind is None or not forms or not all(
+                isinstance(form, GGUFBlocks) and form.kernel_kind == kernel_kind for form in forms):
+            return None
+        if not kernels.available():
+            return None
+        tile_rows, unsigned = kernels.layout()
+        if any(form.rows % tile_rows for form in forms[:-1]):
+            return None
+        return joined([form.packed(tile_rows, unsigned) for form in forms])
+
     def build_runs(self, names: Sequence[str], linears: Sequence[nn.Linear]) -> list[nn.Module]:
         """Modules for consecutive linear layers: neighbours of the same stored kind share one module."""
         runs: list[tuple[tuple[str, bool], list[int]]] = []
         for index, (name, linear) in enumerate(zip(names, linears)):
             kind = self.kind(name, linear)  # Q8_0 blocks and per-channel int8 are different modules
-            key = (kind, kind == "int8" and isinstance(self.forms.get(f"{name}.weight"), BlockInt8))
+            key = (kind, kind == "int8" and _is_int8_blocks(self.source.form(f"{name}.weight")))
             if runs and runs[-1][0] == key:
                 runs[-1][1].append(index)
             else:
@@ -252,9 +322,12 @@ class _Builder:
                 for key, members in runs]
 
 
-def _values(form, linear: nn.Linear) -> torch.Tensor:
-    """A linear layer's weight values: its exact form dequantized, else its own weight."""
-    return form.dequantize() if form is not None else linear.weight.detach()
+def _is_int8_blocks(form) -> bool:
+    return isinstance(form, BlockInt8) or isinstance(form, GGUFBlocks) and form.kernel_kind == 8
+
+
+def _is_int4_blocks(form) -> bool:
+    return isinstance(form, AffineInt4) or isinstance(form, GGUFBlocks) and form.kernel_kind == 4
 
 
 def _joint_bias(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
@@ -265,23 +338,25 @@ def _joint_bias(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
 
 
 def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, object] | None = None,
-                  gguf_types: Mapping[str, str] | None = None, fuse: bool = True) -> WeightsReport:
+                  gguf_types: Mapping[str, str] | None = None, fuse: bool = True,
+                  source: ModelWeights | None = None) -> WeightsReport:
     """Put `choice` into `model` (on its device, its other parameters already in `choice.dtype`) and return what
     ran. Each linear layer of the decoder and the LM head becomes the kind's module, built from its exact block form
-    in `forms` (by weight name) where there is one, else from its float weight; dense kinds dequantize the forms
-    into float weights. An embedding with a Q8_0 form keeps its blocks when the weights are quantized. With `fuse`,
-    each decoder layer that fused_layers supports becomes a `FusedDecoderLayer` (query/key/value and gate/up
-    projections each one module)."""
+    where the weight source has one, else from its float values; dense kinds dequantize the forms into float
+    weights. The source is `source` (a GGUF file read as the modules are built: the model's own linear weights may
+    then be empty), else the model's own weights with `forms` and `gguf_types` by weight name. A quantized
+    embedding table keeps its blocks when the weights are quantized. With `fuse`, each decoder layer that
+    fused_layers supports becomes a `FusedDecoderLayer` (query/key/value and gate/up projections each one
+    module). Layers are built one at a time, and what the source read for one is released before the next."""
     from d3cli.core import fused_layers
     from d3cli.core.skipping import find_decoder_layers
 
-    builder = _Builder(choice, dict(forms or {}), dict(gguf_types or {}))
+    source = source if source is not None else ModelWeights(forms, gguf_types)
+    builder = _Builder(choice, source)
     head, embedding = head_name(model), embedding_name(model)
     tied = bool(head and embedding and model.get_submodule(head).weight is model.get_submodule(embedding).weight)
     if tied:  # a tied LM head is the embedding table's weight
-        for known in (builder.forms, builder.gguf_types):
-            if f"{embedding}.weight" in known:
-                known[f"{head}.weight"] = known[f"{embedding}.weight"]
+        source.tie(f"{head}.weight", f"{embedding}.weight")
     layers = find_decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
     for index, layer in enumerate(layers):
@@ -293,29 +368,33 @@ def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, ob
             layers[index] = fused_layers.FusedDecoderLayer(
                 layer, runs(fused_layers.QKV), runs(("self_attn.o_proj",))[0], runs(fused_layers.GATE_UP),
                 runs(("mlp.down_proj",))[0])
-            continue
-        for name, module in list(layer.named_modules()):
-            if isinstance(module, nn.Linear):
-                full = f"{base}.{name}"
-                layer.set_submodule(name, builder.build([full], [module], builder.kind(full, module)))
-    table = builder.forms.get(f"{embedding}.weight") if embedding else None
+        else:
+            for name, module in list(layer.named_modules()):
+                if isinstance(module, nn.Linear):
+                    full = f"{base}.{name}"
+                    layer.set_submodule(name, builder.build([full], [module], builder.kind(full, module)))
+        source.release()
     head_kind = None
     if head is not None:
         linear = model.get_submodule(head)
         kind = head_kind = builder.kind(head, linear, is_head=True)
         if tied and not choice.quantized:
             builder.modules[kind] += 1  # dense and tied: the head is the embedding table, set below
-            builder.sources[_source(kind, table, builder.gguf_types.get(f"{head}.weight"))] += 1
+            builder.sources[_source(kind, source.form(f"{head}.weight"), source.types.get(f"{head}.weight"))] += 1
         else:
             model.set_submodule(head, builder.build([head], [linear], kind))
-    if isinstance(table, BlockInt8) and choice.quantized:
+        source.release()
+    if embedding is not None:
         old = model.get_submodule(embedding)
-        model.set_submodule(embedding, BlockInt8Embedding(table, choice.dtype, getattr(old, "padding_idx", None)))
-        builder.modules["int8 embedding"] += 1
-    elif table is not None:
-        _set_dense(model.get_submodule(embedding), table.dequantize(), choice.dtype)
-        if tied and not choice.quantized:
-            model.get_submodule(head).weight = model.get_submodule(embedding).weight
+        table = source.embedding(f"{embedding}.weight", choice.dtype, old) if choice.quantized else None
+        if table is not None:
+            model.set_submodule(embedding, table)
+            builder.modules[table.kind] += 1
+        elif source.form(f"{embedding}.weight") is not None or old.weight.device.type == "meta":
+            _set_dense(old, source.values(f"{embedding}.weight", old), choice.dtype)
+            if tied and not choice.quantized:
+                model.get_submodule(head).weight = old.weight
+        source.release()
     _check_no_empty_parameters(model)
     group = builder.groups.most_common(1)[0][0] if builder.groups else None
     return _report(model, choice, builder.modules, builder.sources, head_kind, group)
@@ -326,7 +405,7 @@ def _set_dense(module: nn.Module, values: torch.Tensor, dtype: torch.dtype) -> N
 
 
 def _source(kind: str, form, gguf_type: str | None) -> str:
-    if (kind == "int4" and isinstance(form, AffineInt4)) or (kind == "int8" and isinstance(form, BlockInt8)):
+    if (kind == "int4" and _is_int4_blocks(form)) or (kind == "int8" and _is_int8_blocks(form)):
         return f"gguf {gguf_type} as it is"
     if gguf_type and kind in QUANTIZED_KINDS:
         return f"gguf {gguf_type} re-quantized to {kind}"
@@ -352,7 +431,7 @@ def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: C
     total = module_weight_bytes(model)
     kind = choice.kind
     if kind == FILE_KIND:  # named by what most decoder layers' linear weights are
-        linear_kinds = Counter({name: count for name, count in modules.items() if name != "int8 embedding"})
+        linear_kinds = Counter({name: count for name, count in modules.items() if not name.endswith(" embedding")})
         kind = linear_kinds.most_common(1)[0][0] if linear_kinds else dtype_name(choice.dtype)
     return WeightsReport(kind=kind, dtype=dtype_name(choice.dtype), modules=dict(modules), sources=dict(sources),
                          group_size=group_size, layer_bytes=layer_bytes,
@@ -378,8 +457,8 @@ def module_weight_bytes(module: nn.Module) -> int:
     seen, total = set(), 0
     for submodule in module.modules():
         tensors = list(submodule.parameters(recurse=False)) + list(submodule.buffers(recurse=False))
-        if isinstance(submodule, BlockInt8Embedding):
-            tensors += [submodule.q, submodule.scale]
+        if isinstance(submodule, QuantizedEmbedding):
+            tensors += submodule.stored_tensors()
         for tensor in tensors:
             if tensor is not None and id(tensor) not in seen and tensor.device.type != "meta":
                 seen.add(id(tensor))

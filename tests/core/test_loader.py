@@ -27,29 +27,30 @@ def test_embedded_model_loads_from_the_converted_cache(embedded):
     assert loader.context_length(embedded.model) == 8192
     converted = list((paths.cache_home() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*"))
     assert len(converted) == 1
-    assert {"config.json", "blocks.safetensors", "dense.safetensors", "tokenizer.json"} <= {
-        p.name for p in converted[0].iterdir()}
-    assert sum(p.stat().st_size for p in converted[0].iterdir()) < 130e6  # the blocks, not 538 MB of float32
+    assert {"config.json", "tokenizer.json", "d3-source.json"} <= {p.name for p in converted[0].iterdir()}
+    assert sum(p.stat().st_size for p in converted[0].iterdir()) < 10e6  # metadata: the weights stay in the file
     config = json.loads((converted[0] / "config.json").read_text())
     assert "quantization_config" not in config
 
 
-def test_a_changed_gguf_file_is_converted_again(tmp_path, monkeypatch):
+def test_a_gguf_file_with_a_changed_header_is_converted_again(tmp_path, monkeypatch):
+    from gguf_files import write_tiny_gguf
+
     conversions = []
 
     def fake_convert(gguf_path, out_dir):
         conversions.append(gguf_path.read_bytes())
         (out_dir / "config.json").write_text("{}")
-        return {"model.layers.0.mlp.up_proj.weight": "Q4_1"}
+        return {"blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight"}, {
+            "model.layers.0.mlp.up_proj.weight": "Q4_1"}
 
     monkeypatch.setenv("D3_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(gguf_cache, "_convert_gguf", fake_convert)
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"first version")
+    gguf = write_tiny_gguf(tmp_path / "model.gguf", loader.embedded_gguf_path(), {})
     first = gguf_cache.cached_gguf_dir(gguf)
     assert gguf_cache.cached_gguf_dir(gguf) == first and len(conversions) == 1
     assert gguf_cache.gguf_types(first) == {"model.layers.0.mlp.up_proj.weight": "Q4_1"}
-    gguf.write_bytes(b"second version")
+    write_tiny_gguf(gguf, loader.embedded_gguf_path(), {"ffn_up": "Q8_0"})
     second = gguf_cache.cached_gguf_dir(gguf)
     assert second != first and len(conversions) == 2
     assert json.loads((second / "d3-source.json").read_text())["gguf_file"] == str(gguf)
@@ -58,11 +59,22 @@ def test_a_changed_gguf_file_is_converted_again(tmp_path, monkeypatch):
 
 def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("D3_CACHE_DIR", str(tmp_path / "cache"))
+    import numpy as np
+    from gguf import GGUFWriter
+
     gguf = tmp_path / "broken.gguf"
-    gguf.write_bytes(b"GGUF but not really a model")
+    writer = GGUFWriter(str(gguf), "nosucharchitecture")  # a well-formed file transformers cannot read
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     with pytest.raises(UserError, match="broken.gguf"):
         gguf_cache.cached_gguf_dir(gguf)
     assert list((tmp_path / "cache" / "models").iterdir()) == []
+    gguf.write_bytes(b"GGUF but not really a model")
+    with pytest.raises(UserError, match="broken.gguf"):
+        gguf_cache.cached_gguf_dir(gguf)
 
 
 def test_device_and_dtype_choices():

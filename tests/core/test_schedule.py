@@ -116,3 +116,12 @@ def test_the_full_schedule_runs_every_layer_at_every_step():
     assert full.is_full_depth() and full.alpha == 1.0
     assert [full.layers_at(step) for step in (0, 1, 50, 5000)] == [30, 30, 30, 30]
     assert full.kept_layers(5000) == tuple(range(30))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 4])
+def test_the_default_core_fits_a_shallow_model_and_a_users_core_is_still_checked(num_layers):
+    schedule = DecaySchedule.build(num_layers, alpha=0.9)
+    assert 1 <= schedule.head + schedule.tail <= schedule.min_layers <= num_layers
+    assert all(schedule.layers_at(step) >= schedule.min_layers for step in range(8))
+    with pytest.raises(UserError, match="must not exceed min-layers"):
+        DecaySchedule.build(num_layers, alpha=0.9, head=num_layers, tail=1)

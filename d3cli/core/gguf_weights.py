@@ -1,0 +1,210 @@
+"""A GGUF file's weights read straight from the file, one tensor at a time: no float copy of the model.
+
+The model is built without weights (its parameters on the meta device), then each tensor is read from the file when
+its module is built (weights.apply_weights goes one decoder layer at a time and releases what it read):
+
+    a linear weight of an exact type   its block form straight from the bytes (Q4_0/Q4_1/Q4_K as int4 groups, Q8_0
+                                       blocks), rows reordered as transformers' tensor processor reorders them
+    the embedding table                its bytes, memory-mapped: a lookup dequantizes only the rows it reads
+    anything else                      that tensor alone dequantized (the gguf package's dequantization, then
+                                       transformers' tensor processor: exactly what transformers' GGUF loader
+                                       makes of it), and freed once its module is built
+
+So loading needs about the file's size plus one tensor in float32, where transformers' loader dequantizes the whole
+model to float32 first (27 GB for a 7B file). tests/core/test_gguf_weights.py holds the result against transformers'
+own reading of the same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from d3cli.core.errors import UserError
+from d3cli.core.gguf_blocks import (
+    FLOAT_TYPES,
+    INT4_TYPES,
+    INT8_TYPES,
+    KEEPS_ROWS,
+    GGUFHeader,
+    TensorInfo,
+    row_order,
+)
+from d3cli.core.gguf_tiles import GGUFBlocks
+from d3cli.core.quantized import BlockInt8Embedding, QuantizedEmbedding
+from d3cli.core.weights import ModelWeights, _embed_scale
+
+
+class GGUFWeights(ModelWeights):
+    """The weight source of a model read from a GGUF file (see the module docstring): `form(name)` and
+    `values(name)` read the tensor of parameter `name` when asked, and keep it until `release()`."""
+
+    def __init__(self, header: GGUFHeader, names: dict[str, str], processor):
+        super().__init__()
+        self.path = header.tensors[0].path if header.tensors else ""
+        self.names, self.processor = names, processor
+        self.tensors: dict[str, TensorInfo] = {}
+        for tensor in header.tensors:
+            name = names.get(tensor.name)
+            if name is not None:
+                self.tensors[name] = tensor
+        self.types = {name: tensor.type_name for name, tensor in self.tensors.items()}
+        self.aliases: dict[str, str] = {}
+        self._read: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return self.aliases.get(name, name) in self.tensors
+
+    def tensor(self, name: str) -> TensorInfo:
+        tensor = self.tensors.get(self.aliases.get(name, name))
+        if tensor is None:
+            raise UserError(f"{self.path} has no tensor for {name}: the file is incomplete or not of the "
+                            "architecture its metadata names")
+        return tensor
+
+    def tie(self, head: str, embedding: str) -> None:
+        if head not in self.tensors:  # a file with its own output.weight keeps it
+            self.aliases[head] = embedding
+            if embedding in self.types:
+                self.types[head] = self.types[embedding]
+
+    def form(self, name: str):
+        key = ("form", self.aliases.get(name, name))
+        if key not in self._read:
+            self._read[key] = self._form(self.aliases.get(name, name))
+        return self._read[key]
+
+    def _form(self, name: str):
+        tensor = self.tensors.get(name)
+        if tensor is None or tensor.type_name not in INT4_TYPES + INT8_TYPES or len(tensor.shape) != 2:
+            return None
+        if tensor.columns % 32:
+            return None
+        order = row_order(self.processor, tensor.name, tensor.rows, self.names)
+        if order is None:  # the processor changes more than the row order: dequantized and processed instead
+            return None
+        raw = self._bytes(tensor)
+        return GGUFBlocks(raw if order is KEEPS_ROWS else raw[order.numpy()], tensor.type_name, tensor.rows,
+                          tensor.columns)
+
+    def values(self, name: str, module: nn.Module | None = None) -> torch.Tensor:
+        """The tensor of parameter `name` dequantized and processed as transformers' GGUF loader does, float32."""
+        key = ("values", self.aliases.get(name, name))
+        if key not in self._read:
+            self._read[key] = self._values(self.tensor(name))
+        return self._read[key]
+
+    def _values(self, tensor: TensorInfo) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        try:
+            values = dequantize(self._bytes(tensor), GGMLQuantizationType[tensor.type_name])
+        except NotImplementedError:
+            raise UserError(f"{self.path}: tensor {tensor.name} is of GGML type {tensor.type_name}, which neither "
+                            "d3 nor the gguf package can read; convert the file with another type") from None
+        values = np.asarray(values, dtype=np.float32).reshape(tensor.shape)
+        processed = self.processor.process(weights=values, name=tensor.name, tensor_key_mapping=self.names,
+                                           parsed_parameters={"tensors": {}, "config": {}})
+        if processed.name != tensor.name:
+            raise UserError(f"{self.path}: d3 reads GGUF files tensor by tensor, and transformers' processing of "
+                            f"this architecture's tensor {tensor.name} needs the whole model; it is not supported")
+        return torch.from_numpy(np.ascontiguousarray(processed.weights, dtype=np.float32))
+
+    def _bytes(self, tensor: TensorInfo) -> np.ndarray:
+        try:
+            return tensor.read()
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read {self.path}: {error}") from None
+
+    def embedding(self, name: str, dtype: torch.dtype, old: nn.Module) -> nn.Module | None:
+        """The table's own blocks: Q8_0 as `BlockInt8Embedding`, any other quantized type memory-mapped
+        (`GGUFRowsEmbedding`); None for a float table (dense)."""
+        tensor = self.tensor(name)
+        if tensor.type_name in FLOAT_TYPES:
+            return None
+        form = self.form(name)
+        padding, scale = getattr(old, "padding_idx", None), _embed_scale(old)
+        if isinstance(form, GGUFBlocks) and form.kernel_kind == 8:
+            return BlockInt8Embedding(form.exact(), dtype, padding, scale)
+        if row_order(self.processor, tensor.name, tensor.rows, self.names) is not KEEPS_ROWS:
+            return None  # an embedding the processor changes: dense
+        return GGUFRowsEmbedding(tensor, dtype, padding, scale)
+
+    def release(self) -> None:
+        self._read.clear()
+
+
+class GGUFRowsEmbedding(QuantizedEmbedding):
+    """An embedding table of any GGUF type, left in the file: a lookup reads and dequantizes only its rows (with the
+    gguf package's own dequantization, so exactly what transformers' loader computes for them)."""
+
+    def __init__(self, tensor: TensorInfo, dtype: torch.dtype, padding_idx: int | None = None,
+                 embed_scale: torch.Tensor | None = None):
+        super().__init__(tensor.rows, tensor.columns, dtype, padding_idx, embed_scale)
+        from gguf import GGMLQuantizationType
+
+        self.type_name = tensor.type_name
+        self.kind = f"{tensor.type_name} embedding"
+        self.qtype = GGMLQuantizationType[tensor.type_name]
+        # copy-on-write mapping: writable for torch, shared with the page cache, read only where looked up
+        mapped = np.memmap(tensor.path, dtype=np.uint8, mode="c", offset=tensor.offset, shape=(tensor.nbytes,))
+        self.table = torch.from_numpy(mapped).view(tensor.rows, -1)
+
+    def rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        flat = input_ids.reshape(-1).cpu()
+        values = dequantize(self.table[flat].numpy(), self.qtype)
+        return torch.from_numpy(np.asarray(values, dtype=np.float32)).reshape(*input_ids.shape, self.embedding_dim)
+
+    def stored_tensors(self) -> list:
+        return [self.table]
+
+    def __deepcopy__(self, memo):  # a copy of the model shares the mapped file (it is never written)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.type_name} blocks in the file"
+
+
+def load_gguf(gguf_path: Path, folder: Path, header: GGUFHeader, choice, device, fuse: bool = True):
+    """The model of a GGUF file with `choice` (weights.WeightChoice) on `device`, its tokenizer and the weights
+    report, reading the weights from the file (see the module docstring) and the config and tokenizer from the
+    converted metadata in `folder` (gguf_cache.cached_gguf_dir)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from d3cli.core.gguf_cache import empty_model, gguf_names, tensor_processor
+    from d3cli.core.skipping import find_decoder_layers
+    from d3cli.core.weights import apply_weights, embedding_name, head_name
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    model = empty_model(config)
+    source = GGUFWeights(header, gguf_names(folder), tensor_processor(
+        header.strings.get("general.architecture", ""), config))
+    head, embedding = head_name(model), embedding_name(model)
+    if head is not None and embedding is not None and f"{head}.weight" not in source:  # no output.weight: tied
+        model.get_submodule(head).weight = model.get_submodule(embedding).weight
+    layers = find_decoder_layers(model)
+    built_later = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)
+                   and (name == head or any(module is inner for inner in layers.modules()))}
+    built_later.add(f"{embedding}.weight")  # the rest (norms, biases, other layers) read now, each alone
+    for name, parameter in list(model.named_parameters()):
+        if name in built_later:
+            continue
+        module_name, _, attribute = name.rpartition(".")
+        values = source.values(name)
+        if values.numel() != parameter.numel():
+            raise UserError(f"{gguf_path}: tensor {source.tensor(name).name} holds {values.numel()} values where "
+                            f"the model's {name} needs {parameter.numel()}: the file's metadata and tensors disagree")
+        setattr(model.get_submodule(module_name), attribute,
+                nn.Parameter(values.reshape(parameter.shape), requires_grad=False))
+        source.release()
+    model.to(choice.dtype)
+    report = apply_weights(model, choice, source=source, fuse=fuse)
+    model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    return model.to(device).eval(), tokenizer, report

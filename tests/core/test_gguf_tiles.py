@@ -1,0 +1,53 @@
+"""A GGUF file's blocks packed straight into d3's tiles against the long way round: exact form, then
+quantized.pack_*_tiles, to the byte, for every packed type and both tile layouts the kernels use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf_files import tensor_bytes
+
+from d3cli.core.gguf_tiles import PACKED_TYPES, GGUFBlocks, joined
+from d3cli.core.quantized import AffineInt4, exact_scales, pack_int4_tiles, pack_int8_tiles, pack_tile_scales
+
+
+def long_way(form, tile_rows: int, unsigned: bool):
+    if isinstance(form, AffineInt4):
+        scale, offset = exact_scales(form.scale, form.offset)
+        return pack_int4_tiles(form.q, tile_rows), pack_tile_scales(scale, tile_rows), pack_tile_scales(
+            offset, tile_rows)
+    (scale,) = exact_scales(form.scale)
+    return pack_int8_tiles(form.q, tile_rows, unsigned), pack_tile_scales(scale, tile_rows), None
+
+
+@pytest.mark.parametrize("layout", [(8, False), (16, True)])
+@pytest.mark.parametrize("type_name", sorted(PACKED_TYPES))
+def test_packing_the_files_blocks_gives_the_tiles_of_their_exact_form(type_name, layout):
+    tile_rows, unsigned = layout
+    rows, columns = 20, 512  # a last tile part padding
+    raw, _ = tensor_bytes((rows, columns), 0.05, type_name, np.random.default_rng(3))
+    blocks = GGUFBlocks(np.asarray(raw).view(np.uint8).reshape(rows, -1), type_name, rows, columns)
+    packed = blocks.packed(tile_rows, unsigned)
+    tiles, scale, offset = long_way(blocks.exact(), tile_rows, unsigned)
+    assert packed.tiles.dtype == torch.uint8 and torch.equal(packed.tiles, tiles)
+    assert packed.scale.dtype == scale.dtype and torch.equal(packed.scale, scale)
+    assert (packed.offset is None) == (offset is None)
+    if offset is not None:
+        assert packed.offset.dtype == offset.dtype and torch.equal(packed.offset, offset)
+    if type_name in ("Q4_0", "Q4_1", "Q8_0"):
+        assert packed.scale.dtype == torch.float16  # the file's own float16 scales
+
+
+def test_stacked_weights_join_tile_by_tile_with_one_scale_dtype():
+    rng = np.random.default_rng(4)
+    parts = []
+    for type_name in ("Q4_0", "Q4_K"):
+        raw, _ = tensor_bytes((16, 256), 0.05, type_name, rng)
+        parts.append(GGUFBlocks(np.asarray(raw).view(np.uint8).reshape(16, -1), type_name, 16, 256))
+    packed = [part.packed(16, True) for part in parts]
+    assert [part.scale.dtype for part in packed] == [torch.float16, torch.float32]
+    both = joined(packed)
+    assert both.rows == 32 and both.scale.dtype == torch.float32
+    assert torch.equal(both.tiles, torch.cat([part.tiles for part in packed]))
+    assert torch.equal(both.scale[:1], packed[0].scale.float())
