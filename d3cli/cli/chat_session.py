@@ -101,7 +101,8 @@ class ChatSession:
             reply, interrupted = stopped.replies[0], True
         self.turn += 1
         record = {"turn": self.turn, **reply_record(reply, conversation.decode_plan(), conversation.loaded.name,
-                                                     len(plan.token_ids), weights=conversation.loaded.weights)}
+                                                     len(plan.token_ids), weights=conversation.loaded.weights,
+                                                     loaded=conversation.loaded)}
         self.records.append(record)
         if self.as_jsonl:
             render.write_json_line(record)

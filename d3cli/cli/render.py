@@ -177,7 +177,8 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
         ("tokens", f"{record['generated_tokens']} ({record['finish_reason']})"),
         ("mean layers", f"{record['mean_layers']:.1f} of {num_layers}"),
         ("layer compute", f"{100 * record['layer_ratio']:.1f}% of full depth"),
-        ("tokens/s", f"{record['tokens_per_s']:.1f}"),
+        ("tokens/s", tokens_per_s_text(record)),
+        *([("load", load_text(record))] if record.get("load_s") is not None else []),
         ("speedup (estimated)", f"{record['estimated_speedup']:.2f}× from layer counts; an upper bound"),
     ]
     if "baseline" in record:
@@ -188,6 +189,22 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
             ("identical to full depth", "yes" if record["identical"] else "no"),
         ]
     return rows
+
+
+def tokens_per_s_text(record: dict) -> str:
+    """Decode and prefill rates apart, then the whole reply's."""
+    parts = []
+    if record.get("decode_tokens_per_s") is not None:
+        parts.append(f"{record['decode_tokens_per_s']:.1f} decoding")
+    if record.get("prefill_tokens_per_s") is not None:
+        parts.append(f"{record['prefill_tokens_per_s']:.1f} prefill ({record['prompt_tokens']} prompt tokens)")
+    parts.append(f"{record['tokens_per_s']:.1f} over the whole reply")
+    return ", ".join(parts)
+
+
+def load_text(record: dict) -> str:
+    peak = record.get("peak_memory_bytes")
+    return f"{record['load_s']:.1f} s" + (f", peak memory {peak / 2**30:.2f} GiB" if peak else "")
 
 
 def schedule_source_text(record: dict) -> str:

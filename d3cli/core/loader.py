@@ -15,6 +15,7 @@ import gc
 import importlib.metadata
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class LoadedModel(NamedTuple):
     name: str  # what the user asked for, as reported in JSON output
     calibration: object = None  # its model_calibration.ModelCalibration, once DecodeSettings.with_calibration found it
     weights: object = None  # weights.WeightsReport: which weights ran
+    load_s: float | None = None  # seconds the load took
 
 
 def embedded_gguf_path() -> Path:
@@ -227,8 +229,10 @@ def load(
     `load(ModelOptions)`, or (in tests and scripts) `load(model_ref, device=..., dtype=..., weights=...)`."""
     if not isinstance(options, ModelOptions):
         options = ModelOptions(options, device, dtype, device_map, trust_remote_code, weights, group_size)
+    started = time.perf_counter()
     with _collector_paused_then_frozen():
-        return _load(options)
+        loaded = _load(options)
+    return loaded._replace(load_s=time.perf_counter() - started)
 
 
 @contextlib.contextmanager

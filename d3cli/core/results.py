@@ -38,7 +38,18 @@ class Reply:
 
     @property
     def tokens_per_s(self) -> float:
+        """Generated tokens over the whole time, prefill included (what a user waits for per token)."""
         return self.generated_tokens / self.time_s if self.time_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first over the time after it: the decode steps alone (None before a second token)."""
+        decode_s = self.time_s - (self.first_token_s or 0.0)
+        return (self.generated_tokens - 1) / decode_s if self.generated_tokens > 1 and decode_s > 0 else None
+
+    def prefill_tokens_per_s(self, prompt_tokens: int) -> float | None:
+        """Prompt tokens over the time to the first token (the prefill, which produces it)."""
+        return prompt_tokens / self.first_token_s if self.first_token_s else None
 
 
 class ReplyCollector:
@@ -127,11 +138,25 @@ def schedule_fields(plan) -> dict[str, object]:
             "schedule_source": plan.schedule_source}
 
 
+def _rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def load_fields(loaded) -> dict[str, object]:
+    """How long the model took to load and the process's peak memory so far (a loader.LoadedModel)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return {"load_s": _rounded(getattr(loaded, "load_s", None), 2), "peak_memory_bytes": peak}
+
+
 def reply_record(
     reply: Reply, plan, model_name: str, prompt_tokens: int, baseline: Reply | None = None, weights=None,
+    loaded=None,
 ) -> dict[str, object]:
     """The JSON object of `generate --json` / `--jsonl` for one reply decoded with `plan` (a plan.DecodePlan, whose
-    calibration it names); `weights` what ran (weights.WeightsReport) or None."""
+    calibration it names); `weights` what ran (weights.WeightsReport) or None; `loaded` the loader.LoadedModel (its
+    load time and the peak memory are reported) or None."""
     schedule = plan.schedule
     record: dict[str, object] = {
         "model": model_name,
@@ -150,7 +175,10 @@ def reply_record(
         "time_s": round(reply.time_s, 4),
         "time_to_first_token_s": round(reply.first_token_s or 0.0, 4),
         "tokens_per_s": round(reply.tokens_per_s, 3),
+        "prefill_tokens_per_s": _rounded(reply.prefill_tokens_per_s(prompt_tokens)),
+        "decode_tokens_per_s": _rounded(reply.decode_tokens_per_s),
         "finish_reason": reply.finish_reason,
+        **(load_fields(loaded) if loaded is not None else {}),
     }
     if baseline is not None:
         record["baseline"] = {

@@ -14,7 +14,8 @@ from conftest import d3_executable, default_ctrl_c
 JSON_KEYS = {
     "model", "alpha", "min_layers", "warmup", "head", "tail", "skip_order", "num_layers", "prompt_tokens",
     "generated_tokens", "text", "token_ids", "layers_per_token", "mean_layers", "layer_ratio", "time_s",
-    "tokens_per_s", "weights", "weights_detail",
+    "tokens_per_s", "weights", "weights_detail", "prefill_tokens_per_s", "decode_tokens_per_s", "load_s",
+    "peak_memory_bytes",
 }
 SCHEDULE = ["--alpha", "0.8", "--min-layers", "3", "--head", "1", "--tail", "1"]
 
@@ -62,6 +63,12 @@ def test_json_has_every_key_and_consistent_numbers(cli, tiny_model_dir):
     assert record["layer_ratio"] == pytest.approx(record["mean_layers"] / 8, abs=1e-4)
     assert (record["alpha"], record["min_layers"], record["head"], record["tail"]) == (0.8, 3, 1, 1)
     assert record["tokens_per_s"] > 0 and record["time_s"] > 0
+    # decode and prefill apart: the decode rate leaves the prefill's time out, the whole-reply rate does not
+    decode_s = record["time_s"] - record["time_to_first_token_s"]
+    assert record["decode_tokens_per_s"] == pytest.approx((record["generated_tokens"] - 1) / decode_s, rel=1e-2)
+    assert record["prefill_tokens_per_s"] == pytest.approx(
+        record["prompt_tokens"] / record["time_to_first_token_s"], rel=1e-2)
+    assert record["load_s"] > 0 and record["peak_memory_bytes"] > 100e6
 
 
 def test_compare_adds_the_full_depth_baseline(cli, tiny_model_dir):

@@ -20,3 +20,13 @@ def test_one_reply_and_a_session_of_it_agree():
     totals = session_totals([{"generated_tokens": 3, "layers_per_token": [30, 25, 20], "time_s": 0.3}], 30)
     assert (totals["layer_ratio"], totals["estimated_speedup"]) == pytest.approx(
         (layer_ratio(reply, 30), estimated_speedup(reply, 30)))
+
+
+def test_decode_and_prefill_rates_are_apart_from_the_whole_replys():
+    from d3cli.core.results import Reply
+
+    reply = Reply(token_ids=[1, 2, 3, 4, 5], time_s=3.0, first_token_s=2.0)  # a long prefill, 4 quick steps
+    assert reply.tokens_per_s == pytest.approx(5 / 3)
+    assert reply.decode_tokens_per_s == pytest.approx(4 / 1.0)
+    assert reply.prefill_tokens_per_s(600) == pytest.approx(300)
+    assert Reply(token_ids=[1], time_s=1.0, first_token_s=1.0).decode_tokens_per_s is None

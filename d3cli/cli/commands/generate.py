@@ -138,7 +138,7 @@ def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, s
         if reply is None:  # stopped during the D3 run, not during the baseline
             (reply,) = stopped.replies
 
-    record = reply_record(reply, plan, loaded.name, len(prepared.token_ids), baseline, loaded.weights)
+    record = reply_record(reply, plan, loaded.name, len(prepared.token_ids), baseline, loaded.weights, loaded)
     if as_json:
         render.write_json_line(record)
     elif on_terminal:
@@ -194,5 +194,5 @@ def line_record(loaded, prepared: PreparedPrompt, reply: Reply, plan, baseline: 
     record = {"line": prepared.line}
     if prepared.request_id is not None:
         record["id"] = prepared.request_id
-    record.update(reply_record(reply, plan, loaded.name, len(prepared.token_ids), baseline, loaded.weights))
+    record.update(reply_record(reply, plan, loaded.name, len(prepared.token_ids), baseline, loaded.weights, loaded))
     return record
