@@ -120,12 +120,18 @@ class TensorInfo:
 
     def read(self) -> np.ndarray:
         """The tensor's bytes as [rows, bytes per row], read from the file (not kept mapped in memory)."""
+        return self.read_rows(0, self.rows)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of the tensor's bytes, [stop - start, bytes per row], read from the file."""
+        row_bytes = self.nbytes // self.rows if self.rows else 0
+        wanted = (stop - start) * row_bytes
         with open(self.path, "rb") as handle:
-            handle.seek(self.offset)
-            data = np.frombuffer(handle.read(self.nbytes), dtype=np.uint8)
-        if data.size != self.nbytes:
+            handle.seek(self.offset + start * row_bytes)
+            data = np.frombuffer(handle.read(wanted), dtype=np.uint8)
+        if data.size != wanted:
             raise ValueError(f"tensor {self.name} is cut short: the file ends inside it")
-        return data.reshape(self.rows, -1)
+        return data.reshape(stop - start, row_bytes)
 
 
 class GGUFHeader(NamedTuple):

@@ -38,6 +38,9 @@ from d3cli.core.quantized import BlockInt8Embedding, QuantizedEmbedding
 from d3cli.core.weights import ModelWeights, _embed_scale
 
 
+ROWS_AT_ONCE = 1024  # rows of a tensor dequantized at once
+
+
 class GGUFWeights(ModelWeights):
     """The weight source of a model read from a GGUF file (see the module docstring): `form(name)` and
     `values(name)` read the tensor of parameter `name` when asked, and keep it until `release()`."""
@@ -97,16 +100,36 @@ class GGUFWeights(ModelWeights):
             self._read[key] = self._values(self.tensor(name))
         return self._read[key]
 
+    def row_slices(self, name: str, module: nn.Module | None = None):
+        """The values of a 2-D weight that the processor leaves as it is, dequantized ROWS_AT_ONCE rows at a time
+        (nothing kept); other tensors whole, as `values`."""
+        tensor = self.tensor(name)
+        if len(tensor.shape) != 2 or row_order(self.processor, tensor.name, tensor.rows, self.names) is not KEEPS_ROWS:
+            yield self.values(name, module)
+            return
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        qtype = GGMLQuantizationType[tensor.type_name]
+        for start in range(0, tensor.rows, ROWS_AT_ONCE):
+            rows = tensor.read_rows(start, min(tensor.rows, start + ROWS_AT_ONCE))
+            yield torch.from_numpy(np.asarray(dequantize(rows, qtype), dtype=np.float32).reshape(-1, tensor.columns))
+
     def _values(self, tensor: TensorInfo) -> torch.Tensor:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        try:
-            values = dequantize(self._bytes(tensor), GGMLQuantizationType[tensor.type_name])
+        raw, qtype = self._bytes(tensor), GGMLQuantizationType[tensor.type_name]
+        values = np.empty((tensor.rows, tensor.columns), dtype=np.float32)
+        try:  # in slices of rows: the gguf package's dequantization makes several temporaries of its input's size
+            for start in range(0, tensor.rows, ROWS_AT_ONCE):
+                values[start:start + ROWS_AT_ONCE] = dequantize(raw[start:start + ROWS_AT_ONCE], qtype).reshape(
+                    -1, tensor.columns)
         except NotImplementedError:
             raise UserError(f"{self.path}: tensor {tensor.name} is of GGML type {tensor.type_name}, which neither "
                             "d3 nor the gguf package can read; convert the file with another type") from None
-        values = np.asarray(values, dtype=np.float32).reshape(tensor.shape)
+        del raw
+        values = values.reshape(tensor.shape)
         processed = self.processor.process(weights=values, name=tensor.name, tensor_key_mapping=self.names,
                                            parsed_parameters={"tensors": {}, "config": {}})
         if processed.name != tensor.name:
@@ -136,6 +159,27 @@ class GGUFWeights(ModelWeights):
 
     def release(self) -> None:
         self._read.clear()
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by the layer just built back to the system (glibc keeps freed blocks of a few MB in its
+    heap otherwise, and the process's peak grows with every layer's temporaries)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 (glibc only)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 class GGUFRowsEmbedding(QuantizedEmbedding):

@@ -94,10 +94,15 @@ def quantize_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> AffineI
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A float weight [N, K] as int8 per output channel: (q [N, K] int8, scale [N] float32), scale = max|w| / 127."""
-    weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1) / 127
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (weight / safe[:, None]).round().clamp(-127, 127).to(torch.int8)
+    weight = weight.detach()
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], 1024):  # in slices of rows: no temporaries of the whole weight's size
+        rows = weight[start:start + 1024].float()
+        scale[start:start + 1024] = rows.abs().amax(dim=1) / 127
+        part = scale[start:start + 1024]
+        safe = torch.where(part > 0, part, torch.ones_like(part))
+        q[start:start + 1024] = (rows / safe[:, None]).round().clamp(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -145,8 +150,10 @@ def pack_int8_tiles(q: torch.Tensor, tile_rows: int, unsigned: bool) -> torch.Te
     tiles = _tiles_of(q.to(torch.int8), tile_rows)
     count, rows, columns = tiles.shape
     quads = tiles.reshape(count, rows, columns // 32, 8, 4).permute(0, 2, 3, 1, 4)  # t, b, j, r, i
-    values = (quads.to(torch.int16) + 128).to(torch.uint8) if unsigned else quads.contiguous().view(torch.uint8)
-    return values.reshape(count, -1).contiguous()
+    values = quads.contiguous().view(torch.uint8)
+    if unsigned:  # w + 128 as a byte is w's two's-complement byte with its top bit flipped
+        values.bitwise_xor_(0x80)
+    return values.reshape(count, -1)
 
 
 class TiledWeights(nn.Module):

@@ -192,6 +192,11 @@ class ModelWeights:
         form = self.forms.get(name)
         return form.dequantize() if form is not None else module.weight.detach()
 
+    def row_slices(self, name: str, module: nn.Module | None = None):
+        """The weight's values (as `values`) in slices of rows, for a re-quantization that needs no copy of the
+        whole weight in float: here one slice."""
+        yield self.values(name, module)
+
     def tie(self, head: str, embedding: str) -> None:
         """The LM head's weight `head` is the embedding table's `embedding`."""
         for known in (self.forms, self.types):
@@ -252,6 +257,18 @@ class _Builder:
     def values(self, name: str, form, linear: nn.Linear) -> torch.Tensor:
         return form.dequantize() if form is not None else self.source.values(f"{name}.weight", linear)
 
+    def quantized(self, name: str, form, linear: nn.Linear, quantize):
+        """`quantize` (quantize_int8, or quantize_int4 with its group) of the weight's values, slice of rows by
+        slice of rows where the source reads them so (each quantizes rows alone), joined."""
+        if form is not None:
+            return quantize(form.dequantize())
+        parts = [quantize(rows) for rows in self.source.row_slices(f"{name}.weight", linear)]
+        if len(parts) == 1:
+            return parts[0]
+        if isinstance(parts[0], AffineInt4):
+            return AffineInt4(*(torch.cat(tensors) for tensors in zip(*((p.q, p.scale, p.offset) for p in parts))))
+        return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
     def build(self, names: Sequence[str], linears: Sequence[nn.Linear], kind: str) -> nn.Module:
         """One module computing the linear layers `linears` (named `names`), their outputs side by side."""
         forms = [self.source.form(f"{name}.weight") for name in names]
@@ -268,7 +285,8 @@ class _Builder:
         forms = [form.exact() if isinstance(form, GGUFBlocks) else form for form in forms]
         if kind == "int4":  # a GGUF file's 4-bit blocks as they are (groups of 32); float weights in groups
             group = GROUP_SIZE if any(isinstance(form, AffineInt4) for form in forms) else self.group_size
-            parts = [form if isinstance(form, AffineInt4) else quantize_int4(self.values(name, form, linear), group)
+            parts = [form if isinstance(form, AffineInt4) else self.quantized(
+                name, form, linear, lambda values, group=group: quantize_int4(values, group))
                      for name, form, linear in zip(names, forms, linears)]
             self.groups[group] += len(parts)
             return Int4Linear(AffineInt4(*(torch.cat(tensors) for tensors in zip(
@@ -277,8 +295,9 @@ class _Builder:
             return BlockInt8Linear(BlockInt8(torch.cat([form.q for form in forms]),
                                              torch.cat([form.scale for form in forms])), bias, self.choice.dtype)
         if kind == "int8":
-            q, scale = quantize_int8(torch.cat([self.values(name, form, linear)
-                                                for name, form, linear in zip(names, forms, linears)]))
+            parts = [self.quantized(name, form, linear, quantize_int8) for name, form, linear in
+                     zip(names, forms, linears)]  # per output channel: each part's rows alone
+            q, scale = (torch.cat(tensors) for tensors in zip(*parts))
             return Int8Linear(q, scale, bias, self.choice.dtype)
         dtype = getattr(torch, kind)
         if len(linears) == 1 and forms[0] is None and linears[0].weight.device.type != "meta":

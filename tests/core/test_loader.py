@@ -150,3 +150,17 @@ def test_a_model_the_hub_does_not_have_is_one_line(tmp_path, tiny_model_dir):
         result = run_generate("tiny-org/other-model", hub_env(tmp_path, hub.endpoint))
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "tiny-org/other-model" in result.stderr
+
+
+def test_a_model_larger_than_the_free_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    from gguf_files import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "model.gguf", loader.embedded_gguf_path(), {})
+    monkeypatch.setattr(loader, "available_memory", lambda: 1_000_000)
+    built = []
+    monkeypatch.setattr(loader, "load_gguf", lambda *args, **kwargs: built.append(args))
+    with pytest.raises(UserError, match=r"needs about [\d.]+ GiB in its own blocks, and this machine has 0.0 GiB free"):
+        loader.load(str(gguf))
+    with pytest.raises(UserError, match=r"as float32.*--weights int4"):
+        loader.load(str(gguf), weights="float32")
+    assert built == []
