@@ -119,19 +119,20 @@ class TensorInfo:
     nbytes: int = 0
 
     def read(self) -> np.ndarray:
-        """The tensor's bytes as [rows, bytes per row], read from the file (not kept mapped in memory)."""
+        """The tensor's bytes as [rows, bytes per row], mapped from the file for as long as they are used."""
         return self.read_rows(0, self.rows)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1 of the tensor's bytes, [stop - start, bytes per row], read from the file."""
+        """Rows start..stop-1 of the tensor's bytes, [stop - start, bytes per row], mapped from the file."""
         row_bytes = self.nbytes // self.rows if self.rows else 0
         wanted = (stop - start) * row_bytes
-        with open(self.path, "rb") as handle:
-            handle.seek(self.offset + start * row_bytes)
-            data = np.frombuffer(handle.read(wanted), dtype=np.uint8)
-        if data.size != wanted:
+        if os.path.getsize(self.path) < self.offset + start * row_bytes + wanted:
             raise ValueError(f"tensor {self.name} is cut short: the file ends inside it")
-        return data.reshape(stop - start, row_bytes)
+        if wanted == 0:
+            return np.zeros((stop - start, row_bytes), dtype=np.uint8)
+        # a mapping of its own (no copy through a read buffer), unmapped when the last view of it goes
+        return np.memmap(self.path, dtype=np.uint8, mode="c", offset=self.offset + start * row_bytes,
+                         shape=(stop - start, row_bytes))
 
 
 class GGUFHeader(NamedTuple):

@@ -69,9 +69,23 @@ def _q4k_pairs(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return paired.reshape(rows, supers * 8, 16), scale, offset
 
 
+KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q4_K": 2, "Q8_0": 3}  # torch.ops.d3.pack_gguf's type numbers
+
+
 def pack_gguf(raw: np.ndarray, type_name: str, rows: int, columns: int, tile_rows: int,
               unsigned: bool) -> PackedTiles:
-    """A tensor's bytes ([rows, bytes per row]) of a type in PACKED_TYPES as the kernels' tiles."""
+    """A tensor's bytes ([rows, bytes per row]) of a type in PACKED_TYPES as the kernels' tiles: by d3's kernel
+    (one pass, d3cli/kernels/pack.cpp) when it is loaded, else by numpy (`pack_gguf_numpy`, the same bytes)."""
+    from d3cli import kernels
+
+    if not kernels.loaded():
+        return pack_gguf_numpy(raw, type_name, rows, columns, tile_rows, unsigned)
+    return pack_joined([GGUFBlocks(raw, type_name, rows, columns)], tile_rows, unsigned)
+
+
+def pack_gguf_numpy(raw: np.ndarray, type_name: str, rows: int, columns: int, tile_rows: int,
+                    unsigned: bool) -> PackedTiles:
+    """`pack_gguf` in numpy (where d3's kernels are not loaded; the reference the kernel is tested against)."""
     kind, block_bytes = PACKED_TYPES[type_name]
     blocks = np.ascontiguousarray(raw).reshape(rows, -1, block_bytes)
     if type_name == "Q4_K":
@@ -129,3 +143,39 @@ def joined(parts: list[PackedTiles]) -> PackedTiles:
     return PackedTiles(parts[0].kernel_kind, torch.cat([part.tiles for part in parts]),
                        torch.cat([part.scale.to(dtype) for part in parts]), offsets,
                        sum(part.rows for part in parts), parts[0].columns)
+
+
+def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool) -> PackedTiles:
+    """Weights stacked by rows (whole tiles each, all int4 or all Q8_0) packed as one: by d3's kernel straight into
+    one buffer (no copy to join them), else part by part and `joined`."""
+    from d3cli import kernels
+
+    if not kernels.loaded():
+        return joined([pack_gguf_numpy(part.raw, part.type_name, part.rows, part.columns, tile_rows, unsigned)
+                       for part in parts])
+    kind = parts[0].kernel_kind
+    counts = [-(-part.rows // tile_rows) for part in parts]
+    groups, total = parts[0].columns // 32, sum(counts)
+    tiles = torch.empty(total, groups * 32 * tile_rows // (1 if kind == 8 else 2), dtype=torch.uint8)
+    # float16 where it holds every scale exactly (exact_scales): always Q4_0/Q4_1/Q8_0's, seldom Q4_K's (tried last)
+    k_quants = any(part.type_name == "Q4_K" for part in parts)
+    for dtype in (torch.float32, torch.float16) if k_quants else (torch.float16, torch.float32):
+        scale = torch.empty(total, groups, tile_rows, dtype=dtype)
+        offset = torch.empty_like(scale) if kind == 4 else torch.empty(0, dtype=dtype)
+        exact, start = True, 0
+        for part, count in zip(parts, counts):
+            source = torch.from_numpy(np.ascontiguousarray(part.raw)).reshape(part.rows, -1)
+            exact &= torch.ops.d3.pack_gguf_into(source, KERNEL_TYPES[part.type_name], tile_rows, unsigned,
+                                                 tiles[start:start + count], scale[start:start + count],
+                                                 offset[start:start + count] if kind == 4 else offset)
+            start += count
+            if not exact:
+                break
+        if exact and dtype == torch.float32 and k_quants:
+            if torch.equal(scale.half().float(), scale) and torch.equal(offset.half().float(), offset):
+                scale, offset = scale.half(), offset.half()
+            break
+        if exact:
+            break
+    return PackedTiles(kind, tiles, scale, offset if kind == 4 else None, sum(part.rows for part in parts),
+                       parts[0].columns)

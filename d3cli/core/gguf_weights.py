@@ -222,33 +222,13 @@ def load_gguf(gguf_path: Path, folder: Path, header: GGUFHeader, choice, device,
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from d3cli.core.gguf_cache import empty_model, gguf_names, tensor_processor
-    from d3cli.core.skipping import find_decoder_layers
-    from d3cli.core.weights import apply_weights, embedding_name, head_name
+    from d3cli.core.streamed import fill_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     model = empty_model(config)
     source = GGUFWeights(header, gguf_names(folder), tensor_processor(
         header.strings.get("general.architecture", ""), config))
-    head, embedding = head_name(model), embedding_name(model)
-    if head is not None and embedding is not None and f"{head}.weight" not in source:  # no output.weight: tied
-        model.get_submodule(head).weight = model.get_submodule(embedding).weight
-    layers = find_decoder_layers(model)
-    built_later = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)
-                   and (name == head or any(module is inner for inner in layers.modules()))}
-    built_later.add(f"{embedding}.weight")  # the rest (norms, biases, other layers) read now, each alone
-    for name, parameter in list(model.named_parameters()):
-        if name in built_later:
-            continue
-        module_name, _, attribute = name.rpartition(".")
-        values = source.values(name)
-        if values.numel() != parameter.numel():
-            raise UserError(f"{gguf_path}: tensor {source.tensor(name).name} holds {values.numel()} values where "
-                            f"the model's {name} needs {parameter.numel()}: the file's metadata and tensors disagree")
-        setattr(model.get_submodule(module_name), attribute,
-                nn.Parameter(values.reshape(parameter.shape), requires_grad=False))
-        source.release()
-    model.to(choice.dtype)
-    report = apply_weights(model, choice, source=source, fuse=fuse)
+    report = fill_model(model, source, choice, fuse, what=str(gguf_path))
     model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     return model.to(device).eval(), tokenizer, report

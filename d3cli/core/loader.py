@@ -278,9 +278,9 @@ def _load(options: ModelOptions) -> LoadedModel:
         elif _looks_like_path(model_ref):
             raise UserError(f"no such file or folder: {model_ref}")
 
-    def choose(types):
-        return resolve_weights(options.weights, options.dtype, target_device, gguf_types=types, device_map=device_map,
-                               group_size=options.group_size, default_dtype=resolve_dtype)
+    def choose(types, weights: str | None = None):
+        return resolve_weights(weights or options.weights, options.dtype, target_device, gguf_types=types,
+                               device_map=device_map, group_size=options.group_size, default_dtype=resolve_dtype)
 
     fuse = options.fused and device_map is None
     with warnings.catch_warnings():
@@ -295,16 +295,77 @@ def _load(options: ModelOptions) -> LoadedModel:
             if device_map is not None:
                 model = _dispatch(model, device_map)
         else:
-            choice = choose(None)
-            source = str(Path(model_ref).expanduser()) if Path(model_ref).expanduser().is_dir() else model_ref
-            model, tokenizer = _load_hf(source, Path(source).is_dir(), choice.dtype if not choice.quantized
-                                        else "auto", device_map, options.trust_remote_code)
-            if device_map is None:
-                model = model.to(target_device)
-            report = apply_weights(model, choice, fuse=fuse)
-            model = model.to(choice.dtype) if device_map is None else model
+            folder = Path(model_ref).expanduser()
+            streamed = _load_folder_streamed(folder, options, choose, target_device, fuse) if (
+                folder.is_dir() and device_map is None) else None
+            if streamed is not None:
+                model, tokenizer, report = streamed
+            else:
+                choice = choose(None)
+                source = str(folder) if folder.is_dir() else model_ref
+                model, tokenizer = _load_hf(source, Path(source).is_dir(), choice.dtype if not choice.quantized
+                                            else "auto", device_map, options.trust_remote_code)
+                if device_map is None:
+                    model = model.to(target_device)
+                report = apply_weights(model, choice, fuse=fuse)
+                model = model.to(choice.dtype) if device_map is None else model
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, weights=report)
+
+
+def _load_folder_streamed(folder: Path, options: ModelOptions, choose, device, fuse: bool):
+    """A local folder of safetensors shards built empty and filled tensor by tensor (streamed.py), in the kind
+    `--weights` asks for or, for `auto` on the CPU, the first of float32, int8 and int4 that fits the free memory;
+    None where the shards do not name the model's parameters (transformers' loader then reads them)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from d3cli.core.streamed import SafetensorsWeights, load_folder, safetensors_files
+
+    files = safetensors_files(folder)
+    if files is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=options.trust_remote_code,
+                                            local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=options.trust_remote_code,
+                                                  local_files_only=True)
+    except (OSError, ValueError):
+        return None  # transformers' loader says what is wrong
+    values = SafetensorsWeights(files).numel()
+    choice = choose(None)
+    if options.weights == "auto" and options.dtype == "auto" and device.type == "cpu":
+        choice = fitting_kind(choice, values, choose)
+    refuse_if_too_big(folder_needs(values, choice), folder.name, choice)
+    loaded = load_folder(folder, files, config, choice, device, fuse, options.trust_remote_code)
+    return None if loaded is None else (loaded[0], tokenizer, loaded[1])
+
+
+BYTES_PER_VALUE = {"int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}  # with a float16 scale (and offset) per 32 at most
+
+
+def folder_needs(values: int, choice) -> int:
+    """About the bytes a float checkpoint of `values` values takes loaded with `choice`."""
+    import torch
+
+    per_value = BYTES_PER_VALUE.get(choice.kind) or torch.empty((), dtype=choice.dtype).element_size()
+    return int(values * per_value)
+
+
+def fitting_kind(choice, values: int, choose):
+    """`auto` for a float checkpoint on the CPU: dense float32 (exact) where it fits in 80 % of the free memory,
+    else int8 per channel (d3's kernels, near-lossless), else int4; the reason goes into the weights report."""
+    import dataclasses
+
+    free = available_memory()
+    if free is None or folder_needs(values, choice) <= 0.8 * free:
+        return choice
+    for kind in ("int8", "int4"):
+        fallback = choose(None, kind)
+        if folder_needs(values, fallback) <= 0.8 * free or kind == "int4":
+            return dataclasses.replace(fallback, why=(
+                f"float32 would take {folder_needs(values, choice) / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB "
+                f"free; {kind} runs on d3's kernels"))
+    return choice
 
 
 def available_memory() -> int | None:
@@ -334,10 +395,11 @@ def refuse_if_too_big(needed: int, what: str, choice) -> None:
     built in the CPU's memory, then moved)."""
     free = available_memory()
     if free is not None and needed > free:
-        kind = "in its own blocks" if choice.quantized else f"as {choice.kind}"
+        kind = "in its own blocks" if choice.kind == "file" else f"as {choice.kind}"
         raise UserError(f"{what} needs about {needed / 2**30:.1f} GiB {kind}, and this machine has "
-                        f"{free / 2**30:.1f} GiB free: use a smaller file"
-                        + (", or --weights int4" if not choice.quantized else "") + ", or free memory")
+                        f"{free / 2**30:.1f} GiB free: use a smaller model"
+                        + (", or --weights int4" if choice.kind != "int4" and choice.kind != "file" else "")
+                        + ", or free memory")
 
 
 def _dispatch(model, device_map: str):

@@ -314,7 +314,7 @@ class _Builder:
     def packed(forms: Sequence, kind: str):
         """The forms as one gguf_tiles.PackedTiles when every one is a GGUF file's blocks of `kind` and d3's kernels
         run (parts stack by whole tiles), else None."""
-        from d3cli.core.gguf_tiles import joined
+        from d3cli.core.gguf_tiles import pack_joined
 
         kernel_kind = {"int4": 4, "int8": 8}.get(kind)
         if kernel_kind is None or not forms or not all(
@@ -325,7 +325,7 @@ class _Builder:
         tile_rows, unsigned = kernels.layout()
         if any(form.rows % tile_rows for form in forms[:-1]):
             return None
-        return joined([form.packed(tile_rows, unsigned) for form in forms])
+        return pack_joined(list(forms), tile_rows, unsigned)
 
     def build_runs(self, names: Sequence[str], linears: Sequence[nn.Linear]) -> list[nn.Module]:
         """Modules for consecutive linear layers: neighbours of the same stored kind share one module."""

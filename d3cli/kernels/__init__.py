@@ -4,6 +4,7 @@
     linear.cpp          torch.ops.d3.q4_linear / q8_linear: a quantized linear layer, any number of rows
     decoder_layer.cpp   torch.ops.d3.decoder_layer(s): Llama-family layers in one call and one thread team
     argmax.cpp          torch.ops.d3.argmax: the greedy token, as torch.argmax picks it, faster
+    pack.cpp            torch.ops.d3.pack_gguf: a GGUF file's 4/8-bit blocks into the tiles, in one pass
 
 Why: torch's own int4/int8 weight-only kernels keep activations in bfloat16 and dequantize every weight, which on an
 AVX2 CPU costs more than streaming the weights does; these kernels quantize the activations to int8 per block of 32
@@ -27,7 +28,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-SOURCES = ("linear.cpp", "decoder_layer.cpp", "argmax.cpp")
+SOURCES = ("linear.cpp", "decoder_layer.cpp", "argmax.cpp", "pack.cpp")
 HEADERS = ("blocks.h", "linear.h", "vector_math.h")
 LIBRARY = "d3_kernels.so"
 SWITCH = "D3_KERNELS"  # "off": torch's kernels only

@@ -8,7 +8,8 @@ import pytest
 import torch
 from gguf_files import tensor_bytes
 
-from d3cli.core.gguf_tiles import PACKED_TYPES, GGUFBlocks, joined
+from d3cli import kernels
+from d3cli.core.gguf_tiles import PACKED_TYPES, GGUFBlocks, joined, pack_gguf, pack_gguf_numpy, pack_joined
 from d3cli.core.quantized import AffineInt4, exact_scales, pack_int4_tiles, pack_int8_tiles, pack_tile_scales
 
 
@@ -51,3 +52,35 @@ def test_stacked_weights_join_tile_by_tile_with_one_scale_dtype():
     assert both.rows == 32 and both.scale.dtype == torch.float32
     assert torch.equal(both.tiles, torch.cat([part.tiles for part in packed]))
     assert torch.equal(both.scale[:1], packed[0].scale.float())
+
+
+@pytest.mark.skipif(not kernels.available(), reason="d3's kernels cannot be built here")
+@pytest.mark.parametrize("layout", [(8, False), (16, True)])
+@pytest.mark.parametrize("type_name", sorted(PACKED_TYPES))
+def test_the_packing_kernel_gives_numpys_bytes(type_name, layout):
+    rows, columns = 37, 768 if type_name == "Q4_K" else 96 * 8
+    raw, _ = tensor_bytes((rows, columns), 0.05, type_name, np.random.default_rng(5))
+    raw = np.asarray(raw).view(np.uint8).reshape(rows, -1)
+    mine, reference = pack_gguf(raw, type_name, rows, columns, *layout), pack_gguf_numpy(raw, type_name, rows,
+                                                                                        columns, *layout)
+    assert torch.equal(mine.tiles, reference.tiles)
+    assert mine.scale.dtype == reference.scale.dtype and torch.equal(mine.scale, reference.scale)
+    assert (mine.offset is None) == (reference.offset is None)
+    if mine.offset is not None:
+        assert mine.offset.dtype == reference.offset.dtype and torch.equal(mine.offset, reference.offset)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="d3's kernels cannot be built here")
+@pytest.mark.parametrize("types", [("Q4_0", "Q4_1"), ("Q4_0", "Q4_K"), ("Q8_0", "Q8_0")])
+def test_parts_packed_into_one_buffer_equal_parts_packed_and_joined(types):
+    rng = np.random.default_rng(6)
+    parts = []
+    for rows, type_name in zip((32, 20), types):
+        raw, _ = tensor_bytes((rows, 512), 0.05, type_name, rng)
+        parts.append(GGUFBlocks(np.asarray(raw).view(np.uint8).reshape(rows, -1), type_name, rows, 512))
+    together = pack_joined(parts, 16, True)
+    apart = joined([pack_gguf_numpy(part.raw, part.type_name, part.rows, 512, 16, True) for part in parts])
+    assert torch.equal(together.tiles, apart.tiles) and together.rows == 52
+    assert together.scale.dtype == apart.scale.dtype and torch.equal(together.scale, apart.scale)
+    if apart.offset is not None:
+        assert torch.equal(together.offset, apart.offset)

@@ -164,3 +164,50 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_loading(tmp_path,
     with pytest.raises(UserError, match=r"as float32.*--weights int4"):
         loader.load(str(gguf), weights="float32")
     assert built == []
+
+
+def tiny_logits(model):
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.tensor([[1, 504, 314, 260, 1694, 23, 282]])).logits.float()
+
+
+def test_a_safetensors_folder_is_filled_tensor_by_tensor_as_transformers_loads_it(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from d3cli.core import streamed, weights
+
+    filled = []
+    original = streamed.fill_model
+    monkeypatch.setattr(streamed, "fill_model", lambda *args, **kwargs: filled.append(1) or original(*args, **kwargs))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    dense = loader.load(str(tiny_model_dir))
+    assert filled == [1] and dense.weights.kind == "float32"
+    assert torch.equal(tiny_logits(dense.model), tiny_logits(reference))
+    int8 = loader.load(str(tiny_model_dir), weights="int8")  # re-quantized a slice of rows at a time
+    weights.apply_weights(reference, int8_choice(), fuse=True)  # the whole float model quantized at once
+    assert torch.equal(tiny_logits(int8.model), tiny_logits(reference))
+
+
+def int8_choice():
+    from d3cli.core.weights import WeightChoice, quantized_dtype
+
+    return WeightChoice("int8", quantized_dtype())
+
+
+def test_auto_picks_the_first_kind_that_fits_the_free_memory(tiny_model_dir, monkeypatch):
+    from d3cli.core.streamed import SafetensorsWeights, safetensors_files
+
+    values = SafetensorsWeights(safetensors_files(tiny_model_dir)).numel()
+    monkeypatch.setattr(loader, "available_memory", lambda: int(values * 4 / 0.8) + 1)
+    assert loader.load(str(tiny_model_dir)).weights.kind == "float32"
+    monkeypatch.setattr(loader, "available_memory", lambda: int(values * 2))
+    chosen = loader.load(str(tiny_model_dir)).weights
+    assert chosen.kind == "int8" and "float32 would take" in chosen.why
+    monkeypatch.setattr(loader, "available_memory", lambda: int(values * 0.8))
+    assert loader.load(str(tiny_model_dir)).weights.kind == "int4"
+    monkeypatch.setattr(loader, "available_memory", lambda: int(values * 0.1))
+    with pytest.raises(UserError, match=r"needs about [\d.]+ GiB as int4.* GiB free"):
+        loader.load(str(tiny_model_dir))

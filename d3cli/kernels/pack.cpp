@@ -1,0 +1,164 @@
+// torch.ops.d3.pack_gguf_into(raw [rows, row bytes] uint8, type, tile_rows, unsigned, tiles, scale, offset) -> exact:
+// a GGUF tensor's Q4_0 / Q4_1 / Q4_K / Q8_0 blocks straight into the tiles the q4/q8 kernels read, in one pass over
+// the file's bytes, into tensors the caller made (slices of one buffer for weights stacked by rows); the same bytes
+// as d3cli/core/gguf_tiles.py's numpy packing, which a test holds it to.
+//
+//   type      0: Q4_0  1: Q4_1  2: Q4_K  3: Q8_0
+//   tiles     [tiles, bytes per tile] uint8: per block of 32, byte (j, r, i) = row r's element 4j + i (low half) and
+//             16 + 4j + i (high half) for q4; row r's element 4j + i (+ 128 when `unsigned`) for q8
+//   scale     [tiles, groups, tile_rows] float32; offset the same (q4; an empty tensor for q8). Padding rows are 0.
+//
+// Scales and offsets in the dtype of `scale` (float16 or float32); the result says whether every one of them is exactly
+// what the block says (float16 always holds Q4_0/Q4_1/Q8_0's, and Q4_K's only now and then).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+
+namespace d3 {
+
+namespace {
+
+enum Type : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ4_K = 2, kQ8_0 = 3 };
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+int64_t block_bytes(int64_t type) {
+  switch (type) {
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ4_K: return 144;
+    case kQ8_0: return 34;
+  }
+  TORCH_CHECK(false, "pack_gguf: unknown type ", type);
+}
+
+int64_t block_weights(int64_t type) { return type == kQ4_K ? 256 : 32; }
+
+// Q4_K's 6-bit scale and minimum of group j from the 12 packed bytes (llama.cpp's get_scale_min_k4)
+inline void scale_min_k4(int j, const uint8_t* q, uint8_t& d, uint8_t& m) {
+  if (j < 4) {
+    d = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+}  // namespace
+
+template <typename S>
+bool pack(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool is_unsigned, at::Tensor& packed,
+          at::Tensor& scale, at::Tensor& offset);
+
+bool pack_gguf_into(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool is_unsigned, at::Tensor tiles,
+                    at::Tensor scale, at::Tensor offset) {
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous(),
+              "pack_gguf_into: raw must be contiguous uint8 [rows, row bytes]");
+  const int64_t rows = raw.size(0), bytes = block_bytes(type);
+  TORCH_CHECK(raw.size(1) % bytes == 0, "pack_gguf_into: a row is not a whole number of blocks");
+  const int64_t groups = raw.size(1) / bytes * block_weights(type) / 32, count = (rows + tile_rows - 1) / tile_rows;
+  const bool q8 = type == kQ8_0;
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 2 && tiles.size(0) == count &&
+                  tiles.size(1) == groups * 32 * tile_rows / (q8 ? 1 : 2),
+              "pack_gguf_into: tiles must be contiguous uint8 [tiles, bytes per tile]");
+  TORCH_CHECK(scale.is_contiguous() && scale.dim() == 3 && scale.size(0) == count && scale.size(1) == groups &&
+                  scale.size(2) == tile_rows && (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat),
+              "pack_gguf_into: scale must be contiguous float16 or float32 [tiles, groups, tile_rows]");
+  TORCH_CHECK(q8 || (offset.sizes() == scale.sizes() && offset.scalar_type() == scale.scalar_type() &&
+                     offset.is_contiguous()),
+              "pack_gguf_into: offset must match scale");
+  return scale.scalar_type() == at::kHalf ? pack<c10::Half>(raw, type, tile_rows, is_unsigned, tiles, scale, offset)
+                                          : pack<float>(raw, type, tile_rows, is_unsigned, tiles, scale, offset);
+}
+
+// Packs into the tensors given; false when a scale or offset did not fit S exactly (Q4_0's -8d beyond float16).
+template <typename S>
+bool pack(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool is_unsigned, at::Tensor& packed,
+          at::Tensor& scale, at::Tensor& offset) {
+  const int64_t rows = raw.size(0), row_bytes = raw.size(1), bytes = block_bytes(type);
+  const int64_t groups = scale.size(1), tiles = scale.size(0), tile_bytes = packed.size(1);
+  const bool q8 = type == kQ8_0;
+  const uint8_t* source = raw.data_ptr<uint8_t>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  S* scales = reinterpret_cast<S*>(scale.data_ptr());
+  S* offsets = q8 ? nullptr : reinterpret_cast<S*>(offset.data_ptr());
+  const int64_t group_bytes = q8 ? 32 * tile_rows : 16 * tile_rows;  // one block of 32 of a whole tile
+  bool exact = true;
+
+#pragma omp parallel for schedule(static) reduction(&& : exact)
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t r = 0; r < tile_rows; ++r) {
+      const int64_t row = t * tile_rows + r;
+      if (row >= rows) {  // padding rows hold w = 0 (stored as 128 in unsigned q8 tiles), scales 0
+        for (int64_t g = 0; g < groups; ++g) {
+          uint8_t* block = out + t * tile_bytes + g * group_bytes;
+          for (int j = 0; j < (q8 ? 8 : 4); ++j) std::memset(block + (j * tile_rows + r) * 4, q8 && is_unsigned ? 128 : 0, 4);
+          scales[(t * groups + g) * tile_rows + r] = S(0.0f);
+          if (!q8) offsets[(t * groups + g) * tile_rows + r] = S(0.0f);
+        }
+        continue;
+      }
+      const uint8_t* line = source + row * row_bytes;
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* block = out + t * tile_bytes + g * group_bytes;
+        S* s = scales + (t * groups + g) * tile_rows + r;
+        if (q8) {
+          const uint8_t* b = line + g * 34;
+          *s = S(half_at(b));
+          for (int j = 0; j < 8; ++j) {
+            uint8_t* to = block + (j * tile_rows + r) * 4;
+            for (int i = 0; i < 4; ++i) to[i] = is_unsigned ? uint8_t(b[2 + 4 * j + i] ^ 0x80) : b[2 + 4 * j + i];
+          }
+          continue;
+        }
+        S* o = offsets + (t * groups + g) * tile_rows + r;
+        uint8_t pairs[16];
+        if (type == kQ4_K) {
+          const uint8_t* b = line + (g / 8) * 144;
+          const int j = int(g % 8);
+          uint8_t sc, m;
+          scale_min_k4(j, b + 4, sc, m);
+          const float scale_value = half_at(b) * float(sc), offset_value = -(half_at(b + 2) * float(m));
+          *s = S(scale_value);
+          *o = S(offset_value);
+          exact = exact && float(*s) == scale_value && float(*o) == offset_value;
+          const uint8_t* chunk = b + 16 + (j / 2) * 32;  // 64 weights: group 2c in low halves, 2c + 1 in high
+          const int shift = (j % 2) * 4;
+          for (int p = 0; p < 16; ++p) pairs[p] = ((chunk[p] >> shift) & 0xF) | (((chunk[16 + p] >> shift) & 0xF) << 4);
+        } else {
+          const uint8_t* b = line + g * bytes;
+          const float d = half_at(b);
+          const float offset_value = type == kQ4_0 ? -8 * d : half_at(b + 2);
+          *s = S(d);
+          *o = S(offset_value);
+          exact = exact && float(*o) == offset_value;
+          std::memcpy(pairs, b + (type == kQ4_0 ? 2 : 4), 16);
+        }
+        for (int j = 0; j < 4; ++j) std::memcpy(block + (j * tile_rows + r) * 4, pairs + 4 * j, 4);
+      }
+    }
+  }
+  return exact;
+}
+
+}  // namespace d3
+
+TORCH_LIBRARY_FRAGMENT(d3, m) {
+  m.def("pack_gguf_into(Tensor raw, int type, int tile_rows, bool is_unsigned, Tensor(a!) tiles, Tensor(b!) scale, "
+        "Tensor(c!) offset) -> bool");
+}
+
+TORCH_LIBRARY_IMPL(d3, CPU, m) {
+  m.impl("pack_gguf_into", &d3::pack_gguf_into);
+}
