@@ -148,6 +148,35 @@ class ReplyView:
         return Group(self.styled_text(), Text(""), legend, self.depth_strip())
 
 
+class LoadingBar:
+    """A progress bar of the decoder layers while a model loads, on a terminal only (`progress` is None elsewhere:
+    a script's stderr gets no bar)."""
+
+    def __init__(self, name: str):
+        self.name, self.bar, self.task = name, None, None
+
+    def __enter__(self) -> LoadingBar:
+        return self
+
+    @property
+    def progress(self):
+        return self.update if sys.stderr.isatty() else None
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=stderr_console(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.name, total=total)
+        self.bar.update(self.task, completed=done)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 class Spinner:
     """A transient status line while something runs that prints nothing (the --compare baseline)."""
 
@@ -172,6 +201,7 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
         ("schedule", f"α={record['alpha']}, min-layers {record['min_layers']}, head {record['head']}, "
                      f"tail {record['tail']}, warmup {record['warmup']}, skip order {record['skip_order']}"
                      + schedule_source_text(record)),
+        *([("warning", record["schedule_warning"])] if record.get("schedule_warning") else []),
         ("calibration", calibration_text(record)),
         *([("weights", record["weights_detail"])] if record.get("weights_detail") else []),
         ("tokens", f"{record['generated_tokens']} ({record['finish_reason']})"),

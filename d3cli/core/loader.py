@@ -224,14 +224,16 @@ def load(
     trust_remote_code: bool = False,
     weights: str = "auto",
     group_size: int = GROUP_SIZE,
+    progress=None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for decoding on the chosen device, dtype and weights:
-    `load(ModelOptions)`, or (in tests and scripts) `load(model_ref, device=..., dtype=..., weights=...)`."""
+    `load(ModelOptions)`, or (in tests and scripts) `load(model_ref, device=..., dtype=..., weights=...)`.
+    `progress(done, total)`, when given, is called as the decoder layers of a file read layer by layer are built."""
     if not isinstance(options, ModelOptions):
         options = ModelOptions(options, device, dtype, device_map, trust_remote_code, weights, group_size)
     started = time.perf_counter()
     with _collector_paused_then_frozen():
-        loaded = _load(options)
+        loaded = _load(options, progress)
     return loaded._replace(load_s=time.perf_counter() - started)
 
 
@@ -251,7 +253,7 @@ def _collector_paused_then_frozen():
             gc.enable()
 
 
-def _load(options: ModelOptions) -> LoadedModel:
+def _load(options: ModelOptions, progress=None) -> LoadedModel:
     device_map = options.device_map
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise UserError(f"unknown device map {device_map!r} (choose from: {', '.join(DEVICE_MAPS)})")
@@ -291,12 +293,12 @@ def _load(options: ModelOptions) -> LoadedModel:
             choice = choose(gguf_types(folder))
             refuse_if_too_big(gguf_needs(header, choice), gguf_path.name, choice)
             model, tokenizer, report = load_gguf(gguf_path, folder, header, choice,
-                                                 "cpu" if device_map else target_device, fuse)
+                                                 "cpu" if device_map else target_device, fuse, progress)
             if device_map is not None:
                 model = _dispatch(model, device_map)
         else:
             folder = Path(model_ref).expanduser()
-            streamed = _load_folder_streamed(folder, options, choose, target_device, fuse) if (
+            streamed = _load_folder_streamed(folder, options, choose, target_device, fuse, progress) if (
                 folder.is_dir() and device_map is None) else None
             if streamed is not None:
                 model, tokenizer, report = streamed
@@ -313,7 +315,7 @@ def _load(options: ModelOptions) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, weights=report)
 
 
-def _load_folder_streamed(folder: Path, options: ModelOptions, choose, device, fuse: bool):
+def _load_folder_streamed(folder: Path, options: ModelOptions, choose, device, fuse: bool, progress=None):
     """A local folder of safetensors shards built empty and filled tensor by tensor (streamed.py), in the kind
     `--weights` asks for or, for `auto` on the CPU, the first of float32, int8 and int4 that fits the free memory;
     None where the shards do not name the model's parameters (transformers' loader then reads them)."""
@@ -336,7 +338,7 @@ def _load_folder_streamed(folder: Path, options: ModelOptions, choose, device, f
     if options.weights == "auto" and options.dtype == "auto" and device.type == "cpu":
         choice = fitting_kind(choice, values, choose)
     refuse_if_too_big(folder_needs(values, choice), folder.name, choice)
-    loaded = load_folder(folder, files, config, choice, device, fuse, options.trust_remote_code)
+    loaded = load_folder(folder, files, config, choice, device, fuse, options.trust_remote_code, progress)
     return None if loaded is None else (loaded[0], tokenizer, loaded[1])
 
 

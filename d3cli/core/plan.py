@@ -64,6 +64,23 @@ class DecodePlan:
         values = set(self.sources.values())
         return OPTION if OPTION in values else CALIBRATION if CALIBRATION in values else DEFAULT
 
+    @property
+    def past_calibration(self) -> str | None:
+        """One line when the user's α or min-layers decays further than the model's calibration found safe (its
+        replies then drift or loop more than its budget allowed), else None."""
+        chosen = calibrated_schedule(self.calibration)
+        schedule = self.schedule
+        if chosen is None or self.schedule_source != OPTION or schedule.is_full_depth():
+            return None
+        safe_alpha, safe_floor = chosen.get("alpha", 1.0), chosen.get("min_layers", schedule.num_layers)
+        if safe_alpha == 1.0:
+            return (f"α {schedule.alpha:g} skips layers, but this model's calibration found no schedule whose replies "
+                    "stay within its budget (it chose full depth): replies may drift or loop")
+        if schedule.alpha < safe_alpha or schedule.min_layers < safe_floor:
+            return (f"α {schedule.alpha:g} with min-layers {schedule.min_layers} decays further than this model's "
+                    f"calibration found safe (α {safe_alpha:g}, min-layers {safe_floor}): replies may drift or loop")
+        return None
+
     def max_new_tokens_for(self, longest_prompt: int) -> int:
         """The reply length, clamped so the longest prompt plus its reply fits the model's context."""
         if self.context is None:

@@ -135,7 +135,7 @@ def schedule_fields(plan) -> dict[str, object]:
     schedule = plan.schedule
     return {"alpha": schedule.alpha, "min_layers": schedule.min_layers, "warmup": schedule.warmup,
             "head": schedule.head, "tail": schedule.tail, "skip_order": schedule.skip_order,
-            "schedule_source": plan.schedule_source}
+            "schedule_source": plan.schedule_source, "schedule_warning": plan.past_calibration}
 
 
 def _rounded(value: float | None, digits: int = 3) -> float | None:

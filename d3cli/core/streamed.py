@@ -20,7 +20,8 @@ from d3cli.core.errors import UserError
 from d3cli.core.weights import ModelWeights, WeightsReport, apply_weights, embedding_name, head_name
 
 
-def fill_model(model: nn.Module, source, choice, fuse: bool = True, what: str = "the model") -> WeightsReport:
+def fill_model(model: nn.Module, source, choice, fuse: bool = True, what: str = "the model",
+               progress=None) -> WeightsReport:
     """Fill `model` (its parameters on the meta device) from `source` with `choice`; `what` names the files in
     errors. A file without an LM head of its own ties it to the embedding table."""
     from d3cli.core.skipping import find_decoder_layers
@@ -48,7 +49,7 @@ def fill_model(model: nn.Module, source, choice, fuse: bool = True, what: str = 
                 nn.Parameter(values.reshape(parameter.shape), requires_grad=False))
         source.release()
     model.to(choice.dtype)
-    return apply_weights(model, choice, source=source, fuse=fuse)
+    return apply_weights(model, choice, source=source, fuse=fuse, progress=progress)
 
 
 class SafetensorsWeights(ModelWeights):
@@ -118,7 +119,8 @@ def safetensors_files(folder: Path) -> list[Path] | None:
     return files or None
 
 
-def load_folder(folder: Path, files: list[Path], config, choice, device, fuse: bool, trust_remote_code: bool):
+def load_folder(folder: Path, files: list[Path], config, choice, device, fuse: bool, trust_remote_code: bool,
+                progress=None):
     """A Hugging Face folder's model built empty and filled from its safetensors shards (no float copy first), or
     None when the shards do not name every parameter as the model does (transformers' own loader then renames)."""
     from transformers import GenerationConfig
@@ -132,7 +134,7 @@ def load_folder(folder: Path, files: list[Path], config, choice, device, fuse: b
                if name not in source and name not in tied]
     if missing:
         return None
-    report = fill_model(model, source, choice, fuse, what=str(folder))
+    report = fill_model(model, source, choice, fuse, what=str(folder), progress=progress)
     try:
         model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     except OSError:

@@ -358,7 +358,7 @@ def _joint_bias(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
 
 def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, object] | None = None,
                   gguf_types: Mapping[str, str] | None = None, fuse: bool = True,
-                  source: ModelWeights | None = None) -> WeightsReport:
+                  source: ModelWeights | None = None, progress=None) -> WeightsReport:
     """Put `choice` into `model` (on its device, its other parameters already in `choice.dtype`) and return what
     ran. Each linear layer of the decoder and the LM head becomes the kind's module, built from its exact block form
     where the weight source has one, else from its float values; dense kinds dequantize the forms into float
@@ -366,7 +366,8 @@ def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, ob
     then be empty), else the model's own weights with `forms` and `gguf_types` by weight name. A quantized
     embedding table keeps its blocks when the weights are quantized. With `fuse`, each decoder layer that
     fused_layers supports becomes a `FusedDecoderLayer` (query/key/value and gate/up projections each one
-    module). Layers are built one at a time, and what the source read for one is released before the next."""
+    module). Layers are built one at a time, and what the source read for one is released before the next;
+    `progress(done, total)` is called after each."""
     from d3cli.core import fused_layers
     from d3cli.core.skipping import find_decoder_layers
 
@@ -393,6 +394,8 @@ def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, ob
                     full = f"{base}.{name}"
                     layer.set_submodule(name, builder.build([full], [module], builder.kind(full, module)))
         source.release()
+        if progress is not None:
+            progress(index + 1, len(layers))
     head_kind = None
     if head is not None:
         linear = model.get_submodule(head)

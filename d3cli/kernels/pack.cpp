@@ -152,13 +152,53 @@ bool pack(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool is_unsign
   return exact;
 }
 
+// torch.ops.d3.dequantize_q6_k(raw [rows, row bytes] uint8) -> [rows, columns] float32: GGUF's Q6_K blocks (256
+// weights: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, a float16 d) as the gguf package's
+// dequantization computes them, (d * scale) * (q - 32) in float32, to the bit; ~10x faster than its numpy.
+at::Tensor dequantize_q6_k(const at::Tensor& raw) {
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && raw.size(1) % 210 == 0,
+              "dequantize_q6_k: raw must be contiguous uint8 [rows, 210 * blocks]");
+  const int64_t rows = raw.size(0), blocks = raw.size(1) / 210;
+  at::Tensor out = at::empty({rows, blocks * 256}, raw.options().dtype(at::kFloat));
+  const uint8_t* source = raw.data_ptr<uint8_t>();
+  float* values = out.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < rows * blocks; ++b) {
+    const uint8_t* block = source + b * 210;
+    const uint8_t *ql = block, *qh = block + 128;
+    const int8_t* scales = reinterpret_cast<const int8_t*>(block + 192);
+    const float d = half_at(block + 208);
+    float* y = values + b * 256;
+    for (int half = 0; half < 2; ++half) {  // 128 weights: ql[64], qh[32], scales[8]
+      for (int l = 0; l < 32; ++l) {
+        const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+        const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        const int is = l / 16;
+        y[l] = (d * float(scales[is])) * float(q1);
+        y[l + 32] = (d * float(scales[is + 2])) * float(q2);
+        y[l + 64] = (d * float(scales[is + 4])) * float(q3);
+        y[l + 96] = (d * float(scales[is + 6])) * float(q4);
+      }
+      y += 128;
+      ql += 64;
+      qh += 32;
+      scales += 8;
+    }
+  }
+  return out;
+}
+
 }  // namespace d3
 
 TORCH_LIBRARY_FRAGMENT(d3, m) {
+  m.def("dequantize_q6_k(Tensor raw) -> Tensor");
   m.def("pack_gguf_into(Tensor raw, int type, int tile_rows, bool is_unsigned, Tensor(a!) tiles, Tensor(b!) scale, "
         "Tensor(c!) offset) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(d3, CPU, m) {
   m.impl("pack_gguf_into", &d3::pack_gguf_into);
+  m.impl("dequantize_q6_k", &d3::dequantize_q6_k);
 }

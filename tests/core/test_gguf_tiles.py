@@ -84,3 +84,15 @@ def test_parts_packed_into_one_buffer_equal_parts_packed_and_joined(types):
     assert together.scale.dtype == apart.scale.dtype and torch.equal(together.scale, apart.scale)
     if apart.offset is not None:
         assert torch.equal(together.offset, apart.offset)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="d3's kernels cannot be built here")
+def test_q6_k_dequantized_by_the_kernel_equals_the_gguf_package_to_the_bit():
+    from gguf import GGMLQuantizationType, quants
+
+    from d3cli.core.gguf_weights import dequantized
+
+    raw, _ = tensor_bytes((9, 512), 0.05, "Q6_K", np.random.default_rng(7))
+    raw = np.asarray(raw).view(np.uint8).reshape(9, -1)
+    mine = dequantized(raw, GGMLQuantizationType.Q6_K)
+    assert torch.equal(mine, torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q6_K)))

@@ -132,3 +132,23 @@ def test_an_uncalibrated_model_runs_full_depth_and_the_summary_says_how_to_calib
     assert record["schedule_source"] == "default" and set(record["layers_per_token"]) == {8}
     result = cli(["generate", "--model", str(tiny_model_dir), "-n", "6", "--stats", "Hello"])
     assert result.exit_code == 0 and "d3 calibrate chooses this model's" in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("asked, warned", [
+    ({"alpha": 0.9}, False),  # gentler than the calibration's 0.7, its floor
+    ({"alpha": 0.6}, True),  # decays faster
+    ({"min_layers": 2}, True),  # below its floor
+    ({"alpha": 1.0}, False),  # full depth is always safe
+])
+def test_a_schedule_past_what_the_calibration_found_safe_is_said(tmp_path, tiny_identity, asked, warned):
+    plan = plan_of(DecodeSettings(head=1, tail=1, **asked), 8, calibration_with(tmp_path, tiny_identity, CHOSEN))
+    assert (plan.past_calibration is not None) == warned
+    if warned:
+        assert "calibration found safe (α 0.7, min-layers 3)" in plan.past_calibration
+
+
+def test_any_skipping_is_said_where_the_calibration_chose_full_depth(tmp_path, tiny_identity):
+    calibration = calibration_with(tmp_path, tiny_identity, {"alpha": 1.0, "min_layers": 8})
+    assert "chose full depth" in plan_of(DecodeSettings(head=1, tail=1, alpha=0.97), 8, calibration).past_calibration
+    assert plan_of(DecodeSettings(head=1, tail=1), 8, calibration).past_calibration is None
+    assert plan_of(DecodeSettings(head=1, tail=1, alpha=0.97), 8).past_calibration is None  # no calibration

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from d3cli.cli import render
 from d3cli.cli.chat_session import ChatSession
 from d3cli.cli.options import OUTPUT_PANEL, DepthArgs, ModelArgs, SamplingArgs, SystemOption, uses_option_groups
 from d3cli.core.settings import DecodeSettings
@@ -36,7 +37,8 @@ def chat(
     from d3cli.core.conversation import Conversation
     from d3cli.core.loader import load
 
-    loaded = load(model.options())
+    with render.LoadingBar(model.options().model or "the embedded model") as bar:
+        loaded = load(model.options(), progress=bar.progress)
     loaded = settings.with_calibration(loaded)
     conversation = Conversation(loaded, settings, system=system)
     conversation.decode_plan()  # the depth options fit this model
