@@ -4,7 +4,8 @@ d3's q4 tiles (quantized.pack_int4_tiles) hold, per tile of R rows and block of 
 element 4j + i in its low half and element 16 + 4j + i in its high half: exactly a Q4_0 or Q4_1 block's 16 bytes,
 interleaved across the tile's rows. A Q4_K block's bytes pair its nibbles the other way (element l and 32 + l of 64),
 so they are re-paired with four bit operations. Q8_0's 32 bytes are the q8 tiles' bytes, interleaved (plus 128 where
-the kernels want them unsigned). Scales and offsets are those `AffineInt4`/`BlockInt8` hold, in float16 where that
+the kernels want them unsigned). Q4_0 keeps no offsets (the kernels take w = (q − 8)·d: 4.5 bits a weight, as the
+file) unless it is stacked with another 4-bit type. Scales and offsets are those `AffineInt4`/`BlockInt8` hold, in float16 where that
 is exact (`quantized.exact_scales`'s rule). So a weight goes from the file to the kernels in one copy, instead of
 one byte per weight and back (tests/core/test_gguf_tiles.py holds both ways to the same bytes).
 """
@@ -84,8 +85,9 @@ def pack_gguf(raw: np.ndarray, type_name: str, rows: int, columns: int, tile_row
 
 
 def pack_gguf_numpy(raw: np.ndarray, type_name: str, rows: int, columns: int, tile_rows: int,
-                    unsigned: bool) -> PackedTiles:
-    """`pack_gguf` in numpy (where d3's kernels are not loaded; the reference the kernel is tested against)."""
+                    unsigned: bool, centred: bool = True) -> PackedTiles:
+    """`pack_gguf` in numpy (where d3's kernels are not loaded; the reference the kernel is tested against).
+    `centred`: Q4_0 without offsets (the kernels take w = (q − 8)·d), else with offsets −8d like the other types."""
     kind, block_bytes = PACKED_TYPES[type_name]
     blocks = np.ascontiguousarray(raw).reshape(rows, -1, block_bytes)
     if type_name == "Q4_K":
@@ -93,7 +95,7 @@ def pack_gguf_numpy(raw: np.ndarray, type_name: str, rows: int, columns: int, ti
     elif kind == 4:
         start = 2 if type_name == "Q4_0" else 4
         pairs, scale = blocks[..., start:start + 16], _half(blocks, 0)
-        offset = -8 * scale if type_name == "Q4_0" else _half(blocks, 2)
+        offset = None if type_name == "Q4_0" and centred else -8 * scale if type_name == "Q4_0" else _half(blocks, 2)
     else:
         values, scale = blocks[..., 2:34], _half(blocks, 0)
         tiles = _tiled(values.reshape(rows, -1, 8, 4), tile_rows).transpose(0, 2, 3, 1, 4)  # t, b, j, r, i
@@ -102,7 +104,8 @@ def pack_gguf_numpy(raw: np.ndarray, type_name: str, rows: int, columns: int, ti
         return PackedTiles(8, torch.from_numpy(np.ascontiguousarray(tiles).reshape(tiles.shape[0], -1)),
                            *_tile_scales([scale], tile_rows), None, rows, columns)
     tiles = _tiled(pairs.reshape(rows, -1, 4, 4), tile_rows).transpose(0, 2, 3, 1, 4)  # t, b, j, r, i
-    scale_tiles, offset_tiles = _tile_scales([scale, offset], tile_rows)
+    scale_tiles, offset_tiles = _tile_scales([scale, offset], tile_rows) if offset is not None else (
+        *_tile_scales([scale], tile_rows), None)
     return PackedTiles(4, torch.from_numpy(np.ascontiguousarray(tiles).reshape(tiles.shape[0], -1)), scale_tiles,
                        offset_tiles, rows, columns)
 
@@ -139,7 +142,10 @@ def joined(parts: list[PackedTiles]) -> PackedTiles:
     if len(parts) == 1:
         return parts[0]
     dtype = torch.float32 if any(part.scale.dtype == torch.float32 for part in parts) else torch.float16
-    offsets = None if parts[0].offset is None else torch.cat([part.offset.to(dtype) for part in parts])
+    if all(part.offset is None for part in parts) or parts[0].kernel_kind == 8:
+        offsets = None
+    else:  # a centred Q4_0 part beside parts with offsets: its offsets, −8·scale, made (exact in float16)
+        offsets = torch.cat([(part.offset if part.offset is not None else -8 * part.scale).to(dtype) for part in parts])
     return PackedTiles(parts[0].kernel_kind, torch.cat([part.tiles for part in parts]),
                        torch.cat([part.scale.to(dtype) for part in parts]), offsets,
                        sum(part.rows for part in parts), parts[0].columns)
@@ -150,9 +156,10 @@ def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool) -> Pack
     one buffer (no copy to join them), else part by part and `joined`."""
     from d3cli import kernels
 
+    centred = all(part.type_name == "Q4_0" for part in parts)  # no offsets stored: 4.5 bits a weight, as the file
     if not kernels.loaded():
-        return joined([pack_gguf_numpy(part.raw, part.type_name, part.rows, part.columns, tile_rows, unsigned)
-                       for part in parts])
+        return joined([pack_gguf_numpy(part.raw, part.type_name, part.rows, part.columns, tile_rows, unsigned,
+                                       centred) for part in parts])
     kind = parts[0].kernel_kind
     counts = [-(-part.rows // tile_rows) for part in parts]
     groups, total = parts[0].columns // 32, sum(counts)
@@ -161,13 +168,13 @@ def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool) -> Pack
     k_quants = any(part.type_name == "Q4_K" for part in parts)
     for dtype in (torch.float32, torch.float16) if k_quants else (torch.float16, torch.float32):
         scale = torch.empty(total, groups, tile_rows, dtype=dtype)
-        offset = torch.empty_like(scale) if kind == 4 else torch.empty(0, dtype=dtype)
+        offset = torch.empty_like(scale) if kind == 4 and not centred else torch.empty(0, dtype=dtype)
         exact, start = True, 0
         for part, count in zip(parts, counts):
             source = torch.from_numpy(np.ascontiguousarray(part.raw)).reshape(part.rows, -1)
             exact &= torch.ops.d3.pack_gguf_into(source, KERNEL_TYPES[part.type_name], tile_rows, unsigned,
                                                  tiles[start:start + count], scale[start:start + count],
-                                                 offset[start:start + count] if kind == 4 else offset)
+                                                 offset[start:start + count] if offset.numel() else offset)
             start += count
             if not exact:
                 break
@@ -177,5 +184,5 @@ def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool) -> Pack
             break
         if exact:
             break
-    return PackedTiles(kind, tiles, scale, offset if kind == 4 else None, sum(part.rows for part in parts),
+    return PackedTiles(kind, tiles, scale, offset if offset.numel() else None, sum(part.rows for part in parts),
                        parts[0].columns)

@@ -2,7 +2,7 @@
 // decoder_layer.cpp).
 //
 // A weight row is made of blocks of 32 weights, each block in a group with one scale (and one offset):
-//   q4:  w = q·scale[g] + offset[g], q in 0..15;
+//   q4:  w = q·scale[g] + offset[g], q in 0..15; without offsets (GGUF's Q4_0) w = (q − 8)·scale[g];
 //   q8:  w = q·scale[g], q in -128..127.
 // A group is one block (a GGUF file's blocks) or several (a float model quantized on load: groups of 64..256, or a
 // whole row for int8 per channel). Scales and offsets are float16 where that holds them exactly, else float32. The
@@ -198,6 +198,7 @@ inline void tile_dot(const uint8_t* tile, const S* scale, const S* offset, int64
           dots = dot_add(dots, low_nibbles(packed), quad(xq + 4 * i));
           dots = dot_add(dots, high_nibbles(packed), quad(xq + 16 + 4 * i));
         }
+        if (offset == nullptr) dots = add_ints(dots, broadcast_int(-8 * x.qsum[b]));  // Σ (q − 8)·xq, exactly
       } else if constexpr (kUnsignedQ8) {  // Σ (w + 128)·x − 128·Σ x
         for (int i = 0; i < 8; ++i) dots = dot_add(dots, load_bytes(weights + i * kTileRows * 4), quad(xq + 4 * i));
         dots = add_ints(dots, broadcast_int(-128 * x.qsum[b]));
@@ -232,6 +233,7 @@ inline void tile_dot(const uint8_t* tile, const S* scale, const S* offset, int64
           }
         }
       }
+      if (kQ4 && offset == nullptr) dots -= 8 * x.qsum[b];  // centred q4: Σ (q − 8)·xq
       const int64_t g = b / blocks_per_group;
       sums = std::fma(static_cast<float>(dots), to_float(scale[g * kTileRows + r]) * x.d[b], sums);
       if (offset != nullptr) shares = std::fma(to_float(offset[g * kTileRows + r]), x.sum[b], shares);

@@ -1,7 +1,7 @@
 // The quantized linear layers' operators: y = x·Wᵀ for W packed in tiles of blocks of 32 (blocks.h), any number of
 // rows of x.
 //
-//   torch.ops.d3.q4_linear(x [M, K], tiles, scale, offset, group_size, rows) -> [M, rows]
+//   torch.ops.d3.q4_linear(x [M, K], tiles, scale, offset or None (centred: w = (q − 8)·scale), group_size, rows)
 //   torch.ops.d3.q8_linear(x [M, K], tiles, scale, group_size, rows) -> [M, rows]
 //   torch.ops.d3.layout() -> [rows a tile, 1 when q8 tiles hold w + 128]
 //   torch.ops.d3.instruction_set() -> "avx512-vnni", "avx2-vnni", "avx2" or "portable"
@@ -15,6 +15,8 @@
 #include <ATen/ops/empty.h>
 #include <omp.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include <vector>
 
@@ -137,9 +139,9 @@ at::Tensor linear(const at::Tensor& x, const Part& part) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scale, const at::Tensor& offset,
-                     int64_t group_size, int64_t rows) {
-  return linear(x, Part{4, group_size, rows, tiles, scale, offset, at::Tensor()});
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& offset, int64_t group_size, int64_t rows) {
+  return linear(x, Part{4, group_size, rows, tiles, scale, offset.value_or(at::Tensor()), at::Tensor()});
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scale, int64_t group_size,
@@ -166,7 +168,7 @@ std::string instruction_set() {
 }  // namespace d3
 
 TORCH_LIBRARY_FRAGMENT(d3, m) {
-  m.def("q4_linear(Tensor x, Tensor tiles, Tensor scale, Tensor offset, int group_size, int rows) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor tiles, Tensor scale, Tensor? offset, int group_size, int rows) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor tiles, Tensor scale, int group_size, int rows) -> Tensor");
   m.def("layout() -> int[]", &d3::layout);
   m.def("instruction_set() -> str", &d3::instruction_set);

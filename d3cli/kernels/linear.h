@@ -13,7 +13,7 @@ namespace d3 {
 
 // One quantized weight matrix of `rows` outputs and `columns` inputs, packed in tiles (blocks.h): kind 4 (q4 tiles)
 // or 8 (q8 tiles); weight [tiles, blocks · tile_block_bytes] uint8, scale and offset [tiles, groups, kTileRows]
-// float16 or float32 (offset q4 only, may be undefined); bias float32 [rows] or undefined.
+// float16 or float32 (offset q4 only; undefined: centred q4, w = (q − 8)·scale); bias float32 [rows] or undefined.
 struct Part {
   int64_t kind;
   int64_t group_size;

@@ -6,7 +6,8 @@
 //   type      0: Q4_0  1: Q4_1  2: Q4_K  3: Q8_0
 //   tiles     [tiles, bytes per tile] uint8: per block of 32, byte (j, r, i) = row r's element 4j + i (low half) and
 //             16 + 4j + i (high half) for q4; row r's element 4j + i (+ 128 when `unsigned`) for q8
-//   scale     [tiles, groups, tile_rows] float32; offset the same (q4; an empty tensor for q8). Padding rows are 0.
+//   scale     [tiles, groups, tile_rows] float32; offset the same (q4; an empty tensor for q8, and for Q4_0 packed
+//             centred: the kernels then take w = (q − 8)·d). Padding rows are 0.
 //
 // Scales and offsets in the dtype of `scale` (float16 or float32); the result says whether every one of them is exactly
 // what the block says (float16 always holds Q4_0/Q4_1/Q8_0's, and Q4_K's only now and then).
@@ -75,9 +76,10 @@ bool pack_gguf_into(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool
   TORCH_CHECK(scale.is_contiguous() && scale.dim() == 3 && scale.size(0) == count && scale.size(1) == groups &&
                   scale.size(2) == tile_rows && (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat),
               "pack_gguf_into: scale must be contiguous float16 or float32 [tiles, groups, tile_rows]");
-  TORCH_CHECK(q8 || (offset.sizes() == scale.sizes() && offset.scalar_type() == scale.scalar_type() &&
-                     offset.is_contiguous()),
-              "pack_gguf_into: offset must match scale");
+  TORCH_CHECK(q8 || (offset.numel() == 0 && type == kQ4_0) ||
+                  (offset.sizes() == scale.sizes() && offset.scalar_type() == scale.scalar_type() &&
+                   offset.is_contiguous()),
+              "pack_gguf_into: offset must match scale (or be empty: Q4_0 centred, no offsets)");
   return scale.scalar_type() == at::kHalf ? pack<c10::Half>(raw, type, tile_rows, is_unsigned, tiles, scale, offset)
                                           : pack<float>(raw, type, tile_rows, is_unsigned, tiles, scale, offset);
 }
@@ -92,7 +94,7 @@ bool pack(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool is_unsign
   const uint8_t* source = raw.data_ptr<uint8_t>();
   uint8_t* out = packed.data_ptr<uint8_t>();
   S* scales = reinterpret_cast<S*>(scale.data_ptr());
-  S* offsets = q8 ? nullptr : reinterpret_cast<S*>(offset.data_ptr());
+  S* offsets = q8 || offset.numel() == 0 ? nullptr : reinterpret_cast<S*>(offset.data_ptr());
   const int64_t group_bytes = q8 ? 32 * tile_rows : 16 * tile_rows;  // one block of 32 of a whole tile
   bool exact = true;
 
@@ -105,7 +107,7 @@ bool pack(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool is_unsign
           uint8_t* block = out + t * tile_bytes + g * group_bytes;
           for (int j = 0; j < (q8 ? 8 : 4); ++j) std::memset(block + (j * tile_rows + r) * 4, q8 && is_unsigned ? 128 : 0, 4);
           scales[(t * groups + g) * tile_rows + r] = S(0.0f);
-          if (!q8) offsets[(t * groups + g) * tile_rows + r] = S(0.0f);
+          if (offsets != nullptr) offsets[(t * groups + g) * tile_rows + r] = S(0.0f);
         }
         continue;
       }
@@ -122,7 +124,7 @@ bool pack(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool is_unsign
           }
           continue;
         }
-        S* o = offsets + (t * groups + g) * tile_rows + r;
+        S* o = offsets != nullptr ? offsets + (t * groups + g) * tile_rows + r : nullptr;
         uint8_t pairs[16];
         if (type == kQ4_K) {
           const uint8_t* b = line + (g / 8) * 144;
@@ -139,10 +141,12 @@ bool pack(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool is_unsign
         } else {
           const uint8_t* b = line + g * bytes;
           const float d = half_at(b);
-          const float offset_value = type == kQ4_0 ? -8 * d : half_at(b + 2);
           *s = S(d);
-          *o = S(offset_value);
-          exact = exact && float(*o) == offset_value;
+          if (o != nullptr) {  // centred Q4_0 tiles have none: w = (q − 8)·d
+            const float offset_value = type == kQ4_0 ? -8 * d : half_at(b + 2);
+            *o = S(offset_value);
+            exact = exact && float(*o) == offset_value;
+          }
           std::memcpy(pairs, b + (type == kQ4_0 ? 2 : 4), 16);
         }
         for (int j = 0; j < 4; ++j) std::memcpy(block + (j * tile_rows + r) * 4, pairs + 4 * j, 4);

@@ -33,8 +33,11 @@ def test_packing_the_files_blocks_gives_the_tiles_of_their_exact_form(type_name,
     tiles, scale, offset = long_way(blocks.exact(), tile_rows, unsigned)
     assert packed.tiles.dtype == torch.uint8 and torch.equal(packed.tiles, tiles)
     assert packed.scale.dtype == scale.dtype and torch.equal(packed.scale, scale)
-    assert (packed.offset is None) == (offset is None)
-    if offset is not None:
+    if type_name == "Q4_0":  # centred: no offsets kept, the kernels take w = (q − 8)·d, what −8d offsets say
+        assert packed.offset is None and torch.equal(offset, -8 * scale)
+    else:
+        assert (packed.offset is None) == (offset is None)
+    if offset is not None and packed.offset is not None:
         assert packed.offset.dtype == offset.dtype and torch.equal(packed.offset, offset)
     if type_name in ("Q4_0", "Q4_1", "Q8_0"):
         assert packed.scale.dtype == torch.float16  # the file's own float16 scales
@@ -71,7 +74,7 @@ def test_the_packing_kernel_gives_numpys_bytes(type_name, layout):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="d3's kernels cannot be built here")
-@pytest.mark.parametrize("types", [("Q4_0", "Q4_1"), ("Q4_0", "Q4_K"), ("Q8_0", "Q8_0")])
+@pytest.mark.parametrize("types", [("Q4_0", "Q4_1"), ("Q4_0", "Q4_K"), ("Q8_0", "Q8_0"), ("Q4_0", "Q4_0")])
 def test_parts_packed_into_one_buffer_equal_parts_packed_and_joined(types):
     rng = np.random.default_rng(6)
     parts = []
@@ -79,9 +82,11 @@ def test_parts_packed_into_one_buffer_equal_parts_packed_and_joined(types):
         raw, _ = tensor_bytes((rows, 512), 0.05, type_name, rng)
         parts.append(GGUFBlocks(np.asarray(raw).view(np.uint8).reshape(rows, -1), type_name, rows, 512))
     together = pack_joined(parts, 16, True)
-    apart = joined([pack_gguf_numpy(part.raw, part.type_name, part.rows, 512, 16, True) for part in parts])
+    centred = all(part.type_name == "Q4_0" for part in parts)
+    apart = joined([pack_gguf_numpy(part.raw, part.type_name, part.rows, 512, 16, True, centred) for part in parts])
     assert torch.equal(together.tiles, apart.tiles) and together.rows == 52
     assert together.scale.dtype == apart.scale.dtype and torch.equal(together.scale, apart.scale)
+    assert (together.offset is None) == (apart.offset is None) == (types in (("Q8_0", "Q8_0"), ("Q4_0", "Q4_0")))
     if apart.offset is not None:
         assert torch.equal(together.offset, apart.offset)
 
@@ -96,3 +101,21 @@ def test_q6_k_dequantized_by_the_kernel_equals_the_gguf_package_to_the_bit():
     raw = np.asarray(raw).view(np.uint8).reshape(9, -1)
     mine = dequantized(raw, GGMLQuantizationType.Q6_K)
     assert torch.equal(mine, torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q6_K)))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="d3's kernels cannot be built here")
+def test_centred_q4_0_tiles_compute_what_the_same_tiles_with_offsets_compute():
+    """Q4_0 packed without offsets (w = (q − 8)·d in the kernel, an exact integer correction) against the same tiles
+    with their −8d offsets: the same products to float rounding, for every row of a batch."""
+    raw, _ = tensor_bytes((40, 512), 0.05, "Q4_0", np.random.default_rng(8))
+    raw = np.asarray(raw).view(np.uint8).reshape(40, -1)
+    tile_rows, unsigned = kernels.layout()
+    centred = pack_gguf(raw, "Q4_0", 40, 512, tile_rows, unsigned)
+    offsets = pack_gguf_numpy(raw, "Q4_0", 40, 512, tile_rows, unsigned, centred=False)
+    assert centred.offset is None and torch.equal(centred.tiles, offsets.tiles)
+    x = torch.randn(3, 512)
+    with_offsets = torch.ops.d3.q4_linear(x, offsets.tiles, offsets.scale, offsets.offset, 32, 40)
+    without = torch.ops.d3.q4_linear(x, centred.tiles, centred.scale, None, 32, 40)
+    assert torch.allclose(without, with_offsets, rtol=1e-5, atol=1e-5 * float(with_offsets.abs().max()))
+    reference = x @ GGUFBlocks(raw, "Q4_0", 40, 512).dequantize().T  # and near the float product
+    assert (without - reference).abs().max() < 0.02 * reference.abs().max()
