@@ -177,6 +177,49 @@ class LoadingBar:
             self.bar.stop()
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def write_stderr_line(text: str) -> None:
+    """A plain line on stderr, unwrapped (a pipe reads it whole)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def calibration_estimate_text(model_name: str, estimate: dict[str, float]) -> str:
+    """One line before calibrating: about how long each stage will take here."""
+    names = {"corpus": "replies", "profile": "layer profile", "bridges": "bridges", "schedule": "schedule, at most"}
+    parts = ", ".join(f"{names[stage]} {_duration(seconds)}" for stage, seconds in estimate.items())
+    return f"calibrating {model_name}: about {_duration(sum(estimate.values()))} here ({parts})"
+
+
+class StageLines:
+    """One line on stderr as each calibration stage starts and when it ends (where no progress bar is drawn)."""
+
+    def __init__(self, labels: dict[str, str]):
+        self.labels, self.current, self.started = labels, None, 0.0
+
+    def start(self, stage: str, total: int, estimate: float | None) -> None:
+        import time
+
+        self.finish()
+        self.current, self.started = stage, time.perf_counter()
+        about = f", about {_duration(estimate)}" if estimate is not None else ""
+        sys.stderr.write(f"d3: calibrate: {self.labels[stage]}: {total} to do{about}\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        import time
+
+        if self.current is not None:
+            sys.stderr.write(f"d3: calibrate: {self.labels[self.current]}: done in "
+                             f"{_duration(time.perf_counter() - self.started)}\n")
+            sys.stderr.flush()
+        self.current = None
+
+
 class Spinner:
     """A transient status line while something runs that prints nothing (the --compare baseline)."""
 

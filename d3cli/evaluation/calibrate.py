@@ -183,6 +183,47 @@ class CalibrationResult:
     schedule: dict | None = None  # schedule_choice.ScheduleChoice.as_dict()
 
 
+def estimate_seconds(loaded, options: CalibrationOptions, schedule_only: bool = False) -> dict[str, float]:
+    """About how long each stage takes on this machine, from a decode step and a forward pass measured now: the
+    replies (batches × reply tokens × a step at the batch size), the layer profile (a forward per text and about
+    L/2 more for its skip-alone passes), the bridges (a forward per text) and the schedule (an upper bound: every
+    candidate's replies, as its progress bar counts them)."""
+    import torch
+
+    from d3cli.core.engine import decode
+    from d3cli.core.loader import num_decoder_layers
+    from d3cli.core.plan import plan_for
+    from d3cli.core.settings import DecodeSettings
+    from d3cli.evaluation.schedule_choice import expected_replies
+
+    num_layers = num_decoder_layers(loaded.model)
+    prompts = len(builtin_prompts(options.prompts))
+    batch = min(options.batch_size, prompts)
+    probe = encode_builtin(loaded.tokenizer, *builtin_prompts(1)[0])
+    steps = 4
+    plan = plan_for(loaded, DecodeSettings(max_new_tokens=steps + 1).full_depth())
+    decode(loaded, [probe] * batch, plan)  # warm-up
+    times = []
+    decode(loaded, [probe] * batch, plan, on_event=lambda event: times.append(time.perf_counter()))
+    step_s = max(1e-4, (times[-1] - times[batch - 1]) / steps) if len(times) > batch else 0.05
+    ids = torch.tensor([(probe * (options.reply_tokens // max(1, len(probe)) + 2))[:options.reply_tokens + 32]])
+    with torch.inference_mode():
+        started = time.perf_counter()
+        loaded.model(ids.to(loaded.model.device))
+        forward_s = time.perf_counter() - started
+    batches = -(-prompts // options.batch_size)
+    texts = min(options.profile_texts, prompts)
+    held_out = options.schedule_prompts
+    estimate = {
+        "corpus": batches * options.reply_tokens * step_s,
+        "profile": texts * (num_layers / 2 + 1) * forward_s,
+        "bridges": prompts * forward_s,
+        "schedule": expected_replies(held_out, num_layers - options.head - options.tail) / min(
+            options.batch_size, held_out) * options.schedule_tokens * step_s,
+    }
+    return {"schedule": estimate["schedule"]} if schedule_only else estimate
+
+
 def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress: Progress,
               on_stage: Callable[[str, int], None] = lambda stage, total: None) -> CalibrationResult:
     """Make the model's calibration and write it to `output` (default: the user cache, where commands find it).

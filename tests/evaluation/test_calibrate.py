@@ -4,6 +4,7 @@ command finds them; bad options one line."""
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import pytest
@@ -24,6 +25,13 @@ def test_calibrate_writes_to_the_cache_and_every_command_finds_it(cli, tiny_mode
     assert result.exit_code == 0, result.stderr
     made = json.loads(result.stdout)
     assert made["calibration"] == str(cache_path(tiny_identity)) and made["tokens"] > 40
+    # in a pipe: the estimate first, then a line as each stage starts and ends
+    lines = result.stderr.strip().splitlines()
+    assert re.match(r"d3: calibrating .*: about \d+ s here \(replies \d+ s, layer profile \d+ s, bridges \d+ s, "
+                    r"schedule, at most \d+ s\)", lines[0]), lines
+    for label in ("replies (tokens)", "layer profile (texts)", "bridges (texts)", "schedule (replies)"):
+        assert any(re.match(rf"d3: calibrate: {re.escape(label)}: \d+ to do, about \d+ s$", line) for line in lines)
+        assert any(re.match(rf"d3: calibrate: {re.escape(label)}: done in \d+ s$", line) for line in lines)
     assert len(made["bridged_runs"]) == 6 and sorted(made["drop_order"]) == [1, 2, 3, 4, 5, 6]
     record = json.loads(cli(["generate", "--model", str(tiny_model_dir), "-n", "10", "--alpha", "0.6",
                              "--min-layers", "2", "--head", "1", "--tail", "1", "--json", "Hello"]).stdout)

@@ -8,6 +8,8 @@ progress bar and nothing to choose. Parse, call `calibrate.calibrate`, render.
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -95,7 +97,7 @@ def calibrate(
     from d3cli.core.errors import UserError
     from d3cli.core.loader import load
     from d3cli.core.settings import DecodeSettings
-    from d3cli.evaluation.calibrate import CalibrationOptions, check_fits, choose_only
+    from d3cli.evaluation.calibrate import CalibrationOptions, check_fits, choose_only, estimate_seconds
     from d3cli.evaluation.calibrate import calibrate as make_calibration
 
     if calibration is not None and not schedule_only:
@@ -110,10 +112,15 @@ def calibrate(
         loaded = DecodeSettings(calibration=str(calibration) if calibration else None).with_calibration(loaded)
     labels = {"corpus": "replies (tokens)", "profile": "layer profile (texts)", "bridges": "bridges (texts)",
               "schedule": "schedule (replies)"}
+    estimate = estimate_seconds(loaded, options, schedule_only)
+    render.write_stderr_line(f"d3: {render.calibration_estimate_text(loaded.name, estimate)}")
+    stages = render.StageLines(labels) if not sys.stderr.isatty() else None  # a pipe gets a line per stage
     with render.BenchProgress(render.stderr_console()) as progress:
         def on_stage(stage: str, total: int) -> None:
             progress.add(stage, labels[stage], total, 0)
             progress.start(stage)
+            if stages is not None:
+                stages.start(stage, total, estimate.get(stage))
 
         def advance(stage: str, amount: int) -> None:
             progress.advance(stage, amount)
@@ -122,6 +129,8 @@ def calibrate(
             result = choose_only(loaded, options, output, advance, on_stage)
         else:
             result = make_calibration(loaded, options, output, advance, on_stage)
+        if stages is not None:
+            stages.finish()
     record = {
         "model": loaded.name,
         "calibration": str(result.path),
