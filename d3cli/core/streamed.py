@@ -53,8 +53,9 @@ def fill_model(model: nn.Module, source, choice, fuse: bool = True, what: str = 
 
 
 class SafetensorsWeights(ModelWeights):
-    """A Hugging Face folder's safetensors shards as a weight source: each tensor read (memory-mapped) when its
-    module is built, in float32, and a linear weight re-quantized a slice of rows at a time."""
+    """A Hugging Face folder's safetensors shards as a weight source: each tensor read when its module is built, in
+    float32, and a linear weight re-quantized a slice of rows at a time. A shard is mapped only while a tensor is
+    read from it (a mapping kept open would keep every page read in the process's memory)."""
 
     ROWS_AT_ONCE = 1024
 
@@ -62,12 +63,13 @@ class SafetensorsWeights(ModelWeights):
         super().__init__()
         from safetensors import safe_open
 
-        self.handles, self.where = [], {}
+        self.where: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for path in files:
-            handle = safe_open(str(path), framework="pt")
-            self.handles.append(handle)
-            for key in handle.keys():
-                self.where[key] = handle
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    self.where[key] = str(path)
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
         self.aliases: dict[str, str] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -76,8 +78,7 @@ class SafetensorsWeights(ModelWeights):
     def numel(self) -> int:
         """How many values the shards hold."""
         total = 0
-        for key, handle in self.where.items():
-            shape = handle.get_slice(key).get_shape()
+        for shape in self.shapes.values():
             count = 1
             for size in shape:
                 count *= size
@@ -88,22 +89,28 @@ class SafetensorsWeights(ModelWeights):
         if head not in self.where:
             self.aliases[head] = embedding
 
-    def _handle(self, name: str):
+    def _key(self, name: str) -> str:
         key = self.aliases.get(name, name)
         if key not in self.where:
             raise UserError(f"the model's files have no tensor for {name}")
-        return key, self.where[key]
+        return key
 
     def values(self, name: str, module: nn.Module | None = None) -> torch.Tensor:
-        key, handle = self._handle(name)
-        return handle.get_tensor(key).float()
+        from safetensors import safe_open
+
+        key = self._key(name)
+        with safe_open(self.where[key], framework="pt") as handle:
+            return handle.get_tensor(key).float()
 
     def row_slices(self, name: str, module: nn.Module | None = None):
-        key, handle = self._handle(name)
-        part = handle.get_slice(key)
-        rows = part.get_shape()[0]
+        from safetensors import safe_open
+
+        key = self._key(name)
+        rows = self.shapes[key][0]
         for start in range(0, rows, self.ROWS_AT_ONCE):
-            yield part[start:start + self.ROWS_AT_ONCE].float()
+            with safe_open(self.where[key], framework="pt") as handle:
+                part = handle.get_slice(key)[start:start + self.ROWS_AT_ONCE].float()
+            yield part
 
 
 def safetensors_files(folder: Path) -> list[Path] | None:
