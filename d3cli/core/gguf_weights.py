@@ -35,6 +35,7 @@ from d3cli.core.gguf_blocks import (
 )
 from d3cli.core.gguf_tiles import GGUFBlocks
 from d3cli.core.quantized import BlockInt8Embedding, QuantizedEmbedding
+from d3cli.core.streamed import return_freed_memory
 from d3cli.core.weights import ModelWeights, _embed_scale
 
 
@@ -157,27 +158,9 @@ class GGUFWeights(ModelWeights):
 
     def release(self) -> None:
         self._read.clear()
-        _return_freed_memory()
+        return_freed_memory()
 
 
-def _return_freed_memory() -> None:
-    """Hand memory freed by the layer just built back to the system (glibc keeps freed blocks of a few MB in its
-    heap otherwise, and the process's peak grows with every layer's temporaries)."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.malloc_trim  # noqa: B018 (glibc only)
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc = None
 
 
 def dequantized(raw: np.ndarray, qtype) -> torch.Tensor:
