@@ -715,6 +715,8 @@ def print_weight_kinds(console: Console, report: dict) -> None:
         table.add_row(row["name"], layers, f"{row['step_bytes'] / 1e6:.1f}", f"{row['tokens_per_s']:.1f}",
                       f"{row['limit_tokens_per_s']:.1f}", f"{100 * row['of_limit']:.0f} %", ratio)
     console.print(table)
+    for kind, why in (report.get("skipped_weight_kinds") or {}).items():
+        console.print(Text(f"{kind}: not timed ({why})", style="dim"))
     skipped = (report.get("llama_cpp") or {}).get("skipped")
     if skipped:
         console.print(Text(f"llama.cpp: not timed ({skipped})", style="dim"))

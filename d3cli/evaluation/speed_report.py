@@ -10,6 +10,7 @@ import dataclasses
 import platform
 from collections.abc import Callable, Sequence
 
+from d3cli.core.errors import UserError
 from d3cli.core.loader import ModelOptions
 from d3cli.core.settings import DecodeSettings
 
@@ -129,15 +130,23 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
     from d3cli.core.schedule import DecaySchedule
     from d3cli.evaluation import weights_speed
 
-    models = [(loaded, None)] + [(settings.with_calibration(load(dataclasses.replace(model_options, weights=kind,
-                                                                                     dtype="auto"))), None)
-                                 for kind in other_weight_kinds(loaded)]
+    models, skipped = [(loaded, None)], {}
+    for kind in other_weight_kinds(loaded):  # each beside the ones loaded already, where it still fits
+        try:
+            models.append((settings.with_calibration(load(dataclasses.replace(model_options, weights=kind,
+                                                                              dtype="auto"))), None))
+        except UserError as error:  # loader.refuse_if_too_big: a big model's float32 copy, say
+            skipped[kind] = str(error)
     if loaded.weights is not None and (loaded.weights.kernels or "").startswith("d3"):
         from d3cli import kernels
 
-        with kernels.turned_off():  # the same weights on torch's kernels: what d3 ran before its own
-            on_torch = settings.with_calibration(load(dataclasses.replace(model_options, dtype="auto")))
-        models.append((on_torch, f"{loaded.weights.kind} on torch's kernels"))
+        name = f"{loaded.weights.kind} on torch's kernels"
+        try:
+            with kernels.turned_off():  # the same weights on torch's kernels: what d3 ran before its own
+                on_torch = settings.with_calibration(load(dataclasses.replace(model_options, dtype="auto")))
+            models.append((on_torch, name))
+        except UserError as error:
+            skipped[name] = str(error)
     sides = []
     for model, name in models:
         num_layers = num_decoder_layers(model.model)
@@ -150,7 +159,8 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
         sides.append(weights_speed.Side("llama.cpp", "llama.cpp", lambda count: llama.decode_seconds(prompt, count),
                                         weights_speed.gguf_step_bytes(str(gguf_path))))
     rows = weights_speed.with_llama_ratios(weights_speed.compare(sides, tokens, repeats, bandwidth))
-    return {"weight_kinds": rows, "llama_cpp": {"version": llama.version} if llama is not None else {"skipped": why}}
+    return {"weight_kinds": rows, "skipped_weight_kinds": skipped,
+            "llama_cpp": {"version": llama.version} if llama is not None else {"skipped": why}}
 
 
 def child_generate_args(model_options: ModelOptions, settings: DecodeSettings) -> list[str]:

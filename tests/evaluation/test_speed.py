@@ -167,3 +167,18 @@ def test_first_token_children_load_the_model_as_the_run_did():
 
 def _value_of(option):
     return getattr(option, "value", option)
+
+
+def test_the_speed_bench_skips_a_weight_kind_that_does_not_fit_and_says_why(cli, tiny_model_dir, monkeypatch):
+    from d3cli.core import loader
+    from d3cli.core.streamed import SafetensorsWeights, safetensors_files
+
+    values = SafetensorsWeights(safetensors_files(tiny_model_dir)).numel()
+    monkeypatch.setattr(loader, "available_memory", lambda: values * 2)  # int8 and int4 fit, float32 does not
+    result = cli(["bench", "--task", "speed", "--quick", "--model", str(tiny_model_dir), "--alpha", "0.8", *TINY,
+                  "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert list(report["skipped_weight_kinds"]) == ["float32"]
+    assert "needs about" in report["skipped_weight_kinds"]["float32"]
+    assert {row["weights"] for row in report["weight_kinds"]} >= {"int8", "int4"}
