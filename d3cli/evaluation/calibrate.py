@@ -100,9 +100,44 @@ def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+class CorpusCheckpoint:
+    """The corpus stage's finished batches, kept in d3's cache as they are made, so that a calibration interrupted
+    (Ctrl-C, a crash, a time limit) goes on where it stopped: keyed by the model and every option the replies depend
+    on, removed once the calibration is written."""
+
+    def __init__(self, identity: dict, options: CalibrationOptions):
+        import hashlib
+
+        from d3cli.core.paths import cache_home
+
+        key = json.dumps({"model": identity, "prompts": options.prompts, "reply_tokens": options.reply_tokens,
+                          "batch_size": options.batch_size}, sort_keys=True, default=str)
+        self.path = cache_home() / "calibrations" / "partial" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        self.batches: dict[int, list[list]] = {}
+        if self.path.is_file():
+            try:
+                self.batches = {int(start): texts for start, texts in json.loads(self.path.read_text()).items()}
+            except (ValueError, AttributeError):
+                self.batches = {}
+
+    def save(self, start: int, texts: list[ScoringText]) -> None:
+        from d3cli.core.files import write_atomically
+
+        self.batches[start] = [[text.id, list(text.prompt_ids), list(text.continuation_ids)] for text in texts]
+        write_atomically(self.path, json.dumps(self.batches), make_parents=True)
+
+    def texts(self, start: int) -> list[ScoringText] | None:
+        found = self.batches.get(start)
+        return None if found is None else [ScoringText(name, tuple(ids), tuple(reply)) for name, ids, reply in found]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: CalibrationOptions,
-                    progress: Progress) -> list[ScoringText]:
-    """The model's greedy full-depth reply to each prompt (batched), as prompt + continuation."""
+                    progress: Progress, checkpoint: CorpusCheckpoint | None = None) -> list[ScoringText]:
+    """The model's greedy full-depth reply to each prompt (batched), as prompt + continuation; batches the
+    `checkpoint` holds are taken from it, and each new one is added to it."""
     from d3cli.core.engine import decode
     from d3cli.core.plan import plan_for
     from d3cli.core.settings import DecodeSettings
@@ -112,11 +147,20 @@ def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: Calibra
     texts = []
     for start in range(0, len(encoded), options.batch_size):
         batch = encoded[start:start + options.batch_size]
+        done = checkpoint.texts(start) if checkpoint is not None else None
+        if done is not None:
+            progress("corpus", len(batch) * options.reply_tokens)
+            texts += done
+            continue
+        made = []
         replies = decode(loaded, batch, full_depth, on_event=lambda event: progress("corpus", 1))
         for offset, (prompt_ids, reply) in enumerate(zip(batch, replies)):
             progress("corpus", options.reply_tokens - reply.generated_tokens)  # a reply that ended early
             if reply.generated_tokens > 1:
-                texts.append(ScoringText(f"builtin/{start + offset}", tuple(prompt_ids), tuple(reply.token_ids)))
+                made.append(ScoringText(f"builtin/{start + offset}", tuple(prompt_ids), tuple(reply.token_ids)))
+        if checkpoint is not None:
+            checkpoint.save(start, made)
+        texts += made
     return texts
 
 
@@ -241,7 +285,8 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
 
     started = time.perf_counter()
     on_stage("corpus", len(prompts) * options.reply_tokens)
-    texts = generate_corpus(loaded, prompts, options, progress)
+    checkpoint = CorpusCheckpoint(identity, options)
+    texts = generate_corpus(loaded, prompts, options, progress, checkpoint)
     seconds["corpus"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -267,6 +312,7 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
     choice = choose_stage(loaded, calibration, options, progress, on_stage, seconds)
     fit["seconds"] = {key: round(value, 1) for key, value in seconds.items()}
     write_calibration(path, identity, profile, bridges, fit, choice)
+    checkpoint.remove()
     return CalibrationResult(path=path, texts=len(texts), tokens=tokens, runs=runs, drop_order=list(drop_order),
                              seconds=seconds, bridge_bytes=sum(bridge.nbytes() for bridge in bridges),
                              schedule=choice)

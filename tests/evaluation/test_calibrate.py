@@ -85,3 +85,35 @@ def test_calibrate_chooses_a_schedule_and_schedule_only_chooses_again(cli, tiny_
 def test_schedule_only_needs_a_calibration(cli, tiny_model_dir):
     result = cli(["calibrate", "--model", str(tiny_model_dir), "--schedule-only"])
     assert result.exit_code == 2 and "--schedule-only needs the model's calibration" in result.stderr
+
+
+def test_an_interrupted_calibration_goes_on_where_its_replies_stopped(tiny_model_dir, monkeypatch, tmp_path):
+    from d3cli.core import engine
+    from d3cli.core.loader import load, model_identity
+    from d3cli.evaluation import calibrate as calibration
+
+    loaded = load(str(tiny_model_dir))
+    options = calibration.CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
+                                             tail=1, schedule_prompts=2, schedule_tokens=12)
+    corpus_batches = []
+    real_decode = engine.decode
+
+    def counting(loaded, prompts, plan, **kwargs):
+        if plan.max_new_tokens == options.reply_tokens:  # the corpus stage's replies
+            corpus_batches.append(len(prompts))
+        return real_decode(loaded, prompts, plan, **kwargs)
+
+    def interrupt_in_the_second_batch(stage, amount):
+        if stage == "corpus" and len(corpus_batches) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "decode", counting)
+    output = tmp_path / "made.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        calibration.calibrate(loaded, options, output, interrupt_in_the_second_batch)
+    checkpoint = calibration.CorpusCheckpoint(model_identity(loaded), options)
+    assert list(checkpoint.batches) == [0] and not output.exists()
+    corpus_batches.clear()
+    result = calibration.calibrate(loaded, options, output, lambda stage, amount: None)
+    assert corpus_batches == [2]  # only the batch that was interrupted is decoded again
+    assert result.texts >= 3 and output.is_file() and not checkpoint.path.exists()

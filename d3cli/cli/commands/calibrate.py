@@ -97,7 +97,14 @@ def calibrate(
     from d3cli.core.errors import UserError
     from d3cli.core.loader import load
     from d3cli.core.settings import DecodeSettings
-    from d3cli.evaluation.calibrate import CalibrationOptions, check_fits, choose_only, estimate_seconds
+    from d3cli.core.loader import model_identity
+    from d3cli.evaluation.calibrate import (
+        CalibrationOptions,
+        CorpusCheckpoint,
+        check_fits,
+        choose_only,
+        estimate_seconds,
+    )
     from d3cli.evaluation.calibrate import calibrate as make_calibration
 
     if calibration is not None and not schedule_only:
@@ -114,6 +121,11 @@ def calibrate(
               "schedule": "schedule (replies)"}
     estimate = estimate_seconds(loaded, options, schedule_only)
     render.write_stderr_line(f"d3: {render.calibration_estimate_text(loaded.name, estimate)}")
+    if not schedule_only:
+        made = len(CorpusCheckpoint(model_identity(loaded), options).batches)
+        if made:
+            render.write_stderr_line(f"d3: calibrate: resuming: {made} batch{'es' if made > 1 else ''} of replies "
+                                     "from an interrupted run are kept")
     stages = render.StageLines(labels) if not sys.stderr.isatty() else None  # a pipe gets a line per stage
     with render.BenchProgress(render.stderr_console()) as progress:
         def on_stage(stage: str, total: int) -> None:
