@@ -241,13 +241,6 @@ def header_digest(path: Path, header: GGUFHeader) -> str:
     return digest.hexdigest()
 
 
-def permute_rows(form, order: torch.Tensor):
-    """A block form with its rows in `order`."""
-    if isinstance(form, AffineInt4):
-        return AffineInt4(form.q[order], form.scale[order], form.offset[order])
-    return BlockInt8(form.q[order], form.scale[order])
-
-
 KEEPS_ROWS = "keeps"  # row_order: the processor leaves the tensor as it is
 
 
