@@ -3,8 +3,8 @@
 The model is built without weights (its parameters on the meta device), then each tensor is read from the file when
 its module is built (weights.apply_weights goes one decoder layer at a time and releases what it read):
 
-    a linear weight of an exact type   its block form straight from the bytes (Q4_0/Q4_1/Q4_K as int4 groups, Q8_0
-                                       blocks), rows reordered as transformers' tensor processor reorders them
+    a linear weight of an exact type   its bytes (Q4_0/Q4_1/Q4_K, Q8_0; rows reordered as transformers' tensor
+                                       processor reorders them), packed straight into d3's tiles (gguf_tiles.py)
     the embedding table                its bytes, memory-mapped: a lookup dequantizes only the rows it reads
     anything else                      that tensor alone dequantized (the gguf package's dequantization, then
                                        transformers' tensor processor: exactly what transformers' GGUF loader
