@@ -91,21 +91,13 @@ def tensor_processor(architecture: str, config):
     return TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.get_text_config(decoder=True).to_dict())
 
 
-def empty_model(config, trust_remote_code: bool = False):
-    """The model of `config` with its parameters on the meta device (no memory); buffers (rotary tables) real."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-
-
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Read a GGUF file's metadata with transformers (no tensor is read); write the config, generation config and
     tokenizer. Returns each tensor's parameter name (GGUF name -> name) and its GGUF type by parameter name."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    from d3cli.core.streamed import empty_model
 
     folder, name = str(gguf_path.parent), gguf_path.name
     header = read_header(gguf_path)

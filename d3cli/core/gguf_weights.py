@@ -213,8 +213,8 @@ def load_gguf(gguf_path: Path, folder: Path, header: GGUFHeader, choice, device,
     converted metadata in `folder` (gguf_cache.cached_gguf_dir)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from d3cli.core.gguf_cache import empty_model, gguf_names, tensor_processor
-    from d3cli.core.streamed import fill_model
+    from d3cli.core.gguf_cache import gguf_names, tensor_processor
+    from d3cli.core.streamed import empty_model, fill_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
+from d3cli.core import memory
 from d3cli.core.errors import UserError
 from d3cli.core.gguf_cache import cached_gguf_dir, gguf_types, read_header
 from d3cli.core.gguf_weights import load_gguf
@@ -291,7 +292,7 @@ def _load(options: ModelOptions, progress=None) -> LoadedModel:
             header = read_header(gguf_path)
             folder = cached_gguf_dir(gguf_path, header)
             choice = choose(gguf_types(folder))
-            refuse_if_too_big(gguf_needs(header, choice), gguf_path.name, choice)
+            memory.refuse_if_too_big(memory.gguf_needs(header, choice), gguf_path.name, choice)
             model, tokenizer, report = load_gguf(gguf_path, folder, header, choice,
                                                  "cpu" if device_map else target_device, fuse, progress)
             if device_map is not None:
@@ -333,75 +334,13 @@ def _load_folder_streamed(folder: Path, options: ModelOptions, choose, device, f
                                                   local_files_only=True)
     except (OSError, ValueError):
         return None  # transformers' loader says what is wrong
-    values = SafetensorsWeights(files).numel()
+    source = SafetensorsWeights(files)
     choice = choose(None)
     if options.weights == "auto" and options.dtype == "auto" and device.type == "cpu":
-        choice = fitting_kind(choice, values, choose)
-    refuse_if_too_big(folder_needs(values, choice), folder.name, choice)
-    loaded = load_folder(folder, files, config, choice, device, fuse, options.trust_remote_code, progress)
+        choice = memory.fitting_kind(choice, source.numel(), lambda kind: choose(None, kind))
+    memory.refuse_if_too_big(memory.folder_needs(source.numel(), choice), folder.name, choice)
+    loaded = load_folder(folder, source, config, choice, device, fuse, options.trust_remote_code, progress)
     return None if loaded is None else (loaded[0], tokenizer, loaded[1])
-
-
-BYTES_PER_VALUE = {"int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}  # with a float16 scale (and offset) per 32 at most
-
-
-def folder_needs(values: int, choice) -> int:
-    """About the bytes a float checkpoint of `values` values takes loaded with `choice`."""
-    import torch
-
-    per_value = BYTES_PER_VALUE.get(choice.kind) or torch.empty((), dtype=choice.dtype).element_size()
-    return int(values * per_value)
-
-
-def fitting_kind(choice, values: int, choose):
-    """`auto` for a float checkpoint on the CPU: dense float32 (exact) where it fits in 80 % of the free memory,
-    else int8 per channel (d3's kernels, near-lossless), else int4; the reason goes into the weights report."""
-    import dataclasses
-
-    free = available_memory()
-    if free is None or folder_needs(values, choice) <= 0.8 * free:
-        return choice
-    for kind in ("int8", "int4"):
-        fallback = choose(None, kind)
-        if folder_needs(values, fallback) <= 0.8 * free or kind == "int4":
-            return dataclasses.replace(fallback, why=(
-                f"float32 would take {folder_needs(values, choice) / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB "
-                f"free; {kind} runs on d3's kernels"))
-    return choice
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the system can give a new allocation now (MemAvailable), or None where it does not say."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def gguf_needs(header, choice) -> int:
-    """About the bytes a GGUF file's model takes loaded with `choice`: in its own blocks (d3's tiles hold 4.5-bit
-    types in 5 bits a weight: 12 % more), or every weight dequantized to a dense dtype."""
-    import torch
-
-    weights = sum(tensor.rows * tensor.columns for tensor in header.tensors)
-    if choice.quantized:
-        return int(1.12 * sum(tensor.nbytes for tensor in header.tensors))
-    return weights * torch.empty((), dtype=choice.dtype).element_size()
-
-
-def refuse_if_too_big(needed: int, what: str, choice) -> None:
-    """One line before loading when the model cannot fit in the memory the system has free (a GPU's model too: it is
-    built in the CPU's memory, then moved)."""
-    free = available_memory()
-    if free is not None and needed > free:
-        kind = "in its own blocks" if choice.kind == "file" else f"as {choice.kind}"
-        raise UserError(f"{what} needs about {needed / 2**30:.1f} GiB {kind}, and this machine has "
-                        f"{free / 2**30:.1f} GiB free: use a smaller model"
-                        + (", or --weights int4" if choice.kind != "int4" and choice.kind != "file" else "")
-                        + ", or free memory")
 
 
 def _dispatch(model, device_map: str):

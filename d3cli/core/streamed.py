@@ -20,6 +20,15 @@ from d3cli.core.errors import UserError
 from d3cli.core.weights import ModelWeights, WeightsReport, apply_weights, embedding_name, head_name
 
 
+def empty_model(config, trust_remote_code: bool = False):
+    """The model of `config` with its parameters on the meta device (no memory); buffers (rotary tables) real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+
 def fill_model(model: nn.Module, source, choice, fuse: bool = True, what: str = "the model",
                progress=None) -> WeightsReport:
     """Fill `model` (its parameters on the meta device) from `source` with `choice`; `what` names the files in
@@ -47,7 +56,7 @@ def fill_model(model: nn.Module, source, choice, fuse: bool = True, what: str = 
                             f"{parameter.numel()}: the files and their config disagree")
         setattr(model.get_submodule(module_name), attribute,
                 nn.Parameter(values.reshape(parameter.shape), requires_grad=False))
-        source.release()
+    source.release()
     model.to(choice.dtype)
     return apply_weights(model, choice, source=source, fuse=fuse, progress=progress)
 
@@ -149,16 +158,13 @@ def safetensors_files(folder: Path) -> list[Path] | None:
     return files or None
 
 
-def load_folder(folder: Path, files: list[Path], config, choice, device, fuse: bool, trust_remote_code: bool,
-                progress=None):
+def load_folder(folder: Path, source: SafetensorsWeights, config, choice, device, fuse: bool,
+                trust_remote_code: bool, progress=None):
     """A Hugging Face folder's model built empty and filled from its safetensors shards (no float copy first), or
     None when the shards do not name every parameter as the model does (transformers' own loader then renames)."""
     from transformers import GenerationConfig
 
-    from d3cli.core.gguf_cache import empty_model
-
     model = empty_model(config, trust_remote_code)
-    source = SafetensorsWeights(files)
     tied = {f"{head_name(model)}.weight"} if head_name(model) else set()
     missing = [name for name, _ in model.named_parameters(remove_duplicate=False)
                if name not in source and name not in tied]

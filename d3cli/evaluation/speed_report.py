@@ -135,7 +135,7 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
         try:
             models.append((settings.with_calibration(load(dataclasses.replace(model_options, weights=kind,
                                                                               dtype="auto"))), None))
-        except UserError as error:  # loader.refuse_if_too_big: a big model's float32 copy, say
+        except UserError as error:  # memory.refuse_if_too_big: a big model's float32 copy, say
             skipped[kind] = str(error)
     if loaded.weights is not None and (loaded.weights.kernels or "").startswith("d3"):
         from d3cli import kernels

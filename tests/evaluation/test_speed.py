@@ -170,11 +170,11 @@ def _value_of(option):
 
 
 def test_the_speed_bench_skips_a_weight_kind_that_does_not_fit_and_says_why(cli, tiny_model_dir, monkeypatch):
-    from d3cli.core import loader
+    from d3cli.core import memory
     from d3cli.core.streamed import SafetensorsWeights, safetensors_files
 
     values = SafetensorsWeights(safetensors_files(tiny_model_dir)).numel()
-    monkeypatch.setattr(loader, "available_memory", lambda: values * 2)  # int8 and int4 fit, float32 does not
+    monkeypatch.setattr(memory, "available_memory", lambda: values * 2)  # int8 and int4 fit, float32 does not
     result = cli(["bench", "--task", "speed", "--quick", "--model", str(tiny_model_dir), "--alpha", "0.8", *TINY,
                   "--json"])
     assert result.exit_code == 0, result.stderr
