@@ -254,3 +254,23 @@ def default_ctrl_c() -> None:
     """Run in a spawned child before exec: Ctrl-C back to its default action. A test runner started with SIGINT ignored
     (a background job, nohup) would otherwise pass the ignored signal on, and the spawned d3 would never see Ctrl-C."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="session")
+def mixed_gguf(tmp_path_factory):
+    """A two-layer GGUF file with one layer of every kind d3 meets (tests/gguf_files.py's MIXED)."""
+    from gguf_files import MIXED, write_tiny_gguf
+
+    from d3cli.core.loader import embedded_gguf_path
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "mixed.gguf", embedded_gguf_path(), MIXED)
+
+
+@pytest.fixture(scope="session")
+def exact_gguf(tmp_path_factory):
+    """A two-layer GGUF file whose every linear layer has an exact block form, and an LM head of its own (EXACT)."""
+    from gguf_files import EXACT, write_tiny_gguf
+
+    from d3cli.core.loader import embedded_gguf_path
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "exact.gguf", embedded_gguf_path(), EXACT, tied=False)

@@ -58,6 +58,13 @@ class GGUFWeights(ModelWeights):
         self.types = {name: tensor.type_name for name, tensor in self.tensors.items()}
         self.aliases: dict[str, str] = {}
         self._read: dict[str, object] = {}
+        self._orders: dict[str, object] = {}  # GGUF name -> row_order's verdict, found once
+
+    def order(self, tensor: TensorInfo):
+        """What transformers' processor does to this tensor's rows (gguf_blocks.row_order), probed once."""
+        if tensor.name not in self._orders:
+            self._orders[tensor.name] = row_order(self.processor, tensor.name, tensor.rows, self.names)
+        return self._orders[tensor.name]
 
     def __contains__(self, name: str) -> bool:
         return self.aliases.get(name, name) in self.tensors
@@ -87,7 +94,7 @@ class GGUFWeights(ModelWeights):
             return None
         if tensor.columns % 32:
             return None
-        order = row_order(self.processor, tensor.name, tensor.rows, self.names)
+        order = self.order(tensor)
         if order is None:  # the processor changes more than the row order: dequantized and processed instead
             return None
         raw = self._bytes(tensor)
@@ -105,7 +112,7 @@ class GGUFWeights(ModelWeights):
         """The values of a 2-D weight that the processor leaves as it is, dequantized ROWS_AT_ONCE rows at a time
         (nothing kept); other tensors whole, as `values`."""
         tensor = self.tensor(name)
-        if len(tensor.shape) != 2 or row_order(self.processor, tensor.name, tensor.rows, self.names) is not KEEPS_ROWS:
+        if len(tensor.shape) != 2 or self.order(tensor) is not KEEPS_ROWS:
             yield self.values(name, module)
             return
         from gguf import GGMLQuantizationType
@@ -152,7 +159,7 @@ class GGUFWeights(ModelWeights):
         padding, scale = getattr(old, "padding_idx", None), _embed_scale(old)
         if isinstance(form, GGUFBlocks) and form.kernel_kind == 8:
             return BlockInt8Embedding(form.exact(), dtype, padding, scale)
-        if row_order(self.processor, tensor.name, tensor.rows, self.names) is not KEEPS_ROWS:
+        if self.order(tensor) is not KEEPS_ROWS:
             return None  # an embedding the processor changes: dense
         return GGUFRowsEmbedding(tensor, dtype, padding, scale)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from gguf import GGUFReader
 from gguf_files import EXACT, MIXED, write_tiny_gguf
 
@@ -13,17 +12,6 @@ from d3cli.core import gguf_cache, loader
 from d3cli.core.errors import UserError
 from d3cli.core.gguf_blocks import read_gguf
 
-
-
-@pytest.fixture(scope="session")
-def mixed_gguf(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "mixed.gguf", loader.embedded_gguf_path(), MIXED)
-
-
-@pytest.fixture(scope="session")
-def exact_gguf(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "exact.gguf", loader.embedded_gguf_path(), EXACT,
-                           tied=False)
 
 
 def test_the_header_reader_agrees_with_the_gguf_package(mixed_gguf):
