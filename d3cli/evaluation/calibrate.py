@@ -228,12 +228,11 @@ class CalibrationResult:
 
 
 def estimate_seconds(loaded, options: CalibrationOptions, schedule_only: bool = False) -> dict[str, float]:
-    """About how long each stage takes on this machine, from a decode step and a forward pass measured now: the
-    replies (batches × reply tokens × a step at the batch size), the layer profile (a forward per text and about
-    L/2 more for its skip-alone passes), the bridges (a forward per text) and the schedule (an upper bound: every
-    candidate's replies, as its progress bar counts them)."""
-    import torch
-
+    """About how long each stage takes on this machine, from one short batch of replies timed now (its prefill and
+    its decode steps): the replies (batches × reply tokens × a step at the batch size), the layer profile (a forward
+    per text and about L/2 more for its skip-alone passes), the bridges (a forward per text) and the schedule (an
+    upper bound: every candidate's replies, as its progress bar counts them). A forward over a text is the prefill's
+    time per token times the text's tokens."""
     from d3cli.core.engine import decode
     from d3cli.core.loader import num_decoder_layers
     from d3cli.core.plan import plan_for
@@ -246,15 +245,12 @@ def estimate_seconds(loaded, options: CalibrationOptions, schedule_only: bool = 
     probe = encode_builtin(loaded.tokenizer, *builtin_prompts(1)[0])
     steps = 4
     plan = plan_for(loaded, DecodeSettings(max_new_tokens=steps + 1).full_depth())
-    decode(loaded, [probe] * batch, plan)  # warm-up
     times = []
+    started = time.perf_counter()
     decode(loaded, [probe] * batch, plan, on_event=lambda event: times.append(time.perf_counter()))
-    step_s = max(1e-4, (times[-1] - times[batch - 1]) / steps) if len(times) > batch else 0.05
-    ids = torch.tensor([(probe * (options.reply_tokens // max(1, len(probe)) + 2))[:options.reply_tokens + 32]])
-    with torch.inference_mode():
-        started = time.perf_counter()
-        loaded.model(ids.to(loaded.model.device))
-        forward_s = time.perf_counter() - started
+    prefill_s = times[0] - started  # the batch's prompts, then each row's first token
+    step_s = max(1e-4, (times[-1] - times[batch - 1]) / steps) if len(times) > batch else prefill_s
+    forward_s = prefill_s / (batch * len(probe)) * (options.reply_tokens + len(probe))
     batches = -(-prompts // options.batch_size)
     texts = min(options.profile_texts, prompts)
     held_out = options.schedule_prompts
