@@ -2,6 +2,9 @@
 """d3 and llama.cpp on GGUF files of real models' shapes, in turns (this VM's speed drifts ±30 % over minutes).
 
     python docs/measurements/scale/measure.py --llama-bin DIR FILE.gguf [FILE.gguf ...] > results.json
+    python docs/measurements/scale/measure.py --d3-only --tokens 48 --repeats 4 FILE.gguf_or_FOLDER
+
+`--d3-only` runs the two d3 sides alone (a safetensors folder, or D3 against full depth over more rounds).
 
 For each file and each of `--repeats` rounds, one after another:
     d3 full depth        d3 generate -n TOKENS --json --alpha 1 (a new process: its load time, peak memory, prefill
@@ -69,24 +72,31 @@ def llama_start(binaries: Path, file: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path)
-    parser.add_argument("--llama-bin", type=Path, required=True, help="folder with llama-bench and llama-simple")
+    parser.add_argument("--llama-bin", type=Path, help="folder with llama-bench and llama-simple")
+    parser.add_argument("--d3-only", action="store_true", help="time d3's two sides only")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     options = parser.parse_args()
+    if not options.d3_only and options.llama_bin is None:
+        parser.error("--llama-bin is needed unless --d3-only")
     for file in options.files:
+        size = sum(path.stat().st_size for path in file.glob("*.safetensors")) if file.is_dir() else file.stat().st_size
         for round_ in range(options.repeats):
             rows = {
                 "d3 full depth": d3(file, options.tokens, ["--alpha", "1"]),
                 "d3 alpha 0.98 floor L/2": d3(file, options.tokens, ["--alpha", "0.98", "--min-layers", "0.5"]),
-                "llama.cpp decode": llama_bench(options.llama_bin, file, ["-p", "0", "-n", str(options.tokens)]),
-                "llama.cpp prefill": llama_bench(options.llama_bin, file,
-                                                 ["-p", str(options.prompt_tokens), "-n", "0"]),
-                "llama.cpp start": llama_start(options.llama_bin, file),
             }
+            if not options.d3_only:
+                rows.update({
+                    "llama.cpp decode": llama_bench(options.llama_bin, file, ["-p", "0", "-n", str(options.tokens)]),
+                    "llama.cpp prefill": llama_bench(options.llama_bin, file,
+                                                     ["-p", str(options.prompt_tokens), "-n", "0"]),
+                    "llama.cpp start": llama_start(options.llama_bin, file),
+                })
             for name, row in rows.items():
-                print(json.dumps({"file": file.name, "file_bytes": file.stat().st_size, "round": round_,
-                                  "side": name, **row}), flush=True)
+                print(json.dumps({"file": file.name, "file_bytes": size, "round": round_, "side": name, **row}),
+                      flush=True)
 
 
 if __name__ == "__main__":
