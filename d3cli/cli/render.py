@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 
 from rich.console import Console, Group
@@ -164,8 +165,6 @@ class LoadingBar:
 
     def update(self, done: int, total: int) -> None:
         if self.bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self.bar = Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), console=stderr_console(), transient=True)
             self.bar.start()
@@ -202,8 +201,6 @@ class StageLines:
         self.labels, self.current, self.started = labels, None, 0.0
 
     def start(self, stage: str, total: int, estimate: float | None) -> None:
-        import time
-
         self.finish()
         self.current, self.started = stage, time.perf_counter()
         about = f", about {_duration(estimate)}" if estimate is not None else ""
@@ -211,8 +208,6 @@ class StageLines:
         sys.stderr.flush()
 
     def finish(self) -> None:
-        import time
-
         if self.current is not None:
             sys.stderr.write(f"d3: calibrate: {self.labels[self.current]}: done in "
                              f"{_duration(time.perf_counter() - self.started)}\n")
