@@ -13,8 +13,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2  # 256: Q4_K and Q6_K rows need multiples of 256
 # bytes and weights per block of the types written as random blocks (gguf cannot write the K types; Q4_0 is
 # written this way for big files, where quantizing random floats would take long)
-RAW_BLOCKS = {"Q4_K": (144, 256), "Q6_K": (210, 256), "Q4_0": (18, 32)}
-SCALE_BYTES = {"Q4_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,)}  # where each block's float16 scales lie
+RAW_BLOCKS = {"Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256), "Q4_0": (18, 32)}
+SCALE_BYTES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,)}  # where each block's float16 scales lie
 # One layer of every kind d3 meets: exact 4-bit types, Q8_0, a 6-bit type without an exact form, a float type.
 MIXED = {"blk.0.attn_q": "Q4_0", "blk.0.attn_v": "Q6_K", "blk.0.attn_output": "Q4_K", "blk.0.ffn_down": "Q8_0",
          "blk.1.ffn_down": "F16"}
@@ -32,6 +32,10 @@ def tensor_bytes(shape: tuple[int, int], scale: float, type_name: str, rng) -> t
         for start in SCALE_BYTES[type_name]:
             halves = rng.uniform(0.0005, 0.002, size=blocks.shape[0]).astype(np.float16)
             blocks[:, start:start + 2] = halves.view(np.uint8).reshape(-1, 2)
+        if type_name in ("Q4_K", "Q5_K"):  # block scales and minimums up to 15 (not 63): weights of a few hundredths
+            blocks[:, 4:16] &= 0x0F
+        if type_name == "Q6_K":  # int8 block scales within ±8 (not ±128)
+            blocks[:, 192:208] = rng.integers(-8, 9, size=(blocks.shape[0], 16)).astype(np.int8).view(np.uint8)
         return blocks.reshape(rows, -1), qtype
     values = rng.standard_normal(shape).astype(np.float32) * scale
     if type_name == "F32":

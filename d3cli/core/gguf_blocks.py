@@ -1,5 +1,6 @@
 """A GGUF file's header and its quantized tensors as they are stored: Q4_0, Q4_1 and Q4_K as 4-bit groups of 32
-(`AffineInt4`), Q8_0 as 8-bit blocks of 32 (`BlockInt8`).
+(`AffineInt4`), Q8_0 as 8-bit blocks of 32 (`BlockInt8`); d3's kernels also run Q5_0, Q5_1, Q5_K and Q6_K as
+stored (gguf_tiles.py), which have no such torch form.
 
 Transformers only dequantizes a GGUF file. To run it in its own precision d3 reads the header itself (`read_gguf`)
 and each tensor's blocks straight from their bytes (`block_form`, with the `gguf` package's Q4_K scale unpacking);
@@ -30,14 +31,21 @@ TYPE_BITS = {"Q2_K": 2, "Q3_K": 3, "IQ1_S": 1, "IQ1_M": 1, "IQ2_XXS": 2, "IQ2_XS
              "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_1": 8, "Q8_K": 8}
 
 
+STORED_KINDS = {"Q5_0": "int5", "Q5_1": "int5", "Q5_K": "int5", "Q6_K": "int6"}  # on d3's kernels, as stored
+
+
 def nearest_kind(gguf_type: str) -> str:
-    """The weight kind a GGUF type runs as by default: int4 up to 4 bits, int8 above, float for float types."""
+    """The weight kind a GGUF type runs as by default: its own where d3 runs it as stored (int4, int5, int6, int8),
+    else int4 up to 4 bits and int8 above; float for float types. int5 and int6 exist on d3's kernels only (without
+    them those types run as int8)."""
     if gguf_type in FLOAT_TYPES:
         return "float"
     if gguf_type in INT4_TYPES:
         return "int4"
     if gguf_type in INT8_TYPES:
         return "int8"
+    if gguf_type in STORED_KINDS:
+        return STORED_KINDS[gguf_type]
     return "int4" if TYPE_BITS.get(gguf_type, 8) <= 4 else "int8"
 
 

@@ -1,13 +1,16 @@
-"""A GGUF file's 4- and 8-bit blocks straight into the tiles d3's kernels read, without unpacking a weight.
+"""A GGUF file's blocks straight into the tiles d3's kernels read, without unpacking a weight.
 
 d3's q4 tiles (quantized.pack_int4_tiles) hold, per tile of R rows and block of 32, byte (j, r, i) with row r's
 element 4j + i in its low half and element 16 + 4j + i in its high half: exactly a Q4_0 or Q4_1 block's 16 bytes,
-interleaved across the tile's rows. A Q4_K block's bytes pair its nibbles the other way (element l and 32 + l of 64),
-so they are re-paired with four bit operations. Q8_0's 32 bytes are the q8 tiles' bytes, interleaved (plus 128 where
-the kernels want them unsigned). Q4_0 keeps no offsets (the kernels take w = (q − 8)·d: 4.5 bits a weight, as the
-file) unless it is stacked with another 4-bit type. Scales and offsets are those `AffineInt4`/`BlockInt8` hold, in float16 where that
-is exact (`quantized.exact_scales`'s rule). So a weight goes from the file to the kernels in one copy, instead of
-one byte per weight and back (tests/core/test_gguf_tiles.py holds both ways to the same bytes).
+interleaved across the tile's rows. Q8_0's 32 bytes are the q8 tiles' bytes, interleaved (plus 128 where the kernels
+want them unsigned). Q5_0/Q5_1 add their fifth bits in a plane behind each block (q5 tiles). The k-quants (Q4_K,
+Q5_K, Q6_K) keep their superblocks of 256: each superblock's scale bytes as the file stores them, then its blocks
+(q4k, q5k, q6k tiles), with d and dmin as float16 beside them. Every type thus takes the file's bytes per weight
+(d3cli/kernels/blocks.h draws the layouts; pack.cpp packs them in one pass).
+
+Q4_0 and Q5_0 keep no offsets (the kernels take w = (q − 8)·d, (q − 16)·d) unless stacked with Q4_1/Q5_1. Without
+d3's kernels, Q4_0/Q4_1/Q8_0 can still be packed by numpy (`pack_gguf_numpy`, the reference the kernel is held to
+for those types); tests/core/test_gguf_tiles.py holds every type's products to its dequantized weights.
 """
 
 from __future__ import annotations
@@ -17,19 +20,37 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from d3cli.core.quantized import AffineInt4, BlockInt8
+# GGUF type -> (kernel kind of d3cli/kernels/blocks.h, bytes a block, weights a block)
+PACKED_TYPES = {"Q4_0": (4, 18, 32), "Q4_1": (4, 20, 32), "Q5_0": (5, 22, 32), "Q5_1": (5, 24, 32),
+                "Q8_0": (8, 34, 32), "Q4_K": (14, 144, 256), "Q5_K": (15, 176, 256), "Q6_K": (16, 210, 256)}
+NUMPY_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what `pack_gguf_numpy` packs
+KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q4_K": 2, "Q8_0": 3, "Q5_0": 4, "Q5_1": 5, "Q5_K": 6, "Q6_K": 7}  # pack.cpp's
+K_QUANT_KINDS = (14, 15, 16)
+CENTRED_TYPES = ("Q4_0", "Q5_0")  # no offsets stored unless stacked with a type that has them
+_BLOCK_BYTES = {4: 16, 5: 20, 8: 32, 14: 16, 15: 20, 16: 24}  # a tile's block of 32, per tile row
+_HEADER_BYTES = {14: 12, 15: 12, 16: 16}  # a tile's superblock header, per tile row
 
-PACKED_TYPES = {"Q4_0": (4, 18), "Q4_1": (4, 20), "Q4_K": (4, 144), "Q8_0": (8, 34)}  # kernel kind, block bytes
+
+def tile_bytes(kernel_kind: int, columns: int, tile_rows: int) -> int:
+    """Bytes of one tile of `tile_rows` rows `columns` wide (d3cli/kernels/blocks.h's layouts)."""
+    if kernel_kind in K_QUANT_KINDS:
+        return columns // 256 * (_HEADER_BYTES[kernel_kind] + 8 * _BLOCK_BYTES[kernel_kind]) * tile_rows
+    return columns // 32 * _BLOCK_BYTES[kernel_kind] * tile_rows
+
+
+def group_size(kernel_kind: int) -> int:
+    """Weights a scale covers in the tiles: a block of 32, or a k-quant's superblock of 256."""
+    return 256 if kernel_kind in K_QUANT_KINDS else 32
 
 
 @dataclass(frozen=True)
 class PackedTiles:
     """One weight in the kernels' tiles: what quantized.TiledWeights holds."""
 
-    kernel_kind: int  # 4 or 8
+    kernel_kind: int  # a kind of d3cli/kernels/blocks.h: 4, 5, 8, 14, 15, 16
     tiles: torch.Tensor  # [tiles, bytes per tile] uint8
-    scale: torch.Tensor  # [tiles, groups, R] float16 or float32
-    offset: torch.Tensor | None  # like scale (q4), None (q8)
+    scale: torch.Tensor  # [tiles, groups, R] float16 or float32 (k-quants: float16 d per superblock)
+    offset: torch.Tensor | None  # like scale (q4/q5 offsets, k-quants' dmin), None (q8, q6k, centred)
     rows: int
     columns: int
 
@@ -54,29 +75,10 @@ def _half(blocks: np.ndarray, start: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-def _q4k_pairs(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_K blocks [N, S, 144] → (bytes [N, S·8, 16] paired as d3's tiles pair them, scale, offset [N, S·8])."""
-    from gguf.quants import Q4_K
-
-    rows, supers = blocks.shape[:2]
-    d, dmin = _half(blocks, 0)[..., None], _half(blocks, 2)[..., None]
-    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
-    scale = (d * sc.reshape(rows, supers, 8).astype(np.float32)).reshape(rows, -1)
-    offset = -(dmin * m.reshape(rows, supers, 8).astype(np.float32)).reshape(rows, -1)
-    chunks = blocks[..., 16:144].reshape(rows, supers, 4, 32)  # 64 weights each: l in low, 32 + l in high halves
-    low, high = chunks & 0x0F, chunks >> 4  # groups 2c and 2c + 1, 32 values each
-    groups = np.stack([low, high], axis=3)  # [N, S, 4, 2, 32]
-    paired = groups[..., :16] | (groups[..., 16:] << 4)  # element p low, 16 + p high
-    return paired.reshape(rows, supers * 8, 16), scale, offset
-
-
-KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q4_K": 2, "Q8_0": 3}  # torch.ops.d3.pack_gguf's type numbers
-
-
 def pack_gguf(raw: np.ndarray, type_name: str, rows: int, columns: int, tile_rows: int,
               unsigned: bool) -> PackedTiles:
     """A tensor's bytes ([rows, bytes per row]) of a type in PACKED_TYPES as the kernels' tiles: by d3's kernel
-    (one pass, d3cli/kernels/pack.cpp) when it is loaded, else by numpy (`pack_gguf_numpy`, the same bytes)."""
+    (one pass, d3cli/kernels/pack.cpp) when it is loaded, else by numpy (`pack_gguf_numpy`, NUMPY_TYPES)."""
     from d3cli import kernels
 
     if not kernels.loaded():
@@ -88,11 +90,11 @@ def pack_gguf_numpy(raw: np.ndarray, type_name: str, rows: int, columns: int, ti
                     unsigned: bool, centred: bool = True) -> PackedTiles:
     """`pack_gguf` in numpy (where d3's kernels are not loaded; the reference the kernel is tested against).
     `centred`: Q4_0 without offsets (the kernels take w = (q − 8)·d), else with offsets −8d like the other types."""
-    kind, block_bytes = PACKED_TYPES[type_name]
+    if type_name not in NUMPY_TYPES:
+        raise ValueError(f"{type_name} is packed by d3's kernels only")
+    kind, block_bytes, _ = PACKED_TYPES[type_name]
     blocks = np.ascontiguousarray(raw).reshape(rows, -1, block_bytes)
-    if type_name == "Q4_K":
-        pairs, scale, offset = _q4k_pairs(blocks)
-    elif kind == 4:
+    if kind == 4:
         start = 2 if type_name == "Q4_0" else 4
         pairs, scale = blocks[..., start:start + 16], _half(blocks, 0)
         offset = None if type_name == "Q4_0" and centred else -8 * scale if type_name == "Q4_0" else _half(blocks, 2)
@@ -113,7 +115,8 @@ def pack_gguf_numpy(raw: np.ndarray, type_name: str, rows: int, columns: int, ti
 @dataclass(frozen=True)
 class GGUFBlocks:
     """A weight's blocks as the file stores them (rows already in the model's order): packed into tiles when the
-    kernels run it, else made into its exact form (`exact()`: AffineInt4 or BlockInt8) or dequantized."""
+    kernels run it, else made into its exact form (`exact()`: AffineInt4 or BlockInt8, None for the 5- and 6-bit
+    types) or dequantized."""
 
     raw: np.ndarray  # [rows, bytes per row]
     type_name: str
@@ -124,13 +127,20 @@ class GGUFBlocks:
     def kernel_kind(self) -> int:
         return PACKED_TYPES[self.type_name][0]
 
-    def exact(self) -> AffineInt4 | BlockInt8:
+    def exact(self) -> AffineInt4 | BlockInt8 | None:
         from d3cli.core.gguf_blocks import block_form
 
         return block_form(self.raw, self.type_name, self.rows, self.columns)
 
     def dequantize(self) -> torch.Tensor:
-        return self.exact().dequantize()
+        exact = self.exact()
+        if exact is not None:
+            return exact.dequantize()
+        from gguf import GGMLQuantizationType
+
+        from d3cli.core.gguf_weights import dequantized
+
+        return dequantized(self.raw, GGMLQuantizationType[self.type_name]).reshape(self.rows, self.columns)
 
     def packed(self, tile_rows: int, unsigned: bool) -> PackedTiles:
         return pack_gguf(self.raw, self.type_name, self.rows, self.columns, tile_rows, unsigned)
@@ -142,33 +152,37 @@ def joined(parts: list[PackedTiles]) -> PackedTiles:
     if len(parts) == 1:
         return parts[0]
     dtype = torch.float32 if any(part.scale.dtype == torch.float32 for part in parts) else torch.float16
-    if all(part.offset is None for part in parts) or parts[0].kernel_kind == 8:
+    centre = 16 if parts[0].kernel_kind == 5 else 8
+    if all(part.offset is None for part in parts):
         offsets = None
-    else:  # a centred Q4_0 part beside parts with offsets: its offsets, −8·scale, made (exact in float16)
-        offsets = torch.cat([(part.offset if part.offset is not None else -8 * part.scale).to(dtype) for part in parts])
+    else:  # a centred Q4_0/Q5_0 part beside parts with offsets: its offsets, −8·scale or −16·scale (exact)
+        offsets = torch.cat([(part.offset if part.offset is not None else -centre * part.scale).to(dtype)
+                             for part in parts])
     return PackedTiles(parts[0].kernel_kind, torch.cat([part.tiles for part in parts]),
                        torch.cat([part.scale.to(dtype) for part in parts]), offsets,
                        sum(part.rows for part in parts), parts[0].columns)
 
 
 def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool) -> PackedTiles:
-    """Weights stacked by rows (whole tiles each, all int4 or all Q8_0) packed as one: by d3's kernel straight into
-    one buffer (no copy to join them), else part by part and `joined`."""
+    """Weights stacked by rows (whole tiles each, all of one kernel kind) packed as one: by d3's kernel straight into
+    one buffer (no copy to join them), else part by part by numpy and `joined`."""
     from d3cli import kernels
 
-    centred = all(part.type_name == "Q4_0" for part in parts)  # no offsets stored: 4.5 bits a weight, as the file
+    centred = all(part.type_name in CENTRED_TYPES for part in parts)  # no offsets stored: the file's bytes
     if not kernels.loaded():
         return joined([pack_gguf_numpy(part.raw, part.type_name, part.rows, part.columns, tile_rows, unsigned,
                                        centred) for part in parts])
     kind = parts[0].kernel_kind
+    if any(part.kernel_kind != kind for part in parts):
+        raise ValueError("stacked weights must share a kernel kind")
     counts = [-(-part.rows // tile_rows) for part in parts]
-    groups, total = parts[0].columns // 32, sum(counts)
-    tiles = torch.empty(total, groups * 32 * tile_rows // (1 if kind == 8 else 2), dtype=torch.uint8)
-    # float16 where it holds every scale exactly (exact_scales): always Q4_0/Q4_1/Q8_0's, seldom Q4_K's (tried last)
-    k_quants = any(part.type_name == "Q4_K" for part in parts)
-    for dtype in (torch.float32, torch.float16) if k_quants else (torch.float16, torch.float32):
-        scale = torch.empty(total, groups, tile_rows, dtype=dtype)
-        offset = torch.empty_like(scale) if kind == 4 and not centred else torch.empty(0, dtype=dtype)
+    columns, total = parts[0].columns, sum(counts)
+    tiles = torch.empty(total, tile_bytes(kind, columns, tile_rows), dtype=torch.uint8)
+    with_offsets = kind in (14, 15) or kind in (4, 5) and not centred
+    # float16 holds every scale and offset a file stores; float32 only if a stack's offsets (−8d) ever did not fit
+    for dtype in (torch.float16,) if kind in K_QUANT_KINDS else (torch.float16, torch.float32):
+        scale = torch.empty(total, columns // group_size(kind), tile_rows, dtype=dtype)
+        offset = torch.empty_like(scale) if with_offsets else torch.empty(0, dtype=dtype)
         exact, start = True, 0
         for part, count in zip(parts, counts):
             source = torch.from_numpy(np.ascontiguousarray(part.raw)).reshape(part.rows, -1)
@@ -178,11 +192,7 @@ def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool) -> Pack
             start += count
             if not exact:
                 break
-        if exact and dtype == torch.float32 and k_quants:
-            if torch.equal(scale.half().float(), scale) and torch.equal(offset.half().float(), offset):
-                scale, offset = scale.half(), offset.half()
-            break
         if exact:
             break
     return PackedTiles(kind, tiles, scale, offset if offset.numel() else None, sum(part.rows for part in parts),
-                       parts[0].columns)
+                       columns)

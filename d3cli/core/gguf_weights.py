@@ -26,14 +26,12 @@ from torch import nn
 from d3cli.core.errors import UserError
 from d3cli.core.gguf_blocks import (
     FLOAT_TYPES,
-    INT4_TYPES,
-    INT8_TYPES,
     KEEPS_ROWS,
     GGUFHeader,
     TensorInfo,
     row_order,
 )
-from d3cli.core.gguf_tiles import GGUFBlocks
+from d3cli.core.gguf_tiles import PACKED_TYPES, GGUFBlocks
 from d3cli.core.quantized import BlockInt8Embedding, QuantizedEmbedding
 from d3cli.core.streamed import return_freed_memory
 from d3cli.core.weights import ModelWeights, _embed_scale
@@ -90,7 +88,7 @@ class GGUFWeights(ModelWeights):
 
     def _form(self, name: str):
         tensor = self.tensors.get(name)
-        if tensor is None or tensor.type_name not in INT4_TYPES + INT8_TYPES or len(tensor.shape) != 2:
+        if tensor is None or tensor.type_name not in PACKED_TYPES or len(tensor.shape) != 2:
             return None
         if tensor.columns % 32:
             return None

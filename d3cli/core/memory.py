@@ -11,7 +11,7 @@ from d3cli.core.weights import FILE_KIND
 
 FITS_IN = 0.8  # of the free memory: what `auto` leaves for the runtime, the KV cache and the system
 BYTES_PER_VALUE = {"int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}  # with a float16 scale (and offset) per 32 at most
-FILE_OVERHEAD = 1.12  # d3's tiles against the file: Q4_0 as stored, Q4_1/Q4_K +11 %, Q5/Q6 re-quantized to int8 more
+FILE_OVERHEAD = 1.03  # tiles padded to whole tiles, embedding rows read, the odd dense tensor
 
 
 def available_memory() -> int | None:
@@ -32,11 +32,31 @@ def _element_bytes(dtype) -> int:
 
 
 def gguf_needs(header, choice) -> int:
-    """About the bytes a GGUF file's model takes loaded with `choice`: in its own blocks, or every weight
+    """About the bytes a GGUF file's model takes loaded with `choice`: in its own blocks (the types d3's kernels run
+    as stored take the file's bytes; others their nearest kind's), re-quantized to int8/int4, or every weight
     dequantized to a dense dtype."""
-    if choice.quantized:
-        return int(FILE_OVERHEAD * sum(tensor.nbytes for tensor in header.tensors))
-    return sum(tensor.rows * tensor.columns for tensor in header.tensors) * _element_bytes(choice.dtype)
+    from d3cli.core.gguf_blocks import FLOAT_TYPES
+    from d3cli.core.gguf_tiles import PACKED_TYPES
+
+    if not choice.quantized:
+        return sum(tensor.rows * tensor.columns for tensor in header.tensors) * _element_bytes(choice.dtype)
+    total = 0.0
+    for tensor in header.tensors:
+        values = tensor.rows * tensor.columns
+        if choice.kind == FILE_KIND and tensor.type_name in PACKED_TYPES:
+            total += tensor.nbytes
+        elif tensor.type_name in FLOAT_TYPES or len(tensor.shape) != 2:
+            total += values * _element_bytes(choice.dtype) if choice.kind == FILE_KIND else tensor.nbytes
+        else:
+            total += values * BYTES_PER_VALUE[choice.kind if choice.kind in BYTES_PER_VALUE else nearest(tensor)]
+    return int(FILE_OVERHEAD * total)
+
+
+def nearest(tensor) -> str:
+    from d3cli.core.gguf_blocks import nearest_kind
+
+    kind = nearest_kind(tensor.type_name)
+    return kind if kind in BYTES_PER_VALUE else "int8"
 
 
 def folder_needs(values: int, choice) -> int:

@@ -166,6 +166,9 @@ class TiledWeights(nn.Module):
         super().__init__()
         self.kernel_kind, self.group_size = kernel_kind, group_size
         if packed is not None:
+            from d3cli.core.gguf_tiles import group_size as tiles_group
+
+            self.kernel_kind, self.group_size = packed.kernel_kind, tiles_group(packed.kernel_kind)
             self.out_features, self.in_features = packed.rows, packed.columns
             tiles, scale_tiles, offset_tiles = packed.tiles, packed.scale, packed.offset
         else:
@@ -182,10 +185,8 @@ class TiledWeights(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, self.in_features)
-        if self.kernel_kind == 4:
-            out = torch.ops.d3.q4_linear(flat, self.tiles, self.scale, self.offset, self.group_size, self.out_features)
-        else:
-            out = torch.ops.d3.q8_linear(flat, self.tiles, self.scale, self.group_size, self.out_features)
+        out = torch.ops.d3.tiled_linear(flat, self.kernel_kind, self.tiles, self.scale, self.offset, self.group_size,
+                                        self.out_features)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*hidden.shape[:-1], self.out_features)
@@ -247,6 +248,26 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class StoredLinear(nn.Module):
+    """A linear layer whose weight is a GGUF file's 5- or 6-bit blocks (Q5_0, Q5_1, Q5_K, Q6_K) as the file stores
+    them, packed in d3's tiles (gguf_tiles.py): d3's kernels only (without them these types run as int8)."""
+
+    def __init__(self, packed, bias: torch.Tensor | None, kind: str):
+        super().__init__()
+        self.kind = kind  # "int5" or "int6"
+        self.out_features, self.in_features = packed.rows, packed.columns
+        self.tiled = TiledWeights(packed.kernel_kind, None, None, None, bias, GROUP_SIZE, packed)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.tiled(hidden)
+
+    def weight_bytes(self) -> int:
+        return self.tiled.weight_bytes()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} as stored"
 
 
 class Int8Linear(nn.Module):
@@ -378,7 +399,7 @@ class BlockInt8Embedding(QuantizedEmbedding):
         return f"{self.num_embeddings}, {self.embedding_dim}, blocks of {self.group_size}"
 
 
-QUANTIZED_MODULES = (Int4Linear, Int8Linear, BlockInt8Linear, QuantizedEmbedding)
+QUANTIZED_MODULES = (Int4Linear, StoredLinear, Int8Linear, BlockInt8Linear, QuantizedEmbedding)
 
 
 def tensor_bytes(*tensors) -> int:

@@ -3,9 +3,11 @@
     float32, bfloat16, float16   dense weights in that dtype (what transformers loads)
     int8                         every linear layer int8 per output channel (quantized.Int8Linear)
     int4                         every linear layer 4-bit in groups (quantized.Int4Linear), the LM head int8
-    auto                         on the CPU: a GGUF file in its own precision, each tensor as the nearest kind of
-                                 its GGUF type (Q4_0/Q4_1/Q4_K as int4 exactly, Q8_0 and 5-8-bit types as int8); a
-                                 float model in float32. On a GPU: dense bfloat16 (the int kernels are CPU kernels).
+    auto                         on the CPU: a GGUF file in its own precision, each tensor as the file stores it
+                                 where d3's kernels run its type (Q4_0/Q4_1/Q4_K as int4, Q5_0/Q5_1/Q5_K as int5,
+                                 Q6_K as int6, Q8_0 as int8: quantized.StoredLinear and the tiles of gguf_tiles.py),
+                                 other types as the nearest of int4/int8; a float model in float32, or the first of
+                                 int8/int4 that fits the memory (memory.py). On a GPU: dense bfloat16.
 
 Quantized kinds run on the CPU on d3's own kernels (d3cli/kernels) with float32 activations, which the kernels
 quantize to int8 per block of 32 as llama.cpp does; where those kernels cannot be built, on torch's int4/int8 kernels
@@ -23,7 +25,7 @@ from torch import nn
 
 from d3cli import kernels
 from d3cli.core.errors import UserError
-from d3cli.core.gguf_tiles import GGUFBlocks
+from d3cli.core.gguf_tiles import CENTRED_TYPES, GGUFBlocks
 from d3cli.core.quantized import (
     GROUP_SIZE,
     INT4_GROUP_SIZES,
@@ -34,6 +36,7 @@ from d3cli.core.quantized import (
     BlockInt8Linear,
     Int4Linear,
     Int8Linear,
+    StoredLinear,
     fits_int4,
     fits_int8,
     quantize_int4,
@@ -44,6 +47,8 @@ from d3cli.core.quantized import (
 WEIGHT_KINDS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 DENSE_KINDS = ("float32", "bfloat16", "float16")
 QUANTIZED_KINDS = ("int8", "int4")
+STORED_KINDS = ("int5", "int6")  # a GGUF file's 5- and 6-bit types as stored: on d3's kernels, with auto only
+KERNEL_KINDS = {"int4": (4, 14), "int5": (5, 15), "int6": (16,), "int8": (8,)}  # their tiles (kernels/blocks.h)
 FILE_KIND = "file"  # auto on a GGUF file: each tensor as the nearest kind of its own type
 
 
@@ -141,7 +146,7 @@ class WeightsReport:
 
     def label(self) -> str:
         """One phrase for summaries: "int4 (group 32), LM head int8, bfloat16 activations"."""
-        if self.kind not in QUANTIZED_KINDS:
+        if self.kind not in QUANTIZED_KINDS + STORED_KINDS:
             return self.kind
         layers = Counter({kind: count for kind, count in self.modules.items() if not kind.endswith(" embedding")})
         if self.head_kind:
@@ -231,8 +236,9 @@ class _Builder:
     groups: Counter = field(default_factory=Counter)  # int4 group size -> linear layers
 
     def kind(self, name: str, linear: nn.Linear, is_head: bool = False) -> str:
-        """The stored kind of one linear layer: the choice's, the nearest of its GGUF type (auto on a file), int8
-        for the LM head of int4, dense where the kernels cannot take its shape."""
+        """The stored kind of one linear layer: the choice's, the nearest of its GGUF type (auto on a file: int5
+        and int6 only where d3's kernels run the file's blocks, else int8), int8 for the LM head of int4, dense
+        where the kernels cannot take its shape."""
         choice = self.choice
         if not choice.quantized:
             return choice.kind
@@ -241,6 +247,9 @@ class _Builder:
             kind = _nearest(gguf_type) if gguf_type else "float"
             if kind == "float":
                 return dtype_name(choice.dtype)
+            if kind in STORED_KINDS and not (kernels.available() and isinstance(self.source.form(f"{name}.weight"),
+                                                                                 GGUFBlocks)):
+                kind = "int8"
         else:
             kind = "int8" if is_head else choice.kind
         if kind == "int4" and not fits_int4(linear.in_features, self.group_size if self.source.form(
@@ -272,15 +281,19 @@ class _Builder:
     def build(self, names: Sequence[str], linears: Sequence[nn.Linear], kind: str) -> nn.Module:
         """One module computing the linear layers `linears` (named `names`), their outputs side by side."""
         forms = [self.source.form(f"{name}.weight") for name in names]
+        packed = self.packed(forms, kind)
+        if kind in STORED_KINDS and packed is None:  # stacked rows that are not whole tiles: int8 per channel
+            kind = "int8"
         for name, form in zip(names, forms):
             self.modules[kind] += 1
             self.sources[_source(kind, form, self.source.types.get(f"{name}.weight"))] += 1
         bias = _joint_bias(linears)
-        packed = self.packed(forms, kind)
         if packed is not None:  # a GGUF file's blocks straight into d3's tiles
             if kind == "int4":
                 self.groups[GROUP_SIZE] += len(forms)
                 return Int4Linear(None, bias, self.choice.dtype, packed=packed)
+            if kind in STORED_KINDS:
+                return StoredLinear(packed, bias, kind)
             return BlockInt8Linear(None, bias, self.choice.dtype, packed=packed)
         forms = [form.exact() if isinstance(form, GGUFBlocks) else form for form in forms]
         if kind == "int4":  # a GGUF file's 4-bit blocks as they are (groups of 32); float weights in groups
@@ -316,9 +329,10 @@ class _Builder:
         run (parts stack by whole tiles), else None."""
         from d3cli.core.gguf_tiles import pack_joined
 
-        kernel_kind = {"int4": 4, "int8": 8}.get(kind)
-        if kernel_kind is None or not forms or not all(
-                isinstance(form, GGUFBlocks) and form.kernel_kind == kernel_kind for form in forms):
+        kernel_kinds = KERNEL_KINDS.get(kind, ())
+        if not forms or not all(isinstance(form, GGUFBlocks) and form.kernel_kind in kernel_kinds for form in forms):
+            return None
+        if len({form.kernel_kind for form in forms}) > 1:
             return None
         if not kernels.available():
             return None
@@ -331,8 +345,12 @@ class _Builder:
         """Modules for consecutive linear layers: neighbours of the same stored kind share one module."""
         runs: list[tuple[tuple[str, bool], list[int]]] = []
         for index, (name, linear) in enumerate(zip(names, linears)):
-            kind = self.kind(name, linear)  # Q8_0 blocks and per-channel int8 are different modules
-            key = (kind, kind == "int8" and _is_int8_blocks(self.source.form(f"{name}.weight")))
+            kind = self.kind(name, linear)  # Q8_0 blocks and per-channel int8 are different modules, and so are
+            form = self.source.form(f"{name}.weight")  # the tiles of different GGUF types (Q4_0 beside Q4_K), and
+            # centred types beside types with offsets (a stack would store −8d offsets the file does not have)
+            key = (kind, kind == "int8" and _is_int8_blocks(form),
+                   (form.kernel_kind, form.type_name in CENTRED_TYPES)
+                   if isinstance(form, GGUFBlocks) and kernels.available() else None)
             if runs and runs[-1][0] == key:
                 runs[-1][1].append(index)
             else:
@@ -346,7 +364,7 @@ def _is_int8_blocks(form) -> bool:
 
 
 def _is_int4_blocks(form) -> bool:
-    return isinstance(form, AffineInt4) or isinstance(form, GGUFBlocks) and form.kernel_kind == 4
+    return isinstance(form, AffineInt4) or isinstance(form, GGUFBlocks) and form.kernel_kind in KERNEL_KINDS["int4"]
 
 
 def _joint_bias(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
@@ -427,7 +445,8 @@ def _set_dense(module: nn.Module, values: torch.Tensor, dtype: torch.dtype) -> N
 
 
 def _source(kind: str, form, gguf_type: str | None) -> str:
-    if (kind == "int4" and _is_int4_blocks(form)) or (kind == "int8" and _is_int8_blocks(form)):
+    if (kind == "int4" and _is_int4_blocks(form)) or (kind == "int8" and _is_int8_blocks(form)) or (
+            kind in STORED_KINDS and isinstance(form, GGUFBlocks)):
         return f"gguf {gguf_type} as it is"
     if gguf_type and kind in QUANTIZED_KINDS:
         return f"gguf {gguf_type} re-quantized to {kind}"

@@ -3,7 +3,11 @@
 //
 // A weight row is made of blocks of 32 weights, each block in a group with one scale (and one offset):
 //   q4:  w = q·scale[g] + offset[g], q in 0..15; without offsets (GGUF's Q4_0) w = (q − 8)·scale[g];
+//   q5:  the same with q in 0..31 (GGUF's Q5_1; without offsets, Q5_0: w = (q − 16)·scale[g]);
 //   q8:  w = q·scale[g], q in -128..127.
+// GGUF's k-quants run as the file stores them, in superblocks of 256 weights (8 blocks of 32):
+//   q4k, q5k: w = d·sc[b]·q − dmin·m[b], q in 0..15 (0..31), sc and m 6-bit per block of 32 (Q4_K, Q5_K);
+//   q6k:      w = d·sc[h]·(q − 32), q in 0..63, sc int8 per half block of 16 (Q6_K).
 // A group is one block (a GGUF file's blocks) or several (a float model quantized on load: groups of 64..256, or a
 // whole row for int8 per channel). Scales and offsets are float16 where that holds them exactly, else float32. The
 // rows are stored in tiles (below), packed by Python (d3cli/core/quantized.py).
@@ -41,23 +45,27 @@ struct QuantizedRow {
   const int8_t* q;
   const float* d;
   const float* sum;
-  const int32_t* qsum;  // Σ q over block b
+  const int32_t* qsum;    // Σ q over block b
+  const int32_t* qsum16;  // Σ q over each half of block b (16 values): [2·b], [2·b + 1]
 };
 
-inline void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sum, int32_t* qsum) {
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* sum, int32_t* qsum,
+                         int32_t* qsum16) {
   for (int64_t b = 0; b < K / QK; ++b) {
     const float* xb = x + b * QK;
     float amax = 0.f;
     for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
     const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t q_total = 0;
+    int32_t halves[2] = {0, 0};
     for (int i = 0; i < QK; ++i) {
       q[b * QK + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inverse));
-      q_total += q[b * QK + i];
+      halves[i / 16] += q[b * QK + i];
     }
+    const int32_t q_total = halves[0] + halves[1];
     d[b] = amax / 127.f;
     sum[b] = d[b] * static_cast<float>(q_total);
     qsum[b] = q_total;
+    qsum16[2 * b] = halves[0], qsum16[2 * b + 1] = halves[1];
   }
 }
 
@@ -92,6 +100,18 @@ inline float sum_lanes(__m256 v) {
 // one to a byte (kTileRows·32 bytes a block), as unsigned w + 128 where the CPU has VNNI (vpdpbusd multiplies
 // unsigned by signed bytes), signed otherwise. Scales and offsets are [groups][kTileRows]. Python packs the tiles
 // (quantized.py), asking `layout()` for kTileRows and the q8 form.
+//
+// Five- and six-bit weights add their high bits behind a block's q4 bytes, in "planes" of kTileRows·4 bytes (byte i
+// of row r at 4·r + i, the quads' element i): a 5-bit plane's bit k holds bit 4 of quad k's element (k < 4: the low
+// halves, elements 4k + i; k ≥ 4: the high halves, 16 + 4(k − 4) + i); a 6-bit block has two planes, the first for
+// the low halves and the second for the high halves, bits 2k and 2k + 1 holding bits 4 and 5 of quad k's element.
+//
+// The k-quants' tiles (q4k, q5k, q6k) hold, per superblock of 256 inputs, a header and then the 8 blocks as above.
+// The header holds the rows' block scales as the file stores them, word w of row r at 4·(w·kTileRows + r): Q4_K's
+// and Q5_K's 12 bytes of 6-bit scales and minimums (3 words), Q6_K's 16 int8 scales (4 words). `scale` holds each
+// superblock's d and `offset` its dmin, float16 [superblocks][kTileRows]: a weight takes the file's bytes, no more.
+
+enum Kind : int64_t { kQ4 = 4, kQ5 = 5, kQ8 = 8, kQ4K = 14, kQ5K = 15, kQ6K = 16 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define D3_AVX512 1
@@ -105,8 +125,33 @@ constexpr bool kUnsignedQ8 = true;
 constexpr bool kUnsignedQ8 = false;
 #endif
 
-template <bool kQ4>
-constexpr int64_t tile_block_bytes() { return kQ4 ? kTileRows * QK / 2 : kTileRows * QK; }
+constexpr bool is_k_quant(int64_t kind) { return kind == kQ4K || kind == kQ5K || kind == kQ6K; }
+constexpr int64_t weights_per_group(int64_t kind) { return is_k_quant(kind) ? 256 : QK; }  // k-quants: fixed
+
+// Bytes of one block of 32 of a whole tile: q4 bytes, then the high-bit planes.
+template <int64_t kKind>
+constexpr int64_t tile_block_bytes() {
+  return kKind == kQ8 ? kTileRows * QK
+         : kKind == kQ5 || kKind == kQ5K ? kTileRows * 20
+         : kKind == kQ6K ? kTileRows * 24 : kTileRows * 16;
+}
+
+// Bytes of one superblock of 256 of a whole tile (k-quants): the header, then 8 blocks.
+template <int64_t kKind>
+constexpr int64_t tile_super_bytes() { return kTileRows * (kKind == kQ6K ? 16 : 12) + 8 * tile_block_bytes<kKind>(); }
+
+// Bytes of a whole tile of a row `columns` wide.
+inline int64_t tile_bytes(int64_t kind, int64_t columns) {
+  switch (kind) {
+    case kQ4: return columns / QK * tile_block_bytes<kQ4>();
+    case kQ5: return columns / QK * tile_block_bytes<kQ5>();
+    case kQ8: return columns / QK * tile_block_bytes<kQ8>();
+    case kQ4K: return columns / 256 * tile_super_bytes<kQ4K>();
+    case kQ5K: return columns / 256 * tile_super_bytes<kQ5K>();
+    case kQ6K: return columns / 256 * tile_super_bytes<kQ6K>();
+  }
+  return -1;
+}
 
 // How far ahead of the block being read its weights are prefetched: tiles lie one after another, so this runs into
 // the next tiles of the same thread. Measured on the project's machine (docs/PERFORMANCE.md): 2 KiB ahead turns a
@@ -141,6 +186,20 @@ inline FloatVector load_scales(const c10::Half* p) {
 inline void store(float* out, FloatVector v) { _mm512_storeu_ps(out, v); }
 inline FloatVector load_floats(const float* p) { return _mm512_loadu_ps(p); }
 inline float sum_all(FloatVector v) { return _mm512_reduce_add_ps(v); }
+inline FloatVector sub(FloatVector a, FloatVector b) { return _mm512_sub_ps(a, b); }
+inline IntVector or_ints(IntVector a, IntVector b) { return _mm512_or_si512(a, b); }
+inline IntVector mul_ints(IntVector a, IntVector b) { return _mm512_mullo_epi32(a, b); }
+inline IntVector shift_left4(IntVector v) { return _mm512_slli_epi32(v, 4); }  // values < 16 in each byte or word
+// (each byte >> shift) & mask; (each word >> shift) & mask; word's byte `byte` as a signed int
+inline IntVector byte_bits(IntVector v, int shift, int mask) {
+  return _mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm512_set1_epi8(static_cast<char>(mask)));
+}
+inline IntVector word_bits(IntVector v, int shift, int mask) {
+  return _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(mask));
+}
+inline IntVector signed_byte(IntVector v, int byte) {
+  return _mm512_srai_epi32(_mm512_sll_epi32(v, _mm_cvtsi32_si128(24 - 8 * byte)), 24);
+}
 #elif defined(D3_AVX2)
 constexpr int64_t kLanes = 8;
 using IntVector = __m256i;
@@ -172,14 +231,66 @@ inline FloatVector load_scales(const c10::Half* p) {
 inline void store(float* out, FloatVector v) { _mm256_storeu_ps(out, v); }
 inline FloatVector load_floats(const float* p) { return _mm256_loadu_ps(p); }
 inline float sum_all(FloatVector v) { return sum_lanes(v); }
+inline FloatVector sub(FloatVector a, FloatVector b) { return _mm256_sub_ps(a, b); }
+inline IntVector or_ints(IntVector a, IntVector b) { return _mm256_or_si256(a, b); }
+inline IntVector mul_ints(IntVector a, IntVector b) { return _mm256_mullo_epi32(a, b); }
+inline IntVector shift_left4(IntVector v) { return _mm256_slli_epi32(v, 4); }
+inline IntVector byte_bits(IntVector v, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(static_cast<char>(mask)));
+}
+inline IntVector word_bits(IntVector v, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi32(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
+}
+inline IntVector signed_byte(IntVector v, int byte) {
+  return _mm256_srai_epi32(_mm256_sll_epi32(v, _mm_cvtsi32_si128(24 - 8 * byte)), 24);
+}
 #endif
 
-// out[r] = Σ_k w[r][k]·x[k] for the kTileRows rows of one tile.
-template <bool kQ4, typename S>
+// The weight of row r, element e (0..31) of a block of a q4/q5/q6 tile (the high-bit planes of blocks.h): q.
+template <int64_t kKind>
+inline int32_t tile_weight(const uint8_t* block, int64_t r, int e) {
+  const int half = e / 16, k = (e % 16) / 4, i = e % 4;
+  const uint8_t byte = block[(k * kTileRows + r) * 4 + i];
+  int32_t q = half ? byte >> 4 : byte & 0x0F;
+  if constexpr (kKind == kQ5 || kKind == kQ5K) q |= ((block[kTileRows * 16 + r * 4 + i] >> (4 * half + k)) & 1) << 4;
+  if constexpr (kKind == kQ6K) q |= ((block[kTileRows * (16 + 4 * half) + r * 4 + i] >> (2 * k)) & 3) << 4;
+  return q;
+}
+
+#if defined(D3_VECTORS)
+// Σ q·xq over one q4/q5 block (8 quads), q with its fifth bit from the plane for q5.
+template <int64_t kKind>
+inline IntVector block_dots(const uint8_t* weights, const int8_t* xq) {
+  IntVector dots = int_zero();
+  IntVector plane = int_zero();
+  if constexpr (kKind == kQ5 || kKind == kQ5K) plane = load_bytes(weights + kTileRows * 16);
+  for (int i = 0; i < 4; ++i) {
+    const IntVector packed = load_bytes(weights + i * kTileRows * 4);
+    IntVector low = low_nibbles(packed), high = high_nibbles(packed);
+    if constexpr (kKind == kQ5 || kKind == kQ5K) {
+      low = or_ints(low, shift_left4(byte_bits(plane, i, 1)));
+      high = or_ints(high, shift_left4(byte_bits(plane, 4 + i, 1)));
+    }
+    dots = dot_add(dots, low, quad(xq + 4 * i));
+    dots = dot_add(dots, high, quad(xq + 16 + 4 * i));
+  }
+  return dots;
+}
+
+inline void prefetch_block(const uint8_t* weights, int64_t bytes) {
+  for (int64_t line = 0; line < bytes; line += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(weights + kPrefetchBytes + line), _MM_HINT_T0);
+  }
+}
+#endif
+
+// out[r] = Σ_k w[r][k]·x[k] for the kTileRows rows of one tile of a group kind (q4, q5, q8).
+template <int64_t kKind, typename S>
 inline void tile_dot(const uint8_t* tile, const S* scale, const S* offset, int64_t blocks, int64_t blocks_per_group,
                      const QuantizedRow& x, float* out) {
-  constexpr int64_t kBytes = tile_block_bytes<kQ4>();
-#if defined(D3_AVX512) || defined(D3_AVX2)
+  constexpr int64_t kBytes = tile_block_bytes<kKind>();
+  constexpr int32_t kCentre = kKind == kQ5 ? 16 : 8;  // centred q4/q5 (no offsets): w = (q − centre)·scale
+#if defined(D3_VECTORS)
   FloatVector sums = float_zero(), shares = float_zero();
   int64_t b = 0;
   for (int64_t g = 0; g < blocks / blocks_per_group; ++g) {
@@ -187,18 +298,12 @@ inline void tile_dot(const uint8_t* tile, const S* scale, const S* offset, int64
     const FloatVector group_offset = offset != nullptr ? load_scales(offset + g * kTileRows) : float_zero();
     for (int64_t j = 0; j < blocks_per_group; ++j, ++b) {
       const uint8_t* weights = tile + b * kBytes;
-      for (int64_t line = 0; line < kBytes; line += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(weights + kPrefetchBytes + line), _MM_HINT_T0);
-      }
+      prefetch_block(weights, kBytes);
       const int8_t* xq = x.q + b * QK;
       IntVector dots = int_zero();
-      if constexpr (kQ4) {
-        for (int i = 0; i < 4; ++i) {
-          const IntVector packed = load_bytes(weights + i * kTileRows * 4);
-          dots = dot_add(dots, low_nibbles(packed), quad(xq + 4 * i));
-          dots = dot_add(dots, high_nibbles(packed), quad(xq + 16 + 4 * i));
-        }
-        if (offset == nullptr) dots = add_ints(dots, broadcast_int(-8 * x.qsum[b]));  // Σ (q − 8)·xq, exactly
+      if constexpr (kKind != kQ8) {
+        dots = block_dots<kKind>(weights, xq);
+        if (offset == nullptr) dots = add_ints(dots, broadcast_int(-kCentre * x.qsum[b]));  // Σ (q − c)·xq, exactly
       } else if constexpr (kUnsignedQ8) {  // Σ (w + 128)·x − 128·Σ x
         for (int i = 0; i < 8; ++i) dots = dot_add(dots, load_bytes(weights + i * kTileRows * 4), quad(xq + 4 * i));
         dots = add_ints(dots, broadcast_int(-128 * x.qsum[b]));
@@ -222,23 +327,111 @@ inline void tile_dot(const uint8_t* tile, const S* scale, const S* offset, int64
       const uint8_t* weights = tile + b * kBytes;
       const int8_t* xq = x.q + b * QK;
       int32_t dots = 0;
-      for (int i = 0; i < (kQ4 ? 4 : 8); ++i) {
-        for (int e = 0; e < 4; ++e) {
-          const uint8_t byte = weights[(i * kTileRows + r) * 4 + e];
-          if constexpr (kQ4) {
-            dots += static_cast<int32_t>(byte & 0x0F) * xq[4 * i + e] + static_cast<int32_t>(byte >> 4) * xq[16 + 4 * i + e];
-          } else {
-            const int32_t w = kUnsignedQ8 ? static_cast<int32_t>(byte) - 128 : static_cast<int8_t>(byte);
-            dots += w * xq[4 * i + e];
-          }
+      for (int e = 0; e < QK; ++e) {
+        if constexpr (kKind == kQ8) {
+          const int j = e / 4, i = e % 4;
+          const uint8_t byte = weights[(j * kTileRows + r) * 4 + i];
+          const int32_t w = kUnsignedQ8 ? static_cast<int32_t>(byte) - 128 : static_cast<int8_t>(byte);
+          dots += w * xq[e];
+        } else {
+          dots += tile_weight<kKind>(weights, r, e) * xq[e];
         }
       }
-      if (kQ4 && offset == nullptr) dots -= 8 * x.qsum[b];  // centred q4: Σ (q − 8)·xq
+      if (kKind != kQ8 && offset == nullptr) dots -= kCentre * x.qsum[b];
       const int64_t g = b / blocks_per_group;
       sums = std::fma(static_cast<float>(dots), to_float(scale[g * kTileRows + r]) * x.d[b], sums);
       if (offset != nullptr) shares = std::fma(to_float(offset[g * kTileRows + r]), x.sum[b], shares);
     }
     out[r] = sums + shares;
+  }
+#endif
+}
+
+// out[r] = Σ_k w[r][k]·x[k] for the kTileRows rows of one tile of a k-quant (q4k, q5k, q6k): per superblock s,
+// d[s]·Σ_b sc[b]·Σ q·x − dmin[s]·Σ_b m[b]·Σ x (q6k: d[s]·Σ_h sc[h]·Σ (q − 32)·x over halves of 16).
+template <int64_t kKind>
+inline void tile_dot_k(const uint8_t* tile, const c10::Half* d, const c10::Half* dmin, int64_t supers,
+                       const QuantizedRow& x, float* out) {
+  constexpr int64_t kBlock = tile_block_bytes<kKind>(), kHeader = kTileRows * (kKind == kQ6K ? 16 : 12);
+#if defined(D3_VECTORS)
+  FloatVector sums = float_zero(), mins = float_zero();
+  for (int64_t s = 0; s < supers; ++s) {
+    const uint8_t* super = tile + s * tile_super_bytes<kKind>();
+    IntVector words[4];
+    for (int w = 0; w < (kKind == kQ6K ? 4 : 3); ++w) words[w] = load_bytes(super + w * kTileRows * 4);
+    FloatVector scaled = float_zero(), taken = float_zero();
+    for (int j = 0; j < 8; ++j) {
+      const int64_t b = s * 8 + j;
+      const uint8_t* weights = super + kHeader + j * kBlock;
+      prefetch_block(weights, kBlock);
+      const int8_t* xq = x.q + b * QK;
+      if constexpr (kKind == kQ6K) {
+        const IntVector plane_low = load_bytes(weights + kTileRows * 16);
+        const IntVector plane_high = load_bytes(weights + kTileRows * 20);
+        IntVector low = int_zero(), high = int_zero();
+        for (int i = 0; i < 4; ++i) {
+          const IntVector packed = load_bytes(weights + i * kTileRows * 4);
+          low = dot_add(low, or_ints(low_nibbles(packed), shift_left4(byte_bits(plane_low, 2 * i, 3))),
+                        quad(xq + 4 * i));
+          high = dot_add(high, or_ints(high_nibbles(packed), shift_left4(byte_bits(plane_high, 2 * i, 3))),
+                         quad(xq + 16 + 4 * i));
+        }
+        low = add_ints(low, broadcast_int(-32 * x.qsum16[2 * b]));
+        high = add_ints(high, broadcast_int(-32 * x.qsum16[2 * b + 1]));
+        const int h = 2 * j;  // the half blocks' scales h and h + 1: bytes of word h / 4
+        const IntVector total = add_ints(mul_ints(low, signed_byte(words[h / 4], h % 4)),
+                                         mul_ints(high, signed_byte(words[h / 4], h % 4 + 1)));
+        scaled = fma(to_floats(total), broadcast(x.d[b]), scaled);
+      } else {
+        const IntVector dots = block_dots<kKind>(weights, xq);
+        IntVector sc, m;  // llama.cpp's get_scale_min_k4, a lane a row
+        if (j < 4) {
+          sc = word_bits(words[0], 8 * j, 63), m = word_bits(words[1], 8 * j, 63);
+        } else {
+          const int k = j - 4;
+          sc = or_ints(word_bits(words[2], 8 * k, 15), shift_left4(word_bits(words[0], 8 * k + 6, 3)));
+          m = or_ints(word_bits(words[2], 8 * k + 4, 15), shift_left4(word_bits(words[1], 8 * k + 6, 3)));
+        }
+        scaled = fma(to_floats(mul_ints(dots, sc)), broadcast(x.d[b]), scaled);
+        taken = fma(to_floats(m), broadcast(x.sum[b]), taken);
+      }
+    }
+    sums = fma(scaled, load_scales(d + s * kTileRows), sums);
+    if constexpr (kKind != kQ6K) mins = fma(taken, load_scales(dmin + s * kTileRows), mins);
+  }
+  store(out, sub(sums, mins));
+#else
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    float sums = 0.f, mins = 0.f;
+    for (int64_t s = 0; s < supers; ++s) {
+      const uint8_t* super = tile + s * tile_super_bytes<kKind>();
+      uint8_t header[16];
+      for (int w = 0; w < (kKind == kQ6K ? 4 : 3); ++w) {
+        for (int i = 0; i < 4; ++i) header[4 * w + i] = super[(w * kTileRows + r) * 4 + i];
+      }
+      float scaled = 0.f, taken = 0.f;
+      for (int j = 0; j < 8; ++j) {
+        const int64_t b = s * 8 + j;
+        const uint8_t* weights = super + kHeader + j * kBlock;
+        const int8_t* xq = x.q + b * QK;
+        int32_t halves[2] = {0, 0};
+        for (int e = 0; e < QK; ++e) halves[e / 16] += tile_weight<kKind>(weights, r, e) * xq[e];
+        if constexpr (kKind == kQ6K) {
+          const int32_t total = (halves[0] - 32 * x.qsum16[2 * b]) * static_cast<int8_t>(header[2 * j]) +
+                                (halves[1] - 32 * x.qsum16[2 * b + 1]) * static_cast<int8_t>(header[2 * j + 1]);
+          scaled = std::fma(static_cast<float>(total), x.d[b], scaled);
+        } else {
+          const uint8_t* q = header;
+          const int32_t sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+          const int32_t m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+          scaled = std::fma(static_cast<float>((halves[0] + halves[1]) * sc), x.d[b], scaled);
+          taken = std::fma(static_cast<float>(m), x.sum[b], taken);
+        }
+      }
+      sums = std::fma(scaled, to_float(d[s * kTileRows + r]), sums);
+      if (kKind != kQ6K) mins = std::fma(taken, to_float(dmin[s * kTileRows + r]), mins);
+    }
+    out[r] = sums - mins;
   }
 #endif
 }

@@ -3,6 +3,8 @@
 //
 //   torch.ops.d3.q4_linear(x [M, K], tiles, scale, offset or None (centred: w = (q − 8)·scale), group_size, rows)
 //   torch.ops.d3.q8_linear(x [M, K], tiles, scale, group_size, rows) -> [M, rows]
+//   torch.ops.d3.tiled_linear(x [M, K], kind, tiles, scale, offset or None, group_size, rows) -> [M, rows]: any kind
+//       of blocks.h (q4, q5, q8, and GGUF's k-quants q4k, q5k, q6k as the file stores them)
 //   torch.ops.d3.layout() -> [rows a tile, 1 when q8 tiles hold w + 128]
 //   torch.ops.d3.instruction_set() -> "avx512-vnni", "avx2-vnni", "avx2" or "portable"
 //
@@ -29,33 +31,41 @@ void QuantizedRows::resize(int64_t rows_, int64_t columns_) {
   d.resize(rows * columns / QK);
   sum.resize(rows * columns / QK);
   qsum.resize(rows * columns / QK);
+  qsum16.resize(2 * rows * columns / QK);
 }
 
 void QuantizedRows::quantize(const float* x, int64_t x_stride, int64_t begin, int64_t end) {
   const int64_t blocks = columns / QK;
   for (int64_t m = begin; m < end; ++m) {
     quantize_row(x + m * x_stride, columns, q.data() + m * columns, d.data() + m * blocks, sum.data() + m * blocks,
-                 qsum.data() + m * blocks);
+                 qsum.data() + m * blocks, qsum16.data() + 2 * m * blocks);
   }
 }
 
 void check_part(const Part& part, int64_t in_features) {
-  TORCH_CHECK(part.kind == 4 || part.kind == 8, "a part's kind is 4 or 8");
+  const int64_t kind = part.kind;
+  TORCH_CHECK(kind == kQ4 || kind == kQ5 || kind == kQ8 || is_k_quant(kind), "a part's kind is 4, 5, 8, 14, 15 or 16");
   TORCH_CHECK(in_features % QK == 0, "K must be a multiple of 32");
+  if (is_k_quant(kind)) {
+    TORCH_CHECK(part.group_size == 256 && in_features % 256 == 0, "k-quants come in superblocks of 256");
+  }
   TORCH_CHECK(part.group_size % QK == 0 && in_features % part.group_size == 0,
               "group_size must be a multiple of 32 dividing K");
-  const int64_t tiles = (part.rows + kTileRows - 1) / kTileRows, blocks = in_features / QK;
-  const int64_t bytes = part.kind == 4 ? tile_block_bytes<true>() : tile_block_bytes<false>();
+  const int64_t tiles = (part.rows + kTileRows - 1) / kTileRows, bytes = tiles * tile_bytes(kind, in_features);
   TORCH_CHECK(part.weight.device().is_cpu() && part.weight.scalar_type() == at::kByte && part.weight.is_contiguous() &&
-                  part.weight.numel() == tiles * blocks * bytes,
-              "the weight must be contiguous uint8 tiles of ", tiles * blocks * bytes, " bytes");
+                  part.weight.numel() == bytes,
+              "the weight must be contiguous uint8 tiles of ", bytes, " bytes");
   TORCH_CHECK(part.scale.is_contiguous() && part.scale.numel() == tiles * (in_features / part.group_size) * kTileRows &&
-                  (part.scale.scalar_type() == at::kFloat || part.scale.scalar_type() == at::kHalf),
-              "scale must be contiguous float32 or float16 [tiles, groups, ", kTileRows, "]");
+                  (part.scale.scalar_type() == at::kHalf ||
+                   (part.scale.scalar_type() == at::kFloat && !is_k_quant(kind))),
+              "scale must be contiguous float32 or float16 [tiles, groups, ", kTileRows, "] (float16 for k-quants)");
   if (part.offset.defined()) {
-    TORCH_CHECK(part.kind == 4 && part.offset.sizes() == part.scale.sizes() &&
+    TORCH_CHECK((kind == kQ4 || kind == kQ5 || kind == kQ4K || kind == kQ5K) &&
+                    part.offset.sizes() == part.scale.sizes() &&
                     part.offset.scalar_type() == part.scale.scalar_type() && part.offset.is_contiguous(),
-                "offset must match scale (q4 only)");
+                "offset must match scale (q4, q5, q4k and q5k only)");
+  } else {
+    TORCH_CHECK(kind != kQ4K && kind != kQ5K, "q4k and q5k need their dmin as the offset");
   }
   if (part.bias.defined()) {
     TORCH_CHECK(part.bias.scalar_type() == at::kFloat && part.bias.is_contiguous() && part.bias.numel() == part.rows,
@@ -65,9 +75,10 @@ void check_part(const Part& part, int64_t in_features) {
 
 namespace {
 
-template <bool kQ4, typename S>
+template <int64_t kKind, typename S>
 void run_tiles(const Part& part, const QuantizedRows& x, int64_t begin, int64_t end, float* y, int64_t y_stride) {
   const int64_t blocks = x.columns / QK, groups = x.columns / part.group_size;
+  const int64_t bytes = tile_bytes(kKind, x.columns);
   const uint8_t* weights = part.weight.data_ptr<uint8_t>();
   const S* scales = reinterpret_cast<const S*>(part.scale.data_ptr());
   const S* offsets = part.offset.defined() ? reinterpret_cast<const S*>(part.offset.data_ptr()) : nullptr;
@@ -76,25 +87,36 @@ void run_tiles(const Part& part, const QuantizedRows& x, int64_t begin, int64_t 
   for (int64_t t = begin; t < end; ++t) {
     const int64_t first = t * kTileRows, count = std::min(kTileRows, part.rows - first);
     for (int64_t m = 0; m < x.rows; ++m) {
-      tile_dot<kQ4, S>(weights + t * blocks * tile_block_bytes<kQ4>(), scales + t * groups * kTileRows,
-                       offsets != nullptr ? offsets + t * groups * kTileRows : nullptr, blocks,
-                       part.group_size / QK, x.row(m), values);
+      const S* scale = scales + t * groups * kTileRows;
+      const S* offset = offsets != nullptr ? offsets + t * groups * kTileRows : nullptr;
+      if constexpr (is_k_quant(kKind)) {
+        tile_dot_k<kKind>(weights + t * bytes, scale, offset, groups, x.row(m), values);
+      } else {
+        tile_dot<kKind, S>(weights + t * bytes, scale, offset, blocks, part.group_size / QK, x.row(m), values);
+      }
       float* out = y + m * y_stride + first;
       for (int64_t r = 0; r < count; ++r) out[r] = bias != nullptr ? values[r] + bias[first + r] : values[r];
     }
   }
 }
 
+template <int64_t kKind>
+void run_group_tiles(const Part& part, const QuantizedRows& x, int64_t begin, int64_t end, float* y,
+                     int64_t y_stride) {
+  part.scale.scalar_type() == at::kHalf ? run_tiles<kKind, c10::Half>(part, x, begin, end, y, y_stride)
+                                        : run_tiles<kKind, float>(part, x, begin, end, y, y_stride);
+}
+
 }  // namespace
 
 void part_tiles(const Part& part, const QuantizedRows& x, int64_t begin, int64_t end, float* y, int64_t y_stride) {
-  const bool half = part.scale.scalar_type() == at::kHalf;
-  if (part.kind == 4) {
-    half ? run_tiles<true, c10::Half>(part, x, begin, end, y, y_stride)
-         : run_tiles<true, float>(part, x, begin, end, y, y_stride);
-  } else {
-    half ? run_tiles<false, c10::Half>(part, x, begin, end, y, y_stride)
-         : run_tiles<false, float>(part, x, begin, end, y, y_stride);
+  switch (part.kind) {
+    case kQ4: return run_group_tiles<kQ4>(part, x, begin, end, y, y_stride);
+    case kQ5: return run_group_tiles<kQ5>(part, x, begin, end, y, y_stride);
+    case kQ8: return run_group_tiles<kQ8>(part, x, begin, end, y, y_stride);
+    case kQ4K: return run_tiles<kQ4K, c10::Half>(part, x, begin, end, y, y_stride);
+    case kQ5K: return run_tiles<kQ5K, c10::Half>(part, x, begin, end, y, y_stride);
+    case kQ6K: return run_tiles<kQ6K, c10::Half>(part, x, begin, end, y, y_stride);
   }
 }
 
@@ -149,6 +171,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Ten
   return linear(x, Part{8, group_size, rows, tiles, scale, at::Tensor(), at::Tensor()});
 }
 
+at::Tensor tiled_linear(const at::Tensor& x, int64_t kind, const at::Tensor& tiles, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& offset, int64_t group_size, int64_t rows) {
+  return linear(x, Part{kind, group_size, rows, tiles, scale, offset.value_or(at::Tensor()), at::Tensor()});
+}
+
 std::vector<int64_t> layout() { return {kTileRows, kUnsignedQ8 ? 1 : 0}; }
 
 std::string instruction_set() {
@@ -170,6 +197,8 @@ std::string instruction_set() {
 TORCH_LIBRARY_FRAGMENT(d3, m) {
   m.def("q4_linear(Tensor x, Tensor tiles, Tensor scale, Tensor? offset, int group_size, int rows) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor tiles, Tensor scale, int group_size, int rows) -> Tensor");
+  m.def("tiled_linear(Tensor x, int kind, Tensor tiles, Tensor scale, Tensor? offset, int group_size, int rows) -> "
+        "Tensor");
   m.def("layout() -> int[]", &d3::layout);
   m.def("instruction_set() -> str", &d3::instruction_set);
 }
@@ -177,4 +206,5 @@ TORCH_LIBRARY_FRAGMENT(d3, m) {
 TORCH_LIBRARY_IMPL(d3, CPU, m) {
   m.impl("q4_linear", &d3::q4_linear);
   m.impl("q8_linear", &d3::q8_linear);
+  m.impl("tiled_linear", &d3::tiled_linear);
 }

@@ -11,9 +11,10 @@
 
 namespace d3 {
 
-// One quantized weight matrix of `rows` outputs and `columns` inputs, packed in tiles (blocks.h): kind 4 (q4 tiles)
-// or 8 (q8 tiles); weight [tiles, blocks · tile_block_bytes] uint8, scale and offset [tiles, groups, kTileRows]
-// float16 or float32 (offset q4 only; undefined: centred q4, w = (q − 8)·scale); bias float32 [rows] or undefined.
+// One quantized weight matrix of `rows` outputs and `columns` inputs, packed in tiles (blocks.h) of a `Kind`:
+// weight [tiles, tile_bytes] uint8; scale and offset [tiles, groups, kTileRows], float16 or float32 for q4/q5/q8
+// (offset q4/q5 only; undefined: centred, w = (q − 8)·scale or (q − 16)·scale), float16 d and dmin per superblock
+// of 256 for the k-quants (group_size 256; no offset for q6k); bias float32 [rows] or undefined.
 struct Part {
   int64_t kind;
   int64_t group_size;
@@ -29,13 +30,14 @@ struct QuantizedRows {
   int64_t rows = 0, columns = 0;
   std::vector<int8_t> q;
   std::vector<float> d, sum;
-  std::vector<int32_t> qsum;
+  std::vector<int32_t> qsum, qsum16;
 
   void resize(int64_t rows, int64_t columns);
   void quantize(const float* x, int64_t x_stride, int64_t begin, int64_t end);  // rows [begin, end) of x
   QuantizedRow row(int64_t m) const {
     const int64_t blocks = columns / QK;
-    return {q.data() + m * columns, d.data() + m * blocks, sum.data() + m * blocks, qsum.data() + m * blocks};
+    return {q.data() + m * columns, d.data() + m * blocks, sum.data() + m * blocks, qsum.data() + m * blocks,
+            qsum16.data() + 2 * m * blocks};
   }
 };
 

@@ -49,7 +49,7 @@ def test_q4_k_blocks_decode_to_the_gguf_packages_values():
 def test_types_without_an_exact_form_have_none_and_a_nearest_kind():
     assert block_form(np.zeros((2, 210), np.uint8), "Q6_K", 2, 256) is None
     assert [nearest_kind(name) for name in ("Q4_0", "Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q3_K", "IQ4_XS", "F16")] == [
-        "int4", "int4", "int8", "int8", "int8", "int4", "int4", "float"]
+        "int4", "int4", "int8", "int6", "int5", "int4", "int4", "float"]
 
 
 def test_a_wrong_row_order_is_not_the_same_values():

@@ -49,11 +49,13 @@ def test_auto_runs_each_tensor_as_the_nearest_kind_of_its_type(mixed_gguf):
     report = loaded.weights
     activations = str(quantized_dtype()).replace("torch.", "")  # float32 on d3's kernels, bfloat16 on torch's
     assert (report.kind, report.dtype, report.head_kind, report.group_size) == ("int4", activations, "int8", 32)
+    stored = kernels.available()  # Q6_K runs as stored (int6) on d3's kernels, else re-quantized to int8
     assert report.sources == {"gguf Q4_0 as it is": 1, "gguf Q4_K as it is": 1, "gguf Q4_1 as it is": 9,
-                              "gguf Q6_K re-quantized to int8": 1, "gguf Q8_0 as it is": 2,
-                              "gguf F16 dequantized": 1}
+                              "gguf Q6_K as it is" if stored else "gguf Q6_K re-quantized to int8": 1,
+                              "gguf Q8_0 as it is": 2, "gguf F16 dequantized": 1}
     assert report.modules["int8 embedding"] == 1
-    assert report.label() == (f"int4 (group 32; 1 {activations}; 2 int8), LM head int8, {activations} activations, "
+    others = f"1 {activations}; 1 int6; 1 int8" if stored else f"1 {activations}; 2 int8"
+    assert report.label() == (f"int4 (group 32; {others}), LM head int8, {activations} activations, "
                               f"{kernels_phrase()}")
     dense = loader.load(str(mixed_gguf), weights="float32")
     assert report.step_bytes < dense.weights.step_bytes / 3
@@ -116,6 +118,39 @@ def test_every_family_quantized_scores_as_its_dequantized_weights(tmp_path, fami
     nll = [float(torch.nn.functional.cross_entropy(values[0, :-1], targets)) for values in (got, expected)]
     assert abs(nll[0] - nll[1]) < 0.05
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+STORED_TYPES = {"attn_q": "Q5_0", "attn_k": "Q5_1", "attn_v": "Q6_K", "attn_output": "Q5_K", "ffn_gate": "Q4_K",
+                "ffn_up": "Q4_0", "ffn_down": "Q6_K", "output": "Q6_K"}
+
+
+@pytest.mark.skipif(not kernels.available(), reason="d3's kernels cannot be built here")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_every_type_d3_runs_as_stored_scores_as_the_files_dequantized_weights(tmp_path, family):
+    """Q4_0, Q4_K, Q5_0, Q5_1, Q5_K and Q6_K on d3's kernels, as the file stores them (the decoder layer in one
+    kernel call), against transformers' float reading of the same file: within 0.005 nats a token, and every
+    weight's bytes those of the file."""
+    path = write_tiny_gguf(tmp_path / f"{family}.gguf", loader.embedded_gguf_path(), STORED_TYPES, tied=False,
+                           architecture=family)
+    loaded = loader.load(str(path))
+    report = loaded.weights
+    assert {source for source in report.sources if "as it is" not in source} <= {"gguf F32 dequantized"}
+    assert report.modules["int5"] == 3 * 2 and report.modules["int6"] == 2 * 2 + 1  # two layers and the head
+    assert report.head_kind == "int6" and "int6" in report.label()
+    expected = logits(transformers_reading(path))
+    got = logits(loaded.model)
+    targets = IDS[0, 1:]
+    nll = [float(torch.nn.functional.cross_entropy(values[0, :-1], targets)) for values in (got, expected)]
+    assert abs(nll[0] - nll[1]) < 0.005
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    header = gguf_cache.read_header(path)
+    in_file = sum(tensor.nbytes for tensor in header.tensors if tensor.name.startswith("blk.")) + header_bytes(
+        header, "output.weight")
+    assert report.step_bytes == in_file  # the file's bytes (Q5_0 beside Q5_1 not stacked: no −16d offsets added)
+
+
+def header_bytes(header, name: str) -> int:
+    return next(tensor.nbytes for tensor in header.tensors if tensor.name == name)
 
 
 MEMORY_PROBE = """
