@@ -1,10 +1,12 @@
 """d3's own CPU kernels for quantized weights, built once per machine from the C++ beside this file.
 
     blocks.h            the arithmetic of blocks of 32: int8 activations, integer dot products (AVX2, VNNI)
-    linear.cpp          torch.ops.d3.q4_linear / q8_linear: a quantized linear layer, any number of rows
+    linear.cpp          torch.ops.d3.tiled_linear (q4_linear, q8_linear): a quantized linear layer of any kind of
+                        blocks.h (q4, q5, q8, GGUF's k-quants as stored), any number of rows
     decoder_layer.cpp   torch.ops.d3.decoder_layer(s): Llama-family layers in one call and one thread team
     argmax.cpp          torch.ops.d3.argmax: the greedy token, as torch.argmax picks it, faster
-    pack.cpp            torch.ops.d3.pack_gguf: a GGUF file's 4/8-bit blocks into the tiles, in one pass
+    pack.cpp            torch.ops.d3.pack_gguf_into: a GGUF file's blocks (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K) into
+                        the tiles, in one pass
 
 Why: torch's own int4/int8 weight-only kernels keep activations in bfloat16 and dequantize every weight, which on an
 AVX2 CPU costs more than streaming the weights does; these kernels quantize the activations to int8 per block of 32
