@@ -136,6 +136,7 @@ _d3() {
         "calibrate:--budget") COMPREPLY=(); return ;;
         "calibrate:--schedule-prompts") COMPREPLY=(); return ;;
         "calibrate:--schedule-tokens") COMPREPLY=(); return ;;
+        "calibrate:--time-limit") COMPREPLY=(); return ;;
         "calibrate:--calibration") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "calibrate:--output"|"calibrate:-o") COMPREPLY=(); return ;;
         "serve:--model"|"serve:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -171,7 +172,7 @@ _d3() {
         "chat") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
         "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --include-path --model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --quick --help -h"; words="" ;;
         "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
-        "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --budget --schedule-prompts --schedule-tokens --schedule-only --calibration --output -o --json --help -h"; words="" ;;
+        "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --budget --schedule-prompts --schedule-tokens --time-limit --schedule-only --calibration --output -o --json --help -h"; words="" ;;
         "serve") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --host --port --api-key --queue-size --batch-size -b --log-format --help -h"; words="" ;;
         "completions") options="--help -h"; words="bash zsh fish" ;;
         "config") options="--help -h"; words="show path" ;;

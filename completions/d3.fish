@@ -157,6 +157,7 @@ complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l tail -x -d 'Last la
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l budget -x -d 'The chosen schedule\'s fidelity budget: its replies to held-out prompts at most this many nats per token above full depth\'s (the full-depth model\'s NLL), and none looping where full depth\'s does not.'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l schedule-prompts -x -d 'Held-out prompts each candidate schedule answers.'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l schedule-tokens -x -d 'Most tokens of each such reply.'
+complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l time-limit -x -d 'Fit the calibration in about this long (90s, 30m, 2h, 1h30m): from the costs it measures first, d3 cuts the prompts, profile texts and held-out prompts by one fraction until its estimate fits, and says what that costs (weaker bridges, a less certain schedule).'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l schedule-only -d 'Choose the schedule again for the model\'s calibration as it is (e.g. with another --budget): its order and bridges stay.'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l calibration -r -F -d 'With --schedule-only: the calibration to choose for (default: the model\'s own, as every command finds it).'
 complete -c d3 -n '__fish_seen_subcommand_from calibrate' -l output -s o -x -d 'Write the calibration here instead of the user cache (then pass it with --calibration).'

@@ -225,6 +225,7 @@ _d3_calibrate() {
         '(--budget)--budget[The chosen schedule'\''s fidelity budget\: its replies to held-out prompts at most this many nats per token above full depth'\''s (the full-depth model'\''s NLL), and none looping where full depth'\''s does not.]:value: ' \
         '(--schedule-prompts)--schedule-prompts[Held-out prompts each candidate schedule answers.]:value: ' \
         '(--schedule-tokens)--schedule-tokens[Most tokens of each such reply.]:value: ' \
+        '(--time-limit)--time-limit[Fit the calibration in about this long (90s, 30m, 2h, 1h30m)\: from the costs it measures first, d3 cuts the prompts, profile texts and held-out prompts by one fraction until its estimate fits, and says what that costs (weaker bridges, a less certain schedule).]:value: ' \
         '(--schedule-only)--schedule-only[Choose the schedule again for the model'\''s calibration as it is (e.g. with another --budget)\: its order and bridges stay.]' \
         '(--calibration)--calibration[With --schedule-only\: the calibration to choose for (default\: the model'\''s own, as every command finds it).]:path:_files' \
         '(--output -o)--output[Write the calibration here instead of the user cache (then pass it with --calibration).]:value: ' \

@@ -748,6 +748,8 @@ def print_calibration_made(console: Console, record: dict) -> None:
     if schedule:
         table.add_row("schedule", calibrated_schedule_text(schedule))
     table.add_row("time", ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in record["seconds"].items()))
+    if record.get("time_limit_cost"):
+        table.add_row("time limit", record["time_limit_cost"])
     console.print(Panel(table, title=f"d3 calibrate · {record['model']}", expand=False, border_style="cyan"))
 
 

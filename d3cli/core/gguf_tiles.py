@@ -163,9 +163,10 @@ def joined(parts: list[PackedTiles]) -> PackedTiles:
                        sum(part.rows for part in parts), parts[0].columns)
 
 
-def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool) -> PackedTiles:
+def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool, allocate=None) -> PackedTiles:
     """Weights stacked by rows (whole tiles each, all of one kernel kind) packed as one: by d3's kernel straight into
-    one buffer (no copy to join them), else part by part by numpy and `joined`."""
+    one buffer (no copy to join them), else part by part by numpy and `joined`. `allocate(shape, dtype)` makes the
+    buffers the kernel packs into (default: torch.empty; tile_cache.TileCache's are pages of its file)."""
     from d3cli import kernels
 
     centred = all(part.type_name in CENTRED_TYPES for part in parts)  # no offsets stored: the file's bytes
@@ -177,12 +178,13 @@ def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool) -> Pack
         raise ValueError("stacked weights must share a kernel kind")
     counts = [-(-part.rows // tile_rows) for part in parts]
     columns, total = parts[0].columns, sum(counts)
-    tiles = torch.empty(total, tile_bytes(kind, columns, tile_rows), dtype=torch.uint8)
+    allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    tiles = allocate((total, tile_bytes(kind, columns, tile_rows)), torch.uint8)
     with_offsets = kind in (14, 15) or kind in (4, 5) and not centred
     # float16 holds every scale and offset a file stores; float32 only if a stack's offsets (−8d) ever did not fit
     for dtype in (torch.float16,) if kind in K_QUANT_KINDS else (torch.float16, torch.float32):
-        scale = torch.empty(total, columns // group_size(kind), tile_rows, dtype=dtype)
-        offset = torch.empty_like(scale) if with_offsets else torch.empty(0, dtype=dtype)
+        scale = allocate((total, columns // group_size(kind), tile_rows), dtype)
+        offset = allocate(tuple(scale.shape), dtype) if with_offsets else torch.empty(0, dtype=dtype)
         exact, start = True, 0
         for part, count in zip(parts, counts):
             source = torch.from_numpy(np.ascontiguousarray(part.raw)).reshape(part.rows, -1)

@@ -17,6 +17,7 @@ own reading of the same files.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ from d3cli.core.gguf_blocks import (
 )
 from d3cli.core.gguf_tiles import PACKED_TYPES, GGUFBlocks
 from d3cli.core.quantized import BlockInt8Embedding, QuantizedEmbedding
+from d3cli import kernels
+from d3cli.core import tile_cache
 from d3cli.core.streamed import return_freed_memory
 from d3cli.core.weights import ModelWeights, _embed_scale
 
@@ -171,8 +174,6 @@ class GGUFWeights(ModelWeights):
 def dequantized(raw: np.ndarray, qtype) -> torch.Tensor:
     """Rows of a tensor's bytes dequantized to float32 as the gguf package does: Q6_K by d3's kernel where it is
     loaded (the same values, to the bit, ~10x faster), any type by the gguf package otherwise."""
-    from d3cli import kernels
-
     if qtype.name == "Q6_K" and kernels.loaded() and raw.shape[-1] % 210 == 0:
         rows = torch.from_numpy(np.ascontiguousarray(raw)).reshape(-1, raw.shape[-1])
         return torch.ops.d3.dequantize_q6_k(rows)
@@ -226,6 +227,15 @@ def load_gguf(gguf_path: Path, folder: Path, header: GGUFHeader, choice, device,
     model = empty_model(config)
     source = GGUFWeights(header, gguf_names(folder), tensor_processor(
         header.strings.get("general.architecture", ""), config))
-    report = fill_model(model, source, choice, fuse, what=str(gguf_path), progress=progress)
+    if choice.quantized and tile_cache.enabled() and kernels.available():
+        source.tile_cache = tile_cache.TileCache(folder, Path(gguf_path), *kernels.layout())
+    try:
+        report = fill_model(model, source, choice, fuse, what=str(gguf_path), progress=progress)
+    except BaseException:
+        if source.tile_cache is not None:
+            source.tile_cache.abandon()  # nothing half-written stays in the cache
+        raise
+    if source.tile_cache is not None and (line := source.tile_cache.publish()):
+        print(f"d3: {line}", file=sys.stderr)
     model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     return model.to(device).eval(), tokenizer, report

@@ -185,6 +185,8 @@ class ModelWeights:
     """The weight source of a model whose weights are already loaded: exact block forms by weight name where a GGUF
     cache gave them, else each module's own weight. (gguf_weights.GGUFWeights reads them from a GGUF file instead.)"""
 
+    tile_cache = None  # tile_cache.TileCache of a GGUF file's packed tiles, where kept
+
     def __init__(self, forms: Mapping[str, object] | None = None, types: Mapping[str, str] | None = None):
         self.forms, self.types = dict(forms or {}), dict(types or {})
 
@@ -281,7 +283,7 @@ class _Builder:
     def build(self, names: Sequence[str], linears: Sequence[nn.Linear], kind: str) -> nn.Module:
         """One module computing the linear layers `linears` (named `names`), their outputs side by side."""
         forms = [self.source.form(f"{name}.weight") for name in names]
-        packed = self.packed(forms, kind)
+        packed = self.packed(forms, kind, names)
         if kind in STORED_KINDS and packed is None:  # stacked rows that are not whole tiles: int8 per channel
             kind = "int8"
         for name, form in zip(names, forms):
@@ -323,10 +325,9 @@ class _Builder:
             joint.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
         return joint
 
-    @staticmethod
-    def packed(forms: Sequence, kind: str):
+    def packed(self, forms: Sequence, kind: str, names: Sequence[str]):
         """The forms as one gguf_tiles.PackedTiles when every one is a GGUF file's blocks of `kind` and d3's kernels
-        run (parts stack by whole tiles), else None."""
+        run (parts stack by whole tiles), else None: mapped from the source's tile cache where it holds them."""
         from d3cli.core.gguf_tiles import pack_joined
 
         kernel_kinds = KERNEL_KINDS.get(kind, ())
@@ -339,7 +340,14 @@ class _Builder:
         tile_rows, unsigned = kernels.layout()
         if any(form.rows % tile_rows for form in forms[:-1]):
             return None
-        return pack_joined(list(forms), tile_rows, unsigned)
+        cache, key = self.source.tile_cache, "|".join(names)
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            return cached
+        packed = pack_joined(list(forms), tile_rows, unsigned, cache.allocate if cache is not None else None)
+        if cache is not None:
+            cache.keep(key, packed)
+        return packed
 
     def build_runs(self, names: Sequence[str], linears: Sequence[nn.Linear]) -> list[nn.Module]:
         """Modules for consecutive linear layers: neighbours of the same stored kind share one module."""

@@ -227,21 +227,24 @@ class CalibrationResult:
     schedule: dict | None = None  # schedule_choice.ScheduleChoice.as_dict()
 
 
-def estimate_seconds(loaded, options: CalibrationOptions, schedule_only: bool = False) -> dict[str, float]:
-    """About how long each stage takes on this machine, from one short batch of replies timed now (its prefill and
-    its decode steps): the replies (batches × reply tokens × a step at the batch size), the layer profile (a forward
-    per text and about L/2 more for its skip-alone passes), the bridges (a forward per text) and the schedule (an
-    upper bound: every candidate's replies, as its progress bar counts them). A forward over a text is the prefill's
-    time per token times the text's tokens."""
+@dataclass(frozen=True)
+class StepCosts:
+    """What a calibration's stages cost on this machine, measured once: a decode step at the batch size, and a
+    forward over one reply's text."""
+
+    step_s: float
+    forward_s: float
+    num_layers: int
+
+
+def measure_costs(loaded, options: CalibrationOptions) -> StepCosts:
+    """One short batch of replies timed now (its prefill and its decode steps)."""
     from d3cli.core.engine import decode
     from d3cli.core.loader import num_decoder_layers
     from d3cli.core.plan import plan_for
     from d3cli.core.settings import DecodeSettings
-    from d3cli.evaluation.schedule_choice import expected_replies
 
-    num_layers = num_decoder_layers(loaded.model)
-    prompts = len(builtin_prompts(options.prompts))
-    batch = min(options.batch_size, prompts)
+    batch = min(options.batch_size, len(builtin_prompts(options.prompts)))
     probe = encode_builtin(loaded.tokenizer, *builtin_prompts(1)[0])
     steps = 4
     plan = plan_for(loaded, DecodeSettings(max_new_tokens=steps + 1).full_depth())
@@ -251,17 +254,90 @@ def estimate_seconds(loaded, options: CalibrationOptions, schedule_only: bool = 
     prefill_s = times[0] - started  # the batch's prompts, then each row's first token
     step_s = max(1e-4, (times[-1] - times[batch - 1]) / steps) if len(times) > batch else prefill_s
     forward_s = prefill_s / (batch * len(probe)) * (options.reply_tokens + len(probe))
-    batches = -(-prompts // options.batch_size)
-    texts = min(options.profile_texts, prompts)
+    return StepCosts(step_s, forward_s, num_decoder_layers(loaded.model))
+
+
+def estimate_from(costs: StepCosts, options: CalibrationOptions, schedule_only: bool = False) -> dict[str, float]:
+    """About how long each stage takes: the replies (batches × reply tokens × a step), the layer profile (a forward
+    per text and about L/2 more for its skip-alone passes), the bridges (a forward per text) and the schedule (an
+    upper bound: every candidate's replies, as its progress bar counts them)."""
+    from d3cli.evaluation.schedule_choice import expected_replies
+
+    prompts = len(builtin_prompts(options.prompts))
     held_out = options.schedule_prompts
-    estimate = {
-        "corpus": batches * options.reply_tokens * step_s,
-        "profile": texts * (num_layers / 2 + 1) * forward_s,
-        "bridges": prompts * forward_s,
-        "schedule": expected_replies(held_out, num_layers - options.head - options.tail) / min(
-            options.batch_size, held_out) * options.schedule_tokens * step_s,
+    schedule = expected_replies(held_out, costs.num_layers - options.head - options.tail) / min(
+        options.batch_size, held_out) * options.schedule_tokens * costs.step_s
+    if schedule_only:
+        return {"schedule": schedule}
+    return {
+        "corpus": -(-prompts // options.batch_size) * options.reply_tokens * costs.step_s,
+        "profile": min(options.profile_texts, prompts) * (costs.num_layers / 2 + 1) * costs.forward_s,
+        "bridges": prompts * costs.forward_s,
+        "schedule": schedule,
     }
-    return {"schedule": estimate["schedule"]} if schedule_only else estimate
+
+
+def estimate_seconds(loaded, options: CalibrationOptions, schedule_only: bool = False) -> dict[str, float]:
+    """About how long each stage takes on this machine (`estimate_from` the costs measured now)."""
+    return estimate_from(measure_costs(loaded, options), options, schedule_only)
+
+
+SMALLEST = {"prompts": 8, "profile_texts": 4, "schedule_prompts": 4}  # below these a calibration says little
+TIME_LIMITED = {"prompts": "prompts the bridges are fitted on", "profile_texts": "replies the layer profile is "
+                "measured on", "schedule_prompts": "held-out prompts the schedule is chosen on"}
+
+
+def within_time(costs: StepCosts, options: CalibrationOptions, seconds: float,
+                schedule_only: bool = False) -> CalibrationOptions:
+    """`options` made smaller, the same fraction of each of prompts, profile texts and held-out prompts (never below
+    SMALLEST), until the estimate fits `seconds`: the options themselves when they fit. A UserError when even the
+    smallest calibration does not fit."""
+    import dataclasses
+
+    full = {"prompts": len(builtin_prompts(options.prompts)), "profile_texts": options.profile_texts,
+            "schedule_prompts": options.schedule_prompts}
+    fraction = 1.0
+    while True:
+        sizes = {name: max(min(SMALLEST[name], value), round(value * fraction)) for name, value in full.items()}
+        smaller = dataclasses.replace(options, **sizes)
+        total = sum(estimate_from(costs, smaller, schedule_only).values())
+        if total <= seconds:
+            return smaller
+        if all(sizes[name] <= SMALLEST[name] for name in sizes if full[name] > SMALLEST[name]):
+            listed = ", ".join(f"{value} {name.replace('_', ' ')}" for name, value in sizes.items())
+            raise UserError(f"--time-limit {_minutes(seconds)}: even the smallest calibration ({listed}) takes about "
+                            f"{_minutes(total)} here: give at least {_minutes(total * 1.1)}, or fewer --reply-tokens")
+        fraction *= 0.9
+
+
+def time_limit_cost(options: CalibrationOptions, limited: CalibrationOptions) -> str:
+    """What a time limit cost: the sizes it cut, and what that weakens (empty when it cut nothing)."""
+    before = {name: len(builtin_prompts(options.prompts)) if name == "prompts" else getattr(options, name)
+              for name in TIME_LIMITED}
+    cuts = [f"{getattr(limited, name)} of {before[name]} {label}" for name, label in TIME_LIMITED.items()
+            if getattr(limited, name) != before[name]]
+    if not cuts:
+        return ""
+    return (f"{'; '.join(cuts)}: bridges fitted on fewer tokens are weaker (and may overfit), and a schedule chosen "
+            "on fewer replies is less certain to hold on others")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "30m", "2h" or "1h30m"; a UserError otherwise."""
+    import re
+
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or match is None or not any(match.groups()):
+        raise UserError(f"--time-limit takes a duration such as 90s, 30m, 2h or 1h30m, not {text!r}")
+    hours, minutes, seconds = (float(group) if group else 0.0 for group in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise UserError(f"--time-limit must be above zero, not {text!r}")
+    return total
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress: Progress,

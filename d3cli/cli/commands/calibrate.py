@@ -66,6 +66,13 @@ def calibrate(
     schedule_tokens: Annotated[
         int, typer.Option(help="Most tokens of each such reply.", rich_help_panel=CALIBRATION_PANEL),
     ] = SCHEDULE_TOKENS,
+    time_limit: Annotated[
+        Optional[str], typer.Option(help="Fit the calibration in about this long (90s, 30m, 2h, 1h30m): from the "
+                                    "costs it measures first, d3 cuts the prompts, profile texts and held-out "
+                                    "prompts by one fraction until its estimate fits, and says what that costs "
+                                    "(weaker bridges, a less certain schedule).", rich_help_panel=CALIBRATION_PANEL,
+                                    show_default=False),
+    ] = None,
     schedule_only: Annotated[
         bool, typer.Option("--schedule-only", help="Choose the schedule again for the model's calibration as it is "
                            "(e.g. with another --budget): its order and bridges stay.",
@@ -103,7 +110,11 @@ def calibrate(
         CorpusCheckpoint,
         check_fits,
         choose_only,
-        estimate_seconds,
+        estimate_from,
+        measure_costs,
+        parse_duration,
+        time_limit_cost,
+        within_time,
     )
     from d3cli.evaluation.calibrate import calibrate as make_calibration
 
@@ -113,13 +124,22 @@ def calibrate(
     options = CalibrationOptions(prompts=prompts, reply_tokens=reply_tokens, batch_size=batch_size,
                                  profile_texts=profile_texts, ridge=ridge, rank=rank, head=head, tail=tail,
                                  budget=budget, schedule_prompts=schedule_prompts, schedule_tokens=schedule_tokens)
+    limit_s = parse_duration(time_limit) if time_limit is not None else None
     loaded = load(model.options())
     check_fits(loaded, options)
     if schedule_only:
         loaded = DecodeSettings(calibration=str(calibration) if calibration else None).with_calibration(loaded)
     labels = {"corpus": "replies (tokens)", "profile": "layer profile (texts)", "bridges": "bridges (texts)",
               "schedule": "schedule (replies)"}
-    estimate = estimate_seconds(loaded, options, schedule_only)
+    costs = measure_costs(loaded, options)
+    cost = ""
+    if limit_s is not None:
+        limited = within_time(costs, options, limit_s, schedule_only)
+        cost = time_limit_cost(options, limited)
+        if cost:
+            render.write_stderr_line(f"d3: calibrate: --time-limit {time_limit}: {cost}")
+        options = limited
+    estimate = estimate_from(costs, options, schedule_only)
     render.write_stderr_line(f"d3: {render.calibration_estimate_text(loaded.name, estimate)}")
     if not schedule_only:
         made = len(CorpusCheckpoint(model_identity(loaded), options).batches)
@@ -155,6 +175,8 @@ def calibrate(
         "bridge_bytes": result.bridge_bytes,
         "seconds": {stage: round(value, 1) for stage, value in result.seconds.items()},
         "schedule": result.schedule,
+        "time_limit_s": limit_s,
+        "time_limit_cost": cost or None,
     }
     if as_json:
         render.write_json_line(record)

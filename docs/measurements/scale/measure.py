@@ -3,8 +3,11 @@
 
     python docs/measurements/scale/measure.py --llama-bin DIR FILE.gguf [FILE.gguf ...] > results.json
     python docs/measurements/scale/measure.py --d3-only --tokens 48 --repeats 4 FILE.gguf_or_FOLDER
+    python docs/measurements/scale/measure.py --llama-bin DIR --context 2000 --tokens 16 FILE.gguf
 
 `--d3-only` runs the two d3 sides alone (a safetensors folder, or D3 against full depth over more rounds).
+`--context N` times long contexts instead: d3 on a prompt of about N tokens (its prefill tokens/s, and its decode
+tokens/s after it), llama.cpp's prefill of N tokens (llama-bench -p N) and its decode at depth N (-d N).
 
 For each file and each of `--repeats` rounds, one after another:
     d3 full depth        d3 generate -n TOKENS --json --alpha 1 (a new process: its load time, peak memory, prefill
@@ -14,6 +17,8 @@ For each file and each of `--repeats` rounds, one after another:
     llama.cpp decode     llama-bench -t 2 -p 0 -n TOKENS (and its peak memory)
     llama.cpp prefill    llama-bench -t 2 -p PROMPT -n 0
     llama.cpp start      llama-simple -n 1: a new process's load and first token, wall time
+    d3 start             d3 generate -n 1: the same for d3 (its packed tiles mapped from d3's cache after the first
+                         run, core/tile_cache.py)
 
 The files are written by write_shaped_gguf.py beside this script (random weights: fine for time and memory, never
 for quality). Results are printed as JSON, one object per measurement.
@@ -43,9 +48,16 @@ def timed(command: list[str]) -> tuple[str, float, int]:
     return done.stdout, wall, peak
 
 
-def d3(file: Path, tokens: int, schedule: list[str]) -> dict:
+def long_prompt(tokens: int) -> str:
+    """A prompt of about `tokens` tokens (this prose runs about 4.8 characters a token here)."""
+    paragraph = ("The river runs past the old mill, where the miller's daughter paints the water each morning "
+                 "before the town wakes. ")
+    return (paragraph * (tokens * 5 // len(paragraph) + 1))[:tokens * 48 // 10] + "\nSummarize the story."
+
+
+def d3(file: Path, tokens: int, schedule: list[str], prompt: str = PROMPT) -> dict:
     out, wall, peak = timed([str(Path(sys.executable).parent / "d3"), "generate", "--model", str(file), "-n",
-                             str(tokens), "--json", *schedule, PROMPT])
+                             str(tokens), "--json", *schedule, prompt])
     record = json.loads(out)
     num_layers, mean = record["num_layers"], record["mean_layers"]
     return {"decode_tokens_per_s": record["decode_tokens_per_s"],
@@ -61,7 +73,13 @@ def llama_bench(binaries: Path, file: Path, arguments: list[str]) -> dict:
                              *arguments])
     row = json.loads(out)[0]
     return {"tokens_per_s": row["avg_ts"], "peak_memory_bytes": peak, "wall_s": round(wall, 2),
-            "n_prompt": row["n_prompt"], "n_gen": row["n_gen"]}
+            "n_prompt": row["n_prompt"], "n_gen": row["n_gen"], "n_depth": row.get("n_depth", 0)}
+
+
+def d3_start(file: Path) -> dict:
+    _, wall, peak = timed([str(Path(sys.executable).parent / "d3"), "generate", "--model", str(file), "-n", "1",
+                           PROMPT])
+    return {"process_wall_s": round(wall, 2), "peak_memory_bytes": peak}
 
 
 def llama_start(binaries: Path, file: Path) -> dict:
@@ -77,12 +95,26 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--context", type=int, help="time a prompt of about N tokens and decode after it instead")
     options = parser.parse_args()
     if not options.d3_only and options.llama_bin is None:
         parser.error("--llama-bin is needed unless --d3-only")
     for file in options.files:
         size = sum(path.stat().st_size for path in file.glob("*.safetensors")) if file.is_dir() else file.stat().st_size
         for round_ in range(options.repeats):
+            if options.context:
+                rows = {"d3 long prompt": d3(file, options.tokens, ["--alpha", "1"], long_prompt(options.context))}
+                if not options.d3_only:
+                    rows.update({
+                        "llama.cpp prefill": llama_bench(options.llama_bin, file,
+                                                         ["-p", str(options.context), "-n", "0"]),
+                        "llama.cpp decode at depth": llama_bench(options.llama_bin, file, [
+                            "-p", "0", "-n", str(options.tokens), "-d", str(options.context)]),
+                    })
+                for name, row in rows.items():
+                    print(json.dumps({"file": file.name, "file_bytes": size, "round": round_, "side": name, **row}),
+                          flush=True)
+                continue
             rows = {
                 "d3 full depth": d3(file, options.tokens, ["--alpha", "1"]),
                 "d3 alpha 0.98 floor L/2": d3(file, options.tokens, ["--alpha", "0.98", "--min-layers", "0.5"]),
@@ -93,6 +125,7 @@ def main() -> None:
                     "llama.cpp prefill": llama_bench(options.llama_bin, file,
                                                      ["-p", str(options.prompt_tokens), "-n", "0"]),
                     "llama.cpp start": llama_start(options.llama_bin, file),
+                    "d3 start": d3_start(file),
                 })
             for name, row in rows.items():
                 print(json.dumps({"file": file.name, "file_bytes": size, "round": round_, "side": name, **row}),
