@@ -258,12 +258,13 @@ inline int32_t tile_weight(const uint8_t* block, int64_t r, int e) {
 }
 
 #if defined(D3_VECTORS)
-// Σ q·xq over one q4/q5 block (8 quads), q with its fifth bit from the plane for q5.
-template <int64_t kKind>
-inline IntVector block_dots(const uint8_t* weights, const int8_t* xq) {
-  IntVector dots = int_zero();
+// Σ q·xq over one q4/q5 block (8 quads) for each of N rows of activations, the weights unpacked once for all of
+// them (q with its fifth bit from the plane for q5). Integer sums: exact in any order.
+template <int64_t kKind, int N>
+inline void block_dots(const uint8_t* weights, const int8_t* const* xq, IntVector* dots) {
   IntVector plane = int_zero();
   if constexpr (kKind == kQ5 || kKind == kQ5K) plane = load_bytes(weights + kTileRows * 16);
+  for (int n = 0; n < N; ++n) dots[n] = int_zero();
   for (int i = 0; i < 4; ++i) {
     const IntVector packed = load_bytes(weights + i * kTileRows * 4);
     IntVector low = low_nibbles(packed), high = high_nibbles(packed);
@@ -271,10 +272,11 @@ inline IntVector block_dots(const uint8_t* weights, const int8_t* xq) {
       low = or_ints(low, shift_left4(byte_bits(plane, i, 1)));
       high = or_ints(high, shift_left4(byte_bits(plane, 4 + i, 1)));
     }
-    dots = dot_add(dots, low, quad(xq + 4 * i));
-    dots = dot_add(dots, high, quad(xq + 16 + 4 * i));
+    for (int n = 0; n < N; ++n) {
+      dots[n] = dot_add(dots[n], low, quad(xq[n] + 4 * i));
+      dots[n] = dot_add(dots[n], high, quad(xq[n] + 16 + 4 * i));
+    }
   }
-  return dots;
 }
 
 inline void prefetch_block(const uint8_t* weights, int64_t bytes) {
@@ -284,14 +286,24 @@ inline void prefetch_block(const uint8_t* weights, int64_t bytes) {
 }
 #endif
 
-// out[r] = Σ_k w[r][k]·x[k] for the kTileRows rows of one tile of a group kind (q4, q5, q8).
-template <int64_t kKind, typename S>
+// Rows of activations a tile is read once for: a prefill's tokens share each tile's unpacked weights (the decode
+// step of one row takes the one-row path). Each row's float operations are those of the one-row path, in its order.
+#if defined(D3_AVX512)
+constexpr int kRowsAtOnce = 4;
+#else
+constexpr int kRowsAtOnce = 2;  // AVX2's 16 registers
+#endif
+
+// out[n·kTileRows + r] = Σ_k w[r][k]·x[n][k] for the kTileRows rows of one tile of a group kind (q4, q5, q8) and
+// the N rows of activations x[0..N).
+template <int64_t kKind, typename S, int N = 1>
 inline void tile_dot(const uint8_t* tile, const S* scale, const S* offset, int64_t blocks, int64_t blocks_per_group,
-                     const QuantizedRow& x, float* out) {
+                     const QuantizedRow* x, float* out) {
   constexpr int64_t kBytes = tile_block_bytes<kKind>();
   constexpr int32_t kCentre = kKind == kQ5 ? 16 : 8;  // centred q4/q5 (no offsets): w = (q − centre)·scale
 #if defined(D3_VECTORS)
-  FloatVector sums = float_zero(), shares = float_zero();
+  FloatVector sums[N], shares[N];
+  for (int n = 0; n < N; ++n) sums[n] = float_zero(), shares[n] = float_zero();
   int64_t b = 0;
   for (int64_t g = 0; g < blocks / blocks_per_group; ++g) {
     const FloatVector group_scale = load_scales(scale + g * kTileRows);
@@ -299,91 +311,116 @@ inline void tile_dot(const uint8_t* tile, const S* scale, const S* offset, int64
     for (int64_t j = 0; j < blocks_per_group; ++j, ++b) {
       const uint8_t* weights = tile + b * kBytes;
       prefetch_block(weights, kBytes);
-      const int8_t* xq = x.q + b * QK;
-      IntVector dots = int_zero();
+      const int8_t* xq[N];
+      for (int n = 0; n < N; ++n) xq[n] = x[n].q + b * QK;
+      IntVector dots[N];
       if constexpr (kKind != kQ8) {
-        dots = block_dots<kKind>(weights, xq);
-        if (offset == nullptr) dots = add_ints(dots, broadcast_int(-kCentre * x.qsum[b]));  // Σ (q − c)·xq, exactly
+        block_dots<kKind, N>(weights, xq, dots);
+        if (offset == nullptr) {  // Σ (q − c)·xq, exactly
+          for (int n = 0; n < N; ++n) dots[n] = add_ints(dots[n], broadcast_int(-kCentre * x[n].qsum[b]));
+        }
       } else if constexpr (kUnsignedQ8) {  // Σ (w + 128)·x − 128·Σ x
-        for (int i = 0; i < 8; ++i) dots = dot_add(dots, load_bytes(weights + i * kTileRows * 4), quad(xq + 4 * i));
-        dots = add_ints(dots, broadcast_int(-128 * x.qsum[b]));
-      } else {  // signed weights (AVX2 without VNNI): |w| times x with w's sign
-#if !defined(D3_AVX512)
+        for (int n = 0; n < N; ++n) dots[n] = int_zero();
         for (int i = 0; i < 8; ++i) {
           const IntVector w = load_bytes(weights + i * kTileRows * 4);
-          dots = dot_add(dots, _mm256_sign_epi8(w, w), _mm256_sign_epi8(quad(xq + 4 * i), w));
+          for (int n = 0; n < N; ++n) dots[n] = dot_add(dots[n], w, quad(xq[n] + 4 * i));
+        }
+        for (int n = 0; n < N; ++n) dots[n] = add_ints(dots[n], broadcast_int(-128 * x[n].qsum[b]));
+      } else {  // signed weights (AVX2 without VNNI): |w| times x with w's sign
+#if !defined(D3_AVX512)
+        for (int n = 0; n < N; ++n) dots[n] = int_zero();
+        for (int i = 0; i < 8; ++i) {
+          const IntVector w = load_bytes(weights + i * kTileRows * 4);
+          const IntVector magnitude = _mm256_sign_epi8(w, w);
+          for (int n = 0; n < N; ++n) {
+            dots[n] = dot_add(dots[n], magnitude, _mm256_sign_epi8(quad(xq[n] + 4 * i), w));
+          }
         }
 #endif
       }
-      sums = fma(to_floats(dots), mul(group_scale, broadcast(x.d[b])), sums);
-      if (offset != nullptr) shares = fma(group_offset, broadcast(x.sum[b]), shares);
+      for (int n = 0; n < N; ++n) {
+        sums[n] = fma(to_floats(dots[n]), mul(group_scale, broadcast(x[n].d[b])), sums[n]);
+        if (offset != nullptr) shares[n] = fma(group_offset, broadcast(x[n].sum[b]), shares[n]);
+      }
     }
   }
-  store(out, add(sums, shares));
+  for (int n = 0; n < N; ++n) store(out + n * kTileRows, add(sums[n], shares[n]));
 #else
-  for (int64_t r = 0; r < kTileRows; ++r) {
-    float sums = 0.f, shares = 0.f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* weights = tile + b * kBytes;
-      const int8_t* xq = x.q + b * QK;
-      int32_t dots = 0;
-      for (int e = 0; e < QK; ++e) {
-        if constexpr (kKind == kQ8) {
-          const int j = e / 4, i = e % 4;
-          const uint8_t byte = weights[(j * kTileRows + r) * 4 + i];
-          const int32_t w = kUnsignedQ8 ? static_cast<int32_t>(byte) - 128 : static_cast<int8_t>(byte);
-          dots += w * xq[e];
-        } else {
-          dots += tile_weight<kKind>(weights, r, e) * xq[e];
+  for (int n = 0; n < N; ++n) {
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      float sums = 0.f, shares = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* weights = tile + b * kBytes;
+        const int8_t* xq = x[n].q + b * QK;
+        int32_t dots = 0;
+        for (int e = 0; e < QK; ++e) {
+          if constexpr (kKind == kQ8) {
+            const int j = e / 4, i = e % 4;
+            const uint8_t byte = weights[(j * kTileRows + r) * 4 + i];
+            const int32_t w = kUnsignedQ8 ? static_cast<int32_t>(byte) - 128 : static_cast<int8_t>(byte);
+            dots += w * xq[e];
+          } else {
+            dots += tile_weight<kKind>(weights, r, e) * xq[e];
+          }
         }
+        if (kKind != kQ8 && offset == nullptr) dots -= kCentre * x[n].qsum[b];
+        const int64_t g = b / blocks_per_group;
+        sums = std::fma(static_cast<float>(dots), to_float(scale[g * kTileRows + r]) * x[n].d[b], sums);
+        if (offset != nullptr) shares = std::fma(to_float(offset[g * kTileRows + r]), x[n].sum[b], shares);
       }
-      if (kKind != kQ8 && offset == nullptr) dots -= kCentre * x.qsum[b];
-      const int64_t g = b / blocks_per_group;
-      sums = std::fma(static_cast<float>(dots), to_float(scale[g * kTileRows + r]) * x.d[b], sums);
-      if (offset != nullptr) shares = std::fma(to_float(offset[g * kTileRows + r]), x.sum[b], shares);
+      out[n * kTileRows + r] = sums + shares;
     }
-    out[r] = sums + shares;
   }
 #endif
 }
 
-// out[r] = Σ_k w[r][k]·x[k] for the kTileRows rows of one tile of a k-quant (q4k, q5k, q6k): per superblock s,
-// d[s]·Σ_b sc[b]·Σ q·x − dmin[s]·Σ_b m[b]·Σ x (q6k: d[s]·Σ_h sc[h]·Σ (q − 32)·x over halves of 16).
-template <int64_t kKind>
+// out[n·kTileRows + r] = Σ_k w[r][k]·x[n][k] for the kTileRows rows of one tile of a k-quant (q4k, q5k, q6k) and N
+// rows of activations: per superblock s, d[s]·Σ_b sc[b]·Σ q·x − dmin[s]·Σ_b m[b]·Σ x (q6k: d[s]·Σ_h sc[h]·Σ (q −
+// 32)·x over halves of 16).
+template <int64_t kKind, int N = 1>
 inline void tile_dot_k(const uint8_t* tile, const c10::Half* d, const c10::Half* dmin, int64_t supers,
-                       const QuantizedRow& x, float* out) {
+                       const QuantizedRow* x, float* out) {
   constexpr int64_t kBlock = tile_block_bytes<kKind>(), kHeader = kTileRows * (kKind == kQ6K ? 16 : 12);
 #if defined(D3_VECTORS)
-  FloatVector sums = float_zero(), mins = float_zero();
+  FloatVector sums[N], mins[N];
+  for (int n = 0; n < N; ++n) sums[n] = float_zero(), mins[n] = float_zero();
   for (int64_t s = 0; s < supers; ++s) {
     const uint8_t* super = tile + s * tile_super_bytes<kKind>();
     IntVector words[4];
     for (int w = 0; w < (kKind == kQ6K ? 4 : 3); ++w) words[w] = load_bytes(super + w * kTileRows * 4);
-    FloatVector scaled = float_zero(), taken = float_zero();
+    FloatVector scaled[N], taken[N];
+    for (int n = 0; n < N; ++n) scaled[n] = float_zero(), taken[n] = float_zero();
     for (int j = 0; j < 8; ++j) {
       const int64_t b = s * 8 + j;
       const uint8_t* weights = super + kHeader + j * kBlock;
       prefetch_block(weights, kBlock);
-      const int8_t* xq = x.q + b * QK;
+      const int8_t* xq[N];
+      for (int n = 0; n < N; ++n) xq[n] = x[n].q + b * QK;
       if constexpr (kKind == kQ6K) {
         const IntVector plane_low = load_bytes(weights + kTileRows * 16);
         const IntVector plane_high = load_bytes(weights + kTileRows * 20);
-        IntVector low = int_zero(), high = int_zero();
+        IntVector low[N], high[N];
+        for (int n = 0; n < N; ++n) low[n] = int_zero(), high[n] = int_zero();
         for (int i = 0; i < 4; ++i) {
           const IntVector packed = load_bytes(weights + i * kTileRows * 4);
-          low = dot_add(low, or_ints(low_nibbles(packed), shift_left4(byte_bits(plane_low, 2 * i, 3))),
-                        quad(xq + 4 * i));
-          high = dot_add(high, or_ints(high_nibbles(packed), shift_left4(byte_bits(plane_high, 2 * i, 3))),
-                         quad(xq + 16 + 4 * i));
+          const IntVector low_q = or_ints(low_nibbles(packed), shift_left4(byte_bits(plane_low, 2 * i, 3)));
+          const IntVector high_q = or_ints(high_nibbles(packed), shift_left4(byte_bits(plane_high, 2 * i, 3)));
+          for (int n = 0; n < N; ++n) {
+            low[n] = dot_add(low[n], low_q, quad(xq[n] + 4 * i));
+            high[n] = dot_add(high[n], high_q, quad(xq[n] + 16 + 4 * i));
+          }
         }
-        low = add_ints(low, broadcast_int(-32 * x.qsum16[2 * b]));
-        high = add_ints(high, broadcast_int(-32 * x.qsum16[2 * b + 1]));
         const int h = 2 * j;  // the half blocks' scales h and h + 1: bytes of word h / 4
-        const IntVector total = add_ints(mul_ints(low, signed_byte(words[h / 4], h % 4)),
-                                         mul_ints(high, signed_byte(words[h / 4], h % 4 + 1)));
-        scaled = fma(to_floats(total), broadcast(x.d[b]), scaled);
+        const IntVector scale_low = signed_byte(words[h / 4], h % 4), scale_high = signed_byte(words[h / 4], h % 4 + 1);
+        for (int n = 0; n < N; ++n) {
+          low[n] = add_ints(low[n], broadcast_int(-32 * x[n].qsum16[2 * b]));
+          high[n] = add_ints(high[n], broadcast_int(-32 * x[n].qsum16[2 * b + 1]));
+          const IntVector total = add_ints(mul_ints(low[n], scale_low), mul_ints(high[n], scale_high));
+          scaled[n] = fma(to_floats(total), broadcast(x[n].d[b]), scaled[n]);
+        }
       } else {
-        const IntVector dots = block_dots<kKind>(weights, xq);
+        IntVector dots[N];
+        block_dots<kKind, N>(weights, xq, dots);
         IntVector sc, m;  // llama.cpp's get_scale_min_k4, a lane a row
         if (j < 4) {
           sc = word_bits(words[0], 8 * j, 63), m = word_bits(words[1], 8 * j, 63);
@@ -392,46 +429,55 @@ inline void tile_dot_k(const uint8_t* tile, const c10::Half* d, const c10::Half*
           sc = or_ints(word_bits(words[2], 8 * k, 15), shift_left4(word_bits(words[0], 8 * k + 6, 3)));
           m = or_ints(word_bits(words[2], 8 * k + 4, 15), shift_left4(word_bits(words[1], 8 * k + 6, 3)));
         }
-        scaled = fma(to_floats(mul_ints(dots, sc)), broadcast(x.d[b]), scaled);
-        taken = fma(to_floats(m), broadcast(x.sum[b]), taken);
-      }
-    }
-    sums = fma(scaled, load_scales(d + s * kTileRows), sums);
-    if constexpr (kKind != kQ6K) mins = fma(taken, load_scales(dmin + s * kTileRows), mins);
-  }
-  store(out, sub(sums, mins));
-#else
-  for (int64_t r = 0; r < kTileRows; ++r) {
-    float sums = 0.f, mins = 0.f;
-    for (int64_t s = 0; s < supers; ++s) {
-      const uint8_t* super = tile + s * tile_super_bytes<kKind>();
-      uint8_t header[16];
-      for (int w = 0; w < (kKind == kQ6K ? 4 : 3); ++w) {
-        for (int i = 0; i < 4; ++i) header[4 * w + i] = super[(w * kTileRows + r) * 4 + i];
-      }
-      float scaled = 0.f, taken = 0.f;
-      for (int j = 0; j < 8; ++j) {
-        const int64_t b = s * 8 + j;
-        const uint8_t* weights = super + kHeader + j * kBlock;
-        const int8_t* xq = x.q + b * QK;
-        int32_t halves[2] = {0, 0};
-        for (int e = 0; e < QK; ++e) halves[e / 16] += tile_weight<kKind>(weights, r, e) * xq[e];
-        if constexpr (kKind == kQ6K) {
-          const int32_t total = (halves[0] - 32 * x.qsum16[2 * b]) * static_cast<int8_t>(header[2 * j]) +
-                                (halves[1] - 32 * x.qsum16[2 * b + 1]) * static_cast<int8_t>(header[2 * j + 1]);
-          scaled = std::fma(static_cast<float>(total), x.d[b], scaled);
-        } else {
-          const uint8_t* q = header;
-          const int32_t sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-          const int32_t m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-          scaled = std::fma(static_cast<float>((halves[0] + halves[1]) * sc), x.d[b], scaled);
-          taken = std::fma(static_cast<float>(m), x.sum[b], taken);
+        const FloatVector minimums = to_floats(m);
+        for (int n = 0; n < N; ++n) {
+          scaled[n] = fma(to_floats(mul_ints(dots[n], sc)), broadcast(x[n].d[b]), scaled[n]);
+          taken[n] = fma(minimums, broadcast(x[n].sum[b]), taken[n]);
         }
       }
-      sums = std::fma(scaled, to_float(d[s * kTileRows + r]), sums);
-      if (kKind != kQ6K) mins = std::fma(taken, to_float(dmin[s * kTileRows + r]), mins);
     }
-    out[r] = sums - mins;
+    const FloatVector super_scale = load_scales(d + s * kTileRows);
+    const FloatVector super_min = kKind != kQ6K ? load_scales(dmin + s * kTileRows) : float_zero();
+    for (int n = 0; n < N; ++n) {
+      sums[n] = fma(scaled[n], super_scale, sums[n]);
+      if constexpr (kKind != kQ6K) mins[n] = fma(taken[n], super_min, mins[n]);
+    }
+  }
+  for (int n = 0; n < N; ++n) store(out + n * kTileRows, sub(sums[n], mins[n]));
+#else
+  for (int n = 0; n < N; ++n) {
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      float sums = 0.f, mins = 0.f;
+      for (int64_t s = 0; s < supers; ++s) {
+        const uint8_t* super = tile + s * tile_super_bytes<kKind>();
+        uint8_t header[16];
+        for (int w = 0; w < (kKind == kQ6K ? 4 : 3); ++w) {
+          for (int i = 0; i < 4; ++i) header[4 * w + i] = super[(w * kTileRows + r) * 4 + i];
+        }
+        float scaled = 0.f, taken = 0.f;
+        for (int j = 0; j < 8; ++j) {
+          const int64_t b = s * 8 + j;
+          const uint8_t* weights = super + kHeader + j * kBlock;
+          const int8_t* xq = x[n].q + b * QK;
+          int32_t halves[2] = {0, 0};
+          for (int e = 0; e < QK; ++e) halves[e / 16] += tile_weight<kKind>(weights, r, e) * xq[e];
+          if constexpr (kKind == kQ6K) {
+            const int32_t total = (halves[0] - 32 * x[n].qsum16[2 * b]) * static_cast<int8_t>(header[2 * j]) +
+                                  (halves[1] - 32 * x[n].qsum16[2 * b + 1]) * static_cast<int8_t>(header[2 * j + 1]);
+            scaled = std::fma(static_cast<float>(total), x[n].d[b], scaled);
+          } else {
+            const uint8_t* q = header;
+            const int32_t sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+            const int32_t m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+            scaled = std::fma(static_cast<float>((halves[0] + halves[1]) * sc), x[n].d[b], scaled);
+            taken = std::fma(static_cast<float>(m), x[n].sum[b], taken);
+          }
+        }
+        sums = std::fma(scaled, to_float(d[s * kTileRows + r]), sums);
+        if (kKind != kQ6K) mins = std::fma(taken, to_float(dmin[s * kTileRows + r]), mins);
+      }
+      out[n * kTileRows + r] = sums - mins;
+    }
   }
 #endif
 }

@@ -75,6 +75,16 @@ void check_part(const Part& part, int64_t in_features) {
 
 namespace {
 
+template <int64_t kKind, typename S, int N>
+inline void dot_rows(const uint8_t* tile, const S* scale, const S* offset, int64_t blocks, int64_t groups,
+                     int64_t group_size, const QuantizedRow* rows, float* values) {
+  if constexpr (is_k_quant(kKind)) {
+    tile_dot_k<kKind, N>(tile, scale, offset, groups, rows, values);
+  } else {
+    tile_dot<kKind, S, N>(tile, scale, offset, blocks, group_size / QK, rows, values);
+  }
+}
+
 template <int64_t kKind, typename S>
 void run_tiles(const Part& part, const QuantizedRows& x, int64_t begin, int64_t end, float* y, int64_t y_stride) {
   const int64_t blocks = x.columns / QK, groups = x.columns / part.group_size;
@@ -83,19 +93,27 @@ void run_tiles(const Part& part, const QuantizedRows& x, int64_t begin, int64_t 
   const S* scales = reinterpret_cast<const S*>(part.scale.data_ptr());
   const S* offsets = part.offset.defined() ? reinterpret_cast<const S*>(part.offset.data_ptr()) : nullptr;
   const float* bias = part.bias.defined() ? part.bias.data_ptr<float>() : nullptr;
-  alignas(64) float values[kTileRows];
+  alignas(64) float values[kRowsAtOnce * kTileRows];
+  QuantizedRow rows[kRowsAtOnce];
   for (int64_t t = begin; t < end; ++t) {
     const int64_t first = t * kTileRows, count = std::min(kTileRows, part.rows - first);
-    for (int64_t m = 0; m < x.rows; ++m) {
-      const S* scale = scales + t * groups * kTileRows;
-      const S* offset = offsets != nullptr ? offsets + t * groups * kTileRows : nullptr;
-      if constexpr (is_k_quant(kKind)) {
-        tile_dot_k<kKind>(weights + t * bytes, scale, offset, groups, x.row(m), values);
+    const uint8_t* tile = weights + t * bytes;
+    const S* scale = scales + t * groups * kTileRows;
+    const S* offset = offsets != nullptr ? offsets + t * groups * kTileRows : nullptr;
+    for (int64_t m = 0; m < x.rows;) {  // kRowsAtOnce rows of x at a time (a prefill's), then one at a time
+      const int n = x.rows - m >= kRowsAtOnce ? kRowsAtOnce : 1;
+      for (int i = 0; i < n; ++i) rows[i] = x.row(m + i);
+      if (n == kRowsAtOnce) {
+        dot_rows<kKind, S, kRowsAtOnce>(tile, scale, offset, blocks, groups, part.group_size, rows, values);
       } else {
-        tile_dot<kKind, S>(weights + t * bytes, scale, offset, blocks, part.group_size / QK, x.row(m), values);
+        dot_rows<kKind, S, 1>(tile, scale, offset, blocks, groups, part.group_size, rows, values);
       }
-      float* out = y + m * y_stride + first;
-      for (int64_t r = 0; r < count; ++r) out[r] = bias != nullptr ? values[r] + bias[first + r] : values[r];
+      for (int i = 0; i < n; ++i) {
+        float* out = y + (m + i) * y_stride + first;
+        const float* row_values = values + i * kTileRows;
+        for (int64_t r = 0; r < count; ++r) out[r] = bias != nullptr ? row_values[r] + bias[first + r] : row_values[r];
+      }
+      m += n;
     }
   }
 }
