@@ -1,4 +1,4 @@
-"""Small GGUF files for tests: a two-layer model of a family (Llama, Qwen2, Qwen3, Gemma 2/3) with random weights
+"""Small GGUF files for tests: a two-layer model of a family (Llama, Qwen2, Qwen3, Gemma 2/3, Phi-3) with random weights
 stored in the GGUF types a test names, and the embedded model's tokenizer (copied from its file's metadata), written
 with the `gguf` package's own writer; `Shape` makes bigger ones."""
 
@@ -80,9 +80,13 @@ class Shape:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def roles(self) -> dict[str, tuple[int, int]]:
-        """Every linear weight of a layer, as [rows, columns] of the Hugging Face weight."""
+    def roles(self, fused: bool = False) -> dict[str, tuple[int, int]]:
+        """Every linear weight of a layer, as [rows, columns] of the Hugging Face weight; `fused`: Phi-3's, with
+        query, key and value in one tensor (attn_qkv) and gate and up in another (ffn_up, twice the rows)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if fused:
+            return {"attn_qkv": (q + 2 * kv, self.hidden), "attn_output": (self.hidden, q),
+                    "ffn_up": (2 * self.ffn, self.hidden), "ffn_down": (self.hidden, self.ffn)}
         return {"attn_q": (q, self.hidden), "attn_k": (kv, self.hidden), "attn_v": (kv, self.hidden),
                 "attn_output": (self.hidden, q), "ffn_gate": (self.ffn, self.hidden),
                 "ffn_up": (self.ffn, self.hidden), "ffn_down": (self.hidden, self.ffn)}
@@ -96,6 +100,7 @@ FAMILIES = {
     "qwen3": {"norms": ("attn_q_norm", "attn_k_norm"), "qkv_bias": False},
     "gemma2": {"norms": ("post_attention_norm", "post_ffw_norm"), "qkv_bias": False},
     "gemma3": {"norms": ("post_attention_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm"), "qkv_bias": False},
+    "phi3": {"norms": (), "qkv_bias": False, "fused": True},
 }
 
 
@@ -145,7 +150,7 @@ def write_tiny_gguf(path: Path, embedded_gguf: Path, types: dict[str, str], tied
 
     add("token_embd.weight", "token_embd", (vocab, shape.hidden), "Q8_0", 1.0)
     for layer in range(shape.layers):
-        for role, size in shape.roles().items():
+        for role, size in shape.roles(family.get("fused", False)).items():
             add(f"blk.{layer}.{role}.weight", role, size, "Q4_1", size[1] ** -0.5)
             if family["qkv_bias"] and role in ("attn_q", "attn_k", "attn_v"):
                 writer.add_tensor(f"blk.{layer}.{role}.bias", (0.1 * rng.standard_normal(size[0])).astype(np.float32))

@@ -17,8 +17,8 @@ For each file and each of `--repeats` rounds, one after another:
     llama.cpp decode     llama-bench -t 2 -p 0 -n TOKENS (and its peak memory)
     llama.cpp prefill    llama-bench -t 2 -p PROMPT -n 0
     llama.cpp start      llama-simple -n 1: a new process's load and first token, wall time
-    d3 start             d3 generate -n 1: the same for d3 (its packed tiles mapped from d3's cache after the first
-                         run, core/tile_cache.py)
+    d3 start             d3 generate -n 1 --no-chat: the same for d3, the same prompt text (its packed tiles mapped
+                         from d3's cache after the first run, core/tile_cache.py)
 
 The files are written by write_shaped_gguf.py beside this script (random weights: fine for time and memory, never
 for quality). Results are printed as JSON, one object per measurement.
@@ -78,7 +78,7 @@ def llama_bench(binaries: Path, file: Path, arguments: list[str]) -> dict:
 
 def d3_start(file: Path) -> dict:
     _, wall, peak = timed([str(Path(sys.executable).parent / "d3"), "generate", "--model", str(file), "-n", "1",
-                           PROMPT])
+                           "--no-chat", PROMPT])  # the prompt as llama-simple takes it: no chat template
     return {"process_wall_s": round(wall, 2), "peak_memory_bytes": peak}
 
 
