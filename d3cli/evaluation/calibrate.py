@@ -101,9 +101,10 @@ def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
 
 
 class CorpusCheckpoint:
-    """The corpus stage's finished batches, kept in d3's cache as they are made, so that a calibration interrupted
-    (Ctrl-C, a crash, a time limit) goes on where it stopped: keyed by the model and every option the replies depend
-    on, removed once the calibration is written."""
+    """The corpus stage's finished batches, kept in d3's cache as they are made, and the profile stage's layer
+    profile once measured, so that a calibration interrupted (Ctrl-C, a crash) goes on where it stopped: keyed by the
+    model and every option the replies depend on, removed once the calibration is written. (The bridges and schedule
+    stages start again.)"""
 
     def __init__(self, identity: dict, options: CalibrationOptions):
         import hashlib
@@ -130,8 +131,31 @@ class CorpusCheckpoint:
         found = self.batches.get(start)
         return None if found is None else [ScoringText(name, tuple(ids), tuple(reply)) for name, ids, reply in found]
 
+    def profile_path(self, texts: int) -> Path:
+        """Where the profile stage's layer profile of `texts` replies is kept (it depends on the replies too)."""
+        return self.path.with_name(f"{self.path.stem}-profile-{texts}.json")
+
+    def profile(self, texts: int):
+        """The layer profile an interrupted run measured on the first `texts`-reply sample, or None."""
+        from d3cli.core.errors import UserError
+        from d3cli.core.layer_profile import load_profile
+
+        path = self.profile_path(texts)
+        if not path.is_file():
+            return None
+        try:
+            return load_profile(path)
+        except UserError:
+            return None
+
+    def save_profile(self, profile, texts: int) -> None:
+        self.profile_path(texts).parent.mkdir(parents=True, exist_ok=True)
+        profile.save(self.profile_path(texts))
+
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        for kept in self.path.parent.glob(f"{self.path.stem}-profile-*.json"):
+            kept.unlink(missing_ok=True)
 
 
 def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: CalibrationOptions,
@@ -363,8 +387,11 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
 
     started = time.perf_counter()
     profile_texts = texts[:: max(1, len(texts) // options.profile_texts)][:options.profile_texts]
-    on_stage("profile", sum(1 for text in profile_texts if text.steps > LATE_FROM))
-    profile = measure_layer_profile(loaded, profile_texts, progress)
+    profile = checkpoint.profile(len(profile_texts))  # measured by a run interrupted after this stage
+    on_stage("profile", 0 if profile is not None else sum(1 for text in profile_texts if text.steps > LATE_FROM))
+    if profile is None:
+        profile = measure_layer_profile(loaded, profile_texts, progress)
+        checkpoint.save_profile(profile, len(profile_texts))
     seconds["profile"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -162,3 +162,34 @@ def test_a_time_limit_below_the_smallest_calibration_is_one_line_naming_what_wou
     with pytest.raises(UserError, match=r"--time-limit 60 s: even the smallest calibration \(8 prompts, 4 profile "
                                         r"texts, 4 schedule prompts\) takes about \d+ min here: give at least"):
         within_time(StepCosts(**COSTS), CalibrationOptions(), 60)
+
+
+def test_an_interruption_after_the_layer_profile_keeps_it(tiny_model_dir, monkeypatch, tmp_path):
+    from d3cli.core.loader import load, model_identity
+    from d3cli.evaluation import calibrate as calibration
+
+    loaded = load(str(tiny_model_dir))
+    options = calibration.CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
+                                             tail=1, schedule_prompts=2, schedule_tokens=12)
+    measured = []
+    real_profile = calibration.measure_layer_profile
+
+    def counting(*args, **kwargs):
+        measured.append(1)
+        return real_profile(*args, **kwargs)
+
+    def interrupt_in_the_bridges(stage, amount):
+        if stage == "bridges":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "measure_layer_profile", counting)
+    output = tmp_path / "made.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        calibration.calibrate(loaded, options, output, interrupt_in_the_bridges)
+    checkpoint = calibration.CorpusCheckpoint(model_identity(loaded), options)
+    assert measured == [1] and checkpoint.profile(2) is not None
+    kept = checkpoint.profile(2).as_dict()["layers"]
+    calibration.calibrate(loaded, options, output, lambda stage, amount: None)
+    assert measured == [1]  # the profile was not measured again: the kept one went into the calibration
+    assert read_calibration(str(output)).profile.as_dict()["layers"] == kept
+    assert checkpoint.profile(2) is None and not checkpoint.path.exists()  # removed once written
