@@ -103,8 +103,8 @@ def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
 class CorpusCheckpoint:
     """The corpus stage's finished batches, kept in d3's cache as they are made, and the profile stage's layer
     profile once measured, so that a calibration interrupted (Ctrl-C, a crash) goes on where it stopped: keyed by the
-    model and every option the replies depend on, removed once the calibration is written. (The bridges and schedule
-    stages start again.)"""
+    model and every option the replies depend on, removed once the calibration is written. The bridges are kept too,
+    once fitted (a calibration file without a schedule); only the schedule stage starts again."""
 
     def __init__(self, identity: dict, options: CalibrationOptions):
         import hashlib
@@ -152,9 +152,38 @@ class CorpusCheckpoint:
         self.profile_path(texts).parent.mkdir(parents=True, exist_ok=True)
         profile.save(self.profile_path(texts))
 
+    def bridges_path(self, fit: dict) -> Path:
+        """Where the bridges stage's bridges are kept, keyed by everything they depend on beyond the replies."""
+        import hashlib
+
+        key = json.dumps({name: fit[name] for name in ("ridge", "rank", "head", "tail", "fewest_layers",
+                                                       "profile_texts", "drop_order", "runs")}, sort_keys=True)
+        return self.path.with_name(f"{self.path.stem}-bridges-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+                                   ".safetensors")
+
+    def bridges(self, fit: dict):
+        """(bridges, tokens) an interrupted run fitted with `fit`'s order and options, or None."""
+        from d3cli.core.errors import UserError
+        from d3cli.core.model_calibration import read_calibration
+
+        path = self.bridges_path(fit)
+        if not path.is_file():
+            return None
+        try:
+            kept = read_calibration(path)
+        except UserError:
+            return None
+        return list(kept.bridges.values()), int(kept.fit["tokens"])
+
+    def save_bridges(self, identity: dict, profile, bridges, fit: dict) -> None:
+        from d3cli.core.model_calibration import write_calibration
+
+        write_calibration(self.bridges_path(fit), identity, profile, bridges, fit)
+
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        for kept in self.path.parent.glob(f"{self.path.stem}-profile-*.json"):
+        for kept in [*self.path.parent.glob(f"{self.path.stem}-profile-*.json"),
+                     *self.path.parent.glob(f"{self.path.stem}-bridges-*.safetensors")]:
             kept.unlink(missing_ok=True)
 
 
@@ -398,14 +427,20 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
     flex = list(range(options.head, num_layers - options.tail))
     drop_order = importance_order(profile)(flex)
     runs = list(runs_of_drop_order(num_layers, drop_order, fewest))
-    on_stage("bridges", len(texts))
-    bridges, tokens = fit_bridges(loaded.model, texts, runs, options, progress)
+    fit = {**asdict(options), "fewest_layers": fewest, "corpus": "d3 built-in prompts, the model's own greedy replies",
+           "texts": len(texts), "skip_order": "importance", "drop_order": list(drop_order),
+           "runs": [list(run) for run in runs]}
+    kept = checkpoint.bridges(fit)  # fitted by a run interrupted in the schedule stage
+    on_stage("bridges", 0 if kept is not None else len(texts))
+    if kept is not None:
+        bridges, tokens = kept
+    else:
+        bridges, tokens = fit_bridges(loaded.model, texts, runs, options, progress)
+        checkpoint.save_bridges(identity, profile, bridges, {**fit, "tokens": tokens})
+    fit["tokens"] = tokens
     seconds["bridges"] = time.perf_counter() - started
 
     path = Path(output) if output is not None else cache_path(identity)
-    fit = {**asdict(options), "fewest_layers": fewest, "corpus": "d3 built-in prompts, the model's own greedy replies",
-           "texts": len(texts), "tokens": tokens, "skip_order": "importance", "drop_order": list(drop_order),
-           "runs": [list(run) for run in runs]}
     calibration = ModelCalibration(path=path, model=identity, profile=profile, fit=fit,
                                    bridges=Bridges(bridges, str(path)))
     choice = choose_stage(loaded, calibration, options, progress, on_stage, seconds)

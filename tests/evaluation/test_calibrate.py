@@ -193,3 +193,34 @@ def test_an_interruption_after_the_layer_profile_keeps_it(tiny_model_dir, monkey
     assert measured == [1]  # the profile was not measured again: the kept one went into the calibration
     assert read_calibration(str(output)).profile.as_dict()["layers"] == kept
     assert checkpoint.profile(2) is None and not checkpoint.path.exists()  # removed once written
+
+
+def test_an_interruption_in_the_schedule_stage_keeps_the_bridges(tiny_model_dir, monkeypatch, tmp_path):
+    from d3cli.core.loader import load, model_identity
+    from d3cli.evaluation import calibrate as calibration
+
+    loaded = load(str(tiny_model_dir))
+    options = calibration.CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
+                                             tail=1, schedule_prompts=2, schedule_tokens=12)
+    fitted = []
+    real_fit = calibration.fit_bridges
+
+    def counting(*args, **kwargs):
+        fitted.append(1)
+        return real_fit(*args, **kwargs)
+
+    def interrupt_in_the_schedule(stage, amount):
+        if stage == "schedule":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "fit_bridges", counting)
+    output = tmp_path / "made.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        calibration.calibrate(loaded, options, output, interrupt_in_the_schedule)
+    checkpoint = calibration.CorpusCheckpoint(model_identity(loaded), options)
+    assert fitted == [1] and len(list(checkpoint.path.parent.glob(f"{checkpoint.path.stem}-bridges-*"))) == 1
+    result = calibration.calibrate(loaded, options, output, lambda stage, amount: None)
+    assert fitted == [1]  # the bridges were not fitted again
+    made = read_calibration(str(output))
+    assert set(made.bridges) == {tuple(run) for run in result.runs} and made.fit["tokens"] == result.tokens > 0
+    assert not list(checkpoint.path.parent.glob(f"{checkpoint.path.stem}-*"))  # removed once written
