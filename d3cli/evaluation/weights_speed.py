@@ -6,7 +6,7 @@ bandwidth ÷ bytes per step; the limit stands beside every figure. The memory ba
 several sums over a buffer far larger than the caches). The sides (each weight kind at full depth and with the
 schedule, llama.cpp) take turns within every round and each step's time is its median over the rounds, so this
 VM's drifting speed moves every side alike. llama.cpp is optional (the `llama_cpp` module of the
-llama-cpp-python package, when installed); d3 never needs it.
+llama-cpp-python package, else a `llama-bench` binary of a llama.cpp build); d3 never needs it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -64,14 +65,45 @@ class LlamaCpp:
         return durations
 
 
-def llama_cpp_side(gguf_path: str | None, threads: int, context: int) -> tuple[LlamaCpp | None, str]:
-    """llama.cpp on the model's GGUF file when both exist, else None and why not."""
+class LlamaBench:
+    """llama.cpp's own `llama-bench` binary decoding a GGUF file: where llama-cpp-python is not installed but a
+    llama.cpp build is (D3_LLAMA_BENCH names the binary, else `llama-bench` on PATH). It times a whole run of N tokens
+    after a context as long as the prompt (`-d`), so each step is its mean: the sum over the steps is llama.cpp's."""
+
+    def __init__(self, binary: str, gguf_path: str, threads: int):
+        self.binary, self.gguf_path, self.threads = binary, gguf_path, threads
+        self.version = "llama-bench"
+
+    def decode_seconds(self, prompt_ids: Sequence[int], tokens: int) -> list[float]:
+        import json
+        import subprocess
+
+        command = [self.binary, "-m", self.gguf_path, "-t", str(self.threads), "-p", "0", "-n", str(tokens - 1),
+                   "-d", str(len(prompt_ids)), "-r", "1", "-o", "json"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama-bench failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        row = json.loads(done.stdout)[0]
+        self.version = f"llama-bench build {row.get('build_number', '?')} ({row.get('build_commit', '?')})"
+        return [1.0 / float(row["avg_ts"])] * (tokens - 1)
+
+
+def llama_cpp_side(gguf_path: str | None, threads: int, context: int) -> tuple[LlamaCpp | LlamaBench | None, str]:
+    """llama.cpp on the model's GGUF file when both exist (llama-cpp-python, else a llama-bench binary), else None
+    and why not."""
+    import os
+    import shutil
+
     if gguf_path is None:
         return None, "the model is not a GGUF file"
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return None, "llama-cpp-python is not installed (pip install llama-cpp-python builds it in ~10 min)"
+        binary = os.environ.get("D3_LLAMA_BENCH") or shutil.which("llama-bench")
+        if binary and Path(binary).is_file():
+            return LlamaBench(binary, gguf_path, threads), ""
+        return None, ("neither llama-cpp-python (pip install llama-cpp-python builds it in ~10 min) nor a llama-bench "
+                      "binary (on PATH, or D3_LLAMA_BENCH) is installed")
     return LlamaCpp(gguf_path, threads, context), ""
 
 

@@ -182,3 +182,30 @@ def test_the_speed_bench_skips_a_weight_kind_that_does_not_fit_and_says_why(cli,
     assert list(report["skipped_weight_kinds"]) == ["float32"]
     assert "needs about" in report["skipped_weight_kinds"]["float32"]
     assert {row["weights"] for row in report["weight_kinds"]} >= {"int8", "int4"}
+
+
+def test_without_llama_cpp_python_a_llama_bench_binary_times_llama_cpp(tmp_path, monkeypatch):
+    """A llama.cpp build's llama-bench stands in for llama-cpp-python: asked for N − 1 decode steps after a context
+    as long as the prompt, its mean step time for each step; absent both, the reason names both."""
+    import sys as system
+
+    from d3cli.evaluation import weights_speed
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!" + system.executable + "\nimport json, sys\nopen(sys.argv[0] + '.args', 'w').write("
+                    "' '.join(sys.argv[1:]))\nprint(json.dumps([{'avg_ts': 50.0, 'build_number': 7, "
+                    "'build_commit': 'abc'}]))\n")
+    fake.chmod(0o755)
+    monkeypatch.setitem(system.modules, "llama_cpp", None)  # `import llama_cpp` fails
+    monkeypatch.setenv("D3_LLAMA_BENCH", str(fake))
+    side, why = weights_speed.llama_cpp_side("model.gguf", 2, 64)
+    assert why == "" and isinstance(side, weights_speed.LlamaBench)
+    assert side.decode_seconds([1] * 12, 9) == [0.02] * 8
+    args = (tmp_path / "llama-bench.args").read_text().split()
+    assert args[args.index("-d") + 1] == "12" and args[args.index("-n") + 1] == "8"
+    assert args[args.index("-m") + 1] == "model.gguf" and args[args.index("-t") + 1] == "2"
+    assert side.version == "llama-bench build 7 (abc)"
+    monkeypatch.delenv("D3_LLAMA_BENCH")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    side, why = weights_speed.llama_cpp_side("model.gguf", 2, 64)
+    assert side is None and "llama-cpp-python" in why and "llama-bench" in why
