@@ -170,11 +170,11 @@ def gguf_step_bytes(gguf_path: str) -> float:
     one row a step), counting the embedding once more when it is also the output layer (tied)."""
     from d3cli.core.gguf_blocks import read_gguf
 
-    _, tensors = read_gguf(gguf_path)
+    tensors = read_gguf(Path(gguf_path)).tensors
     names = {tensor.name for tensor in tensors}
     total = 0
     for tensor in tensors:
-        size = tensor.data.nbytes
+        size = tensor.nbytes
         if tensor.name == "token_embd.weight":
             total += size if "output.weight" not in names else 0
         else:

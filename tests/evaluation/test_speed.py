@@ -209,3 +209,14 @@ def test_without_llama_cpp_python_a_llama_bench_binary_times_llama_cpp(tmp_path,
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     side, why = weights_speed.llama_cpp_side("model.gguf", 2, 64)
     assert side is None and "llama-cpp-python" in why and "llama-bench" in why
+
+
+def test_llama_cpps_step_bytes_are_its_files_tensors_but_the_embedding_rows(mixed_gguf):
+    from d3cli.core.gguf_blocks import read_gguf
+    from d3cli.evaluation import weights_speed
+
+    tensors = read_gguf(mixed_gguf).tensors
+    embedding = next(tensor.nbytes for tensor in tensors if tensor.name == "token_embd.weight")
+    tied = "output.weight" not in {tensor.name for tensor in tensors}
+    expected = sum(tensor.nbytes for tensor in tensors) - (0 if tied else embedding)
+    assert weights_speed.gguf_step_bytes(str(mixed_gguf)) == expected
