@@ -8,8 +8,9 @@ memory-mapped: the kernel writes them back to disk in the background, and the mo
 runs of the same file (same path, size and modification time) with the same kernels (their tile layout and packing
 sources) map that file. The file is written under a temporary name and renamed into place with its index last, so
 an interrupted run leaves nothing a later one would read; one set of tiles is kept a model (writing one removes the
-others). D3_TILE_CACHE=off turns it off; it is skipped, with one line, where the disk has not twice the GGUF file's
-size free.
+others). The pages are not flushed by d3: tiles written in another boot of the machine are packed again (a crash
+before the kernel wrote them back could have left zeros). D3_TILE_CACHE=off turns it off; it is skipped, with one
+line, where the disk has not twice the GGUF file's size free.
 
     file   models/<model>/tiles-<key>.bin: every weight's tiles, scales and offsets, each at a page boundary
     index  models/<model>/tiles-<key>.json: name of the stacked weights -> kind, rows, columns and, for the tiles,
@@ -33,6 +34,19 @@ SWITCH = "D3_TILE_CACHE"
 FORMAT = 1
 PAGE = mmap.ALLOCATIONGRANULARITY
 DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
+
+
+BOOT = "__boot__"  # the index's record of the boot it was written in
+
+
+def boot_id() -> str:
+    """This boot of the machine. The tiles are never flushed by d3 (the kernel writes them back within about 30 s):
+    an index written in another boot is not trusted, as a crash before writeback may have left pages of zeros; the
+    first run after a reboot packs and writes them again."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def enabled() -> bool:
@@ -70,11 +84,14 @@ class TileCache:
         self.skipped = ""  # why the tiles are not kept, once that is known
         if self.index_path.is_file() and self.data.is_file():
             try:
-                self.index = json.loads(self.index_path.read_text())
-                self.mapped = np.memmap(self.data, dtype=np.uint8, mode="c")
-            except (OSError, ValueError):
-                self.index, self.mapped = {}, None
-            return
+                index = json.loads(self.index_path.read_text())
+                if index.pop(BOOT, None) == boot_id():  # written back by now: its pages reached the disk
+                    self.index = index
+                    self.mapped = np.memmap(self.data, dtype=np.uint8, mode="c")
+                    return
+            except (OSError, ValueError, AttributeError):
+                pass
+            self.index, self.mapped = {}, None
         free = shutil.disk_usage(folder).free
         needed = 2 * gguf_path.stat().st_size
         if free < needed:
@@ -153,7 +170,7 @@ class TileCache:
         try:
             os.replace(self.staging, self.data)
             staging_index = self.index_path.with_name(f"{self.index_path.name}.{os.getpid()}.partial")
-            staging_index.write_text(json.dumps(self.index))
+            staging_index.write_text(json.dumps({BOOT: boot_id(), **self.index}))
             os.replace(staging_index, self.index_path)
         except OSError as error:
             self.abandon()

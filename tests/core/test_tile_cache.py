@@ -108,3 +108,25 @@ def test_a_staging_file_of_a_killed_process_is_removed(gguf, tmp_path):
     os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))  # a new key: tiles written again
     loader.load(str(gguf))
     assert not stale.exists() and len(tile_files(gguf)) == 2
+
+
+def test_tiles_written_in_another_boot_are_packed_again(gguf, monkeypatch):
+    from d3cli.core import tile_cache
+
+    loader.load(str(gguf))
+    packed = []
+    real = gguf_tiles.pack_joined
+
+    def counting(*args, **kwargs):
+        packed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_tiles, "pack_joined", counting)
+    loader.load(str(gguf))
+    assert not packed  # the same boot: mapped
+    monkeypatch.setattr(tile_cache, "boot_id", lambda: "another boot")
+    loader.load(str(gguf))
+    assert packed and len(tile_files(gguf)) == 2  # packed and written again, for this boot
+    packed.clear()
+    loader.load(str(gguf))
+    assert not packed
