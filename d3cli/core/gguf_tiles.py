@@ -89,7 +89,8 @@ def pack_gguf(raw: np.ndarray, type_name: str, rows: int, columns: int, tile_row
 def pack_gguf_numpy(raw: np.ndarray, type_name: str, rows: int, columns: int, tile_rows: int,
                     unsigned: bool, centred: bool = True) -> PackedTiles:
     """`pack_gguf` in numpy (where d3's kernels are not loaded; the reference the kernel is tested against).
-    `centred`: Q4_0 without offsets (the kernels take w = (q − 8)·d), else with offsets −8d like the other types."""
+    `centred`: Q4_0 without offsets (the kernels take w = (q − 8)·d), else with offsets −8d like the other
+    types."""
     if type_name not in NUMPY_TYPES:
         raise ValueError(f"{type_name} is packed by d3's kernels only")
     kind, block_bytes, _ = PACKED_TYPES[type_name]

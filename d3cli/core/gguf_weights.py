@@ -3,8 +3,9 @@
 The model is built without weights (its parameters on the meta device), then each tensor is read from the file when
 its module is built (weights.apply_weights goes one decoder layer at a time and releases what it read):
 
-    a linear weight of an exact type   its bytes (Q4_0/Q4_1/Q4_K, Q8_0; rows reordered as transformers' tensor
-                                       processor reorders them), packed straight into d3's tiles (gguf_tiles.py)
+    a linear weight of a stored type   its bytes (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K; rows reordered as transformers'
+                                       tensor processor reorders them), packed straight into d3's tiles
+                                       (gguf_tiles.py), or mapped from the tiles a first run kept (tile_cache.py)
     the embedding table                its bytes, memory-mapped: a lookup dequantizes only the rows it reads
     anything else                      that tensor alone dequantized (the gguf package's dequantization, then
                                        transformers' tensor processor: exactly what transformers' GGUF loader
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from d3cli import kernels
+from d3cli.core import tile_cache
 from d3cli.core.errors import UserError
 from d3cli.core.gguf_blocks import (
     FLOAT_TYPES,
@@ -34,8 +37,6 @@ from d3cli.core.gguf_blocks import (
 )
 from d3cli.core.gguf_tiles import PACKED_TYPES, GGUFBlocks
 from d3cli.core.quantized import BlockInt8Embedding, QuantizedEmbedding
-from d3cli import kernels
-from d3cli.core import tile_cache
 from d3cli.core.streamed import return_freed_memory
 from d3cli.core.weights import ModelWeights, _embed_scale
 
@@ -167,8 +168,6 @@ class GGUFWeights(ModelWeights):
     def release(self) -> None:
         self._read.clear()
         return_freed_memory()
-
-
 
 
 def dequantized(raw: np.ndarray, qtype) -> torch.Tensor:

@@ -10,8 +10,9 @@ Two stored kinds:
 GGUF's Q4_0, Q4_1 and Q4_K store exactly the int4 form (blocks of 32 with a scale and a minimum), so a GGUF file
 runs in its own precision; Q8_0 keeps its blocks, for embedding lookups (`BlockInt8Embedding`) and products
 (`BlockInt8Linear`). On d3's kernels every GGUF type goes from the file into the kernels' tiles as stored
-(gguf_tiles.py), the 5- and 6-bit ones (Q5_0, Q5_1, Q5_K, Q6_K) too (`StoredLinear`: int5, int6). A float weight is quantized on load: int4 by each group's minimum and maximum (as torchao's
-and gpt-fast's int4 weight-only quantization do), int8 by each row's largest magnitude.
+(gguf_tiles.py), the 5- and 6-bit ones (Q5_0, Q5_1, Q5_K, Q6_K) too (`StoredLinear`: int5, int6). A float weight
+is quantized on load: int4 by each group's minimum and maximum (as torchao's and gpt-fast's int4 weight-only
+quantization do), int8 by each row's largest magnitude.
 
 Each layer runs on d3's own kernels (d3cli/kernels: the weights packed in tiles, activations quantized to int8 per
 block of 32 as llama.cpp does, float32 activations otherwise) when they could be built on this machine, else on

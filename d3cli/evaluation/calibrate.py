@@ -100,11 +100,11 @@ def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-class CorpusCheckpoint:
-    """The corpus stage's finished batches, kept in d3's cache as they are made, and the profile stage's layer
-    profile once measured, so that a calibration interrupted (Ctrl-C, a crash) goes on where it stopped: keyed by the
-    model and every option the replies depend on, removed once the calibration is written. The bridges are kept too,
-    once fitted (a calibration file without a schedule); only the schedule stage starts again."""
+class CalibrationCheckpoint:
+    """What an unfinished calibration made, kept in d3's cache so that one interrupted (Ctrl-C, a crash) goes on
+    where it stopped: the corpus stage's batches as they are made, the layer profile once measured, and the bridges
+    once fitted (a calibration file without a schedule). Keyed by the model and every option they depend on, and
+    removed once the calibration is written; only an unfinished stage is done again."""
 
     def __init__(self, identity: dict, options: CalibrationOptions):
         import hashlib
@@ -188,7 +188,7 @@ class CorpusCheckpoint:
 
 
 def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: CalibrationOptions,
-                    progress: Progress, checkpoint: CorpusCheckpoint | None = None) -> list[ScoringText]:
+                    progress: Progress, checkpoint: CalibrationCheckpoint | None = None) -> list[ScoringText]:
     """The model's greedy full-depth reply to each prompt (batched), as prompt + continuation; batches the
     `checkpoint` holds are taken from it, and each new one is added to it."""
     from d3cli.core.engine import decode
@@ -330,11 +330,6 @@ def estimate_from(costs: StepCosts, options: CalibrationOptions, schedule_only: 
     }
 
 
-def estimate_seconds(loaded, options: CalibrationOptions, schedule_only: bool = False) -> dict[str, float]:
-    """About how long each stage takes on this machine (`estimate_from` the costs measured now)."""
-    return estimate_from(measure_costs(loaded, options), options, schedule_only)
-
-
 SMALLEST = {"prompts": 8, "profile_texts": 4, "schedule_prompts": 4}  # below these a calibration says little
 TIME_LIMITED = {"prompts": "prompts the bridges are fitted on", "profile_texts": "replies the layer profile is "
                 "measured on", "schedule_prompts": "held-out prompts the schedule is chosen on"}
@@ -410,7 +405,7 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
 
     started = time.perf_counter()
     on_stage("corpus", len(prompts) * options.reply_tokens)
-    checkpoint = CorpusCheckpoint(identity, options)
+    checkpoint = CalibrationCheckpoint(identity, options)
     texts = generate_corpus(loaded, prompts, options, progress, checkpoint)
     seconds["corpus"] = time.perf_counter() - started
 

@@ -375,8 +375,8 @@ inline void tile_dot(const uint8_t* tile, const S* scale, const S* offset, int64
 }
 
 // out[n·kTileRows + r] = Σ_k w[r][k]·x[n][k] for the kTileRows rows of one tile of a k-quant (q4k, q5k, q6k) and N
-// rows of activations: per superblock s, d[s]·Σ_b sc[b]·Σ q·x − dmin[s]·Σ_b m[b]·Σ x (q6k: d[s]·Σ_h sc[h]·Σ (q −
-// 32)·x over halves of 16).
+// rows of activations: per superblock s, d[s]·Σ_b sc[b]·Σ q·x − dmin[s]·Σ_b m[b]·Σ x
+// (q6k: d[s]·Σ_h sc[h]·Σ (q − 32)·x over halves of 16).
 template <int64_t kKind, int N = 1>
 inline void tile_dot_k(const uint8_t* tile, const c10::Half* d, const c10::Half* dmin, int64_t supers,
                        const QuantizedRow* x, float* out) {

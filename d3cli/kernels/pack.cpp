@@ -8,8 +8,8 @@
 //   scale     blocks of 32: [tiles, blocks, tile_rows] float16 or float32, the block's d; k-quants: [tiles,
 //             superblocks, tile_rows] float16, the superblock's d
 //   offset    like scale: Q4_1/Q5_1's m, Q4_K/Q5_K's dmin; an empty tensor for Q8_0, Q6_K and centred Q4_0/Q5_0 (the
-//             kernels then take w = (q − 8)·d or (q − 16)·d; Q4_0 stacked with Q4_1 gets offsets −8d). Padding rows
-//             are 0.
+//             kernels then take w = (q − 8)·d or (q − 16)·d; Q4_0 stacked with Q4_1 gets offsets −8d).
+//             Padding rows are 0.
 //
 // The q8 tiles hold w + 128 when `unsigned`. The result says whether every scale and offset is exactly what the
 // file says (float16 holds them all; float32 is for float-quantized stacks).
@@ -111,8 +111,9 @@ bool pack_gguf_into(const at::Tensor& raw, int64_t type, int64_t tile_rows, bool
   TORCH_CHECK(raw.size(1) % bytes == 0, "pack_gguf_into: a row is not a whole number of blocks");
   const int64_t count = (rows + tile_rows - 1) / tile_rows, blocks = raw.size(1) / bytes * block_weights(type) / 32;
   const int64_t groups = k_quant(type) ? blocks / 8 : blocks;
-  const int64_t tile_bytes = k_quant(type) ? groups * (header_bytes(type, tile_rows) + 8 * tile_block_bytes(type, tile_rows))
-                                           : blocks * tile_block_bytes(type, tile_rows);
+  const int64_t block_size = tile_block_bytes(type, tile_rows);
+  const int64_t tile_bytes = k_quant(type) ? groups * (header_bytes(type, tile_rows) + 8 * block_size)
+                                           : blocks * block_size;
   TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 2 && tiles.size(0) == count &&
                   tiles.size(1) == tile_bytes,
               "pack_gguf_into: tiles must be contiguous uint8 [tiles, ", tile_bytes, "]");

@@ -34,6 +34,19 @@ def gguf(tmp_path, monkeypatch):
     return write_tiny_gguf(tmp_path / "exact.gguf", loader.embedded_gguf_path(), EXACT)
 
 
+@pytest.fixture
+def packs(monkeypatch) -> list:
+    """One entry per weight packed (gguf_tiles.pack_joined called) from now on: none when tiles are mapped."""
+    calls, real = [], gguf_tiles.pack_joined
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_tiles, "pack_joined", counting)
+    return calls
+
+
 def test_a_later_load_maps_the_tiles_the_first_one_packed(gguf, monkeypatch):
     first = loader.load(str(gguf))
     files = tile_files(gguf)
@@ -48,27 +61,20 @@ def test_a_later_load_maps_the_tiles_the_first_one_packed(gguf, monkeypatch):
     assert second.weights.step_bytes == first.weights.step_bytes
 
 
-def test_a_changed_file_or_the_cache_turned_off_packs_again(gguf, monkeypatch):
+def test_a_changed_file_or_the_cache_turned_off_packs_again(gguf, monkeypatch, packs):
     loader.load(str(gguf))
     before = tile_files(gguf)
     stat = gguf.stat()
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the same bytes, touched
-    packed = []
-    real = gguf_tiles.pack_joined
-
-    def counting(*args, **kwargs):
-        packed.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gguf_tiles, "pack_joined", counting)
+    packs.clear()
     loader.load(str(gguf))
     after = tile_files(gguf)
-    assert packed and len(after) == 2 and after != before  # the new file's tiles, the old ones removed
-    packed.clear()
+    assert packs and len(after) == 2 and after != before  # the new file's tiles, the old ones removed
+    packs.clear()
     monkeypatch.setenv("D3_TILE_CACHE", "off")
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
     loader.load(str(gguf))
-    assert packed and tile_files(gguf) == after  # packed, and nothing written
+    assert packs and tile_files(gguf) == after  # packed, and nothing written
 
 
 def test_without_room_on_the_disk_nothing_is_kept_and_one_line_says_so(gguf, monkeypatch, capsys):
@@ -110,23 +116,16 @@ def test_a_staging_file_of_a_killed_process_is_removed(gguf, tmp_path):
     assert not stale.exists() and len(tile_files(gguf)) == 2
 
 
-def test_tiles_written_in_another_boot_are_packed_again(gguf, monkeypatch):
+def test_tiles_written_in_another_boot_are_packed_again(gguf, monkeypatch, packs):
     from d3cli.core import tile_cache
 
     loader.load(str(gguf))
-    packed = []
-    real = gguf_tiles.pack_joined
-
-    def counting(*args, **kwargs):
-        packed.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gguf_tiles, "pack_joined", counting)
+    packs.clear()
     loader.load(str(gguf))
-    assert not packed  # the same boot: mapped
+    assert not packs  # the same boot: mapped
     monkeypatch.setattr(tile_cache, "boot_id", lambda: "another boot")
     loader.load(str(gguf))
-    assert packed and len(tile_files(gguf)) == 2  # packed and written again, for this boot
-    packed.clear()
+    assert packs and len(tile_files(gguf)) == 2  # packed and written again, for this boot
+    packs.clear()
     loader.load(str(gguf))
-    assert not packed
+    assert not packs

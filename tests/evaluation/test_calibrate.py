@@ -115,7 +115,7 @@ def test_an_interrupted_calibration_goes_on_where_its_replies_stopped(tiny_model
     output = tmp_path / "made.safetensors"
     with pytest.raises(KeyboardInterrupt):
         calibration.calibrate(loaded, options, output, interrupt_in_the_second_batch)
-    checkpoint = calibration.CorpusCheckpoint(model_identity(loaded), options)
+    checkpoint = calibration.CalibrationCheckpoint(model_identity(loaded), options)
     assert list(checkpoint.batches) == [0] and not output.exists()
     corpus_batches.clear()
     result = calibration.calibrate(loaded, options, output, lambda stage, amount: None)
@@ -164,63 +164,36 @@ def test_a_time_limit_below_the_smallest_calibration_is_one_line_naming_what_wou
         within_time(StepCosts(**COSTS), CalibrationOptions(), 60)
 
 
-def test_an_interruption_after_the_layer_profile_keeps_it(tiny_model_dir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("interrupted, kept", [("bridges", "measure_layer_profile"), ("schedule", "fit_bridges")])
+def test_an_interruption_keeps_every_finished_stage(tiny_model_dir, monkeypatch, tmp_path, interrupted, kept):
+    """Interrupted in the bridges stage, the layer profile is kept; in the schedule stage, the bridges too: the next
+    run does neither again, and its calibration holds what was kept."""
     from d3cli.core.loader import load, model_identity
     from d3cli.evaluation import calibrate as calibration
 
     loaded = load(str(tiny_model_dir))
     options = calibration.CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
                                              tail=1, schedule_prompts=2, schedule_tokens=12)
-    measured = []
-    real_profile = calibration.measure_layer_profile
+    calls, real = [], getattr(calibration, kept)
 
     def counting(*args, **kwargs):
-        measured.append(1)
-        return real_profile(*args, **kwargs)
+        calls.append(1)
+        return real(*args, **kwargs)
 
-    def interrupt_in_the_bridges(stage, amount):
-        if stage == "bridges":
+    def interrupt(stage, amount):
+        if stage == interrupted:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibration, "measure_layer_profile", counting)
+    monkeypatch.setattr(calibration, kept, counting)
     output = tmp_path / "made.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        calibration.calibrate(loaded, options, output, interrupt_in_the_bridges)
-    checkpoint = calibration.CorpusCheckpoint(model_identity(loaded), options)
-    assert measured == [1] and checkpoint.profile(2) is not None
-    kept = checkpoint.profile(2).as_dict()["layers"]
-    calibration.calibrate(loaded, options, output, lambda stage, amount: None)
-    assert measured == [1]  # the profile was not measured again: the kept one went into the calibration
-    assert read_calibration(str(output)).profile.as_dict()["layers"] == kept
-    assert checkpoint.profile(2) is None and not checkpoint.path.exists()  # removed once written
-
-
-def test_an_interruption_in_the_schedule_stage_keeps_the_bridges(tiny_model_dir, monkeypatch, tmp_path):
-    from d3cli.core.loader import load, model_identity
-    from d3cli.evaluation import calibrate as calibration
-
-    loaded = load(str(tiny_model_dir))
-    options = calibration.CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
-                                             tail=1, schedule_prompts=2, schedule_tokens=12)
-    fitted = []
-    real_fit = calibration.fit_bridges
-
-    def counting(*args, **kwargs):
-        fitted.append(1)
-        return real_fit(*args, **kwargs)
-
-    def interrupt_in_the_schedule(stage, amount):
-        if stage == "schedule":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(calibration, "fit_bridges", counting)
-    output = tmp_path / "made.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        calibration.calibrate(loaded, options, output, interrupt_in_the_schedule)
-    checkpoint = calibration.CorpusCheckpoint(model_identity(loaded), options)
-    assert fitted == [1] and len(list(checkpoint.path.parent.glob(f"{checkpoint.path.stem}-bridges-*"))) == 1
+        calibration.calibrate(loaded, options, output, interrupt)
+    checkpoint = calibration.CalibrationCheckpoint(model_identity(loaded), options)
+    profile = checkpoint.profile(2)
+    assert calls == [1] and profile is not None and not output.exists()
     result = calibration.calibrate(loaded, options, output, lambda stage, amount: None)
-    assert fitted == [1]  # the bridges were not fitted again
+    assert calls == [1]  # not done again
     made = read_calibration(str(output))
+    assert made.profile.as_dict()["layers"] == profile.as_dict()["layers"]
     assert set(made.bridges) == {tuple(run) for run in result.runs} and made.fit["tokens"] == result.tokens > 0
-    assert not list(checkpoint.path.parent.glob(f"{checkpoint.path.stem}-*"))  # removed once written
+    assert not list(checkpoint.path.parent.glob(f"{checkpoint.path.stem}*"))  # removed once written

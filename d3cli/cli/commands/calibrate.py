@@ -107,7 +107,7 @@ def calibrate(
     from d3cli.core.loader import model_identity
     from d3cli.evaluation.calibrate import (
         CalibrationOptions,
-        CorpusCheckpoint,
+        CalibrationCheckpoint,
         check_fits,
         choose_only,
         estimate_from,
@@ -142,7 +142,7 @@ def calibrate(
     estimate = estimate_from(costs, options, schedule_only)
     render.write_stderr_line(f"d3: {render.calibration_estimate_text(loaded.name, estimate)}")
     if not schedule_only:
-        made = len(CorpusCheckpoint(model_identity(loaded), options).batches)
+        made = len(CalibrationCheckpoint(model_identity(loaded), options).batches)
         if made:
             render.write_stderr_line(f"d3: calibrate: resuming: {made} batch{'es' if made > 1 else ''} of replies "
                                      "from an interrupted run are kept")
