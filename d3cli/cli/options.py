@@ -243,12 +243,13 @@ class ModelArgs(OptionGroup):
     weights: WeightsOption = "auto"
     group_size: GroupSizeOption = 32
 
-    def options(self):
-        """The loader's `ModelOptions` of these arguments."""
+    def options(self, lean: bool = False):
+        """The loader's `ModelOptions` of these arguments; `lean` for a command that only decodes (d3's own model
+        where a GGUF start was recorded: loader.ModelOptions.lean)."""
         from d3cli.core.loader import ModelOptions
 
         return ModelOptions(self.model, self.device, self.dtype, self.device_map, self.trust_remote_code,
-                            self.weights, self.group_size)
+                            self.weights, self.group_size, lean=lean)
 
 
 @dataclasses.dataclass(frozen=True)

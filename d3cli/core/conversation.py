@@ -17,7 +17,7 @@ from d3cli.core.loader import LoadedModel, context_length, num_decoder_layers
 from d3cli.core.prompts import encode_chat, has_chat_template
 from d3cli.core.results import Reply
 from d3cli.core.settings import DecodeSettings
-from d3cli.core.kv_cache import DepthDecayCache
+from d3cli.core.kv_buffers import ReservingCache, new_cache
 
 
 def common_prefix_length(first: list[int], second: list[int]) -> int:
@@ -44,7 +44,7 @@ class Conversation:
     settings: DecodeSettings
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
-    cache: DepthDecayCache | None = None
+    cache: ReservingCache | None = None
     cached_ids: list[int] = field(default_factory=list)  # the tokens at the positions the cache holds
 
     def __post_init__(self) -> None:
@@ -108,7 +108,7 @@ class Conversation:
         """
         plan = plan or self.plan(user_text)
         if self.cache is None or not self.cache.crop_to(plan.reused):
-            self.cache, plan.reused = DepthDecayCache(config=self.loaded.model.config), 0
+            self.cache, plan.reused = new_cache(self.loaded.model), 0
         try:
             (reply,) = engine.decode(self.loaded, [plan.token_ids[plan.reused:]], self.decode_plan(),
                                      on_event=on_event, cache=self.cache, past_length=plan.reused)

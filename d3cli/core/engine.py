@@ -30,7 +30,7 @@ from d3cli.core.detokenize import ReplyText
 from d3cli.core.results import Reply, ReplyCollector
 from d3cli.core.sampling import Sampler, greedy, make_sampler
 from d3cli.core.schedule import DecaySchedule
-from d3cli.core.kv_cache import DepthDecayCache
+from d3cli.core.kv_buffers import ReservingCache, new_cache
 from d3cli.core.native import native_decoder
 from d3cli.core.skipping import LayerSkipper
 
@@ -114,7 +114,7 @@ def synchronize(model: torch.nn.Module) -> None:
         torch.cuda.synchronize()
 
 
-def prefill(model, batch: PromptBatch, cache: DepthDecayCache) -> torch.Tensor:
+def prefill(model, batch: PromptBatch, cache: ReservingCache) -> torch.Tensor:
     """Run the whole prompt through every layer; return the next-token logits per row."""
     output = model(
         input_ids=batch.input_ids,
@@ -132,7 +132,7 @@ def decode_one_token(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    cache: DepthDecayCache,
+    cache: ReservingCache,
 ) -> torch.Tensor:
     """Run one new token per row through the layers that are currently kept; return the next-token logits. Without
     padding, a model whose layers run on d3's kernels takes its native step (native.py: the same logits, less
@@ -159,7 +159,7 @@ def generate_steps(
     max_new_tokens: int = 256,
     finished: torch.Tensor | None = None,
     pad_token_id: int = 0,
-    cache: DepthDecayCache | None = None,
+    cache: ReservingCache | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position, up to `max_new_tokens` or until every row is finished.
 
@@ -170,7 +170,7 @@ def generate_steps(
     if finished is None:
         finished = torch.zeros(batch.size, dtype=torch.bool, device=device)
     if cache is None:
-        cache = DepthDecayCache(config=model.config)
+        cache = new_cache(model)
     attention_mask = batch.attention_mask
     position_ids = batch.position_ids[:, -1:]
     next_input = None  # the tokens fed to the next step: each row's last token, or padding once it is finished
@@ -236,7 +236,7 @@ def stream_generate(
     max_new_tokens: int = 256,
     stop_strings: Sequence[str] = (),
     eos_ids: frozenset[int] | None = None,
-    cache: DepthDecayCache | None = None,
+    cache: ReservingCache | None = None,
     past_length: int = 0,
 ) -> Iterator[TokenEvent]:
     """Decode a batch of tokenized prompts with D3; yield a `TokenEvent` per generated token per row.
@@ -294,7 +294,7 @@ def generate(
     max_new_tokens: int = 256,
     stop_strings: Sequence[str] = (),
     on_event=None,
-    cache: DepthDecayCache | None = None,
+    cache: ReservingCache | None = None,
     past_length: int = 0,
 ) -> list[Reply]:
     """Decode the prompts and return one `Reply` per prompt; `on_event(event)` sees every token as it comes."""
@@ -321,7 +321,7 @@ def collect(events: Iterator[TokenEvent], rows: int, on_event=None) -> list[Repl
 
 
 def stream_decode(loaded, prompts: Sequence[Sequence[int]], plan, *, stop: Sequence[str] | None = None,
-                  seed: int | None = None, cache: DepthDecayCache | None = None,
+                  seed: int | None = None, cache: ReservingCache | None = None,
                   past_length: int = 0) -> Iterator[TokenEvent]:
     """The one decode entry point of every command: token-id prompts of `loaded` (a loader.LoadedModel) under `plan`
     (a plan.DecodePlan, from `plan.plan_for`): its schedule, its sampler (`seed` overrides its seed), its stop strings
@@ -336,7 +336,7 @@ def stream_decode(loaded, prompts: Sequence[Sequence[int]], plan, *, stop: Seque
 
 
 def decode(loaded, prompts: Sequence[Sequence[int]], plan, *, on_event=None, stop: Sequence[str] | None = None,
-           seed: int | None = None, cache: DepthDecayCache | None = None, past_length: int = 0) -> list[Reply]:
+           seed: int | None = None, cache: ReservingCache | None = None, past_length: int = 0) -> list[Reply]:
     """`stream_decode`, collected: one `Reply` per prompt; `on_event(event)` sees every token as it comes. On Ctrl-C
     `GenerationInterrupted` carries the partial replies."""
     events = stream_decode(loaded, prompts, plan, stop=stop, seed=seed, cache=cache, past_length=past_length)

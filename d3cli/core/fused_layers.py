@@ -23,8 +23,9 @@ from torch import nn
 
 from d3cli.core.native import native_layer
 
-SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
-SUPPORTED_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                    "D3DecoderLayer")  # the last: d3_model.py's
+SUPPORTED_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "D3RMSNorm")
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
@@ -108,12 +109,20 @@ class FusedDecoderLayer(nn.Module):
         self.qkv, self.gate_up = nn.ModuleList(qkv), nn.ModuleList(gate_up)
         self.o_proj, self.down_proj = o_proj, down_proj
         self.act_fn = mlp.act_fn
-        self.attend = _attention_function(config)
+        self._attend = None  # transformers' attention function, found at the first call that needs it
         # transformers' sdpa path hands a single query to torch with enable_gqa, 2-3x slower on the CPU than the same
         # attention with the query heads grouped under their key/value head (what it does itself when masked)
         self.packs_queries = config._attn_implementation == "sdpa" and self.num_key_value_groups > 1
         self.native = native_layer(self)  # the whole layer as one call of d3's kernel, where it can be
         self.eval()
+
+    @property
+    def attend(self):
+        """transformers' attention function for the config: imported only by a forward the kernel does not take
+        (a whole native model never imports transformers' modelling code)."""
+        if self._attend is None:
+            self._attend = _attention_function(self.config)
+        return self._attend
 
     @staticmethod
     def _project(parts: nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,8 @@ def read_gguf(path: Path) -> GGUFHeader:
                 element_type, count = unpack("IQ")
                 if element_type in _FIXED_SIZES:
                     handle.seek(count * _FIXED_SIZES[element_type], 1)
+                elif element_type == _STRING:  # a tokenizer's strings: their lengths walked in a mapping
+                    handle.seek(_skip_strings(path, handle.tell(), count, size))
                 else:
                     for _ in range(count):
                         skip(element_type)
@@ -231,6 +233,21 @@ def read_gguf(path: Path) -> GGUFHeader:
         tensors.append(TensorInfo(name, qtype.name, rows, columns, data, tuple(int(d) for d in reversed(shape)),
                                   str(path), begin, end - begin))
     return GGUFHeader(strings, tensors, start)
+
+
+def _skip_strings(path: Path, position: int, count: int, size: int) -> int:
+    """Where `count` GGUF strings (a length, then its bytes) starting at `position` end."""
+    import mmap
+
+    length_of = struct.Struct("<Q").unpack_from
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        for _ in range(count):
+            if position + 8 > size:
+                raise ValueError(f"{path} is cut short inside its header")
+            position += 8 + length_of(mapped, position)[0]
+    if position > size:
+        raise ValueError(f"{path} is cut short inside its header")
+    return position
 
 
 def header_digest(path: Path, header: GGUFHeader) -> str:

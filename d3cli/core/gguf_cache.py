@@ -99,6 +99,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> tuple[dict[str, str], dict[
 
     from d3cli.core.streamed import empty_model
 
+    from d3cli.core.loader import quiet_transformers
+
+    quiet_transformers()
     folder, name = str(gguf_path.parent), gguf_path.name
     header = read_header(gguf_path)
     if sys.stderr.isatty():

@@ -18,15 +18,17 @@ own reading of the same files.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
 from d3cli import kernels
-from d3cli.core import tile_cache
+from d3cli.core import d3_record, tile_cache
 from d3cli.core.errors import UserError
 from d3cli.core.gguf_blocks import (
     FLOAT_TYPES,
@@ -219,22 +221,61 @@ def load_gguf(gguf_path: Path, folder: Path, header: GGUFHeader, choice, device,
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from d3cli.core.gguf_cache import gguf_names, tensor_processor
-    from d3cli.core.streamed import empty_model, fill_model
+    from d3cli.core.streamed import empty_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     model = empty_model(config)
     source = GGUFWeights(header, gguf_names(folder), tensor_processor(
         header.strings.get("general.architecture", ""), config))
+    report = _fill(model, source, gguf_path, folder, choice, fuse, progress)
+    model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    if d3_record.read(folder) is None:  # what a later start needs to skip transformers
+        d3_record.write(folder, model, tokenizer, header, source.names, source.processor)
+    return model.to(device).eval(), tokenizer, report
+
+
+def load_gguf_own(gguf_path: Path, folder: Path, header: GGUFHeader, choice, progress=None):
+    """`load_gguf` on the CPU without importing transformers: d3's own model, tokenizer and config (d3_model.py,
+    d3_tokenizer.py) from the start a transformers load recorded in `folder` (d3_record.py). None where there is
+    no such record or d3's own model does not hold exactly the file's tensors (then `load_gguf` runs)."""
+    from d3cli.core.d3_model import D3Config, D3ForCausalLM
+    from d3cli.core.d3_tokenizer import D3Tokenizer
+    from d3cli.core.gguf_cache import gguf_names
+
+    record = d3_record.read(folder)
+    if record is None or "unsupported" in record:
+        return None
+    processor = d3_record.RecordedProcessor(record)
+    config = D3Config(json.loads((folder / "config.json").read_text()))
+    if not processor.runs_every_tensor() or d3_record.unsupported(config) is not None:
+        return None
+    model = D3ForCausalLM.empty(config, torch.tensor(record["inv_freq"], dtype=torch.float32),
+                                record["attention_scaling"])
+    names = gguf_names(folder)
+    in_file = set(names.values())
+    in_model = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    if in_file - in_model or in_model - in_file - {"lm_head.weight"}:
+        return None  # a tensor one of them lacks: transformers' model decides what it means
+    report = _fill(model, GGUFWeights(header, names, processor), gguf_path, folder, choice, True, progress)
+    model.generation_config = SimpleNamespace(**json.loads((folder / "generation_config.json").read_text()))
+    facts = record["tokenizer"]
+    return model.eval(), D3Tokenizer(facts["backend"], facts), report
+
+
+def _fill(model, source: GGUFWeights, gguf_path: Path, folder: Path, choice, fuse: bool, progress=None):
+    """streamed.fill_model from the file, through the tile cache where quantized weights run on d3's kernels:
+    nothing half-written stays in the cache when it fails."""
+    from d3cli.core.streamed import fill_model
+
     if choice.quantized and tile_cache.enabled() and kernels.available():
         source.tile_cache = tile_cache.TileCache(folder, Path(gguf_path), *kernels.layout())
     try:
         report = fill_model(model, source, choice, fuse, what=str(gguf_path), progress=progress)
     except BaseException:
         if source.tile_cache is not None:
-            source.tile_cache.abandon()  # nothing half-written stays in the cache
+            source.tile_cache.abandon()
         raise
     if source.tile_cache is not None and (line := source.tile_cache.publish()):
         print(f"d3: {line}", file=sys.stderr)
-    model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
-    return model.to(device).eval(), tokenizer, report
+    return report

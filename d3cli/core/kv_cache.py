@@ -15,112 +15,15 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-
-class GrowingLayer(DynamicLayer):
-    """A full-attention cache layer that writes new positions into spare capacity.
-
-    Transformers' `DynamicLayer` concatenates: every decode step copies all cached keys and values of the layer into
-    a fresh tensor, a cost that grows with the reply (about 3 ms a step at 1024 positions for the embedded model on
-    two CPU cores). Here `keys` and `values` are views of the first positions of larger buffers that grow by half
-    when full, so a step copies only its own positions and the total copying of a reply is linear. Anything that
-    replaces `keys`/`values` itself (batch selection, reordering, offloading) is adopted into fresh buffers at the
-    next update; a crop stays a view of the same buffer and is overwritten by the next positions.
-    """
-
-    GROWTH = 1.5
-    MIN_CAPACITY = 64
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys/values this layer made last
-
-    def _held(self) -> int:
-        return self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
-
-    def _writes_in_place(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, held: int) -> bool:
-        """True when `keys`/`values` are still the heads of our buffers and `shape[2]` new positions of that shape
-        ([batch, heads, positions, head_dim]) fit behind them."""
-        buffers = (self._key_buffer, self._value_buffer)
-        if buffers[0] is None or held == 0:
-            return False
-        if buffers[0].is_inference() and not torch.is_inference_mode_enabled():
-            return False  # an in-place write to an inference tensor is refused outside inference mode
-        for view, buffer in zip((self.keys, self.values), buffers):
-            if (view.data_ptr() != buffer.data_ptr() or view.stride() != buffer.stride()
-                    or buffer.shape[:2] != shape[:2] or buffer.shape[3] != shape[3]
-                    or buffer.dtype != dtype or buffer.device != device):
-                return False
-        return held + shape[2] <= buffers[0].shape[-2]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        held = self._held()
-        needed = held + key_states.shape[-2]
-        if not self._writes_in_place(key_states.shape, key_states.dtype, key_states.device, held):
-            self._reallocate(key_states.shape, key_states.dtype, key_states.device, held, needed)
-        self._key_buffer[:, :, held:needed].copy_(key_states)
-        self._value_buffer[:, :, held:needed].copy_(value_states)
-        self.advance(held, key_states.shape[-2])
-        return self.keys, self.values
-
-    def reserve(self, shape: tuple[int, int, int, int], dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Room for `shape[2]` new positions ([batch, heads, positions, head_dim]) behind the held ones, for a
-        kernel that writes them itself: the key and value buffers (the held positions first) and how many are
-        held. `advance` then makes the new positions part of the cache."""
-        views, buffer = self._views, self._key_buffer
-        if views is not None and views[0] is self.keys and views[1] is self.values:  # a decode step's fast path
-            held = views[0].shape[2]
-            if (held + shape[2] <= buffer.shape[2] and buffer.shape[0] == shape[0] and buffer.shape[1] == shape[1]
-                    and buffer.shape[3] == shape[3] and buffer.dtype == dtype and buffer.device == device
-                    and (not buffer.is_inference() or torch.is_inference_mode_enabled())):
-                return buffer, self._value_buffer, held
-        if not self.is_initialized:
-            self.lazy_initialization(torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype,
-                                                                                               device=device))
-        held = self._held()
-        shape = torch.Size(shape)
-        if not self._writes_in_place(shape, dtype, device, held):
-            self._reallocate(shape, dtype, device, held, held + shape[2])
-        return self._key_buffer, self._value_buffer, held
-
-    def advance(self, held: int, tokens: int) -> None:
-        """The `tokens` positions written behind the `held` ones (after `reserve`) are now cached."""
-        self.keys = self._key_buffer.narrow(2, 0, held + tokens)
-        self.values = self._value_buffer.narrow(2, 0, held + tokens)
-        self._views = (self.keys, self.values)
-
-    def _reallocate(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, held: int,
-                    needed: int) -> None:
-        capacity = max(int(needed * self.GROWTH), self.MIN_CAPACITY)
-        buffers = []
-        for old in (self.keys, self.values):
-            buffer = torch.empty((shape[0], shape[1], capacity, shape[3]), dtype=dtype, device=device)
-            if held:
-                buffer[:, :, :held].copy_(old)
-            buffers.append(buffer)
-        self._key_buffer, self._value_buffer = buffers
-
-    def compact(self) -> None:
-        """Give back the spare capacity: for a layer that will not run again in this reply."""
-        if self._key_buffer is not None and self._held() < self._key_buffer.shape[-2]:
-            self.keys, self.values = self.keys.clone(), self.values.clone()
-            self._key_buffer, self._value_buffer = self.keys, self.values
-
-    def capacity_bytes(self) -> int:
-        if self._key_buffer is None or self._held() == 0 or self.keys.data_ptr() != self._key_buffer.data_ptr():
-            return tensor_bytes(self.keys, self.values)
-        return tensor_bytes(self._key_buffer, self._value_buffer)
-
-    def reset(self) -> None:
-        self._key_buffer = self._value_buffer = self._views = None
-        super().reset()
+from d3cli.core.kv_buffers import GrowingBuffers, ReservingCache, tensor_bytes
 
 
-class DepthDecayCache(DynamicCache):
+class GrowingLayer(GrowingBuffers, DynamicLayer):
+    """transformers' full-attention cache layer with kv_buffers.GrowingBuffers' buffers: new positions written into
+    spare capacity instead of concatenated."""
+
+
+class DepthDecayCache(DynamicCache, ReservingCache):
     """A `DynamicCache` whose mask sizes come from a layer that ran every step, never from a skipped one, and whose
     full-attention layers grow without copying (`GrowingLayer`)."""
 
@@ -200,6 +103,3 @@ class DepthDecayCache(DynamicCache):
                    else tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
                    for layer in self.layers)
 
-
-def tensor_bytes(*tensors) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if isinstance(tensor, torch.Tensor))

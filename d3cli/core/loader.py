@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
+from d3cli import kernels
 from d3cli.core import memory
 from d3cli.core.errors import UserError
 from d3cli.core.gguf_cache import cached_gguf_dir, gguf_types, read_header
-from d3cli.core.gguf_weights import load_gguf
+from d3cli.core.gguf_weights import load_gguf, load_gguf_own
 from d3cli.core.quantized import GROUP_SIZE
 from d3cli.core.weights import WEIGHT_KINDS, apply_weights, resolve_weights
 
@@ -49,6 +50,7 @@ class ModelOptions:
     weights: str = "auto"  # weights.WEIGHT_KINDS
     group_size: int = GROUP_SIZE  # int4 groups of a float weight quantized on load
     fused: bool = True  # fused_layers.FusedDecoderLayer where the layer is supported (False: transformers' own)
+    lean: bool = False  # d3's own model where a GGUF start was recorded (d3_record.py): for commands that only decode
 
     def __post_init__(self):
         for name in ("device", "dtype", "device_map", "weights"):
@@ -225,13 +227,14 @@ def load(
     trust_remote_code: bool = False,
     weights: str = "auto",
     group_size: int = GROUP_SIZE,
+    lean: bool = False,
     progress=None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for decoding on the chosen device, dtype and weights:
     `load(ModelOptions)`, or (in tests and scripts) `load(model_ref, device=..., dtype=..., weights=...)`.
     `progress(done, total)`, when given, is called as the decoder layers of a file read layer by layer are built."""
     if not isinstance(options, ModelOptions):
-        options = ModelOptions(options, device, dtype, device_map, trust_remote_code, weights, group_size)
+        options = ModelOptions(options, device, dtype, device_map, trust_remote_code, weights, group_size, lean=lean)
     started = time.perf_counter()
     with _collector_paused_then_frozen():
         loaded = _load(options, progress)
@@ -263,7 +266,6 @@ def _load(options: ModelOptions, progress=None) -> LoadedModel:
     if options.dtype not in DTYPES:
         raise UserError(f"unknown dtype {options.dtype!r} (choose from: {', '.join(DTYPES)})")
     target_device = resolve_device(options.device)
-    quiet_transformers()
     model_ref = options.model
     gguf_path = None
     if model_ref is None:
@@ -293,11 +295,19 @@ def _load(options: ModelOptions, progress=None) -> LoadedModel:
             folder = cached_gguf_dir(gguf_path, header)
             choice = choose(gguf_types(folder))
             memory.refuse_if_too_big(memory.gguf_needs(header, choice), gguf_path.name, choice)
+            own = load_gguf_own(gguf_path, folder, header, choice, progress) if (
+                options.lean and fuse and target_device.type == "cpu" and choice.quantized
+                and kernels.available()) else None
+            if own is not None:
+                model, tokenizer, report = own
+                return LoadedModel(model=model, tokenizer=tokenizer, name=name, weights=report)
+            quiet_transformers()
             model, tokenizer, report = load_gguf(gguf_path, folder, header, choice,
                                                  "cpu" if device_map else target_device, fuse, progress)
             if device_map is not None:
                 model = _dispatch(model, device_map)
         else:
+            quiet_transformers()
             folder = Path(model_ref).expanduser()
             streamed = _load_folder_streamed(folder, options, choose, target_device, fuse, progress) if (
                 folder.is_dir() and device_map is None) else None

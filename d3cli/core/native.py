@@ -2,9 +2,9 @@
 
 `NativeLayer` is a fused layer (fused_layers.py) whose projections all run on d3's kernels (d3cli/kernels), computed
 by one call of torch.ops.d3.decoder_layer: the same layer, every token row by the same operations whether it comes
-in a prefill, a decode step or a forward over a whole sequence. The cache stays the model's: d3's own cache
-(kv_cache.DepthDecayCache) lends the kernel its buffers to write the new keys and values into; any other cache
-(model.generate's) has them stored with its own `update`.
+in a prefill, a decode step or a forward over a whole sequence. The cache stays the model's: d3's own caches
+(kv_buffers.ReservingCache: kv_cache.DepthDecayCache, or OwnCache for d3's own model) lend the kernel their buffers
+to write the new keys and values into; any other cache (model.generate's) has them stored with its own `update`.
 
 `NativeDecoder` is the decode step of a model whose every decoder layer is a NativeLayer, without transformers'
 forward around it (embeddings, rotary embedding, the layers in the model's layer list as it is now, skipped ones
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from d3cli.core.kv_cache import DepthDecayCache
+from d3cli.core.kv_buffers import ReservingCache
 from d3cli.core.skipping import SkippedLayer
 
-NATIVE_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+NATIVE_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "D3ForCausalLM")
 CACHE_DTYPE = torch.float16  # the kernel's keys and values (decoder_layer.cpp): llama.cpp's default too
 
 
@@ -58,7 +58,7 @@ class NativeLayer:
         batch, tokens, _ = hidden.shape
         shape = (batch, layer.num_key_value_heads, tokens, layer.head_dim)
         reserved = cache.reserve(layer.layer_idx, shape, CACHE_DTYPE, hidden.device) if isinstance(
-            cache, DepthDecayCache) else None
+            cache, ReservingCache) else None
         if reserved is not None:  # d3's own cache: the kernel writes into its buffers
             key_buffer, value_buffer, past = reserved
         else:  # another cache (model.generate's) or none: the past copied into new buffers
@@ -168,7 +168,7 @@ class NativeDecoder:
         self.rotary, self.norm = model.model.rotary_emb, model.model.norm
         self.layers = find_decoder_layers(model)
 
-    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DepthDecayCache) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: ReservingCache) -> torch.Tensor:
         """Next-token logits [batch, vocab] (float32) of one new token per row, no padding, through the layers the
         model's layer list holds now: the native layers in one kernel call (torch.ops.d3.decoder_layers) up to a
         stand-in that applies a bridge, which runs in Python between two calls; a stand-in without one passes its
@@ -193,7 +193,7 @@ class NativeDecoder:
 
     @staticmethod
     def _run(run: list[NativeLayer], hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             cache: DepthDecayCache) -> torch.Tensor:
+             cache: ReservingCache) -> torch.Tensor:
         """The native layers of `run`, one after another, in one kernel call."""
         if not run:
             return hidden

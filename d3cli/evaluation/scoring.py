@@ -17,7 +17,7 @@ import torch
 
 from d3cli.core.engine import cache_argument, model_device
 from d3cli.core.schedule import DecaySchedule
-from d3cli.core.kv_cache import DepthDecayCache
+from d3cli.core.kv_buffers import ReservingCache, new_cache
 from d3cli.core.skipping import find_decoder_layers, skipped_at_positions
 
 
@@ -67,15 +67,15 @@ class ContinuationScorer:
         self.segment_positions = torch.arange(self.prefix_length, self.prefix_length + text.steps,
                                               device=self.device)[None, :]
         self.targets = torch.tensor(text.continuation_ids, dtype=torch.long, device=self.device)
-        self.cache: DepthDecayCache | None = None
+        self.cache: ReservingCache | None = None
 
     @torch.inference_mode()
-    def _prefilled_cache(self) -> DepthDecayCache | None:
+    def _prefilled_cache(self) -> ReservingCache | None:
         if self.prefix_length == 0:
             return None
         if self.cache is not None and self.cache.crop_to(self.prefix_length):
             return self.cache
-        self.cache = DepthDecayCache(config=self.model.config)
+        self.cache = new_cache(self.model)
         prefix = torch.tensor([self.text.prompt_ids[:-1]], dtype=torch.long, device=self.device)
         self.model(input_ids=prefix, position_ids=torch.arange(self.prefix_length, device=self.device)[None, :],
                    **cache_argument(self.model, self.cache), use_cache=True, logits_to_keep=1)

@@ -26,7 +26,7 @@ from d3cli.evaluation.timing import decode_seconds, fit_line, measured_decode_sp
 from d3cli.core.engine import generate_steps, make_prompt_batch, model_device, stream_generate, synchronize
 from d3cli.core.loader import num_decoder_layers
 from d3cli.core.schedule import DecaySchedule, StaticSchedule
-from d3cli.core.kv_cache import DepthDecayCache
+from d3cli.core.kv_buffers import new_cache
 
 NO_EOS = frozenset({-1})  # both sides produce exactly the tokens asked for
 
@@ -199,7 +199,7 @@ def kv_cache_bytes(model, prompt_ids: Sequence[int], schedule: DecaySchedule, to
     batch = make_prompt_batch([list(prompt_ids)], pad_token_id=0, device=model_device(model))
     report = {"tokens": tokens, "prompt_tokens": len(prompt_ids)}
     for name, chosen in (("full", DecaySchedule.full(schedule.num_layers)), ("d3", schedule)):
-        cache = DepthDecayCache(config=model.config)
+        cache = new_cache(model)
         for _ in generate_steps(model, batch, chosen, max_new_tokens=tokens, cache=cache):
             pass
         report[f"{name}_bytes"] = cache.kv_bytes()

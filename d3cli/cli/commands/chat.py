@@ -38,7 +38,7 @@ def chat(
     from d3cli.core.loader import load
 
     with render.LoadingBar(model.options().model or "the embedded model") as bar:
-        loaded = load(model.options(), progress=bar.progress)
+        loaded = load(model.options(lean=True), progress=bar.progress)
     loaded = settings.with_calibration(loaded)
     conversation = Conversation(loaded, settings, system=system)
     conversation.decode_plan()  # the depth options fit this model

@@ -96,7 +96,7 @@ def generate(
     from d3cli.core.loader import load
 
     with render.LoadingBar(model.options().model or "the embedded model") as bar:
-        loaded = load(model.options(), progress=bar.progress)
+        loaded = load(model.options(lean=True), progress=bar.progress)
     loaded = settings.with_calibration(loaded)
     if jsonl:
         run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)

@@ -73,7 +73,7 @@ def serve(
     from d3cli.server.app import serve as run_server
 
     sock = bind(host, port)
-    config = ServeConfig(model.options(), settings, api_key=api_key, queue_size=queue_size, max_batch=batch_size)
+    config = ServeConfig(model.options(lean=True), settings, api_key=api_key, queue_size=queue_size, max_batch=batch_size)
     run_server(config, sock, render.server_log(getattr(log_format, "value", log_format)))
 
 

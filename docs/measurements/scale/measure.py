@@ -96,12 +96,19 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--context", type=int, help="time a prompt of about N tokens and decode after it instead")
+    parser.add_argument("--start-only", action="store_true", help="time the two starts only (d3's and llama.cpp's)")
     options = parser.parse_args()
     if not options.d3_only and options.llama_bin is None:
         parser.error("--llama-bin is needed unless --d3-only")
     for file in options.files:
         size = sum(path.stat().st_size for path in file.glob("*.safetensors")) if file.is_dir() else file.stat().st_size
         for round_ in range(options.repeats):
+            if options.start_only:
+                for name, row in (("llama.cpp start", llama_start(options.llama_bin, file)),
+                                  ("d3 start", d3_start(file))):
+                    print(json.dumps({"file": file.name, "file_bytes": size, "round": round_, "side": name, **row}),
+                          flush=True)
+                continue
             if options.context:
                 rows = {"d3 long prompt": d3(file, options.tokens, ["--alpha", "1"], long_prompt(options.context))}
                 if not options.d3_only:
