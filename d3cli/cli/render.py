@@ -646,6 +646,7 @@ def print_speed_report(console: Console, report: dict) -> None:
                        f"{machine['device']}, weights {weights}, torch {machine['torch']}, {machine['threads']} "
                        f"threads · {report['tokens']}-token replies, medians of {report['repeats']}", style="bold"))
     print_weight_kinds(console, report)
+    print_long_prompt(console, report)
     console.print(Text(f"model.generate {report['hf_tokens_per_s']:.2f} tok/s · d3 α=1 "
                        f"{report['d3_alpha1_tokens_per_s']:.2f} tok/s · ratio {report['alpha1_ratio']:.3f} · "
                        f"same tokens: {'yes' if report['same_tokens'] else 'NO'}"))
@@ -692,6 +693,26 @@ def print_speed_report(console: Console, report: dict) -> None:
                        "k̄·T_layer + r̄·T_bridge) with the fitted costs (r̄: bridged runs per step); measured: decode "
                        "time at full depth over decode time with D3 (prefill excluded); efficiency = measured / "
                        "ideal", style="dim"))
+
+
+def print_long_prompt(console: Console, report: dict) -> None:
+    """The load, and a long prompt's prefill and the decode after it, beside llama.cpp's."""
+    if report.get("load_s") is not None:
+        console.print(Text(f"load {report['load_s']:.1f} s · peak memory {report['peak_memory_bytes'] / 1e9:.2f} GB "
+                           "(before any other weight kind loaded)"))
+    long = report.get("long_prompt")
+    if not long:
+        return
+    ours, theirs = long["d3"], long["llama_cpp"]
+    parts = []
+    for key, what in (("prefill_tokens_per_s", "prefill"), ("decode_tokens_per_s", "decode after it")):
+        part = f"{what} d3 {ours[key]:.1f} tok/s"
+        if "skipped" not in theirs:
+            part += f" · llama.cpp {theirs[key]:.1f} ({long['vs_llama_cpp'][key]:.2f}×)"
+        parts.append(part)
+    console.print(Text(f"a {long['prompt_tokens']}-token prompt, full depth: " + "; ".join(parts)))
+    if "skipped" in theirs:
+        console.print(Text(f"llama.cpp at a long prompt: not timed ({theirs['skipped']})", style="dim"))
 
 
 def print_weight_kinds(console: Console, report: dict) -> None:

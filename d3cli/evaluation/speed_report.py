@@ -23,6 +23,8 @@ BATCH_PROMPTS = (
     "How does a refrigerator keep food cold? Explain it to a child.",
 )
 LONG_REPLY_TOKENS = 1024
+LONG_PROMPT_TOKENS = 2000  # the prefill and long-context rows (--quick: QUICK_LONG_PROMPT_TOKENS)
+QUICK_LONG_PROMPT_TOKENS = 512
 
 
 QUICK_TOKENS = 32  # --quick: replies this long, at most 3 rounds, and only the side-by-side sections
@@ -45,6 +47,9 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
 
     from d3cli.core.plan import plan_for
 
+    from d3cli.core.results import load_fields
+
+    loading = load_fields(loaded)  # before other weight kinds load beside it
     num_layers = num_decoder_layers(loaded.model)
     alphas = alphas or (plan_for(loaded, settings).schedule.alpha,)  # none asked: the model's own schedule
     if quick:
@@ -74,6 +79,8 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
         "prompt_tokens": len(prompt),
         "tokens": tokens,
         "repeats": repeats,
+        "load_s": loading["load_s"],
+        "peak_memory_bytes": loading["peak_memory_bytes"],
     }
     on_status("measuring the memory bandwidth")
     bandwidth = weights_speed.memory_bandwidth()
@@ -81,6 +88,12 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     on_status("timing each weight kind (and llama.cpp) side by side")
     report.update(weight_kinds(loaded, model_options, settings, prompt, tokens, repeats, bandwidth,
                                gguf_file(model_options.model)))
+    long_tokens_in = QUICK_LONG_PROMPT_TOKENS if quick else LONG_PROMPT_TOKENS
+    if context is not None:
+        long_tokens_in = max(16, min(long_tokens_in, context - tokens - 1))
+    on_status(f"timing a {long_tokens_in}-token prompt's prefill and the decode after it (and llama.cpp's)")
+    report["long_prompt"] = weights_speed.long_prompt(loaded, long_prompt_ids(loaded.tokenizer, long_tokens_in),
+                                                      tokens, repeats, gguf_path_or_none(model_options))
     on_status("timing model.generate against d3 at α = 1")
     report.update(speed.alpha1_against_hf(loaded.model, loaded.tokenizer, prompt, tokens, repeats))
     on_status("timing decode steps at each depth")
@@ -107,6 +120,22 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     report["first_token"] = speed.first_token_seconds(child_generate_args(model_options, settings),
                                                       type(loaded.model).__name__, max(1, min(repeats, 3)))
     return report
+
+
+def long_prompt_ids(tokenizer, count: int) -> list[int]:
+    """`count` token ids of plain text: the batch prompts' texts, repeated as needed (no chat template)."""
+    text = " ".join(BATCH_PROMPTS)
+    ids: list[int] = []
+    while len(ids) < count:
+        ids += list(tokenizer(text, add_special_tokens=not ids)["input_ids"])
+    return ids[:count]
+
+
+def gguf_path_or_none(model_options: ModelOptions) -> str | None:
+    from d3cli.core.loader import gguf_file
+
+    path = gguf_file(model_options.model)
+    return None if path is None else str(path)
 
 
 def other_weight_kinds(loaded) -> list[str]:

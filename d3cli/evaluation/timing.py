@@ -49,15 +49,25 @@ def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float, float
 
 def decode_seconds(model, prompt_ids: Sequence[int], schedule: DecaySchedule, tokens: int) -> list[float]:
     """Wall seconds of each decode step (steps 1..tokens−1) of greedy decoding with `schedule`."""
+    return prefill_and_decode_seconds(model, prompt_ids, schedule, tokens)[1]
+
+
+def prefill_and_decode_seconds(model, prompt_ids: Sequence[int], schedule: DecaySchedule,
+                               tokens: int) -> tuple[float, list[float]]:
+    """Wall seconds of the prompt's prefill (step 0, its first token included) and of each decode step after it
+    (steps 1..tokens−1) of greedy decoding with `schedule`."""
     batch = make_prompt_batch([list(prompt_ids)], pad_token_id=0, device=model_device(model))
-    durations, last = [], None
+    durations, started = [], time.perf_counter()
+    last = prefill = None
     for step in generate_steps(model, batch, schedule, max_new_tokens=tokens):
         synchronize(model)
         now = time.perf_counter()
         if step.index > 0:
             durations.append(now - last)
+        else:
+            prefill = now - started
         last = now
-    return durations
+    return prefill, durations
 
 
 def measure_step_costs(model, prompt_ids: Sequence[int], base: DecaySchedule, depths: Sequence[int] | None = None,

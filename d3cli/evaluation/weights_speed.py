@@ -75,17 +75,74 @@ class LlamaBench:
         self.version = "llama-bench"
 
     def decode_seconds(self, prompt_ids: Sequence[int], tokens: int) -> list[float]:
+        row = self._run(["-p", "0", "-n", str(tokens - 1), "-d", str(len(prompt_ids))])
+        return [1.0 / float(row["avg_ts"])] * (tokens - 1)
+
+    def prefill_seconds(self, prompt_tokens: int) -> float:
+        """Seconds llama.cpp takes to read a prompt of `prompt_tokens` tokens (llama-bench -p N -n 0)."""
+        return prompt_tokens / float(self._run(["-p", str(prompt_tokens), "-n", "0"])["avg_ts"])
+
+    def _run(self, arguments: list[str]) -> dict:
         import json
         import subprocess
 
-        command = [self.binary, "-m", self.gguf_path, "-t", str(self.threads), "-p", "0", "-n", str(tokens - 1),
-                   "-d", str(len(prompt_ids)), "-r", "1", "-o", "json"]
+        command = [self.binary, "-m", self.gguf_path, "-t", str(self.threads), *arguments, "-r", "1", "-o", "json"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             raise RuntimeError(f"llama-bench failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
         row = json.loads(done.stdout)[0]
         self.version = f"llama-bench build {row.get('build_number', '?')} ({row.get('build_commit', '?')})"
-        return [1.0 / float(row["avg_ts"])] * (tokens - 1)
+        return row
+
+
+def llama_bench_side(gguf_path: str | None, threads: int) -> tuple[LlamaBench | None, str]:
+    """llama.cpp's llama-bench on the model's GGUF file (D3_LLAMA_BENCH, else on PATH), else None and why not: what
+    times a long prompt (llama-cpp-python's side feeds prompts a token at a time)."""
+    import os
+    import shutil
+
+    if gguf_path is None:
+        return None, "the model is not a GGUF file"
+    binary = os.environ.get("D3_LLAMA_BENCH") or shutil.which("llama-bench")
+    if binary and Path(binary).is_file():
+        return LlamaBench(binary, gguf_path, threads), ""
+    return None, "no llama-bench binary (on PATH, or D3_LLAMA_BENCH) is installed"
+
+
+def long_prompt(loaded, prompt_ids: Sequence[int], tokens: int, repeats: int, gguf_path: str | None) -> dict:
+    """Prefill tokens/s of the long prompt `prompt_ids` and decode tokens/s after it at full depth, d3 and llama.cpp
+    (its llama-bench: a prompt of the same length, and decode steps after a context of that length) in turns, each
+    the median over `repeats` rounds; llama.cpp's over d3's as ratios."""
+    from d3cli.core.loader import num_decoder_layers
+    from d3cli.core.schedule import DecaySchedule
+    from d3cli.evaluation.timing import prefill_and_decode_seconds
+
+    full = DecaySchedule.full(num_decoder_layers(loaded.model))
+    llama, why = llama_bench_side(gguf_path, torch.get_num_threads())
+    d3_rounds: list[tuple[float, list[float]]] = []
+    llama_rounds: list[tuple[float, list[float]]] = []
+    for round_index in range(repeats):
+        sides = ["d3", "llama.cpp"] if llama is not None else ["d3"]
+        for side in sides if round_index % 2 == 0 else reversed(sides):
+            if side == "d3":
+                d3_rounds.append(prefill_and_decode_seconds(loaded.model, prompt_ids, full, tokens))
+            else:
+                llama_rounds.append((llama.prefill_seconds(len(prompt_ids)),
+                                     llama.decode_seconds(prompt_ids, tokens)))
+
+    def rates(rounds):
+        prefill = statistics.median(seconds for seconds, _ in rounds)
+        decode = median_total([steps for _, steps in rounds])
+        return {"prefill_tokens_per_s": len(prompt_ids) / prefill, "decode_tokens_per_s": (tokens - 1) / decode}
+
+    report = {"prompt_tokens": len(prompt_ids), "tokens": tokens, "d3": rates(d3_rounds)}
+    if llama is None:
+        report["llama_cpp"] = {"skipped": why}
+    else:
+        theirs = rates(llama_rounds)
+        report["llama_cpp"] = {**theirs, "version": llama.version}
+        report["vs_llama_cpp"] = {key: report["d3"][key] / theirs[key] for key in theirs}
+    return report
 
 
 def llama_cpp_side(gguf_path: str | None, threads: int, context: int) -> tuple[LlamaCpp | LlamaBench | None, str]:

@@ -182,6 +182,8 @@ def test_the_speed_bench_skips_a_weight_kind_that_does_not_fit_and_says_why(cli,
     assert list(report["skipped_weight_kinds"]) == ["float32"]
     assert "needs about" in report["skipped_weight_kinds"]["float32"]
     assert {row["weights"] for row in report["weight_kinds"]} >= {"int8", "int4"}
+    assert report["load_s"] > 0 and report["peak_memory_bytes"] > 0
+    assert report["long_prompt"]["d3"]["prefill_tokens_per_s"] > 0 and "skipped" in report["long_prompt"]["llama_cpp"]
 
 
 def test_without_llama_cpp_python_a_llama_bench_binary_times_llama_cpp(tmp_path, monkeypatch):
@@ -209,6 +211,37 @@ def test_without_llama_cpp_python_a_llama_bench_binary_times_llama_cpp(tmp_path,
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     side, why = weights_speed.llama_cpp_side("model.gguf", 2, 64)
     assert side is None and "llama-cpp-python" in why and "llama-bench" in why
+
+
+def test_a_long_prompt_is_timed_in_turns_with_llama_bench(tmp_path, monkeypatch, exact_gguf):
+    """Prefill and decode after a long prompt: d3's from one run per round, llama.cpp's from llama-bench asked for
+    a prompt of the same length and for decode steps after a context of that length; the ratios d3 / llama.cpp."""
+    import sys as system
+
+    from d3cli.core import loader
+    from d3cli.evaluation import speed_report, weights_speed
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!" + system.executable + "\nimport json, sys\nopen(sys.argv[0] + '.args', 'a').write("
+                    "' '.join(sys.argv[1:]) + '\\n')\nprint(json.dumps([{'avg_ts': 50.0}]))\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("D3_LLAMA_BENCH", str(fake))
+    loaded = loader.load(str(exact_gguf), device="cpu")
+    ids = speed_report.long_prompt_ids(loaded.tokenizer, 40)
+    assert len(ids) == 40
+    report = weights_speed.long_prompt(loaded, ids, 5, 2, str(exact_gguf))
+    assert report["llama_cpp"]["prefill_tokens_per_s"] == pytest.approx(50.0)
+    assert report["llama_cpp"]["decode_tokens_per_s"] == pytest.approx(50.0)
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert report["vs_llama_cpp"][key] == pytest.approx(report["d3"][key] / 50.0)
+    calls = (tmp_path / "llama-bench.args").read_text().splitlines()
+    assert len(calls) == 4
+    assert sum("-p 40 -n 0" in call for call in calls) == 2
+    assert sum("-p 0 -n 4 -d 40" in call for call in calls) == 2
+    monkeypatch.delenv("D3_LLAMA_BENCH")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    alone = weights_speed.long_prompt(loaded, ids, 5, 1, str(exact_gguf))
+    assert "llama-bench" in alone["llama_cpp"]["skipped"] and "vs_llama_cpp" not in alone
 
 
 def test_llama_cpps_step_bytes_are_its_files_tensors_but_the_embedding_rows(mixed_gguf):
