@@ -42,15 +42,17 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
 
     from d3cli.core.engine import model_device, model_dtype
     from d3cli.core.loader import context_length, gguf_file, num_decoder_layers
-    from d3cli.core.prompts import encode_prompt
-    from d3cli.evaluation import speed, weights_speed
-
     from d3cli.core.plan import plan_for
-
+    from d3cli.core.prompts import encode_prompt
     from d3cli.core.results import load_fields
+    from d3cli.core.schedule import DecaySchedule
+    from d3cli.evaluation import speed, weights_speed
+    from d3cli.evaluation.timing import decode_seconds
 
-    loading = load_fields(loaded)  # before other weight kinds load beside it
     num_layers = num_decoder_layers(loaded.model)
+    decode_seconds(loaded.model, encode_prompt(loaded.tokenizer, SPEED_PROMPT), DecaySchedule.full(num_layers), 2)
+    loading = load_fields(loaded)  # after a reply read every weight (mapped tiles count once touched), before
+    # other weight kinds load beside it
     alphas = alphas or (plan_for(loaded, settings).schedule.alpha,)  # none asked: the model's own schedule
     if quick:
         repeats = min(repeats, QUICK_REPEATS)

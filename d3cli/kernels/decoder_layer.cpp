@@ -134,47 +134,60 @@ inline void prefetch_row(const Cache* row, int vectors) {
 }
 
 // scores[g][j − start] = query_g · key_j · scaling for the query heads of one key/value head (−inf where masked):
-// each key is loaded once for all of them. kVectors = head_dim / kLanes.
+// each key is loaded once for all of them. kVectors = head_dim / kLanes whole vectors, then `tail` (head_dim mod
+// kLanes, e.g. 4 of a head of 100) one element at a time.
 template <int kVectors, typename KeyAt>
 void vector_scores(const float* const* queries, int64_t groups, int64_t start, int64_t stop, const bool* row,
-                   float scaling, KeyAt key_at, float* scores) {
+                   float scaling, int64_t tail, KeyAt key_at, float* scores) {
+  constexpr int64_t kWhole = kVectors * kLanes;
   for (int64_t j = start; j < stop; ++j) {
     if (row != nullptr && !row[j]) {
       for (int64_t g = 0; g < groups; ++g) scores[g * kChunk + j - start] = -std::numeric_limits<float>::infinity();
       continue;
     }
     const Cache* key = key_at(j);
-    prefetch_row(key_at(std::min(j + kAhead, stop - 1)), kVectors);
+    prefetch_row(key_at(std::min(j + kAhead, stop - 1)), kVectors + (tail > 0));
     FloatVector k[kVectors];
     for (int i = 0; i < kVectors; ++i) k[i] = load_cache(key + i * kLanes);
     for (int64_t g = 0; g < groups; ++g) {
       FloatVector sums = mul(load_floats(queries[g]), k[0]);
       for (int i = 1; i < kVectors; ++i) sums = fma(load_floats(queries[g] + i * kLanes), k[i], sums);
-      scores[g * kChunk + j - start] = sum_all(sums) * scaling;
+      float total = sum_all(sums);
+      for (int64_t i = 0; i < tail; ++i) total = std::fma(queries[g][kWhole + i], to_float(key[kWhole + i]), total);
+      scores[g * kChunk + j - start] = total * scaling;
     }
   }
 }
 
-// weighted_g += Σ_j weights[g][j]·value_j: each value is loaded once for all query heads.
+// weighted_g += Σ_j weights[g][j]·value_j: each value is loaded once for all query heads (the `tail` as above).
 template <int kVectors, typename ValueAt>
 void vector_values(Partial* const* partials, int64_t groups, int64_t start, int64_t stop, const bool* row,
-                   ValueAt value_at, const float* weights) {
+                   int64_t tail, ValueAt value_at, const float* weights) {
+  constexpr int64_t kWhole = kVectors * kLanes;
   for (int64_t j = start; j < stop; ++j) {
     if (row != nullptr && !row[j]) continue;
     const Cache* value = value_at(j);
-    prefetch_row(value_at(std::min(j + kAhead, stop - 1)), kVectors);
+    prefetch_row(value_at(std::min(j + kAhead, stop - 1)), kVectors + (tail > 0));
     FloatVector v[kVectors];
     for (int i = 0; i < kVectors; ++i) v[i] = load_cache(value + i * kLanes);
     for (int64_t g = 0; g < groups; ++g) {
-      const FloatVector w = broadcast(weights[g * kChunk + j - start]);
+      const float weight = weights[g * kChunk + j - start];
+      const FloatVector w = broadcast(weight);
       float* out = partials[g]->weighted;
       for (int i = 0; i < kVectors; ++i) store(out + i * kLanes, fma(w, v[i], load_floats(out + i * kLanes)));
+      for (int64_t i = 0; i < tail; ++i) out[kWhole + i] = std::fma(weight, to_float(value[kWhole + i]), out[kWhole + i]);
     }
   }
 }
 #endif
 
-// The same one element at a time, for head sizes the vectors do not divide.
+// The whole vectors a head takes that have a vector path (head_dim / kLanes): every head size from one vector to 16,
+// the rest past them one element at a time (a head of 100: 6 vectors and 4 elements on AVX-512, 12 and 4 on AVX2).
+#define D3_HEAD_VECTORS                                                                                        \
+  D3_CASE(1) D3_CASE(2) D3_CASE(3) D3_CASE(4) D3_CASE(5) D3_CASE(6) D3_CASE(7) D3_CASE(8) D3_CASE(9) D3_CASE(10) \
+  D3_CASE(11) D3_CASE(12) D3_CASE(13) D3_CASE(14) D3_CASE(15) D3_CASE(16)
+
+// The same one element at a time, for heads smaller than a vector or without a vector path.
 inline float cache_dot(const float* query, const Cache* key, int64_t size) {
   float total = 0.f;
   for (int64_t i = 0; i < size; ++i) total = std::fma(query[i], to_float(key[i]), total);
@@ -192,13 +205,14 @@ void attend_chunk(const float* const* queries, Partial* const* partials, int64_t
                   const bool* row, float scaling, int64_t head_dim, KeyAt key_at, ValueAt value_at, float* scores) {
   bool done = false;
 #ifdef D3_VECTORS
-  switch (head_dim / kLanes * (head_dim % kLanes == 0)) {
+  const int64_t tail = head_dim % kLanes;
+  switch (head_dim / kLanes) {
 #define D3_CASE(n)                                                                            \
   case n:                                                                                     \
-    vector_scores<n>(queries, groups, start, stop, row, scaling, key_at, scores);            \
+    vector_scores<n>(queries, groups, start, stop, row, scaling, tail, key_at, scores);      \
     done = true;                                                                              \
     break;
-    D3_CASE(1) D3_CASE(2) D3_CASE(3) D3_CASE(4) D3_CASE(5) D3_CASE(6) D3_CASE(8) D3_CASE(16)
+    D3_HEAD_VECTORS
 #undef D3_CASE
     default:
       break;
@@ -232,13 +246,13 @@ void attend_chunk(const float* const* queries, Partial* const* partials, int64_t
   }
   done = false;
 #ifdef D3_VECTORS
-  switch (head_dim / kLanes * (head_dim % kLanes == 0)) {
+  switch (head_dim / kLanes) {
 #define D3_CASE(n)                                                                            \
   case n:                                                                                     \
-    vector_values<n>(partials, groups, start, stop, row, value_at, scores);                   \
+    vector_values<n>(partials, groups, start, stop, row, tail, value_at, scores);            \
     done = true;                                                                              \
     break;
-    D3_CASE(1) D3_CASE(2) D3_CASE(3) D3_CASE(4) D3_CASE(5) D3_CASE(6) D3_CASE(8) D3_CASE(16)
+    D3_HEAD_VECTORS
 #undef D3_CASE
     default:
       break;

@@ -169,3 +169,31 @@ def test_a_copy_of_the_model_runs_natively_too():
     tokens, logits = logits_of_steps(model, [PROMPT], 6)
     twin_tokens, twin_logits = logits_of_steps(twin, [PROMPT], 6)
     assert torch.equal(logits, twin_logits)
+
+
+@pytest.mark.parametrize("head_dim", [20, 100])  # whole vectors and a tail: 1 + 4 and 6 + 4 on AVX-512, 2 + 4 and 12 + 4
+def test_heads_the_vectors_do_not_divide_take_the_vector_path_with_a_tail(head_dim):  # on AVX2 (a 3B head of 100)
+    """The kernel's attention for such heads against the Python layer, and its prefill and decode steps against the
+    whole-sequence forward to the last bit."""
+    model = tiny("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim)
+    layers = find_decoder_layers(model)
+    assert all(isinstance(layer.native, NativeLayer) for layer in layers)
+    hidden = torch.randn(2, 70, TINY_SIZES["hidden_size"])  # past one 64-position chunk
+    positions = torch.arange(70)[None].expand(2, -1)
+    embeddings = model.model.rotary_emb(hidden, positions)
+    with torch.inference_mode():
+        native = layers[2](hidden, position_embeddings=embeddings)
+        saved, layers[2].native = layers[2].native, None
+        python = layers[2](hidden, position_embeddings=embeddings)
+        layers[2].native = saved
+    assert (native - python).abs().max() < 2e-3 * python.abs().max()
+    prompts = [PROMPT, PROMPT[:4]]
+    tokens, logits = logits_of_steps(model, prompts, 12)
+    batch = make_prompt_batch(prompts, pad_token_id=2, device="cpu")
+    sequence = torch.cat([batch.input_ids, tokens[:, :-1]], dim=1)
+    mask = torch.ones_like(sequence)
+    mask[:, : batch.input_ids.shape[1]] = batch.attention_mask
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.inference_mode():
+        whole = model(sequence, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    assert torch.equal(logits, whole[:, batch.input_ids.shape[1] - 1 :].float())
