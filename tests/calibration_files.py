@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from d3cli.core.bridges import Bridge
-from d3cli.core.layer_profile import LayerProfile, LayerScore
-from d3cli.core.loader import model_identity
-from d3cli.core.model_calibration import write_calibration
+from d3cli.core.calibration.layer_profile import LayerProfile, LayerScore
+from d3cli.core.calibration.model_calibration import write_calibration
+from d3cli.core.decode.bridges import Bridge
+from d3cli.core.model.loader import model_identity
 
 FIT = {"ridge": 0.1, "tokens": 123, "skip_order": "importance"}
 
 
 def identity_of(tiny_model_dir):
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     return model_identity(load(str(tiny_model_dir), device="cpu", dtype="float32"))
 

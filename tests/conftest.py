@@ -72,9 +72,9 @@ def thread_team():
 @pytest.fixture(autouse=True)
 def own_calibrations_folder(tmp_path, monkeypatch):
     """Calibrations a test makes stay in that test (the GGUF conversion cache is shared, calibrations are not)."""
-    import d3cli.core.model_calibration
+    import d3cli.core.calibration.model_calibration
 
-    monkeypatch.setattr(d3cli.core.model_calibration, "calibrations_dir", lambda: tmp_path / "calibrations")
+    monkeypatch.setattr(d3cli.core.calibration.model_calibration, "calibrations_dir", lambda: tmp_path / "calibrations")
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +97,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct, loaded through the product's own loader."""
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     return load(None, device="cpu", dtype="float32")
 
@@ -108,8 +108,8 @@ def tokenizer():
     weights are loaded, so tests of tiny models stay out of the `embedded` marker."""
     from transformers import AutoTokenizer
 
-    from d3cli.core.gguf_cache import cached_gguf_dir
-    from d3cli.core.loader import embedded_gguf_path
+    from d3cli.core.model.gguf_cache import cached_gguf_dir
+    from d3cli.core.model.loader import embedded_gguf_path
 
     return AutoTokenizer.from_pretrained(cached_gguf_dir(embedded_gguf_path()), local_files_only=True)
 
@@ -184,7 +184,7 @@ def tiny_variant_models(tiny_models):
     import copy
 
     from d3cli import kernels as d3_kernels
-    from d3cli.core.weights import WeightChoice, apply_weights
+    from d3cli.core.model.weights import WeightChoice, apply_weights
 
     built = {}
 
@@ -261,7 +261,7 @@ def mixed_gguf(tmp_path_factory):
     """A two-layer GGUF file with one layer of every kind d3 meets (tests/gguf_files.py's MIXED)."""
     from gguf_files import MIXED, write_tiny_gguf
 
-    from d3cli.core.loader import embedded_gguf_path
+    from d3cli.core.model.loader import embedded_gguf_path
 
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "mixed.gguf", embedded_gguf_path(), MIXED)
 
@@ -271,6 +271,6 @@ def exact_gguf(tmp_path_factory):
     """A two-layer GGUF file whose every linear layer has an exact block form, and an LM head of its own (EXACT)."""
     from gguf_files import EXACT, write_tiny_gguf
 
-    from d3cli.core.loader import embedded_gguf_path
+    from d3cli.core.model.loader import embedded_gguf_path
 
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "exact.gguf", embedded_gguf_path(), EXACT, tied=False)

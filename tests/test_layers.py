@@ -1,16 +1,32 @@
-"""The package's layers: core imports neither evaluation, server nor cli; evaluation and server import neither each
-other nor cli (function-level imports included); and every module lives in one of the four."""
+"""The package's layers, bottom to top (function-level imports included): a module imports only its own layer and
+those below it, and every module lives in one of them.
+
+    base                 errors, files, paths
+    kernels              d3's CPU kernels
+    core.text            prompts, detokenizing, d3's own tokenizer
+    core.model           loading, weights, layers and d3's own model
+    core.decode          schedule, skipping, caches, the engine
+    core.calibration     layer profiles, a model's calibration file
+    core.session         settings, the DecodePlan, conversations, prompt batches
+    evaluation, server   each on core (not on each other)
+    cli                  on any
+"""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "d3cli"
-LOWER = {
-    "core": ("d3cli.evaluation", "d3cli.server", "d3cli.cli"),
-    "evaluation": ("d3cli.server", "d3cli.cli"),
-    "server": ("d3cli.evaluation", "d3cli.cli"),
-    "cli": (),
-}
+STACK = ["base", "kernels", "core.text", "core.model", "core.decode", "core.calibration", "core.session"]
+ABOVE_CORE = {"evaluation": "server", "server": "evaluation"}  # each may not import the other
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a dotted module name under d3cli (None for d3cli itself and its __main__)."""
+    name = module.removeprefix("d3cli.")
+    for layer in sorted([*STACK, *ABOVE_CORE, "cli"], key=len, reverse=True):
+        if name == layer or name.startswith(layer + "."):
+            return layer
+    return None
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -18,20 +34,34 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from d3cli.core import model`
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-    return found
+    return {module for module in found if module.startswith("d3cli.")}
 
 
-def test_no_lower_layer_imports_a_higher_one():
+def allowed(importer: str, imported: str) -> bool:
+    if importer in ("cli", None) or imported is None or importer == imported:  # None: d3cli.__main__
+        return True
+    if importer in ABOVE_CORE:
+        return imported != ABOVE_CORE[importer] and imported in STACK
+    return importer in STACK and imported in STACK and STACK.index(imported) < STACK.index(importer)
+
+
+def test_no_module_imports_a_layer_above_its_own():
     offences = []
-    for layer, forbidden in LOWER.items():
-        for path in sorted((PACKAGE / layer).rglob("*.py")):
-            offences += [f"{path.relative_to(PACKAGE)} imports {module}" for module in imported_modules(path)
-                         if module.startswith(forbidden)]
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        layer = layer_of(module)
+        for imported in imported_modules(path):
+            if not allowed(layer, layer_of(imported)):
+                offences.append(f"{module} ({layer}) imports {imported} ({layer_of(imported)})")
     assert offences == []
 
 
 def test_every_module_belongs_to_a_layer():
-    loose = sorted(path.name for path in PACKAGE.glob("*.py") if path.name not in ("__init__.py", "__main__.py"))
+    loose = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                   if layer_of(".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)) is None
+                   and path.name not in ("__init__.py", "__main__.py"))
     assert loose == []
+    assert sorted(path.name for path in (PACKAGE / "core").glob("*.py")) == ["__init__.py"]  # core is its packages

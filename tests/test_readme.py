@@ -26,7 +26,7 @@ def test_the_set_up_command_pins_the_cpu_torch_and_runs_generate():
 
 
 def test_readme_defaults_match_the_code():
-    from d3cli.core import schedule
+    from d3cli.core.decode import schedule
 
     readme = (REPO_ROOT / "README.md").read_text()
     for option, value in (("--alpha", schedule.DEFAULT_ALPHA), ("--min-layers", schedule.DEFAULT_MIN_LAYERS),

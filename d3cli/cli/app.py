@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli import __version__
+from d3cli.base.errors import OutputClosed, UserError
 from d3cli.cli.commands.bench import bench
 from d3cli.cli.commands.calibrate import calibrate
 from d3cli.cli.commands.chat import chat
@@ -24,9 +25,8 @@ from d3cli.cli.commands.generate import generate
 from d3cli.cli.commands.profile_ppl import profile_ppl
 from d3cli.cli.commands.serve import serve
 from d3cli.cli.config import load_configuration, option_defaults, subcommands
-from d3cli.core.errors import OutputClosed, UserError
-from d3cli.evaluation.distributed import secondary_process
 from d3cli.cli.render import print_error, write_stdout
+from d3cli.evaluation.distributed import secondary_process
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import typer
 
+from d3cli.base.errors import UserError
+from d3cli.base.paths import state_home
 from d3cli.cli import render
-from d3cli.core import results
-from d3cli.core.errors import UserError
-from d3cli.core.paths import state_home
-from d3cli.core.prompts import decode_utf8
-from d3cli.core.results import reply_record
-from d3cli.core.saved_chat import read_saved_chat, write_saved_chat
-from d3cli.core.schedule import parse_layer_count
+from d3cli.core.decode import results
+from d3cli.core.decode.results import reply_record
+from d3cli.core.decode.schedule import parse_layer_count
+from d3cli.core.session.saved_chat import read_saved_chat, write_saved_chat
+from d3cli.core.text.prompts import decode_utf8
 
 PROMPT = "you ❯ "
 
@@ -82,7 +82,7 @@ class ChatSession:
     # --- replies ----------------------------------------------------------------------------------------------
 
     def reply(self, text: str) -> None:
-        from d3cli.core.engine import GenerationInterrupted
+        from d3cli.core.decode.engine import GenerationInterrupted
 
         conversation = self.conversation
         plan = conversation.plan(text)
@@ -120,7 +120,7 @@ class ChatSession:
         argument = argument.strip()
         handler = COMMANDS.get(name.lower())
         if handler is None:
-            from d3cli.core.settings import did_you_mean
+            from d3cli.core.session.settings import did_you_mean
 
             raise UserError(f"unknown command /{name}{did_you_mean(name, COMMANDS)}; /help lists them")
         return handler.run(self, argument) is not False

@@ -21,10 +21,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d3cli.core.errors import UserError, check_at_least
-from d3cli.core.schedule import parse_layer_count
-from d3cli.core.settings import VALUE_CHECKS as SETTINGS_CHECKS
-from d3cli.core.settings import did_you_mean, json_type
+from d3cli.base.errors import UserError, check_at_least
+from d3cli.core.decode.schedule import parse_layer_count
+from d3cli.core.session.settings import VALUE_CHECKS as SETTINGS_CHECKS
+from d3cli.core.session.settings import did_you_mean, json_type
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -185,7 +185,7 @@ class Configuration:
 
 
 def user_config_path() -> Path:
-    from d3cli.core.paths import config_home
+    from d3cli.base.paths import config_home
 
     return config_home() / "config.toml"
 

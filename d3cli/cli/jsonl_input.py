@@ -11,9 +11,9 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from d3cli.core.errors import UserError
-from d3cli.core.prompts import decode_utf8
-from d3cli.core.settings import DecodeSettings, apply_options, json_type
+from d3cli.base.errors import UserError
+from d3cli.core.session.settings import DecodeSettings, apply_options, json_type
+from d3cli.core.text.prompts import decode_utf8
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from d3cli.core.errors import UserError
-from d3cli.core.schedule import (
+from d3cli.base.errors import UserError
+from d3cli.core.decode.schedule import (
     DEFAULT_ALPHA,
     DEFAULT_HEAD,
     DEFAULT_MIN_LAYERS,
@@ -29,7 +29,7 @@ from d3cli.core.schedule import (
     SKIP_ORDER_NAMES,
     check_alpha,
 )
-from d3cli.core.settings import DEFAULT_MAX_NEW_TOKENS
+from d3cli.core.session.settings import DEFAULT_MAX_NEW_TOKENS
 
 MODEL_PANEL = "Model"
 SCHEDULE_PANEL = "Depth decay"
@@ -246,7 +246,7 @@ class ModelArgs(OptionGroup):
     def options(self, lean: bool = False):
         """The loader's `ModelOptions` of these arguments; `lean` for a command that only decodes (d3's own model
         where a GGUF start was recorded: loader.ModelOptions.lean)."""
-        from d3cli.core.loader import ModelOptions
+        from d3cli.core.model.loader import ModelOptions
 
         return ModelOptions(self.model, self.device, self.dtype, self.device_map, self.trust_remote_code,
                             self.weights, self.group_size, lean=lean)

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from d3cli.core.errors import OutputClosed
+from d3cli.base.errors import OutputClosed
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 BAR_WIDTH = 30

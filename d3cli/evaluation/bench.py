@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d3cli import __version__
-from d3cli.core.errors import UserError
-from d3cli.core.schedule import DecaySchedule, LinearSchedule, StaticSchedule
-from d3cli.core.files import write_atomically
-from d3cli.core.settings import DecodeSettings, settings_as_options
+from d3cli.base.errors import UserError
+from d3cli.base.files import write_atomically
+from d3cli.core.decode.schedule import DecaySchedule, LinearSchedule, StaticSchedule
+from d3cli.core.session.settings import DecodeSettings, settings_as_options
 from d3cli.evaluation.distributed import World
 from d3cli.evaluation.tasks.base import Example, TaskOptions
 
@@ -301,7 +301,7 @@ def plan_for_run(run: MethodRun, loaded, settings: DecodeSettings, d3_records: S
     """The DecodePlan of `run` for `loaded`: full depth, the D3 plan of `settings` at the run's α (its min-layers
     the user's, else the model's calibrated one), or a baseline matched to `d3_records`, the finished records
     (their "tokens" and "layers") of the D3 run `run.matched_d3`."""
-    from d3cli.core.plan import plan_for
+    from d3cli.core.session.plan import plan_for
 
     kind = METHOD_KINDS[run.method]
     if kind.schedule is None:
@@ -319,14 +319,14 @@ def plan_for_run(run: MethodRun, loaded, settings: DecodeSettings, d3_records: S
 
 def bench_alphas(loaded, settings: DecodeSettings, asked: Sequence[float] | None) -> tuple[float, ...]:
     """The D3 rates a bench runs: the ones asked for, else the one the model's plan has (calibrated or default)."""
-    from d3cli.core.plan import plan_for
+    from d3cli.core.session.plan import plan_for
 
     return tuple(asked) if asked else (plan_for(loaded, settings).schedule.alpha,)
 
 
 def encode_examples(loaded, examples: Sequence[Example]) -> dict[str, list[int]]:
     """Every example's prompt as token ids, once for all methods; a prompt too long for the model is a UserError."""
-    from d3cli.core.loader import context_length
+    from d3cli.core.model.model_facts import context_length
 
     context = context_length(loaded.model)
     encoded = {}
@@ -343,8 +343,8 @@ def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, lis
                batch_size: int, results: ResultsFile, on_example=None, batch_tag: str = "") -> None:
     """Decode every example this method has not finished yet; each result is written the moment its row ends.
     `batch_tag` keeps batch ids of different processes apart (the summary times a batch by its id)."""
-    from d3cli.core import engine
-    from d3cli.core.results import ReplyCollector
+    from d3cli.core.decode import engine
+    from d3cli.core.decode.results import ReplyCollector
     from d3cli.evaluation import fidelity
 
     eos = engine.eos_token_ids(loaded.model, loaded.tokenizer)
@@ -545,9 +545,8 @@ class Benchmark:
                 world: World | None = None) -> Benchmark:
         """Every check that can fail before decoding (methods, each schedule against this model, prompt lengths,
         the results file's identity) is made here; nothing is written yet."""
-        from d3cli.core.loader import num_decoder_layers
-
-        from d3cli.core.plan import plan_for
+        from d3cli.core.model.model_facts import num_decoder_layers
+        from d3cli.core.session.plan import plan_for
 
         num_layers = num_decoder_layers(loaded.model)
         alphas = bench_alphas(loaded, settings, alphas)
@@ -608,7 +607,7 @@ class Benchmark:
 
     def summary(self) -> dict:
         """The side-by-side summary of what the results file holds."""
-        from d3cli.core.plan import plan_for
+        from d3cli.core.session.plan import plan_for
 
         d3_plan = plan_for(self.loaded, self.settings)
         d3_schedule, calibration = d3_plan.schedule, self.loaded.calibration

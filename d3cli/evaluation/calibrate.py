@@ -26,13 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from d3cli.core.bridges import DEFAULT_RIDGE, BridgeFitter, Bridges
-from d3cli.core.errors import UserError, check_at_least
-from d3cli.core.model_calibration import ModelCalibration
+from d3cli.base.errors import UserError, check_at_least
+from d3cli.base.paths import BUNDLED
+from d3cli.core.calibration.model_calibration import ModelCalibration
+from d3cli.core.decode.bridges import DEFAULT_RIDGE, BridgeFitter, Bridges
 from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_PROMPTS, SCHEDULE_TOKENS
 from d3cli.evaluation.scoring import ScoringText
 
-PROMPTS_FILE = Path(__file__).parents[1] / "profiles" / "calibration-prompts.json"
+PROMPTS_FILE = BUNDLED / "calibration-prompts.json"
 LATE_FROM = 16  # the layer profile and the bridges look at reply positions from here on, where D3 skips most
 
 
@@ -93,7 +94,7 @@ def _all_builtin() -> list[tuple[str, str]]:
 
 def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
     """A chat prompt through the chat template (when the tokenizer has one), a raw one as plain text."""
-    from d3cli.core.prompts import encode_chat, has_chat_template
+    from d3cli.core.text.prompts import encode_chat, has_chat_template
 
     if kind == "chat" and has_chat_template(tokenizer):
         return encode_chat(tokenizer, [{"role": "user", "content": text}])
@@ -109,7 +110,7 @@ class CalibrationCheckpoint:
     def __init__(self, identity: dict, options: CalibrationOptions):
         import hashlib
 
-        from d3cli.core.paths import cache_home
+        from d3cli.base.paths import cache_home
 
         key = json.dumps({"model": identity, "prompts": options.prompts, "reply_tokens": options.reply_tokens,
                           "batch_size": options.batch_size}, sort_keys=True, default=str)
@@ -122,7 +123,7 @@ class CalibrationCheckpoint:
                 self.batches = {}
 
     def save(self, start: int, texts: list[ScoringText]) -> None:
-        from d3cli.core.files import write_atomically
+        from d3cli.base.files import write_atomically
 
         self.batches[start] = [[text.id, list(text.prompt_ids), list(text.continuation_ids)] for text in texts]
         write_atomically(self.path, json.dumps(self.batches), make_parents=True)
@@ -137,8 +138,8 @@ class CalibrationCheckpoint:
 
     def profile(self, texts: int):
         """The layer profile an interrupted run measured on the first `texts`-reply sample, or None."""
-        from d3cli.core.errors import UserError
-        from d3cli.core.layer_profile import load_profile
+        from d3cli.base.errors import UserError
+        from d3cli.core.calibration.layer_profile import load_profile
 
         path = self.profile_path(texts)
         if not path.is_file():
@@ -163,8 +164,8 @@ class CalibrationCheckpoint:
 
     def bridges(self, fit: dict):
         """(bridges, tokens) an interrupted run fitted with `fit`'s order and options, or None."""
-        from d3cli.core.errors import UserError
-        from d3cli.core.model_calibration import read_calibration
+        from d3cli.base.errors import UserError
+        from d3cli.core.calibration.model_calibration import read_calibration
 
         path = self.bridges_path(fit)
         if not path.is_file():
@@ -176,7 +177,7 @@ class CalibrationCheckpoint:
         return list(kept.bridges.values()), int(kept.fit["tokens"])
 
     def save_bridges(self, identity: dict, profile, bridges, fit: dict) -> None:
-        from d3cli.core.model_calibration import write_calibration
+        from d3cli.core.calibration.model_calibration import write_calibration
 
         write_calibration(self.bridges_path(fit), identity, profile, bridges, fit)
 
@@ -191,9 +192,9 @@ def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: Calibra
                     progress: Progress, checkpoint: CalibrationCheckpoint | None = None) -> list[ScoringText]:
     """The model's greedy full-depth reply to each prompt (batched), as prompt + continuation; batches the
     `checkpoint` holds are taken from it, and each new one is added to it."""
-    from d3cli.core.engine import decode
-    from d3cli.core.plan import plan_for
-    from d3cli.core.settings import DecodeSettings
+    from d3cli.core.decode.engine import decode
+    from d3cli.core.session.plan import plan_for
+    from d3cli.core.session.settings import DecodeSettings
 
     full_depth = plan_for(loaded, DecodeSettings(max_new_tokens=options.reply_tokens).full_depth())  # greedy
     encoded = [encode_builtin(loaded.tokenizer, kind, text) for kind, text in prompts]
@@ -219,7 +220,8 @@ def generate_corpus(loaded, prompts: Sequence[tuple[str, str]], options: Calibra
 
 def measure_layer_profile(loaded, texts: Sequence[ScoringText], progress: Progress):
     """The cost of skipping each layer alone from reply position LATE_FROM on (profiling.measure)."""
-    from d3cli.core.loader import model_identity, num_decoder_layers
+    from d3cli.core.model.loader import model_identity
+    from d3cli.core.model.model_facts import num_decoder_layers
     from d3cli.evaluation.profiling import layer_profile_of, measure
 
     long_enough = [text for text in texts if text.steps > LATE_FROM]
@@ -235,7 +237,7 @@ def fit_bridges(model, texts: Sequence[ScoringText], runs: Sequence[tuple[int, i
                 progress: Progress):
     """One bridge per run, fitted on the full-depth hidden states of every reply position from 1 on (position 0
     is the prefill's, which D3 never skips)."""
-    from d3cli.core.loader import num_decoder_layers
+    from d3cli.core.model.model_facts import num_decoder_layers
     from d3cli.evaluation.scoring import ContinuationScorer
 
     num_layers = num_decoder_layers(model)
@@ -260,7 +262,7 @@ def fit_bridges(model, texts: Sequence[ScoringText], runs: Sequence[tuple[int, i
 
 def check_fits(loaded, options: CalibrationOptions) -> int:
     """The model's layer count, once the options are known to fit it (a UserError if not)."""
-    from d3cli.core.loader import num_decoder_layers
+    from d3cli.core.model.model_facts import num_decoder_layers
 
     num_layers = num_decoder_layers(loaded.model)
     if options.head + options.tail >= num_layers:
@@ -292,10 +294,10 @@ class StepCosts:
 
 def measure_costs(loaded, options: CalibrationOptions) -> StepCosts:
     """One short batch of replies timed now (its prefill and its decode steps)."""
-    from d3cli.core.engine import decode
-    from d3cli.core.loader import num_decoder_layers
-    from d3cli.core.plan import plan_for
-    from d3cli.core.settings import DecodeSettings
+    from d3cli.core.decode.engine import decode
+    from d3cli.core.model.model_facts import num_decoder_layers
+    from d3cli.core.session.plan import plan_for
+    from d3cli.core.session.settings import DecodeSettings
 
     batch = min(options.batch_size, len(builtin_prompts(options.prompts)))
     probe = encode_builtin(loaded.tokenizer, *builtin_prompts(1)[0])
@@ -392,10 +394,10 @@ def calibrate(loaded, options: CalibrationOptions, output: Path | None, progress
               on_stage: Callable[[str, int], None] = lambda stage, total: None) -> CalibrationResult:
     """Make the model's calibration and write it to `output` (default: the user cache, where commands find it).
     `on_stage(stage, total)` announces each stage and its amount of work; `progress(stage, amount)` reports it."""
-    from d3cli.core.layer_profile import importance_order
-    from d3cli.core.loader import model_identity
-    from d3cli.core.model_calibration import cache_path, write_calibration
-    from d3cli.core.schedule import runs_of_drop_order
+    from d3cli.core.calibration.layer_profile import importance_order
+    from d3cli.core.calibration.model_calibration import cache_path, write_calibration
+    from d3cli.core.decode.schedule import runs_of_drop_order
+    from d3cli.core.model.loader import model_identity
 
     num_layers = check_fits(loaded, options)
     fewest = options.fewest_layers if options.fewest_layers is not None else options.head + options.tail
@@ -451,9 +453,8 @@ def choose_stage(loaded, calibration, options: CalibrationOptions, progress: Pro
                  on_stage: Callable[[str, int], None], seconds: dict[str, float]) -> dict:
     """Stage 4: the schedule `calibration` (its order and bridges, activated on the model here) lets the model run
     within the budget (schedule_choice.choose_schedule), as the calibration file stores it."""
-    from d3cli.core.engine import model_device, model_dtype
-    from d3cli.core.loader import num_decoder_layers
-    from d3cli.core.settings import DecodeSettings
+    from d3cli.core.model.model_facts import model_device, model_dtype, num_decoder_layers
+    from d3cli.core.session.settings import DecodeSettings
     from d3cli.evaluation.schedule_choice import Budget, choose_schedule, expected_replies
 
     started = time.perf_counter()
@@ -473,8 +474,8 @@ def choose_only(loaded, options: CalibrationOptions, output: Path | None, progre
     """`d3 calibrate --schedule-only`: choose the schedule again for the model's calibration as it is (its order
     and bridges, e.g. with another --budget), and write the calibration with it to `output` (default: the user
     cache)."""
-    from d3cli.core.loader import model_identity
-    from d3cli.core.model_calibration import cache_path, write_calibration
+    from d3cli.core.calibration.model_calibration import cache_path, write_calibration
+    from d3cli.core.model.loader import model_identity
 
     calibration = loaded.calibration
     if calibration is None:

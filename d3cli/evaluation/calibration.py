@@ -13,8 +13,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from d3cli.core.errors import UserError
-from d3cli.core.schedule import DecaySchedule
+from d3cli.base.errors import UserError
+from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.evaluation.timing import StepCosts
 
 

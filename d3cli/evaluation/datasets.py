@@ -19,9 +19,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from d3cli.core.errors import UserError
-from d3cli.core.files import write_atomically
-from d3cli.core.paths import cache_home
+from d3cli.base.errors import UserError
+from d3cli.base.files import write_atomically
+from d3cli.base.paths import cache_home
 
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
 BBH_URL = "https://raw.githubusercontent.com/suzgunmirac/BIG-Bench-Hard/main"

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from d3cli.core.errors import UserError
+from d3cli.base.errors import UserError
 
 T = TypeVar("T")
 

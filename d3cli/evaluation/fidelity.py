@@ -23,9 +23,10 @@ import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-PROMPTS_FILE = Path(__file__).parents[1] / "profiles" / "reply-prompts.json"
+from d3cli.base.paths import BUNDLED
+
+PROMPTS_FILE = BUNDLED / "reply-prompts.json"
 NGRAM = 4
 LOOP_MARGIN = 0.05  # a reply loops where full depth's does not when its repetition exceeds full depth's by more
 
@@ -125,7 +126,7 @@ def encoded(tokenizer, prompt: ReplyPrompt) -> list[int]:
 
 def decode_replies(loaded, prompt_ids: Sequence[Sequence[int]], plan, batch_size: int = 8, on_reply=None) -> list:
     """The model's replies to every prompt under `plan`, decoded `batch_size` at a time."""
-    from d3cli.core.engine import decode
+    from d3cli.core.decode.engine import decode
 
     replies = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -162,7 +163,7 @@ class FullDepthReplies:
 def full_depth_replies(loaded, prompts: Sequence[ReplyPrompt], plan, batch_size: int = 8,
                        on_reply=None) -> FullDepthReplies:
     """Decode and score the full-depth replies (`plan`: a full-depth DecodePlan with the reply settings)."""
-    from d3cli.core.engine import eos_token_ids
+    from d3cli.core.decode.engine import eos_token_ids
 
     eos = eos_token_ids(loaded.model, loaded.tokenizer)
     prompt_ids = [encoded(loaded.tokenizer, prompt) for prompt in prompts]
@@ -175,7 +176,7 @@ def full_depth_replies(loaded, prompts: Sequence[ReplyPrompt], plan, batch_size:
 
 def compare_with(loaded, full: FullDepthReplies, plan, batch_size: int = 8, on_reply=None) -> list[ReplyPair]:
     """Each prompt's reply under `plan` against its full-depth reply."""
-    from d3cli.core.engine import eos_token_ids
+    from d3cli.core.decode.engine import eos_token_ids
 
     eos = eos_token_ids(loaded.model, loaded.tokenizer)
     replies = decode_replies(loaded, full.prompt_ids, plan, batch_size, on_reply)

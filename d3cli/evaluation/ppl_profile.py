@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from d3cli.core.errors import UserError
-from d3cli.core.settings import DecodeSettings
+from d3cli.base.errors import UserError
+from d3cli.core.session.settings import DecodeSettings
 
 Status = Callable[[str], None]
 
@@ -35,7 +35,7 @@ class Corpus:
 
     def texts(self, loaded, max_positions: int, on_status: Status) -> list:
         """The scoring texts for `loaded` (a UserError when there are none)."""
-        from d3cli.core.loader import context_length
+        from d3cli.core.model.model_facts import context_length
         from d3cli.evaluation import corpus
 
         context = context_length(loaded.model)
@@ -75,10 +75,10 @@ def profile(loaded, corpus: Corpus, settings: DecodeSettings, alphas: Sequence[f
             on_status: Status = lambda message: None) -> dict:
     """Everything profile-ppl reports, as one JSON-ready dict: the per-position profile (full depth and each α),
     the layer profile (written to `options.save_profile` when given), the calibration's recommendation."""
-    from d3cli.core.loader import model_identity, num_decoder_layers
+    from d3cli.core.model.loader import model_identity
+    from d3cli.core.model.model_facts import num_decoder_layers
+    from d3cli.core.session.plan import plan_for
     from d3cli.evaluation import profiling
-
-    from d3cli.core.plan import plan_for
 
     num_layers = num_decoder_layers(loaded.model)
     schedules = {f"α={value:g}": plan_for(loaded, dataclasses.replace(settings, alpha=value)).schedule

@@ -7,8 +7,8 @@ import io
 import math
 from pathlib import Path
 
-from d3cli.core.errors import UserError
-from d3cli.core.files import write_atomically
+from d3cli.base.errors import UserError
+from d3cli.base.files import write_atomically
 
 
 def profile_csv(profile: dict) -> str:

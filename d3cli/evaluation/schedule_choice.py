@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from d3cli.core.errors import UserError
+from d3cli.base.errors import UserError
 from d3cli.evaluation.fidelity import LOOP_MARGIN, ReplyPrompt, compare_with, full_depth_replies, summary
 
 DEFAULT_NLL_BUDGET = 0.10  # nats/token: docs/DEFAULTS.md has the measurements behind it
@@ -121,8 +121,8 @@ def choose_schedule(loaded, settings, prompts: Sequence[ReplyPrompt], budget: Bu
     """The fastest candidate schedule within `budget` for `loaded` (with its calibration activated: its skip order
     and bridges), its replies to `prompts` compared with full depth's. `settings`: the reply settings besides α and
     min-layers (head, tail, skip order, bridges)."""
-    from d3cli.core.loader import num_decoder_layers
-    from d3cli.core.plan import plan_for
+    from d3cli.core.model.model_facts import num_decoder_layers
+    from d3cli.core.session.plan import plan_for
 
     if not prompts:
         raise UserError("choosing a schedule needs held-out prompts: use fewer --prompts for the bridges")

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from d3cli.core.engine import cache_argument, model_device
-from d3cli.core.schedule import DecaySchedule
-from d3cli.core.kv_buffers import ReservingCache, new_cache
-from d3cli.core.skipping import find_decoder_layers, skipped_at_positions
+from d3cli.core.decode.engine import cache_argument, new_cache
+from d3cli.core.decode.schedule import DecaySchedule
+from d3cli.core.decode.skipping import skipped_at_positions
+from d3cli.core.model.kv_buffers import ReservingCache
+from d3cli.core.model.model_facts import find_decoder_layers, model_device
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class ContinuationScorer:
     def nll_from(self, first_layer: int, hidden_in: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         """`nll(plan)` for a plan that skips nothing before `first_layer`, running only the layers from there on:
         `hidden_in` is that layer's input at full depth (from an earlier `score(observe=...)`)."""
-        from d3cli.core.skipping import starting_at
+        from d3cli.core.decode.skipping import starting_at
 
         self._prefilled_cache()  # now, with every layer in place: the forward below finds the prefix ready
         with starting_at(self.model, first_layer, hidden_in):
@@ -142,7 +143,7 @@ def block_influence(model, scorer: ContinuationScorer, late_from: int, inputs: d
 
 def teacher_forced_nll(model, text: ScoringText, schedule: DecaySchedule) -> torch.Tensor:
     """The continuation's NLL through the real cached engine: decoding with a sampler that picks the reference."""
-    from d3cli.core.engine import generate_steps, make_prompt_batch
+    from d3cli.core.decode.engine import generate_steps, make_prompt_batch
 
     targets = torch.tensor(text.continuation_ids, dtype=torch.long)
     device = model_device(model)

@@ -22,11 +22,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from d3cli.core.decode.engine import generate_steps, make_prompt_batch, new_cache, stream_generate, synchronize
+from d3cli.core.decode.schedule import DecaySchedule, StaticSchedule
+from d3cli.core.model.model_facts import model_device, num_decoder_layers
 from d3cli.evaluation.timing import decode_seconds, fit_line, measured_decode_speedup, median_total
-from d3cli.core.engine import generate_steps, make_prompt_batch, model_device, stream_generate, synchronize
-from d3cli.core.loader import num_decoder_layers
-from d3cli.core.schedule import DecaySchedule, StaticSchedule
-from d3cli.core.kv_buffers import new_cache
 
 NO_EOS = frozenset({-1})  # both sides produce exactly the tokens asked for
 

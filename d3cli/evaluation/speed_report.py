@@ -10,9 +10,9 @@ import dataclasses
 import platform
 from collections.abc import Callable, Sequence
 
-from d3cli.core.errors import UserError
-from d3cli.core.loader import ModelOptions
-from d3cli.core.settings import DecodeSettings
+from d3cli.base.errors import UserError
+from d3cli.core.model.loader import ModelOptions
+from d3cli.core.session.settings import DecodeSettings
 
 SPEED_PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
 BATCH_SIZES = (1, 4, 16)
@@ -40,12 +40,12 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     `quick`: short replies, few rounds, only the weight kinds, α = 1 and the step costs at the first α."""
     import torch
 
-    from d3cli.core.engine import model_device, model_dtype
-    from d3cli.core.loader import context_length, gguf_file, num_decoder_layers
-    from d3cli.core.plan import plan_for
-    from d3cli.core.prompts import encode_prompt
-    from d3cli.core.results import load_fields
-    from d3cli.core.schedule import DecaySchedule
+    from d3cli.core.decode.results import load_fields
+    from d3cli.core.decode.schedule import DecaySchedule
+    from d3cli.core.model.loader import gguf_file
+    from d3cli.core.model.model_facts import context_length, model_device, model_dtype, num_decoder_layers
+    from d3cli.core.session.plan import plan_for
+    from d3cli.core.text.prompts import encode_prompt
     from d3cli.evaluation import speed, weights_speed
     from d3cli.evaluation.timing import decode_seconds
 
@@ -107,7 +107,7 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
         return report
     if model_options.fused:
         on_status("timing decode steps with transformers' own decoder layers")
-        from d3cli.core.loader import load
+        from d3cli.core.model.loader import load
 
         unfused = load(dataclasses.replace(model_options, fused=False))
         before = speed.step_times(unfused.model, prompt, schedules[0].with_bridge_maps(None), tokens, repeats)
@@ -134,7 +134,7 @@ def long_prompt_ids(tokenizer, count: int) -> list[int]:
 
 
 def gguf_path_or_none(model_options: ModelOptions) -> str | None:
-    from d3cli.core.loader import gguf_file
+    from d3cli.core.model.loader import gguf_file
 
     path = gguf_file(model_options.model)
     return None if path is None else str(path)
@@ -143,7 +143,7 @@ def gguf_path_or_none(model_options: ModelOptions) -> str | None:
 def other_weight_kinds(loaded) -> list[str]:
     """The kinds to time beside the loaded one: on the CPU every kind (the loaded one's dense dtype aside), on a
     GPU none (its quantized kernels are CPU kernels)."""
-    from d3cli.core.engine import model_device
+    from d3cli.core.model.model_facts import model_device
 
     if model_device(loaded.model).type != "cpu" or loaded.weights is None:
         return []
@@ -156,9 +156,10 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
     `settings`, and llama.cpp on the GGUF file, in turns: the rows of weights_speed.compare."""
     import torch
 
-    from d3cli.core.loader import load, num_decoder_layers
-    from d3cli.core.plan import plan_for
-    from d3cli.core.schedule import DecaySchedule
+    from d3cli.core.decode.schedule import DecaySchedule
+    from d3cli.core.model.loader import load
+    from d3cli.core.model.model_facts import num_decoder_layers
+    from d3cli.core.session.plan import plan_for
     from d3cli.evaluation import weights_speed
 
     models, skipped = [(loaded, None)], {}

@@ -13,8 +13,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from d3cli.core.engine import generate_steps, make_prompt_batch, model_device, synchronize
-from d3cli.core.schedule import DecaySchedule, StaticSchedule
+from d3cli.core.decode.engine import generate_steps, make_prompt_batch, synchronize
+from d3cli.core.decode.schedule import DecaySchedule, StaticSchedule
+from d3cli.core.model.model_facts import model_device
 
 
 @dataclass(frozen=True)

@@ -113,8 +113,8 @@ def long_prompt(loaded, prompt_ids: Sequence[int], tokens: int, repeats: int, gg
     """Prefill tokens/s of the long prompt `prompt_ids` and decode tokens/s after it at full depth, d3 and llama.cpp
     (its llama-bench: a prompt of the same length, and decode steps after a context of that length) in turns, each
     the median over `repeats` rounds; llama.cpp's over d3's as ratios."""
-    from d3cli.core.loader import num_decoder_layers
-    from d3cli.core.schedule import DecaySchedule
+    from d3cli.core.decode.schedule import DecaySchedule
+    from d3cli.core.model.model_facts import num_decoder_layers
     from d3cli.evaluation.timing import prefill_and_decode_seconds
 
     full = DecaySchedule.full(num_decoder_layers(loaded.model))
@@ -225,7 +225,7 @@ def with_llama_ratios(rows: list[dict]) -> list[dict]:
 def gguf_step_bytes(gguf_path: str) -> float:
     """The bytes a llama.cpp decode step reads from its file: every tensor but the token embedding's rows (read
     one row a step), counting the embedding once more when it is also the output layer (tied)."""
-    from d3cli.core.gguf_blocks import read_gguf
+    from d3cli.core.model.gguf_blocks import read_gguf
 
     tensors = read_gguf(Path(gguf_path)).tensors
     names = {tensor.name for tensor in tensors}

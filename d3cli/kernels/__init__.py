@@ -102,7 +102,7 @@ def description() -> str:
 
 def cache_folder() -> Path:
     """Where built kernels are kept: one folder per source, torch, compiler and CPU."""
-    from d3cli.core.paths import cache_home
+    from d3cli.base.paths import cache_home
 
     return cache_home() / "kernels"
 
@@ -123,7 +123,7 @@ def _built(compiler: str) -> Path:
     library = folder / LIBRARY
     if library.is_file():
         return library
-    from d3cli.core.paths import exclusive
+    from d3cli.base.paths import exclusive
 
     with exclusive(f"kernels-{folder.name}"):  # processes started together build once; the rest wait for it
         if not library.is_file():

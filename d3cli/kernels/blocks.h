@@ -10,7 +10,7 @@
 //   q6k:      w = d·sc[h]·(q − 32), q in 0..63, sc int8 per half block of 16 (Q6_K).
 // A group is one block (a GGUF file's blocks) or several (a float model quantized on load: groups of 64..256, or a
 // whole row for int8 per channel). Scales and offsets are float16 where that holds them exactly, else float32. The
-// rows are stored in tiles (below), packed by Python (d3cli/core/quantized.py).
+// rows are stored in tiles (below), packed by Python (d3cli/core/model/quantized.py).
 //
 // Activations are quantized per block of 32 to int8 with one float scale (x ≈ d·q, as llama.cpp's Q8 blocks), and
 // each block's product is one integer dot product: Σ w·x̂ = scale·d·Σ q·xq + offset·d·Σ xq, exactly the product of

@@ -32,8 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from d3cli.core.errors import UserError
-from d3cli.core.settings import DecodeSettings
+from d3cli.base.errors import UserError
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.server import protocol
 from d3cli.server.protocol import CHAT, COMPLETION, ApiError, ChunkStream, CompletionRequest, ResponseIdentity
 from d3cli.server.worker import Job, JobEnd, QueueFull, Worker
@@ -59,7 +59,7 @@ class ServerState:
     """The model (None while loading), its worker, and what requests need of it."""
 
     def __init__(self, config: ServeConfig, log: Callable[[dict], None]):
-        from d3cli.core.loader import EMBEDDED_NAME
+        from d3cli.core.model.loader import EMBEDDED_NAME
 
         self.config = config
         self.log = log
@@ -79,8 +79,8 @@ class ServerState:
         server is told to stop."""
         started = time.perf_counter()
         try:
-            from d3cli.core.loader import load
-            from d3cli.core.plan import plan_for
+            from d3cli.core.model.loader import load
+            from d3cli.core.session.plan import plan_for
 
             loaded = load(self.config.model_options)
             loaded = self.config.settings.with_calibration(loaded)
@@ -103,14 +103,14 @@ class ServerState:
 
     @property
     def num_layers(self) -> int:
-        from d3cli.core.loader import num_decoder_layers
+        from d3cli.core.model.model_facts import num_decoder_layers
 
         return num_decoder_layers(self.loaded.model)
 
     def prompt_ids(self, request: CompletionRequest) -> list[int]:
         """The request's token ids (chat template or raw text), checked against the model's context."""
-        from d3cli.core.loader import context_length
-        from d3cli.core.prompts import check_fits_context, encode_chat, encode_prompt
+        from d3cli.core.model.model_facts import context_length
+        from d3cli.core.text.prompts import check_fits_context, encode_chat, encode_prompt
 
         param = "messages" if request.endpoint == CHAT else "prompt"
         try:
@@ -130,7 +130,7 @@ class ServerState:
 
     def plan(self, request: CompletionRequest):
         """The request's DecodePlan; a schedule that does not fit the model is the request's error (400)."""
-        from d3cli.core.plan import plan_for
+        from d3cli.core.session.plan import plan_for
 
         try:
             return plan_for(self.loaded, request.settings)

@@ -14,9 +14,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from d3cli.core.errors import UserError
-from d3cli.core.results import Reply, estimated_speedup, layer_ratio, schedule_fields
-from d3cli.core.settings import DecodeSettings, apply_options, did_you_mean, json_type
+from d3cli.base.errors import UserError
+from d3cli.core.decode.results import Reply, estimated_speedup, layer_ratio, schedule_fields
+from d3cli.core.session.settings import DecodeSettings, apply_options, did_you_mean, json_type
 
 CHAT, COMPLETION = "chat", "completion"
 

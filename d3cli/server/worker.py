@@ -66,7 +66,7 @@ class Worker:
     """A daemon thread that decodes queued jobs in order with `loaded` (a loader.LoadedModel)."""
 
     def __init__(self, loaded, queue_size: int, decode=None, max_batch: int = 1):
-        from d3cli.core.engine import stream_decode
+        from d3cli.core.decode.engine import stream_decode
 
         self.loaded = loaded
         self.decode = decode or stream_decode

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from d3cli.core.engine import generate, generate_steps, make_prompt_batch
-from d3cli.core.loader import load
-from d3cli.core.prompts import encode_chat
-from d3cli.core.schedule import DecaySchedule
+from d3cli.core.decode.engine import generate, generate_steps, make_prompt_batch
+from d3cli.core.decode.schedule import DecaySchedule
+from d3cli.core.model.loader import load
+from d3cli.core.text.prompts import encode_chat
 
 
 def questions(data_dir: Path, count: int) -> list[str]:

@@ -20,7 +20,7 @@ def test_version_and_help(cli):
 def test_the_cli_imports_no_torch_until_a_command_needs_it():
     """`d3 --help`, completions and option errors stay fast: the app and every command module import without torch,
     transformers, the engine, lm-eval or the web server's packages (they are imported inside the commands)."""
-    heavy = ("torch", "transformers", "d3cli.core.engine", "safetensors", "starlette", "uvicorn", "d3cli.server.app",
+    heavy = ("torch", "transformers", "d3cli.core.decode.engine", "safetensors", "starlette", "uvicorn", "d3cli.server.app",
              "lm_eval")
     program = ("import sys, d3cli.cli.app, typer.main; typer.main.get_command(d3cli.cli.app.app); "
                f"print(sorted(m for m in {heavy!r} if m in sys.modules))")

@@ -21,7 +21,7 @@ def test_on_a_terminal_the_bar_counts_the_layers_and_goes_away(monkeypatch):
 
 
 def test_the_loader_reports_each_built_layer(tiny_model_dir):
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     calls = []
     load(str(tiny_model_dir), progress=lambda built, total: calls.append((built, total)))

@@ -1,6 +1,6 @@
 import pytest
 
-from d3cli.core.errors import UserError
+from d3cli.base.errors import UserError
 from d3cli.cli.options import parse_alphas, parse_list
 
 

@@ -10,18 +10,18 @@ import time
 import pytest
 from conftest import d3_executable
 
+from d3cli.base.errors import UserError
+from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.evaluation.bench import (
     DEFAULT_METHODS,
     MethodRun,
-    default_methods,
     ResultsFile,
+    default_methods,
     matched_linear,
     matched_static,
     method_runs,
     summarize,
 )
-from d3cli.core.errors import UserError
-from d3cli.core.schedule import DecaySchedule
 from d3cli.evaluation.tasks.base import Example
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]

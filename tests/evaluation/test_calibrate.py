@@ -4,13 +4,13 @@ command finds them; bad options one line."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 
 import pytest
 from calibration_files import identity_of
 
-from d3cli.core.model_calibration import cache_path, read_calibration
+from d3cli.core.calibration.model_calibration import cache_path, read_calibration
 
 
 @pytest.fixture
@@ -92,8 +92,8 @@ def test_schedule_only_needs_a_calibration(cli, tiny_model_dir):
 
 
 def test_an_interrupted_calibration_goes_on_where_its_replies_stopped(tiny_model_dir, monkeypatch, tmp_path):
-    from d3cli.core import engine
-    from d3cli.core.loader import load, model_identity
+    from d3cli.core.decode import engine
+    from d3cli.core.model.loader import load, model_identity
     from d3cli.evaluation import calibrate as calibration
 
     loaded = load(str(tiny_model_dir))
@@ -156,7 +156,7 @@ def test_a_time_limit_cuts_prompts_texts_and_held_out_prompts_by_one_fraction_an
 
 
 def test_a_time_limit_below_the_smallest_calibration_is_one_line_naming_what_would_fit():
-    from d3cli.core.errors import UserError
+    from d3cli.base.errors import UserError
     from d3cli.evaluation.calibrate import CalibrationOptions, StepCosts, within_time
 
     with pytest.raises(UserError, match=r"--time-limit 60 s: even the smallest calibration \(8 prompts, 4 profile "
@@ -168,7 +168,7 @@ def test_a_time_limit_below_the_smallest_calibration_is_one_line_naming_what_wou
 def test_an_interruption_keeps_every_finished_stage(tiny_model_dir, monkeypatch, tmp_path, interrupted, kept):
     """Interrupted in the bridges stage, the layer profile is kept; in the schedule stage, the bridges too: the next
     run does neither again, and its calibration holds what was kept."""
-    from d3cli.core.loader import load, model_identity
+    from d3cli.core.model.loader import load, model_identity
     from d3cli.evaluation import calibrate as calibration
 
     loaded = load(str(tiny_model_dir))

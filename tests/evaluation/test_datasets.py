@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from d3cli.base.errors import UserError
 from d3cli.evaluation import datasets
-from d3cli.core.errors import UserError
 
 
 class DataServer:

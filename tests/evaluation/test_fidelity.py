@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from d3cli.core.loader import LoadedModel
-from d3cli.core.plan import plan_of
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.model.loader import LoadedModel
+from d3cli.core.session.plan import plan_of
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation.fidelity import (
     ReplyPrompt,
     builtin_reply_prompts,
@@ -82,7 +82,7 @@ def test_a_skipping_schedule_is_measured_against_full_depth(loaded):
         assert pair.first_difference is not None and 0 <= pair.first_difference <= min(pair.tokens, pair.full_tokens)
         assert pair.as_dict()["delta_nll"] == pytest.approx(pair.nll - pair.nll_full)
     # the one-pass NLL equals the cached engine forced through the same tokens, one step at a time
-    from d3cli.core.schedule import DecaySchedule
+    from d3cli.core.decode.schedule import DecaySchedule
     from d3cli.evaluation.scoring import ScoringText, teacher_forced_nll
 
     stepwise = teacher_forced_nll(loaded.model, ScoringText("r", tuple(full.prompt_ids[0]), tuple(full.tokens[0])),

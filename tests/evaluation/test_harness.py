@@ -11,13 +11,13 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from d3cli.core import engine  # noqa: E402
-from d3cli.core.loader import LoadedModel  # noqa: E402
-from d3cli.core.schedule import DecaySchedule  # noqa: E402
-from d3cli.core.settings import DecodeSettings  # noqa: E402
+from d3cli.core.decode import engine  # noqa: E402
+from d3cli.core.decode.schedule import DecaySchedule  # noqa: E402
+from d3cli.core.model.loader import LoadedModel  # noqa: E402
+from d3cli.core.session.plan import plan_for
+from d3cli.core.session.settings import DecodeSettings  # noqa: E402
 from d3cli.evaluation.harness.model import D3LM  # noqa: E402
 from d3cli.evaluation.scoring import ScoringText, teacher_forced_nll  # noqa: E402
-from d3cli.core.plan import plan_for
 
 CONTEXTS = ["The capital of France is", "Two plus two equals", "Once upon a time, in a small village,"]
 CONTINUATIONS = [" Paris, a city of light and museums.", " four, as everyone knows.", " there lived a baker."]
@@ -120,7 +120,7 @@ def test_generate_until_is_d3_decoding_cut_at_the_stop_strings(loaded):
 
 def test_model_arguments_are_d3_generate_options_checked_the_same_way(loaded):
     assert D3LM(loaded=loaded, alpha=0.9, min_layers="6", skip_order="late").schedule.min_layers == 6
-    from d3cli.core.errors import UserError
+    from d3cli.base.errors import UserError
 
     with pytest.raises(UserError, match="alpha must lie in"):
         D3LM(loaded=loaded, alpha=1.5)
@@ -135,7 +135,7 @@ def test_the_weights_model_argument_loads_and_scores_the_quantized_weights(tiny_
                                            disable_tqdm=True)
     expected, expected_greedy = full_depth_logprob(lm.loaded.model, lm.tokenizer, CONTEXTS[0], CONTINUATIONS[0])
     assert math.isclose(logprob, expected, rel_tol=1e-4, abs_tol=1e-4) and greedy == expected_greedy
-    from d3cli.core.errors import UserError
+    from d3cli.base.errors import UserError
 
     with pytest.raises(UserError, match="unknown weights .int3."):
         D3LM(pretrained=str(tiny_model_dir), weights="int3")

@@ -1,8 +1,8 @@
 import pytest
 
-from d3cli.core.errors import UserError
-from d3cli.core.loader import LoadedModel
-from d3cli.core.settings import DecodeSettings
+from d3cli.base.errors import UserError
+from d3cli.core.model.loader import LoadedModel
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation.ppl_profile import Corpus, ProfileOptions, profile
 
 TEXT = ("The river ran past the mill and under the old bridge, where children fished in summer and skated in "

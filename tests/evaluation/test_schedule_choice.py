@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from d3cli.core.errors import UserError
-from d3cli.core.loader import LoadedModel
-from d3cli.core.schedule import DecaySchedule
-from d3cli.core.settings import DecodeSettings
+from d3cli.base.errors import UserError
+from d3cli.core.decode.schedule import DecaySchedule
+from d3cli.core.model.loader import LoadedModel
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation.fidelity import builtin_reply_prompts
 from d3cli.evaluation.schedule_choice import Budget, choose_schedule, predicted_speedup
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from d3cli.core.schedule import DecaySchedule
+from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.evaluation.scoring import (
     ContinuationScorer,
     ScoringText,

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from d3cli.core.schedule import DecaySchedule
-from d3cli.evaluation.timing import fit_line
+from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.evaluation.speed import alpha1_against_hf, kv_cache_bytes, mean_decode_layers
+from d3cli.evaluation.timing import fit_line
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
 
@@ -110,10 +110,10 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
     monkeypatch.setattr(speed, "first_token_seconds",
                         lambda *args: {"cold_s": 1.0, "warm_s": 1.0, "warm_exit_s": 1.0, "imports_s": 1.0})
 
-    from d3cli.core.bridges import Bridge
-    from d3cli.core.layer_profile import importance_order
-    from d3cli.core.model_calibration import write_calibration
-    from d3cli.core.schedule import runs_of_drop_order
+    from d3cli.core.calibration.layer_profile import importance_order
+    from d3cli.core.calibration.model_calibration import write_calibration
+    from d3cli.core.decode.bridges import Bridge
+    from d3cli.core.decode.schedule import runs_of_drop_order
 
     identity = identity_of(tiny_model_dir)
     profile = profile_for(identity)
@@ -143,9 +143,9 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
 
 
 def test_first_token_children_load_the_model_as_the_run_did():
+    from d3cli.core.model.loader import ModelOptions
+    from d3cli.core.session.settings import DecodeSettings
     from d3cli.evaluation.speed_report import child_generate_args
-    from d3cli.core.loader import ModelOptions
-    from d3cli.core.settings import DecodeSettings
 
     model_options = ModelOptions("org/model", "cpu", "float32", "auto", trust_remote_code=True)
     settings = DecodeSettings(calibration="/c.safetensors", profile=None, bridges=False)
@@ -170,8 +170,8 @@ def _value_of(option):
 
 
 def test_the_speed_bench_skips_a_weight_kind_that_does_not_fit_and_says_why(cli, tiny_model_dir, monkeypatch):
-    from d3cli.core import memory
-    from d3cli.core.streamed import SafetensorsWeights, safetensors_files
+    from d3cli.core.model import memory
+    from d3cli.core.model.streamed import SafetensorsWeights, safetensors_files
 
     values = SafetensorsWeights(safetensors_files(tiny_model_dir)).numel()
     monkeypatch.setattr(memory, "available_memory", lambda: values * 2)  # int8 and int4 fit, float32 does not
@@ -218,7 +218,7 @@ def test_a_long_prompt_is_timed_in_turns_with_llama_bench(tmp_path, monkeypatch,
     a prompt of the same length and for decode steps after a context of that length; the ratios d3 / llama.cpp."""
     import sys as system
 
-    from d3cli.core import loader
+    from d3cli.core.model import loader
     from d3cli.evaluation import speed_report, weights_speed
 
     fake = tmp_path / "llama-bench"
@@ -245,7 +245,7 @@ def test_a_long_prompt_is_timed_in_turns_with_llama_bench(tmp_path, monkeypatch,
 
 
 def test_llama_cpps_step_bytes_are_its_files_tensors_but_the_embedding_rows(mixed_gguf):
-    from d3cli.core.gguf_blocks import read_gguf
+    from d3cli.core.model.gguf_blocks import read_gguf
     from d3cli.evaluation import weights_speed
 
     tensors = read_gguf(mixed_gguf).tensors

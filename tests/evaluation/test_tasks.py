@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from d3cli.core.errors import UserError
+from d3cli.base.errors import UserError
 from d3cli.evaluation.tasks import get_task
 from d3cli.evaluation.tasks.base import INVALID, Example, TaskOptions
 from d3cli.evaluation.tasks.bbh import SUBTASKS, strip_canary
@@ -142,7 +142,7 @@ def test_bbh_malformed_file_is_named(tmp_path):
 
 
 def test_an_example_encodes_its_prompt_as_every_command_does(tokenizer):
-    from d3cli.core.prompts import encode_chat
+    from d3cli.core.text.prompts import encode_chat
 
     chat = Example("t/0", "What is 2 + 2?", "4", chat=True)
     raw = Example("t/1", "Q: What is 2 + 2?\nA:", "4")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from d3cli.core.schedule import DecaySchedule
+from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.evaluation.timing import fit_line, measure_step_costs, median_total
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from d3cli import kernels
-from d3cli.core.quantized import (
+from d3cli.core.model.quantized import (
     AffineInt4,
     BlockInt8,
     BlockInt8Linear,
@@ -219,8 +219,8 @@ def test_the_avx2_path_passes_these_tests_too(request):
 
     root = Path(__file__).resolve().parents[2]
     environment = {**os.environ, "D3_KERNELS_MARCH": "haswell"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(Path(__file__)), "tests/core/test_native.py",
-                             "tests/core/test_gguf_tiles.py",
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(Path(__file__)), "tests/core/model/test_native_layer.py", "tests/core/decode/test_native_step.py",
+                             "tests/core/model/test_gguf_tiles.py",
                              "-k", "not avx2_path", "-n", "0", "-o", f"cache_dir={request.config.getini('cache_dir')}"],
                             env=environment, cwd=root, capture_output=True, text=True,
                             timeout=600)

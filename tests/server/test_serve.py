@@ -19,9 +19,9 @@ import openai
 import pytest
 from conftest import d3_executable
 
-from d3cli.core.settings import DecodeSettings
-from d3cli.core.model_calibration import BUNDLED_CALIBRATION, read_calibration
-from d3cli.core.plan import plan_of
+from d3cli.core.calibration.model_calibration import BUNDLED_CALIBRATION, read_calibration
+from d3cli.core.session.plan import plan_of
+from d3cli.core.session.settings import DecodeSettings
 
 START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 120

@@ -9,12 +9,12 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from d3cli.core.engine import TokenEvent
-from d3cli.core.errors import UserError
-from d3cli.core.settings import DecodeSettings
+from d3cli.base.errors import UserError
+from d3cli.core.decode.engine import TokenEvent
+from d3cli.core.session.plan import plan_of
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.server import protocol
 from d3cli.server.protocol import CHAT, COMPLETION, ApiError, ChunkStream, ResponseIdentity
-from d3cli.core.plan import plan_of
 
 MODEL = "tiny"
 BASE = DecodeSettings()
@@ -186,7 +186,7 @@ def decode_plan():
 
 
 def test_a_whole_chat_response_is_an_openai_chat_completion():
-    from d3cli.core.results import Reply
+    from d3cli.core.decode.results import Reply
 
     reply = Reply()
     for event in events(["Hi", " there", ""]):
@@ -203,7 +203,7 @@ def test_a_whole_chat_response_is_an_openai_chat_completion():
 
 
 def test_a_whole_completion_response_is_an_openai_completion():
-    from d3cli.core.results import Reply
+    from d3cli.core.decode.results import Reply
 
     reply = Reply()
     for event in events(["a", "b"], finish_reason="length"):

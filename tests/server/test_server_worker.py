@@ -7,11 +7,11 @@ import queue
 
 import pytest
 
-from d3cli.core.engine import TokenEvent, decode
-from d3cli.core.prompts import encode_prompt
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.decode.engine import TokenEvent, decode
+from d3cli.core.session.plan import plan_of
+from d3cli.core.session.settings import DecodeSettings
+from d3cli.core.text.prompts import encode_prompt
 from d3cli.server.worker import Job, JobEnd, QueueFull, Worker
-from d3cli.core.plan import plan_of
 
 
 class FakeStream:
@@ -139,7 +139,7 @@ def test_the_thread_runs_jobs_in_order():
 def test_after_a_cancelled_and_a_failed_decode_the_model_decodes_exactly(tiny_models, tokenizer):
     """The real engine under the worker: a reply cut short at alpha < 1 (layers swapped out at that moment) and
     a reply that fails mid-way leave the model as it was; the next reply at alpha 1 equals a fresh decode."""
-    from d3cli.core.loader import LoadedModel
+    from d3cli.core.model.loader import LoadedModel
 
     loaded = LoadedModel(tiny_models["llama"], tokenizer, "tiny")
     prompt = encode_prompt(tokenizer, "Tell me about the sea.", chat=False)
@@ -173,7 +173,7 @@ def test_after_a_cancelled_and_a_failed_decode_the_model_decodes_exactly(tiny_mo
 
 
 def job_with(temperature: float = 0.0, alpha: float = 0.98, deliver=None) -> Job:
-    from d3cli.core.sampling import SamplingSettings
+    from d3cli.core.decode.sampling import SamplingSettings
 
     settings = DecodeSettings(alpha=alpha, sampling=SamplingSettings(temperature=temperature))
     return Job([1, 2], plan_of(settings, 8), deliver or (lambda item: None))

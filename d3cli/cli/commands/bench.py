@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from d3cli.base.errors import UserError, check_at_least
 from d3cli.cli import render
-from d3cli.core.errors import UserError, check_at_least
 from d3cli.cli.options import (
     OUTPUT_PANEL,
     TASK_PANEL,
@@ -26,7 +26,8 @@ from d3cli.cli.options import (
     parse_list,
     uses_option_groups,
 )
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.session.settings import DecodeSettings
+
 
 def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace(" (embedded)", "")).strip("-").lower() or "model"
@@ -104,7 +105,7 @@ def bench(
     if task == "speed" and distributed.launched_size() > 1:
         raise UserError("--task speed times one process: run it without a launcher (accelerate launch, torchrun)")
     if task == "speed":
-        from d3cli.core.loader import load
+        from d3cli.core.model.loader import load
         from d3cli.evaluation.speed_report import measure
 
         check_at_least("--repeats", repeats, 1)
@@ -154,7 +155,7 @@ def bench(
             if not examples:
                 raise UserError(f"{task} has no examples in {folder}")
 
-            from d3cli.core.loader import load
+            from d3cli.core.model.loader import load
 
             loaded = settings.with_calibration(load(model.options()))
             path = output or Path(f"d3-bench-{task}-{model_slug(loaded.name)}.jsonl")
@@ -182,14 +183,13 @@ def bench(
 def run_lm_eval(task, model, depth, sampling, alphas, methods, limit, shots, chat, data_dir, include_path, batch_size,
                 output, as_json) -> None:
     """`--task lm-eval:TASKS`: every method through lm-eval, then d3's side-by-side table from lm-eval's metrics."""
-    import json
-
     import importlib.util
+    import json
 
     if importlib.util.find_spec("lm_eval") is None:
         raise UserError("--task lm-eval: needs lm-evaluation-harness: pip install 'd3cli[eval]'")
-    from d3cli.core.loader import load
-    from d3cli.core.files import write_atomically
+    from d3cli.base.files import write_atomically
+    from d3cli.core.model.loader import load
     from d3cli.evaluation.datasets import data_dir as resolve_data_dir
     from d3cli.evaluation.datasets import require
     from d3cli.evaluation.harness import bench as harness

@@ -9,7 +9,6 @@ progress bar and nothing to choose. Parse, call `calibrate.calibrate`, render.
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -101,13 +100,12 @@ def calibrate(
     becomes its schedule. The result goes to the user cache, where generate,
     chat, bench, serve and profile-ppl find it by themselves.
     """
-    from d3cli.core.errors import UserError
-    from d3cli.core.loader import load
-    from d3cli.core.settings import DecodeSettings
-    from d3cli.core.loader import model_identity
+    from d3cli.base.errors import UserError
+    from d3cli.core.model.loader import load, model_identity
+    from d3cli.core.session.settings import DecodeSettings
     from d3cli.evaluation.calibrate import (
-        CalibrationOptions,
         CalibrationCheckpoint,
+        CalibrationOptions,
         check_fits,
         choose_only,
         estimate_from,

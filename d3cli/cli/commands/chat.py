@@ -15,7 +15,7 @@ import typer
 from d3cli.cli import render
 from d3cli.cli.chat_session import ChatSession
 from d3cli.cli.options import OUTPUT_PANEL, DepthArgs, ModelArgs, SamplingArgs, SystemOption, uses_option_groups
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.session.settings import DecodeSettings
 
 
 @uses_option_groups
@@ -34,8 +34,8 @@ def chat(
     Type /help in the chat for its commands. Piped, each input line is one user turn.
     """
     settings = DecodeSettings.from_options(**depth.values(), **sampling.values(), chat=True)
-    from d3cli.core.conversation import Conversation
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
+    from d3cli.core.session.conversation import Conversation
 
     with render.LoadingBar(model.options().model or "the embedded model") as bar:
         loaded = load(model.options(lean=True), progress=bar.progress)

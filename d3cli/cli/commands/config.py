@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from d3cli.base.errors import UserError
 from d3cli.cli import render
 from d3cli.cli.config import Configuration
-from d3cli.core.errors import UserError
-from d3cli.core.plan import SCHEDULE_KEYS  # unset: the model's calibration (or the default) decides
+from d3cli.core.session.plan import SCHEDULE_KEYS  # unset: the model's calibration (or the default) decides
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from d3cli.base.errors import UserError, check_at_least
 from d3cli.cli import render
-from d3cli.core.errors import UserError, check_at_least
 from d3cli.cli.options import (
     OUTPUT_PANEL,
     ChatOption,
@@ -21,18 +21,19 @@ from d3cli.cli.options import (
     SystemOption,
     uses_option_groups,
 )
-from d3cli.core.prompt_batches import (
+from d3cli.core.decode.results import Reply, reply_record
+from d3cli.core.session.prompt_batches import (
     PreparedPrompt,
     batches,
     comparison_seed,
     decode,
-    prepare_prompt,
     plans,
+    prepare_prompt,
     warm_up,
 )
-from d3cli.core.prompts import read_stdin_prompt
-from d3cli.core.results import Reply, reply_record
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.session.settings import DecodeSettings
+from d3cli.core.text.prompts import read_stdin_prompt
+
 
 @uses_option_groups
 def generate(
@@ -93,7 +94,7 @@ def generate(
         if not prompt.strip():
             raise UserError("the prompt is empty")
 
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     with render.LoadingBar(model.options().model or "the embedded model") as bar:
         loaded = load(model.options(lean=True), progress=bar.progress)
@@ -107,7 +108,7 @@ def generate(
 
 def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, stats: bool) -> None:
     """Decode one prompt; render live on a terminal, else stream plain text (or print JSON)."""
-    from d3cli.core.engine import GenerationInterrupted
+    from d3cli.core.decode.engine import GenerationInterrupted
 
     plan, full_depth = plans(loaded, prepared.settings)
     on_terminal = sys.stdout.isatty() and not as_json
@@ -162,8 +163,8 @@ def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, 
 
     On Ctrl-C the replies in flight are still printed, with finish_reason "interrupted".
     """
-    from d3cli.core.engine import GenerationInterrupted
     from d3cli.cli.jsonl_input import read_requests
+    from d3cli.core.decode.engine import GenerationInterrupted
 
     def prepare(request) -> PreparedPrompt:
         return prepare_prompt(loaded, request.prompt, request.settings, request.line, request.request_id)

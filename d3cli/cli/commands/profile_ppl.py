@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from d3cli.evaluation import profile_files
+from d3cli.base.errors import UserError, check_at_least
 from d3cli.cli import render
-from d3cli.core.errors import UserError, check_at_least
 from d3cli.cli.options import (
     OUTPUT_PANEL,
     TASK_PANEL,
@@ -23,7 +22,8 @@ from d3cli.cli.options import (
     parse_list,
     uses_option_groups,
 )
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.session.settings import DecodeSettings
+from d3cli.evaluation import profile_files
 from d3cli.evaluation.ppl_profile import Corpus, ProfileOptions, profile
 
 PROFILE_PANEL = "Profile"
@@ -145,7 +145,7 @@ def profile_ppl(
         examples, _ = task_examples(benchmark, task_options, data_dir, on_download=render.print_download)
         corpus = Corpus.of_task(benchmark, examples, self_generated)
 
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     loaded = settings.with_calibration(load(model.options()))
     console = render.stderr_console()

@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from d3cli.base.errors import UserError, check_at_least
 from d3cli.cli import render
 from d3cli.cli.options import DepthArgs, ModelArgs, SamplingArgs, uses_option_groups
-from d3cli.core.errors import UserError, check_at_least
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.session.settings import DecodeSettings
 
 SERVER_PANEL = "Server"
 SERVE_PACKAGES = ("starlette", "uvicorn")

@@ -6,11 +6,12 @@ import sys
 
 
 def main() -> None:
-    from d3cli.core.errors import UserError
+    from d3cli.base.errors import UserError
 
     try:
-        import d3cli.evaluation.harness.model  # noqa: F401 - registers the model "d3"
         from lm_eval.__main__ import cli_evaluate
+
+        import d3cli.evaluation.harness.model  # noqa: F401 - registers the model "d3"
     except ImportError as missing:
         sys.stderr.write(f"d3: error: lm-eval is not installed ({missing.name}): pip install 'd3cli[eval]'\n")
         sys.exit(2)

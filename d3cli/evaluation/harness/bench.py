@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from d3cli.core.errors import UserError
-from d3cli.core.settings import DecodeSettings
+from d3cli.base.errors import UserError
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation import bench as d3_bench
 
 Status = Callable[[str], None]
@@ -49,13 +49,13 @@ def run(loaded, settings: DecodeSettings, alphas: Sequence[float], methods: Sequ
     the filtered answers with full depth's, mean depth, time)."""
     import lm_eval
 
-    from d3cli.core.loader import num_decoder_layers
+    from d3cli.core.model.model_facts import num_decoder_layers
     from d3cli.evaluation.harness.local_tasks import task_list, task_manager_for
     from d3cli.evaluation.harness.model import D3LM
 
     task_manager = task_manager_for(str(options.include_path) if options.include_path else None)
     tasks = task_list(options.tasks, task_manager, folder, require)
-    from d3cli.core.plan import plan_for
+    from d3cli.core.session.plan import plan_for
 
     num_layers = num_decoder_layers(loaded.model)
     d3_plan = plan_for(loaded, settings)

@@ -39,9 +39,9 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from d3cli.core.errors import UserError, check_at_least
-from d3cli.core.sampling import SamplingSettings
-from d3cli.core.settings import DecodeSettings, apply_options
+from d3cli.base.errors import UserError, check_at_least
+from d3cli.core.decode.sampling import SamplingSettings
+from d3cli.core.session.settings import DecodeSettings, apply_options
 
 log = logging.getLogger("lm_eval.models.d3")  # lm-eval's logging setup shows its own loggers only
 
@@ -76,7 +76,7 @@ class D3LM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self._setup_processes()
         if loaded is None:
-            from d3cli.core.loader import ModelOptions, load
+            from d3cli.core.model.loader import ModelOptions, load
 
             if not str(group_size).isdigit():
                 raise UserError(f"group_size must be a whole number (32, 64, 128 or 256), not {group_size}")
@@ -85,15 +85,14 @@ class D3LM(TemplateLM):
             loaded = self.settings.with_calibration(load(options))
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        from d3cli.core.loader import context_length, num_decoder_layers
-
-        from d3cli.core.plan import plan_for
+        from d3cli.core.model.model_facts import context_length, num_decoder_layers
+        from d3cli.core.session.plan import plan_for
 
         self.num_layers = num_decoder_layers(loaded.model)
         self.plan = plan if plan is not None else plan_for(loaded, self.settings)
         self.schedule = self.plan.schedule
         self._max_length = int(max_length) if max_length else (context_length(loaded.model) or DEFAULT_MAX_LENGTH)
-        from d3cli.core.engine import model_device
+        from d3cli.core.model.model_facts import model_device
 
         self._device = model_device(loaded.model)
         # What D3 did, for d3 bench's depth columns and matched baselines: per reply or scored continuation,
@@ -156,7 +155,7 @@ class D3LM(TemplateLM):
     def eot_token_id(self) -> int:
         if self.tokenizer.eos_token_id is not None:
             return int(self.tokenizer.eos_token_id)
-        from d3cli.core.engine import eos_token_ids
+        from d3cli.core.decode.engine import eos_token_ids
 
         return min(eos_token_ids(self.loaded.model, self.tokenizer))
 
@@ -248,7 +247,7 @@ class D3LM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, when a task asks, sampled) replies decoded with D3, cut at the task's `until` strings."""
-        from d3cli.core import engine
+        from d3cli.core.decode import engine
 
         self._log_share(len(requests), "generate_until")
         results: list[str | None] = [None] * len(requests)

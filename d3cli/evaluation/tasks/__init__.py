@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from d3cli.core.errors import UserError
+from d3cli.base.errors import UserError
 from d3cli.evaluation.tasks.bbh import BbhTask
 from d3cli.evaluation.tasks.gsm8k import Gsm8kTask
 from d3cli.evaluation.tasks.replies import RepliesTask
@@ -13,7 +13,7 @@ TASKS = {"gsm8k": Gsm8kTask, "bbh": BbhTask, "replies": RepliesTask}
 
 
 def get_task(name: str):
-    from d3cli.core.settings import did_you_mean
+    from d3cli.core.session.settings import did_you_mean
 
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}{did_you_mean(name, TASKS)} (choose from: {', '.join(TASKS)})")

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from d3cli.core.errors import UserError
+from d3cli.base.errors import UserError
 
 INVALID = "[invalid]"
 
@@ -37,7 +37,7 @@ class Example:
     def prompt_ids(self, tokenizer) -> list[int]:
         """The prompt as token ids, as every command encodes it: through the chat template when the example is a
         chat one, else as raw text with the tokenizer's special tokens."""
-        from d3cli.core.prompts import encode_chat
+        from d3cli.core.text.prompts import encode_chat
 
         if self.chat:
             return encode_chat(tokenizer, [{"role": "user", "content": self.prompt}])

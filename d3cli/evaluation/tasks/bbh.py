@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from d3cli.core.errors import UserError
-from d3cli.core.settings import did_you_mean
+from d3cli.base.errors import UserError
+from d3cli.core.session.settings import did_you_mean
 from d3cli.evaluation.tasks.base import INVALID, Answer, Example, TaskOptions, read_json, take
 
 OPTIONS, NUMBER, LABEL, FREE = "options", "number", "label", "free"

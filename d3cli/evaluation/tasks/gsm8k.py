@@ -12,7 +12,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from d3cli.core.errors import UserError
+from d3cli.base.errors import UserError
 from d3cli.evaluation.tasks.base import INVALID, Answer, Example, TaskOptions, read_jsonl, take
 
 FEWSHOT_INDICES = (0, 1, 26, 28, 34, 35, 48, 69)  # short worked solutions from train.jsonl, in this order

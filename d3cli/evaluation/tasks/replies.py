@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from d3cli.core.errors import UserError
+from d3cli.base.errors import UserError
 from d3cli.evaluation.fidelity import ReplyPrompt, builtin_reply_prompts
 from d3cli.evaluation.tasks.base import INVALID, Answer, Example, TaskOptions, take
 

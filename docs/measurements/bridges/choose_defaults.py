@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import texts as heldout  # noqa: E402
 
+from d3cli.core.model.loader import load  # noqa: E402
+from d3cli.core.session.settings import DecodeSettings  # noqa: E402
 from d3cli.evaluation import speed  # noqa: E402
-from d3cli.core.loader import load  # noqa: E402
 from d3cli.evaluation.profiling import measure, report  # noqa: E402
-from d3cli.core.settings import DecodeSettings  # noqa: E402
 
 ALPHAS = (0.9, 0.95, 0.98, 0.99)
 FLOORS = (20, 21, 22, 23, 24, 25, 26)

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import texts as heldout  # noqa: E402
 
+from d3cli.core.model.loader import load  # noqa: E402
+from d3cli.core.session.settings import DecodeSettings  # noqa: E402
 from d3cli.evaluation import speed  # noqa: E402
-from d3cli.core.loader import load  # noqa: E402
 from d3cli.evaluation.profiling import measure, report  # noqa: E402
-from d3cli.core.settings import DecodeSettings  # noqa: E402
 
 SPEED_PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
 

@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import texts as heldout  # noqa: E402
 
-from d3cli.core.bridges import BridgeFitter, Bridges  # noqa: E402
+from d3cli.core.calibration.layer_profile import BUNDLED_PROFILE, importance_order, load_profile  # noqa: E402
+from d3cli.core.calibration.model_calibration import BUNDLED_CALIBRATION, read_calibration  # noqa: E402
+from d3cli.core.decode.bridges import BridgeFitter, Bridges  # noqa: E402
+from d3cli.core.decode.schedule import drop_middle_first, runs_of_drop_order, skipped_runs  # noqa: E402
+from d3cli.core.model.loader import load  # noqa: E402
 from d3cli.evaluation.calibrate import CalibrationOptions, builtin_prompts, generate_corpus  # noqa: E402
-from d3cli.core.layer_profile import BUNDLED_PROFILE, importance_order, load_profile  # noqa: E402
-from d3cli.core.model_calibration import BUNDLED_CALIBRATION, read_calibration  # noqa: E402
-from d3cli.core.loader import load  # noqa: E402
-from d3cli.core.schedule import drop_middle_first, runs_of_drop_order, skipped_runs  # noqa: E402
 from d3cli.evaluation.scoring import ContinuationScorer, ScoringText  # noqa: E402
 
 HERE = Path(__file__).parent

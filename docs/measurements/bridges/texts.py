@@ -63,10 +63,11 @@ def replies(loaded, data_dir: Path) -> list[ScoringText]:
         return [ScoringText(row["id"], tuple(row["prompt_ids"]), tuple(row["reply_ids"]))
                 for row in json.loads(cache.read_text())]
     import heldout_prompts
+
+    from d3cli.core.decode.engine import generate
+    from d3cli.core.decode.schedule import DecaySchedule
+    from d3cli.core.model.model_facts import num_decoder_layers
     from d3cli.evaluation.calibrate import encode_builtin
-    from d3cli.core.engine import generate
-    from d3cli.core.loader import num_decoder_layers
-    from d3cli.core.schedule import DecaySchedule
 
     prompts = [("chat", text) for text in heldout_prompts.CHAT] + [("raw", text) for text in heldout_prompts.RAW]
     full = DecaySchedule.build(num_decoder_layers(loaded.model), alpha=1.0)

@@ -8,7 +8,7 @@ import sys
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from d3cli.core.loader import load
+from d3cli.core.model.loader import load
 
 out = sys.argv[1]
 config = Qwen2Config(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,

@@ -7,8 +7,8 @@ d3 calibrate --schedule-only -o /tmp/bundled.safetensors --json > /tmp/bundled.j
 # The same search without a calibration (middle order, no bridges): uncalibrated-schedule-choice.json.
 python - <<'PY'
 import json
-from d3cli.core.loader import load
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.model.loader import load
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation.calibrate import held_out_prompts
 from d3cli.evaluation.schedule_choice import Budget, choose_schedule
 choice = choose_schedule(load(None), DecodeSettings(skip_order="middle", bridges=False), held_out_prompts(12),

@@ -18,7 +18,7 @@ For each file and each of `--repeats` rounds, one after another:
     llama.cpp prefill    llama-bench -t 2 -p PROMPT -n 0
     llama.cpp start      llama-simple -n 1: a new process's load and first token, wall time
     d3 start             d3 generate -n 1 --no-chat: the same for d3, the same prompt text (its packed tiles mapped
-                         from d3's cache after the first run, core/tile_cache.py)
+                         from d3's cache after the first run, core/model/tile_cache.py)
 
 The files are written by write_shaped_gguf.py beside this script (random weights: fine for time and memory, never
 for quality). Results are printed as JSON, one object per measurement.

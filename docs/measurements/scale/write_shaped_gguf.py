@@ -73,7 +73,7 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter, GGMLQuantizationType, LlamaFileType
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
     from gguf.constants import GGML_QUANT_SIZES
 except ImportError:  # pragma: no cover
     sys.exit("write_shaped_gguf.py needs the 'gguf' package (pip install gguf)")

@@ -30,8 +30,8 @@ def main() -> None:
     layers, hidden, ffn, heads, kv_heads = SHAPES[options.shape]
     from transformers import AutoTokenizer, LlamaConfig
 
-    from d3cli.core.gguf_cache import cached_gguf_dir
-    from d3cli.core.loader import embedded_gguf_path
+    from d3cli.core.model.gguf_cache import cached_gguf_dir
+    from d3cli.core.model.loader import embedded_gguf_path
 
     tokenizer = AutoTokenizer.from_pretrained(cached_gguf_dir(embedded_gguf_path()))
     vocab = len(tokenizer)

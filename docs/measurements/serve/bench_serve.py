@@ -97,10 +97,11 @@ def main() -> None:
     parser.add_argument("--throughput-tokens", type=int, default=32)
     options = parser.parse_args()
 
-    from d3cli.core import engine
-    from d3cli.core.loader import load, num_decoder_layers
-    from d3cli.core.prompts import encode_chat
-    from d3cli.core.settings import DecodeSettings
+    from d3cli.core.decode import engine
+    from d3cli.core.model.loader import load
+    from d3cli.core.model.model_facts import num_decoder_layers
+    from d3cli.core.session.settings import DecodeSettings
+    from d3cli.core.text.prompts import encode_chat
 
     settings = DecodeSettings(max_new_tokens=options.tokens)
     loaded = settings.with_calibration(load(options.model))

@@ -28,8 +28,8 @@ def _decoder(model, grad_mode=None, prompt_tokens: int = PROMPT_TOKENS, concaten
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    from d3cli.core.engine import cache_argument
-    from d3cli.core.kv_cache import DepthDecayCache
+    from d3cli.core.decode.engine import cache_argument
+    from d3cli.core.decode.kv_cache import DepthDecayCache
 
     grad_mode = grad_mode or torch.inference_mode
     cache = DepthDecayCache(config=model.config)
@@ -66,7 +66,7 @@ def profile() -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     step = _decoder(load(None).model)
     for _ in range(10):
@@ -82,8 +82,8 @@ def fixed() -> None:
     head's matrix-vector product, and the memory bandwidth that product streams at."""
     import torch
 
-    from d3cli.core.loader import load
-    from d3cli.core.skipping import LayerSkipper
+    from d3cli.core.decode.skipping import LayerSkipper
+    from d3cli.core.model.loader import load
 
     model = load(None).model
     full, none = _decoder(model), _decoder(model)
@@ -113,7 +113,7 @@ def fixed() -> None:
 def knobs() -> None:
     import torch
 
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     models = {dtype: load(None, dtype=dtype).model for dtype in ("float32", "bfloat16", "float16")}
     steppers = {(dtype, threads): _decoder(model) for dtype, model in models.items() for threads in (1, 2)}
@@ -127,7 +127,7 @@ def knobs() -> None:
 
 
 def cache(lengths: list[int]) -> None:
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     model = load(None).model
     for length in lengths:
@@ -139,7 +139,7 @@ def cache(lengths: list[int]) -> None:
 def compile_(what: str) -> None:
     import torch
 
-    from d3cli.core.loader import load
+    from d3cli.core.model.loader import load
 
     model = load(None).model
     eager = statistics.median(_run(_decoder(model), 60)[10:])
@@ -162,11 +162,11 @@ def floor() -> None:
     the one kernel call the step makes, the LM head alone, and the rest (embedding, rotary tables, final norm,
     Python) as the difference."""
     import torch
-
-    from d3cli.core.engine import make_prompt_batch, prefill
-    from d3cli.core.kv_cache import DepthDecayCache
-    from d3cli.core.loader import embedded_gguf_path, load
     from d3cli.core.native import native_decoder
+
+    from d3cli.core.decode.engine import make_prompt_batch, prefill
+    from d3cli.core.decode.kv_cache import DepthDecayCache
+    from d3cli.core.model.loader import embedded_gguf_path, load
 
     loaded = load(None)
     model = loaded.model
@@ -254,11 +254,11 @@ def startup() -> None:
     assert transformers.LlamaForCausalLM  # the model class's modules, as loading the model imports them
     mark("import transformers + Llama")
     import d3cli.cli.app
-    from d3cli.core import loader
+    from d3cli.core.model import loader
     assert d3cli.cli.app
     mark("import d3cli")
-    from d3cli.core import gguf_cache
-    from d3cli.core.weights import resolve_weights
+    from d3cli.core.model import gguf_cache
+    from d3cli.core.model.weights import resolve_weights
 
     folder = gguf_cache.cached_gguf_dir(loader.embedded_gguf_path())
     mark("sha256 + cache lookup")

@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from d3cli.core import loader
-from d3cli.core.model_calibration import BUNDLED_CALIBRATION
-from d3cli.core.schedule import DecaySchedule
-from d3cli.core.settings import DecodeSettings
+from d3cli.core.calibration.model_calibration import BUNDLED_CALIBRATION
+from d3cli.core.decode.schedule import DecaySchedule
+from d3cli.core.model import loader
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation.scoring import ScoringText, mean_nll_under
 
 

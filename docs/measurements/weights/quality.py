@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from d3cli import kernels
-from d3cli.core import loader
+from d3cli.core.model import loader
 
 
 def texts_from(data_dir: Path, first: int, count: int) -> list[str]:

@@ -1,5 +1,7 @@
 import torch
-from d3cli.core.skipping import find_decoder_layers
+
+from d3cli.core.model.model_facts import find_decoder_layers
+
 
 def capture(model, text):
     """Full-depth hidden states at the segment positions: [C, L+1, d] (input of each layer, then last output)."""
@@ -84,7 +86,7 @@ class Bridged:
 
 def score(model, scorer, plan, bridges=None, bias=False):
     """(nll[C], top[C]) under plan with bridges (dict (a,b)->W) via hooks."""
-    from d3cli.core.engine import cache_argument
+    from d3cli.core.decode.engine import cache_argument
     cache = scorer._prefilled_cache()
     with Bridged(model, plan, bridges or {}, bias):
         out = model(input_ids=scorer.segment_ids, position_ids=scorer.segment_positions, **cache_argument(model, cache), use_cache=cache is not None)

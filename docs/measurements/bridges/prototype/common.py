@@ -1,16 +1,22 @@
-import json, sys, re, time, math, random
+import json
+import random
+import sys
+import time
 from pathlib import Path
+
 import torch
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent))
-from d3cli.core.loader import load
-from d3cli.evaluation.scoring import ScoringText, ContinuationScorer
-from d3cli.evaluation.tasks.gsm8k import Gsm8kTask
-from d3cli.evaluation.tasks.bbh import BbhTask, few_shot_prefix, strip_canary
+from d3cli.core.decode.engine import generate
+from d3cli.core.decode.schedule import DecaySchedule
+from d3cli.core.model.loader import load
+from d3cli.core.text.prompts import encode_chat
+from d3cli.evaluation.corpus import reference_texts
+from d3cli.evaluation.scoring import ScoringText
 from d3cli.evaluation.tasks.base import TaskOptions
-from d3cli.evaluation.corpus import reference_texts, encode_task_prompt
-from d3cli.core.prompts import encode_chat
-from d3cli.core.schedule import DecaySchedule
-from d3cli.core.engine import generate
+from d3cli.evaluation.tasks.bbh import strip_canary
+from d3cli.evaluation.tasks.gsm8k import Gsm8kTask
+
 DATA = Path("/work/main/../shared/data")
 torch.set_grad_enabled(False)
 _loaded = None

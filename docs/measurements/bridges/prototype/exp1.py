@@ -1,9 +1,11 @@
 import sys; sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
-from common import *
+
 from bridge import *
-from d3cli.core.layer_profile import load_profile, BUNDLED_PROFILE, importance_order
-from d3cli.core.schedule import drop_middle_first
-import itertools
+from common import *
+
+from d3cli.core.calibration.layer_profile import BUNDLED_PROFILE, importance_order, load_profile
+from d3cli.core.decode.schedule import drop_middle_first
+
 m = loaded(); model = m.model; L = 30
 prof = load_profile(BUNDLED_PROFILE)
 flex = list(range(2, 28))

@@ -1,6 +1,8 @@
 import sys; sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
+import calibration_prompts_draft as C
+import heldout_prompts as H
 from common import *
-import calibration_prompts_draft as C, heldout_prompts as H
+
 t=time.time()
 a=self_replies(H.CHAT, H.RAW, 160, "/tmp/br/self_heldout.json")
 print("heldout", len(a), sum(x.steps for x in a), time.time()-t, flush=True)

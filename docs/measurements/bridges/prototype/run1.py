@@ -1,5 +1,6 @@
 import sys; sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
 from exp1 import *
+
 for c in ["self", "gsm_train", "bbh_cal", "prose_cal"]:
     states(c)
 t = time.time()

@@ -1,5 +1,6 @@
 import sys; sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
 from exp1 import *
+
 t = time.time()
 S = states("self"); H = S["H"]; meta = S["meta"]
 def show(label, br, **kw):
@@ -25,6 +26,7 @@ def prenorm_bridges(Hx, order, depth, ridge=1e-2):
         out[(a, b)] = (fit_xy(X / r, Hx[:, b + 1] - Hx[:, a], ridge))
     return out
 import bridge
+
 orig = bridge.Bridged.hook
 def prenorm_hook(self, j):
     def h(module, args, kwargs, output):

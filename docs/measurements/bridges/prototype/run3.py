@@ -1,6 +1,7 @@
 import sys; sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
 import exp1
 from exp1 import *
+
 _orig = exp1.texts_of
 def texts_of(name):
     if name == "self2": return self_replies(None, None, 0, "/tmp/br/self_calib2.json")

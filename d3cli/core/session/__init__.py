@@ -1,0 +1,8 @@
+"""Settings bound to a loaded model, and what commands build on them:
+
+    settings.py         DecodeSettings: a reply's settings from any source, each range checked once
+    plan.py             DecodePlan: settings + a loaded model + its calibration -> the schedule and sampling a reply
+                        decodes with (the one place α and min-layers are resolved)
+    prompt_batches.py   prompts made ready and batched (`generate --jsonl`)
+    conversation.py     a multi-turn chat that reuses its KV cache;  saved_chat.py  chat's /save file
+"""

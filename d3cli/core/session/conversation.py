@@ -1,0 +1,126 @@
+"""A multi-turn conversation decoded with D3, reusing the KV cache between turns without ever reading a stale entry.
+
+Each reply restarts the depth schedule at i = 0. After a reply, the layers a late token skipped hold fewer positions
+than the core layers; a position that every layer holds was computed at full depth. So before the next turn the
+cache is cropped to the longest prefix that (a) every layer holds and (b) is a prefix of the new conversation's
+token ids, and everything after it (the end of the previous reply, the new user message) is prefilled at full
+depth. The first logits of a turn therefore equal a fresh full-depth prefill of the whole conversation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d3cli.base.errors import UserError
+from d3cli.core.decode import engine
+from d3cli.core.decode.engine import new_cache
+from d3cli.core.decode.results import Reply
+from d3cli.core.model.kv_buffers import ReservingCache
+from d3cli.core.model.loader import LoadedModel
+from d3cli.core.model.model_facts import context_length, num_decoder_layers
+from d3cli.core.session.settings import DecodeSettings
+from d3cli.core.text.prompts import encode_chat, has_chat_template
+
+
+def common_prefix_length(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+@dataclass
+class TurnPlan:
+    """What the next reply decodes: the conversation's token ids and how many of them the cache already holds."""
+
+    token_ids: list[int]
+    reused: int
+    dropped_turns: int
+
+
+@dataclass
+class Conversation:
+    loaded: LoadedModel
+    settings: DecodeSettings
+    system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    cache: ReservingCache | None = None
+    cached_ids: list[int] = field(default_factory=list)  # the tokens at the positions the cache holds
+
+    def __post_init__(self) -> None:
+        if not has_chat_template(self.loaded.tokenizer):
+            raise UserError("d3 chat needs a model whose tokenizer has a chat template; this one has none")
+
+    @property
+    def num_layers(self) -> int:
+        return num_decoder_layers(self.loaded.model)
+
+    def decode_plan(self, settings: DecodeSettings | None = None):
+        """The DecodePlan of `settings` (default: the conversation's) for this model and its calibration."""
+        from d3cli.core.session.plan import plan_for
+
+        return plan_for(self.loaded, settings or self.settings)
+
+    def reset(self) -> None:
+        """Forget every turn (the system message stays)."""
+        self.messages = []
+        self.forget_cache()
+
+    def forget_cache(self) -> None:
+        self.cache, self.cached_ids = None, []
+
+    def set_system(self, system: str | None) -> None:
+        self.system = system or None
+        self.forget_cache()
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        prefix = [{"role": "system", "content": self.system}] if self.system else []
+        return encode_chat(self.loaded.tokenizer, prefix + messages)
+
+    def plan(self, user_text: str) -> TurnPlan:
+        """Token ids for the conversation plus `user_text`, dropping the oldest turns while it does not fit."""
+        if not user_text.strip():
+            raise UserError("the message is empty")
+        context = context_length(self.loaded.model)
+        messages = [*self.messages, {"role": "user", "content": user_text}]
+        dropped = 0
+        token_ids = self.encode(messages)
+        room = min(self.settings.max_new_tokens, 64)  # keep at least this much room for the reply
+        while context is not None and len(token_ids) + room > context and len(messages) > 1:
+            messages = messages[2:] if messages[0]["role"] == "user" and len(messages) > 2 else messages[1:]
+            dropped += 1
+            token_ids = self.encode(messages)
+        if context is not None and len(token_ids) >= context:
+            raise UserError(f"the message is {len(token_ids)} tokens with the system prompt; the model's context "
+                            f"is {context}")
+        if dropped:
+            self.messages = messages[:-1]
+        reused = 0
+        if self.cache is not None:
+            reused = min(common_prefix_length(token_ids, self.cached_ids), self.cache.held_by_every_layer(),
+                         len(token_ids) - 1)
+        return TurnPlan(token_ids, reused, dropped)
+
+    def reply(self, user_text: str, on_event=None, plan: TurnPlan | None = None) -> Reply:
+        """Decode the assistant's reply to `user_text` and add both to the conversation.
+
+        On Ctrl-C the partial reply is kept in the conversation and `engine.GenerationInterrupted` is raised.
+        """
+        plan = plan or self.plan(user_text)
+        if self.cache is None or not self.cache.crop_to(plan.reused):
+            self.cache, plan.reused = new_cache(self.loaded.model), 0
+        try:
+            (reply,) = engine.decode(self.loaded, [plan.token_ids[plan.reused:]], self.decode_plan(),
+                                     on_event=on_event, cache=self.cache, past_length=plan.reused)
+        except engine.GenerationInterrupted as stopped:
+            self._record(plan, user_text, stopped.replies[0])
+            raise
+        self._record(plan, user_text, reply)
+        return reply
+
+    def _record(self, plan: TurnPlan, user_text: str, reply: Reply) -> None:
+        # every generated token but the last was fed back through the core layers
+        self.cached_ids = plan.token_ids + reply.token_ids[:-1]
+        self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply.text}]
