@@ -157,16 +157,16 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
     import torch
 
     from d3cli.core.decode.schedule import DecaySchedule
-    from d3cli.core.model.loader import load
     from d3cli.core.model.model_facts import num_decoder_layers
+    from d3cli.core.session.front_door import open_model
     from d3cli.core.session.plan import plan_for
     from d3cli.evaluation import weights_speed
 
     models, skipped = [(loaded, None)], {}
     for kind in other_weight_kinds(loaded):  # each beside the ones loaded already, where it still fits
         try:
-            models.append((settings.with_calibration(load(dataclasses.replace(model_options, weights=kind,
-                                                                              dtype="auto"))), None))
+            models.append((open_model(dataclasses.replace(model_options, weights=kind, dtype="auto"),
+                                      settings).loaded, None))
         except UserError as error:  # memory.refuse_if_too_big: a big model's float32 copy, say
             skipped[kind] = str(error)
     if loaded.weights is not None and (loaded.weights.kernels or "").startswith("d3"):
@@ -175,7 +175,7 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
         name = f"{loaded.weights.kind} on torch's kernels"
         try:
             with kernels.turned_off():  # the same weights on torch's kernels: what d3 ran before its own
-                on_torch = settings.with_calibration(load(dataclasses.replace(model_options, dtype="auto")))
+                on_torch = open_model(dataclasses.replace(model_options, dtype="auto"), settings).loaded
             models.append((on_torch, name))
         except UserError as error:
             skipped[name] = str(error)

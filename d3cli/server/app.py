@@ -79,12 +79,9 @@ class ServerState:
         server is told to stop."""
         started = time.perf_counter()
         try:
-            from d3cli.core.model.loader import load
-            from d3cli.core.session.plan import plan_for
+            from d3cli.core.session.front_door import open_model
 
-            loaded = load(self.config.model_options)
-            loaded = self.config.settings.with_calibration(loaded)
-            plan_for(loaded, self.config.settings)  # the server's settings fit the model
+            loaded = open_model(self.config.model_options, self.config.settings).loaded  # its settings fit the model
             self.tokenizer = copy.deepcopy(loaded.tokenizer)
             self.model_ids = tuple(dict.fromkeys((self.model_id, loaded.name)))
             self.worker = Worker(loaded, self.config.queue_size, max_batch=self.config.max_batch)

@@ -105,14 +105,14 @@ def bench(
     if task == "speed" and distributed.launched_size() > 1:
         raise UserError("--task speed times one process: run it without a launcher (accelerate launch, torchrun)")
     if task == "speed":
-        from d3cli.core.model.loader import load
+        from d3cli.core.session.front_door import open_model
         from d3cli.evaluation.speed_report import measure
 
         check_at_least("--repeats", repeats, 1)
         greedy = dataclasses.replace(sampling, temperature=0.0, seed=None)  # the timings decode greedily
         settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0] if alphas else None), **greedy.values())
         model_options = model.options()
-        loaded = settings.with_calibration(load(model_options))
+        loaded = open_model(model_options, settings).loaded
         console = render.stderr_console()
         with render.Spinner(console, "timing") as spinner:
             report = measure(loaded, model_options, settings, alphas, repeats, on_status=spinner.update, quick=quick)
@@ -155,9 +155,9 @@ def bench(
             if not examples:
                 raise UserError(f"{task} has no examples in {folder}")
 
-            from d3cli.core.model.loader import load
+            from d3cli.core.session.front_door import open_model
 
-            loaded = settings.with_calibration(load(model.options()))
+            loaded = open_model(model.options(), settings).loaded
             path = output or Path(f"d3-bench-{task}-{model_slug(loaded.name)}.jsonl")
             benchmark_run = runner.Benchmark.prepare(loaded, benchmark, examples, options, settings, alphas,
                                                      asked_methods, path, resume, world)
@@ -189,7 +189,7 @@ def run_lm_eval(task, model, depth, sampling, alphas, methods, limit, shots, cha
     if importlib.util.find_spec("lm_eval") is None:
         raise UserError("--task lm-eval: needs lm-evaluation-harness: pip install 'd3cli[eval]'")
     from d3cli.base.files import write_atomically
-    from d3cli.core.model.loader import load
+    from d3cli.core.session.front_door import open_model
     from d3cli.evaluation.datasets import data_dir as resolve_data_dir
     from d3cli.evaluation.datasets import require
     from d3cli.evaluation.harness import bench as harness
@@ -205,7 +205,7 @@ def run_lm_eval(task, model, depth, sampling, alphas, methods, limit, shots, cha
         raise UserError(f"--include-path {include_path} is not a folder")
     settings = DecodeSettings.from_options(**depth.values(alpha=alphas[0] if alphas else None), **sampling.values())
     folder, downloadable = resolve_data_dir(data_dir)
-    loaded = settings.with_calibration(load(model.options()))
+    loaded = open_model(model.options(), settings).loaded
     options = harness.HarnessOptions(names, limit=limit, shots=shots, chat=chat, include_path=include_path,
                                      batch_size=batch_size)
     with render.Spinner(render.stderr_console(pinned=True), "lm-eval") as spinner:

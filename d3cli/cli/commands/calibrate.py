@@ -102,6 +102,7 @@ def calibrate(
     """
     from d3cli.base.errors import UserError
     from d3cli.core.model.loader import load, model_identity
+    from d3cli.core.session.front_door import attach_calibration
     from d3cli.core.session.settings import DecodeSettings
     from d3cli.evaluation.calibrate import (
         CalibrationCheckpoint,
@@ -126,7 +127,7 @@ def calibrate(
     loaded = load(model.options())
     check_fits(loaded, options)
     if schedule_only:
-        loaded = DecodeSettings(calibration=str(calibration) if calibration else None).with_calibration(loaded)
+        loaded = attach_calibration(loaded, DecodeSettings(calibration=str(calibration) if calibration else None))
     labels = {"corpus": "replies (tokens)", "profile": "layer profile (texts)", "bridges": "bridges (texts)",
               "schedule": "schedule (replies)"}
     costs = measure_costs(loaded, options)

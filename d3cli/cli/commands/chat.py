@@ -34,12 +34,11 @@ def chat(
     Type /help in the chat for its commands. Piped, each input line is one user turn.
     """
     settings = DecodeSettings.from_options(**depth.values(), **sampling.values(), chat=True)
-    from d3cli.core.model.loader import load
     from d3cli.core.session.conversation import Conversation
+    from d3cli.core.session.front_door import open_model
 
     with render.LoadingBar(model.options().model or "the embedded model") as bar:
-        loaded = load(model.options(lean=True), progress=bar.progress)
-    loaded = settings.with_calibration(loaded)
+        loaded = open_model(model.options(lean=True), settings, progress=bar.progress).loaded
     conversation = Conversation(loaded, settings, system=system)
     conversation.decode_plan()  # the depth options fit this model
     scripted = jsonl or not sys.stdin.isatty()

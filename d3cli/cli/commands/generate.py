@@ -94,11 +94,10 @@ def generate(
         if not prompt.strip():
             raise UserError("the prompt is empty")
 
-    from d3cli.core.model.loader import load
+    from d3cli.core.session.front_door import open_model
 
     with render.LoadingBar(model.options().model or "the embedded model") as bar:
-        loaded = load(model.options(lean=True), progress=bar.progress)
-    loaded = settings.with_calibration(loaded)
+        loaded = open_model(model.options(lean=True), settings, progress=bar.progress).loaded
     if jsonl:
         run_jsonl(loaded, settings, compare=compare, batch_size=batch_size, skip_bad_lines=skip_bad_lines)
     else:

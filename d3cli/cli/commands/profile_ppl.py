@@ -145,9 +145,9 @@ def profile_ppl(
         examples, _ = task_examples(benchmark, task_options, data_dir, on_download=render.print_download)
         corpus = Corpus.of_task(benchmark, examples, self_generated)
 
-    from d3cli.core.model.loader import load
+    from d3cli.core.session.front_door import open_model
 
-    loaded = settings.with_calibration(load(model.options()))
+    loaded = open_model(model.options(), settings).loaded
     console = render.stderr_console()
     with render.Spinner(console, "preparing the texts") as spinner:
         result = profile(loaded, corpus, settings, alphas, options, on_status=spinner.update)

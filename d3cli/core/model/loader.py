@@ -79,7 +79,7 @@ class LoadedModel(NamedTuple):
     model: object  # a transformers causal LM, in eval mode
     tokenizer: object
     name: str  # what the user asked for, as reported in JSON output
-    calibration: object = None  # its model_calibration.ModelCalibration, once DecodeSettings.with_calibration found it
+    calibration: object = None  # its model_calibration.ModelCalibration, once front_door.attach_calibration found it
     weights: object = None  # weights.WeightsReport: which weights ran
     load_s: float | None = None  # seconds the load took
 

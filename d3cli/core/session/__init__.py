@@ -1,5 +1,7 @@
 """Settings bound to a loaded model, and what commands build on them:
 
+    front_door.py       open_model(ModelOptions, DecodeSettings) -> Session: load, attach the calibration, plan;
+                        the session encodes, streams and decodes (every command's way in)
     settings.py         DecodeSettings: a reply's settings from any source, each range checked once
     plan.py             DecodePlan: settings + a loaded model + its calibration -> the schedule and sampling a reply
                         decodes with (the one place α and min-layers are resolved)

@@ -104,23 +104,6 @@ class DecodeSettings:
             return load_profile(self.profile)
         return getattr(calibration, "profile", None)
 
-    def with_calibration(self, loaded):
-        """`loaded` with its calibration (model_calibration.ModelCalibration, bridges on the model's device and
-        dtype) or None; a --calibration or --profile file made for another model is a UserError."""
-        from d3cli.core.calibration.layer_profile import check_profile_matches, load_profile
-        from d3cli.core.calibration.model_calibration import load_for_model
-        from d3cli.core.model.loader import model_identity
-
-        identity = model_identity(loaded)
-        if self.profile is not None:
-            check_profile_matches(load_profile(self.profile), identity, self.profile)
-        calibration = load_for_model(identity, self.calibration)
-        if calibration is not None:
-            from d3cli.core.model.model_facts import model_device, model_dtype
-
-            calibration.activate(model_device(loaded.model), model_dtype(loaded.model))
-        return loaded._replace(calibration=calibration)
-
     def full_depth(self) -> DecodeSettings:
         """The same reply settings with no layer skipping: the baseline of --compare."""
         return dataclasses.replace(self, alpha=1.0, min_layers=1.0, warmup=0, skip_order=UNMEASURED_SKIP_ORDER,

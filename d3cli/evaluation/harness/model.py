@@ -76,13 +76,14 @@ class D3LM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self._setup_processes()
         if loaded is None:
-            from d3cli.core.model.loader import ModelOptions, load
+            from d3cli.core.model.loader import ModelOptions
+            from d3cli.core.session.front_door import open_model
 
             if not str(group_size).isdigit():
                 raise UserError(f"group_size must be a whole number (32, 64, 128 or 256), not {group_size}")
             options = ModelOptions(pretrained, self._device_name(device), dtype, device_map, bool(trust_remote_code),
                                    str(weights), int(group_size))
-            loaded = self.settings.with_calibration(load(options))
+            loaded = open_model(options, self.settings).loaded
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         from d3cli.core.model.model_facts import context_length, num_decoder_layers

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import texts as heldout  # noqa: E402
 
 from d3cli.core.model.loader import load  # noqa: E402
+from d3cli.core.session.front_door import attach_calibration  # noqa: E402
 from d3cli.core.session.settings import DecodeSettings  # noqa: E402
 from d3cli.evaluation import speed  # noqa: E402
 from d3cli.evaluation.profiling import measure, report  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> None:
     started = time.time()
     loaded = load(None, device="cpu", dtype="float32")
     base = DecodeSettings()
-    loaded = base.with_calibration(loaded)
+    loaded = attach_calibration(loaded, base)
     kinds = {kind: heldout.texts_of(kind, loaded, data_dir) for kind in heldout.KINDS}
     prompt = list(loaded.tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPT}],
                                                        add_generation_prompt=True, tokenize=True)["input_ids"])

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import texts as heldout  # noqa: E402
 
 from d3cli.core.model.loader import load  # noqa: E402
+from d3cli.core.session.front_door import attach_calibration  # noqa: E402
 from d3cli.core.session.settings import DecodeSettings  # noqa: E402
 from d3cli.evaluation import speed  # noqa: E402
 from d3cli.evaluation.profiling import measure, report  # noqa: E402
@@ -31,7 +32,7 @@ SPEED_PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets 
 def main() -> None:
     data_dir = Path(sys.argv[1])
     base = DecodeSettings()
-    loaded = base.with_calibration(load(None, device="cpu", dtype="float32"))
+    loaded = attach_calibration(load(None, device="cpu", dtype="float32"), base)
     choices = {
         "old defaults (α 0.98, floor 24, middle, no bridges)":
             dataclasses.replace(base, min_layers=24, skip_order="middle", bridges=False),

@@ -99,12 +99,13 @@ def main() -> None:
 
     from d3cli.core.decode import engine
     from d3cli.core.model.loader import load
+    from d3cli.core.session.front_door import attach_calibration
     from d3cli.core.model.model_facts import num_decoder_layers
     from d3cli.core.session.settings import DecodeSettings
     from d3cli.core.text.prompts import encode_chat
 
     settings = DecodeSettings(max_new_tokens=options.tokens)
-    loaded = settings.with_calibration(load(options.model))
+    loaded = attach_calibration(load(options.model), settings)
     schedule = settings.schedule_for(num_decoder_layers(loaded.model), loaded.calibration)
     prompt_ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": PROMPT}])
     process, port = start_server(options.model, 1)

@@ -17,6 +17,7 @@ from pathlib import Path
 from d3cli.core.calibration.model_calibration import BUNDLED_CALIBRATION
 from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.core.model import loader
+from d3cli.core.session.front_door import attach_calibration
 from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation.scoring import ScoringText, mean_nll_under
 
@@ -47,7 +48,7 @@ def main() -> None:
         texts = texts_from(args.data_dir, base.tokenizer, args.first, args.texts, args.max_tokens)
         for name, path in calibrations.items():
             settings = DecodeSettings(calibration=path)
-            loaded = settings.with_calibration(base)
+            loaded = attach_calibration(base, settings)
             num_layers = loader.num_decoder_layers(loaded.model)
             schedule = settings.schedule_for(num_layers, loaded.calibration)
             full, decayed = mean_nll_under(loaded.model, texts, [DecaySchedule.full(num_layers), schedule])
