@@ -65,3 +65,28 @@ def test_every_module_belongs_to_a_layer():
                    and path.name not in ("__init__.py", "__main__.py"))
     assert loose == []
     assert sorted(path.name for path in (PACKAGE / "core").glob("*.py")) == ["__init__.py"]  # core is its packages
+
+
+def test_no_circle_of_imports():
+    """No module reaches itself again through d3cli's imports (function-level ones included)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {name: {imported for imported in imported_modules(path) if imported in modules and imported != name}
+             for name, path in modules.items()}
+    circles, state = [], {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for imported in sorted(graph[name]):
+            if state.get(imported) == "open":
+                circles.append(" -> ".join([*trail[trail.index(imported):], imported]))
+            elif imported not in state:
+                visit(imported, [*trail, imported])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert circles == []

@@ -29,6 +29,7 @@ from d3cli.core.decode.schedule import (
     SKIP_ORDER_NAMES,
     check_alpha,
 )
+from d3cli.core.model.choices import DEVICE_MAPS, DEVICES, DTYPES, WEIGHT_KINDS
 from d3cli.core.session.settings import DEFAULT_MAX_NEW_TOKENS
 
 MODEL_PANEL = "Model"
@@ -38,31 +39,10 @@ OUTPUT_PANEL = "Output"
 TASK_PANEL = "Task"
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class DeviceMap(str, Enum):
-    auto = "auto"
-
-
-class Weights(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    int8 = "int8"
-    int4 = "int4"
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)  # each from core.model.choices' one list
+DType = Enum("DType", {name: name for name in DTYPES}, type=str)
+DeviceMap = Enum("DeviceMap", {name: name for name in DEVICE_MAPS}, type=str)
+Weights = Enum("Weights", {name: name for name in WEIGHT_KINDS}, type=str)
 
 
 SkipOrderChoice = Enum("SkipOrderChoice", {name: name for name in SKIP_ORDER_NAMES}, type=str)

@@ -27,13 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from d3cli.base.errors import UserError, check_at_least
-from d3cli.base.paths import BUNDLED
 from d3cli.core.calibration.model_calibration import ModelCalibration
 from d3cli.core.decode.bridges import DEFAULT_RIDGE, BridgeFitter, Bridges
-from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_PROMPTS, SCHEDULE_TOKENS
+from d3cli.evaluation.builtin_prompts import SCHEDULE_PROMPTS, builtin_prompts, encode_builtin, held_out_prompts
+from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
 from d3cli.evaluation.scoring import ScoringText
 
-PROMPTS_FILE = BUNDLED / "calibration-prompts.json"
 LATE_FROM = 16  # the layer profile and the bridges look at reply positions from here on, where D3 skips most
 
 
@@ -66,39 +65,6 @@ class CalibrationOptions:
 
 
 Progress = Callable[[str, int], None]  # (stage, amount done since the last call)
-
-
-def builtin_prompts(limit: int | None = None, held_out: int = SCHEDULE_PROMPTS) -> list[tuple[str, str]]:
-    """(kind, text) of the built-in prompts the corpus is made of, chat and raw interleaved so that any first N mix
-    both kinds; the last `held_out` of them are never among them (the schedule stage's, `held_out_prompts`)."""
-    mixed = _all_builtin()[:-held_out] if held_out else _all_builtin()
-    return mixed[:limit] if limit is not None else mixed
-
-
-def held_out_prompts(count: int = SCHEDULE_PROMPTS):
-    """The last `count` built-in prompts, which no bridge was fitted on: the schedule stage's (fidelity.ReplyPrompt)."""
-    from d3cli.evaluation.fidelity import ReplyPrompt
-
-    return [ReplyPrompt(f"held-out/{index}", kind, text) for index, (kind, text) in enumerate(_all_builtin()[-count:])]
-
-
-def _all_builtin() -> list[tuple[str, str]]:
-    data = json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))
-    chat, raw = [("chat", text) for text in data["chat"]], [("raw", text) for text in data["raw"]]
-    mixed, every = [], max(1, round(len(chat) / max(len(raw), 1)))
-    while chat or raw:
-        mixed += chat[:every] + raw[:1]
-        chat, raw = chat[every:], raw[1:]
-    return mixed
-
-
-def encode_builtin(tokenizer, kind: str, text: str) -> list[int]:
-    """A chat prompt through the chat template (when the tokenizer has one), a raw one as plain text."""
-    from d3cli.core.text.prompts import encode_chat, has_chat_template
-
-    if kind == "chat" and has_chat_template(tokenizer):
-        return encode_chat(tokenizer, [{"role": "user", "content": text}])
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 class CalibrationCheckpoint:

@@ -18,47 +18,14 @@ that teacher forcing never shows. So for each prompt both replies are decoded gr
 
 from __future__ import annotations
 
-import json
-import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from d3cli.base.paths import BUNDLED
+from d3cli.evaluation.builtin_prompts import ReplyPrompt, encoded
 
-PROMPTS_FILE = BUNDLED / "reply-prompts.json"
 NGRAM = 4
 LOOP_MARGIN = 0.05  # a reply loops where full depth's does not when its repetition exceeds full depth's by more
-
-
-@dataclass(frozen=True)
-class ReplyPrompt:
-    """A prompt, how it is encoded (`chat`: through the chat template; `raw`: as plain text), and optionally what a
-    good reply must contain: a number (`number`) or one of some words (`words`)."""
-
-    id: str
-    kind: str
-    text: str
-    number: str | None = None
-    words: tuple[str, ...] = ()
-
-    def check(self, reply_text: str) -> bool | None:
-        """Whether `reply_text` has the answer; None when this prompt has no check."""
-        if self.number is not None:
-            numbers = [part.replace(",", "") for part in re.findall(r"-?\d[\d,]*(?:\.\d+)?", reply_text)]
-            return any(number.rstrip("0").rstrip(".") == self.number.rstrip("0").rstrip(".") if "." in number
-                       else number == self.number for number in numbers)
-        if self.words:
-            lowered = reply_text.lower()
-            return any(re.search(rf"\b{re.escape(word.lower())}\b", lowered) for word in self.words)
-        return None
-
-
-def builtin_reply_prompts() -> list[ReplyPrompt]:
-    """The everyday prompts of `bench --task replies`."""
-    data = json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))
-    return [ReplyPrompt(entry["id"], entry.get("kind", "chat"), entry["text"], entry.get("number"),
-                        tuple(entry.get("words", ()))) for entry in data["prompts"]]
 
 
 def repeated_share(token_ids: Sequence[int], n: int = NGRAM) -> float:
@@ -118,10 +85,7 @@ def reply_tokens(reply, eos_ids: frozenset[int]) -> list[int]:
     return ids[:-1] if ids and reply.finish_reason == "eos" and ids[-1] in eos_ids else ids
 
 
-def encoded(tokenizer, prompt: ReplyPrompt) -> list[int]:
-    from d3cli.evaluation.calibrate import encode_builtin
 
-    return encode_builtin(tokenizer, prompt.kind, prompt.text)
 
 
 def decode_replies(loaded, prompt_ids: Sequence[Sequence[int]], plan, batch_size: int = 8, on_reply=None) -> list:

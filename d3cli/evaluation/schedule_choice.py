@@ -23,11 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from d3cli.base.errors import UserError
-from d3cli.evaluation.fidelity import LOOP_MARGIN, ReplyPrompt, compare_with, full_depth_replies, summary
+from d3cli.evaluation.builtin_prompts import ReplyPrompt
+from d3cli.evaluation.fidelity import LOOP_MARGIN, compare_with, full_depth_replies, summary
 
 DEFAULT_NLL_BUDGET = 0.10  # nats/token: docs/DEFAULTS.md has the measurements behind it
 CANDIDATE_ALPHAS = (0.99, 0.98, 0.95)  # slowest decay first: the first tokens set where a reply goes
-SCHEDULE_PROMPTS = 12  # held-out prompts the candidates answer
 SCHEDULE_TOKENS = 128  # most tokens per reply
 FAILED_FLOORS_TO_STOP = 2
 

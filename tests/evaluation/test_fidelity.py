@@ -8,15 +8,8 @@ import pytest
 from d3cli.core.model.loader import LoadedModel
 from d3cli.core.session.plan import plan_of
 from d3cli.core.session.settings import DecodeSettings
-from d3cli.evaluation.fidelity import (
-    ReplyPrompt,
-    builtin_reply_prompts,
-    compare_with,
-    first_difference,
-    full_depth_replies,
-    repeated_share,
-    summary,
-)
+from d3cli.evaluation.builtin_prompts import builtin_reply_prompts
+from d3cli.evaluation.fidelity import compare_with, first_difference, full_depth_replies, repeated_share, summary
 
 
 def test_repeated_share_is_zero_for_fresh_text_and_near_one_for_a_loop():
@@ -32,22 +25,6 @@ def test_first_difference():
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 9, 3]) == 1
     assert first_difference([1, 2], [1, 2, 3]) == 2  # one is a prefix of the other
-
-
-def test_answer_checks():
-    number = ReplyPrompt("n", "chat", "?", number="391")
-    assert number.check("17 × 23 = 391.") and number.check("It is 391") and not number.check("It is 3910")
-    assert ReplyPrompt("n", "chat", "?", number="1500").check("about 1,500 people")
-    words = ReplyPrompt("w", "chat", "?", words=("Tokyo",))
-    assert words.check("The capital is tokyo.") and not words.check("Kyoto")
-    assert ReplyPrompt("x", "chat", "?").check("anything") is None
-
-
-def test_builtin_prompts_have_unique_ids_and_valid_checks():
-    prompts = builtin_reply_prompts()
-    assert len(prompts) >= 12 and len({prompt.id for prompt in prompts}) == len(prompts)
-    assert all(prompt.kind in ("chat", "raw") and prompt.text for prompt in prompts)
-    assert any(prompt.number for prompt in prompts) and any(prompt.words for prompt in prompts)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from d3cli.base.errors import UserError
 from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.core.model.loader import LoadedModel
 from d3cli.core.session.settings import DecodeSettings
-from d3cli.evaluation.fidelity import builtin_reply_prompts
+from d3cli.evaluation.builtin_prompts import builtin_reply_prompts
 from d3cli.evaluation.schedule_choice import Budget, choose_schedule, predicted_speedup
 
 SETTINGS = DecodeSettings(head=1, tail=1, skip_order="middle")

@@ -16,7 +16,8 @@ import typer
 
 from d3cli.cli import render
 from d3cli.cli.options import OUTPUT_PANEL, ModelArgs, uses_option_groups
-from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_PROMPTS, SCHEDULE_TOKENS
+from d3cli.evaluation.builtin_prompts import SCHEDULE_PROMPTS
+from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
 
 CALIBRATION_PANEL = "Calibration"
 

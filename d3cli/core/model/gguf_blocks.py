@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from d3cli import kernels
 from d3cli.core.model.quantized import AffineInt4, BlockInt8
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # stored as 4-bit groups of 32 with a scale and an offset
@@ -296,3 +297,14 @@ def same_values(dequantized: torch.Tensor, reference: torch.Tensor) -> bool:
         return False
     bound = 1e-6 * float(reference.abs().max()) + 1e-30
     return bool((dequantized - reference).abs().max() <= bound)
+
+
+def dequantized(raw: np.ndarray, qtype) -> torch.Tensor:
+    """Rows of a tensor's bytes dequantized to float32 as the gguf package does: Q6_K by d3's kernel where it is
+    loaded (the same values, to the bit, ~10x faster), any type by the gguf package otherwise."""
+    if qtype.name == "Q6_K" and kernels.loaded() and raw.shape[-1] % 210 == 0:
+        rows = torch.from_numpy(np.ascontiguousarray(raw)).reshape(-1, raw.shape[-1])
+        return torch.ops.d3.dequantize_q6_k(rows)
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(np.asarray(dequantize(raw, qtype), dtype=np.float32))

@@ -97,8 +97,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> tuple[dict[str, str], dict[
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    from d3cli.core.model.loader import quiet_transformers
-    from d3cli.core.model.streamed import empty_model
+    from d3cli.core.model.streamed import empty_model, quiet_transformers
 
     quiet_transformers()
     folder, name = str(gguf_path.parent), gguf_path.name

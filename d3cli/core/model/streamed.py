@@ -20,6 +20,14 @@ from d3cli.base.errors import UserError
 from d3cli.core.model.weights import ModelWeights, WeightsReport, apply_weights, embedding_name, head_name
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars or advice from transformers: d3 owns the terminal (download bars stay)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def empty_model(config, trust_remote_code: bool = False):
     """The model of `config` with its parameters on the meta device (no memory); buffers (rotary tables) real."""
     from accelerate import init_empty_weights

@@ -44,7 +44,6 @@ from d3cli.core.model.quantized import (
     tensor_bytes,
 )
 
-WEIGHT_KINDS = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 DENSE_KINDS = ("float32", "bfloat16", "float16")
 QUANTIZED_KINDS = ("int8", "int4")
 STORED_KINDS = ("int5", "int6")  # a GGUF file's 5- and 6-bit types as stored: on d3's kernels, with auto only
@@ -71,8 +70,6 @@ def resolve_weights(requested: str, dtype_requested: str, device: torch.device, 
                     default_dtype: Callable[[str, torch.device], torch.dtype]) -> WeightChoice:
     """`--weights` and `--dtype` as one choice. `gguf_types`: the GGUF type of each tensor when the model is a GGUF
     file (None otherwise); `default_dtype(dtype, device)`: the loader's dtype resolution for dense weights."""
-    if requested not in WEIGHT_KINDS:
-        raise UserError(f"unknown weights {requested!r} (choose from: {', '.join(WEIGHT_KINDS)})")
     if group_size not in INT4_GROUP_SIZES:
         raise UserError(f"--group-size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, not {group_size}")
     if requested in DENSE_KINDS:

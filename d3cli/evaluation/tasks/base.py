@@ -37,11 +37,9 @@ class Example:
     def prompt_ids(self, tokenizer) -> list[int]:
         """The prompt as token ids, as every command encodes it: through the chat template when the example is a
         chat one, else as raw text with the tokenizer's special tokens."""
-        from d3cli.core.text.prompts import encode_chat
+        from d3cli.core.text.prompts import encode_prompt
 
-        if self.chat:
-            return encode_chat(tokenizer, [{"role": "user", "content": self.prompt}])
-        return list(tokenizer(self.prompt, add_special_tokens=True)["input_ids"])
+        return encode_prompt(tokenizer, self.prompt, chat=self.chat)
 
 
 @dataclass(frozen=True)

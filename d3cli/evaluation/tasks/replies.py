@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from d3cli.base.errors import UserError
-from d3cli.evaluation.fidelity import ReplyPrompt, builtin_reply_prompts
+from d3cli.evaluation.builtin_prompts import ReplyPrompt, builtin_reply_prompts
 from d3cli.evaluation.tasks.base import INVALID, Answer, Example, TaskOptions, take
 
 

@@ -34,7 +34,8 @@ from d3cli.core.calibration.model_calibration import BUNDLED_CALIBRATION, read_c
 from d3cli.core.decode.bridges import BridgeFitter, Bridges  # noqa: E402
 from d3cli.core.decode.schedule import drop_middle_first, runs_of_drop_order, skipped_runs  # noqa: E402
 from d3cli.core.model.loader import load  # noqa: E402
-from d3cli.evaluation.calibrate import CalibrationOptions, builtin_prompts, generate_corpus  # noqa: E402
+from d3cli.evaluation.builtin_prompts import builtin_prompts
+from d3cli.evaluation.calibrate import CalibrationOptions, generate_corpus
 from d3cli.evaluation.scoring import ContinuationScorer, ScoringText  # noqa: E402
 
 HERE = Path(__file__).parent

@@ -67,7 +67,7 @@ def replies(loaded, data_dir: Path) -> list[ScoringText]:
     from d3cli.core.decode.engine import generate
     from d3cli.core.decode.schedule import DecaySchedule
     from d3cli.core.model.model_facts import num_decoder_layers
-    from d3cli.evaluation.calibrate import encode_builtin
+    from d3cli.evaluation.builtin_prompts import encode_builtin
 
     prompts = [("chat", text) for text in heldout_prompts.CHAT] + [("raw", text) for text in heldout_prompts.RAW]
     full = DecaySchedule.build(num_decoder_layers(loaded.model), alpha=1.0)

@@ -155,7 +155,7 @@ def test_every_type_runs_as_stored_its_products_those_of_its_dequantized_weights
 def test_q6_k_dequantized_by_the_kernel_equals_the_gguf_package_to_the_bit():
     from gguf import GGMLQuantizationType, quants
 
-    from d3cli.core.model.gguf_weights import dequantized
+    from d3cli.core.model.gguf_blocks import dequantized
 
     raw, _ = tensor_bytes((9, 512), 0.05, "Q6_K", np.random.default_rng(7))
     raw = np.asarray(raw).view(np.uint8).reshape(9, -1)

@@ -85,8 +85,10 @@ def test_device_and_dtype_choices():
     assert loader.resolve_device("cpu").type == "cpu"
     assert loader.resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert loader.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(UserError, match="unknown device"):
-        loader.resolve_device("tpu")
+    for field, value, what in (("device", "tpu", "device"), ("dtype", "float8", "dtype"),
+                               ("device_map", "everywhere", "device map"), ("weights", "int3", "weights")):
+        with pytest.raises(UserError, match=f"unknown {what} '{value}' \\(choose from: "):
+            loader.ModelOptions(**{field: value})  # checked once, where the options are built
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             loader.resolve_device("cuda")

@@ -59,7 +59,6 @@ def test_quantized_weights_run_float32_activations_on_d3s_kernels_and_bfloat16_o
     (dict(weights="int4", dtype="float16"), "float16"),
     (dict(weights="float32", dtype="bfloat16"), "give one of them"),
     (dict(weights="int4", group_size=48), "--group-size"),
-    (dict(weights="int3"), "unknown weights"),
 ])
 def test_what_cannot_run_is_a_user_error(arguments, fragment):
     with pytest.raises(UserError, match=fragment):
