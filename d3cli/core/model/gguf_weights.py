@@ -30,6 +30,7 @@ from torch import nn
 from d3cli import kernels
 from d3cli.base.errors import UserError
 from d3cli.core.model import d3_record, tile_cache
+from d3cli.core.model.embeddings import BlockInt8Embedding, QuantizedEmbedding
 from d3cli.core.model.gguf_blocks import (
     FLOAT_TYPES,
     KEEPS_ROWS,
@@ -39,7 +40,6 @@ from d3cli.core.model.gguf_blocks import (
     row_order,
 )
 from d3cli.core.model.gguf_tiles import PACKED_TYPES, GGUFBlocks
-from d3cli.core.model.quantized import BlockInt8Embedding, QuantizedEmbedding
 from d3cli.core.model.streamed import return_freed_memory
 from d3cli.core.model.weights import ModelWeights, _embed_scale
 

@@ -207,7 +207,37 @@ class TiledWeights(nn.Module):
         return tensor_bytes(self.tiles, self.scale, self.offset, self.bias)
 
 
-class Int4Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """The base of d3's quantized linear layers. On d3's kernels each holds its weight as `tiled` (TiledWeights: one
+    call of torch.ops.d3.tiled_linear for any kind); without them a subclass computes the product on torch's
+    kernels (`torch_forward`) from what it keeps itself (`torch_weight_bytes`)."""
+
+    kind = ""
+    in_features: int
+    out_features: int
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tiled is not None:
+            return self.tiled(hidden)
+        return self.torch_forward(hidden)
+
+    def torch_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{type(self).__name__} is built on d3's kernels only")
+
+    def weight_bytes(self) -> int:
+        return self.tiled.weight_bytes() if self.tiled is not None else self.torch_weight_bytes()
+
+    def torch_weight_bytes(self) -> int:
+        return 0
+
+    def detail(self) -> str:
+        return ""
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}{self.detail()}"
+
+
+class Int4Linear(QuantizedLinear):
     """A linear layer whose weight is `AffineInt4` groups: d3's q4 kernel, else `aten._weight_int4pack_mm_for_cpu`."""
 
     kind = "int4"
@@ -236,9 +266,7 @@ class Int4Linear(nn.Module):
                              .to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.tiled is not None:
-            return self.tiled(hidden)
+    def torch_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, self.in_features)
         if flat.dtype != self.scales_and_zeros.dtype:
             flat = flat.to(self.scales_and_zeros.dtype)
@@ -249,16 +277,14 @@ class Int4Linear(nn.Module):
             out = out + self.bias
         return out.reshape(*hidden.shape[:-1], self.out_features)
 
-    def weight_bytes(self) -> int:
-        if self.tiled is not None:
-            return self.tiled.weight_bytes()
+    def torch_weight_bytes(self) -> int:
         return tensor_bytes(self.packed, self.scales_and_zeros, self.bias)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+    def detail(self) -> str:
+        return f", group_size={self.group_size}"
 
 
-class StoredLinear(nn.Module):
+class StoredLinear(QuantizedLinear):
     """A linear layer whose weight is a GGUF file's 5- or 6-bit blocks (Q5_0, Q5_1, Q5_K, Q6_K) as the file stores
     them, packed in d3's tiles (gguf_tiles.py): d3's kernels only (without them these types run as int8)."""
 
@@ -268,17 +294,11 @@ class StoredLinear(nn.Module):
         self.out_features, self.in_features = packed.rows, packed.columns
         self.tiled = TiledWeights(packed.kernel_kind, None, None, None, bias, GROUP_SIZE, packed)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tiled(hidden)
-
-    def weight_bytes(self) -> int:
-        return self.tiled.weight_bytes()
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} as stored"
+    def detail(self) -> str:
+        return f", {self.kind} as stored"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     """A linear layer whose weight is int8 per output channel: d3's q8 kernel (one group a row), else
     `aten._weight_int8pack_mm`."""
 
@@ -295,9 +315,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.detach().to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.tiled is not None:
-            return self.tiled(hidden)
+    def torch_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, self.in_features)
         if flat.dtype != self.scale.dtype:
             flat = flat.to(self.scale.dtype)
@@ -306,16 +324,11 @@ class Int8Linear(nn.Module):
             out = out + self.bias
         return out.reshape(*hidden.shape[:-1], self.out_features)
 
-    def weight_bytes(self) -> int:
-        if self.tiled is not None:
-            return self.tiled.weight_bytes()
+    def torch_weight_bytes(self) -> int:
         return tensor_bytes(self.q, self.scale, self.bias)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
 
-
-class BlockInt8Linear(nn.Module):
+class BlockInt8Linear(QuantizedLinear):
     """A linear layer whose weight is GGUF's Q8_0 blocks, exactly: d3's q8 kernel, else torch's int4 kernel with
     each q in -128..127 split into two 4-bit halves, q + 128 = 16·high + low, so w = q·d = 16d·high + d·low − 128d,
     a product of the input repeated twice ([x, x]) with [high | low] in groups of 32 (as fast as per-channel int8
@@ -341,73 +354,14 @@ class BlockInt8Linear(nn.Module):
                             torch.cat([-128 * scale, torch.zeros_like(scale)], dim=1))
         self.halves = Int4Linear(halves, bias, dtype)  # torch's kernel: d3's are not available here
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.tiled is not None:
-            return self.tiled(hidden)
+    def torch_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.halves(torch.cat([hidden, hidden], dim=-1))
 
-    def weight_bytes(self) -> int:
-        return (self.tiled or self.halves).weight_bytes()
+    def torch_weight_bytes(self) -> int:
+        return self.halves.weight_bytes()
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, blocks of 32"
-
-
-class QuantizedEmbedding(nn.Module):
-    """An embedding table kept in a quantized form: a lookup dequantizes only the rows it reads (`rows`), exactly as
-    the file's own dequantization does, then scales them as a scaled embedding (Gemma's) does. The stored tensors are
-    plain attributes, not buffers: `model.to(dtype)` leaves them exact (quantized weights run on the CPU only, so
-    they never move)."""
-
-    kind = "quantized embedding"  # what a weights report counts it as
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, padding_idx: int | None = None,
-                 embed_scale: torch.Tensor | None = None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.output_dtype, self.embed_scale = dtype, embed_scale
-
-    def rows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The rows of `input_ids`, dequantized in float32 (unscaled)."""
-        raise NotImplementedError
-
-    def stored_tensors(self) -> list:
-        """The tensors that hold the table (for byte counts)."""
-        raise NotImplementedError
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.rows(input_ids).to(self.output_dtype)
-        if self.embed_scale is not None:  # as Gemma's ScaledWordEmbedding: the scale in the table's dtype
-            rows = rows * self.embed_scale.to(self.output_dtype)
-        return rows
-
-    def weight_bytes(self) -> int:
-        return tensor_bytes(*self.stored_tensors())
-
-
-class BlockInt8Embedding(QuantizedEmbedding):
-    """An embedding table kept as GGUF's Q8_0 blocks."""
-
-    kind = "int8 embedding"
-
-    def __init__(self, table: BlockInt8, dtype: torch.dtype, padding_idx: int | None = None,
-                 embed_scale: torch.Tensor | None = None):
-        super().__init__(*table.q.shape, dtype, padding_idx, embed_scale)
-        self.group_size = table.group_size
-        self.q, self.scale = table.q.contiguous(), table.scale.float().contiguous()
-
-    def rows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.q[input_ids].reshape(*input_ids.shape, -1, self.group_size).float()
-        return (rows * self.scale[input_ids][..., None]).reshape(*input_ids.shape, self.embedding_dim)
-
-    def stored_tensors(self) -> list:
-        return [self.q, self.scale]
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, blocks of {self.group_size}"
-
-
-QUANTIZED_MODULES = (Int4Linear, StoredLinear, Int8Linear, BlockInt8Linear, QuantizedEmbedding)
+    def detail(self) -> str:
+        return ", blocks of 32"
 
 
 def tensor_bytes(*tensors) -> int:

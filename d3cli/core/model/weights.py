@@ -25,17 +25,16 @@ from torch import nn
 
 from d3cli import kernels
 from d3cli.base.errors import UserError
+from d3cli.core.model.embeddings import BlockInt8Embedding, QuantizedEmbedding
 from d3cli.core.model.gguf_tiles import CENTRED_TYPES, GGUFBlocks
 from d3cli.core.model.quantized import (
     GROUP_SIZE,
     INT4_GROUP_SIZES,
     AffineInt4,
     BlockInt8,
-    BlockInt8Embedding,
     BlockInt8Linear,
     Int4Linear,
     Int8Linear,
-    QuantizedEmbedding,
     StoredLinear,
     fits_int4,
     fits_int8,

@@ -121,31 +121,6 @@ def test_the_mask_is_transformers_sdpa_mask(past, tokens, padded):
         assert ours is not None and torch.equal(ours.expand(2, 1, -1, -1), theirs.expand(2, 1, -1, -1))
 
 
-def test_a_family_d3s_model_does_not_build_is_recorded_as_such_and_loads_through_transformers(tmp_path):
-    path = write_tiny_gguf(tmp_path / "gemma3.gguf", loader.embedded_gguf_path(), {}, shape=Shape(layers=2),
-                           architecture="gemma3")
-    loader.load(str(path), device="cpu")
-    record = d3_record.read(gguf_cache.cached_gguf_dir(path))
-    assert "model type" in record["unsupported"] or "sliding" in record["unsupported"]
-    assert not isinstance(loader.load(str(path), device="cpu", lean=True).model, D3ForCausalLM)
-
-
-def test_a_record_of_another_transformers_version_or_a_broken_one_is_not_used(tmp_path):
-    path = write_tiny_gguf(tmp_path / "llama.gguf", loader.embedded_gguf_path(), {}, shape=Shape(layers=2))
-    loader.load(str(path), device="cpu")
-    folder = gguf_cache.cached_gguf_dir(path)
-    record_file = folder / d3_record.RECORD_FILE
-    record = json.loads(record_file.read_text())
-    record_file.write_text(json.dumps({**record, "transformers": "0.0.1"}))
-    assert d3_record.read(folder) is None
-    assert not isinstance(loader.load(str(path), device="cpu", lean=True).model, D3ForCausalLM)
-    assert d3_record.read(folder) is not None  # that start recorded it again
-    (folder / d3_record.TOKENIZER_FILE).unlink()
-    assert d3_record.read(folder) is None
-    record_file.write_text("{not json")
-    assert d3_record.read(folder) is None
-
-
 def test_float_weights_and_non_lean_loads_keep_transformers_model(family_file):
     path, _ = family_file
     assert not isinstance(loader.load(str(path), device="cpu", weights="float32", lean=True).model, D3ForCausalLM)

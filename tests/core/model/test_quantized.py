@@ -11,7 +11,6 @@ from d3cli import kernels
 from d3cli.core.model.quantized import (
     AffineInt4,
     BlockInt8,
-    BlockInt8Embedding,
     BlockInt8Linear,
     Int4Linear,
     Int8Linear,
@@ -84,17 +83,6 @@ def test_quantize_int4_is_within_half_a_step_and_exact_for_flat_groups():
     assert torch.equal(form.dequantize()[3, :32], weight[3, :32])
 
 
-def test_block_int8_embedding_reads_exact_rows():
-    generator = torch.Generator().manual_seed(1)
-    table = BlockInt8(torch.randint(-128, 128, (10, 64), dtype=torch.int8, generator=generator),
-                      torch.rand(10, 2, generator=generator))
-    embedding = BlockInt8Embedding(table, torch.float32)
-    ids = torch.tensor([[3, 0, 9]])
-    assert torch.equal(embedding(ids), table.dequantize()[ids])
-    embedding.to(torch.bfloat16)  # the blocks stay as they are
-    assert torch.equal(embedding.rows(ids), table.dequantize()[ids])
-
-
 def test_int4_linear_matches_a_float_linear_quantized_on_load():
     linear = nn.Linear(64, 32)
     form = quantize_int4(linear.weight)
@@ -112,3 +100,11 @@ def test_q8_0_blocks_run_exactly_as_two_int4_halves():
     layer = BlockInt8Linear(table, bias, torch.float32)
     hidden = torch.randn(2, 3, 96)
     torch.testing.assert_close(layer(hidden), hidden @ table.dequantize().T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_every_quantized_linear_layer_shares_one_base():
+    """One forward for all of them: the tiles on d3's kernels, else the class's own product on torch's."""
+    from d3cli.core.model.quantized import BlockInt8Linear, Int4Linear, Int8Linear, QuantizedLinear, StoredLinear
+
+    assert all(issubclass(cls, QuantizedLinear) for cls in (Int4Linear, StoredLinear, Int8Linear, BlockInt8Linear))
+    assert all("forward" not in vars(cls) for cls in (Int4Linear, StoredLinear, Int8Linear, BlockInt8Linear))
