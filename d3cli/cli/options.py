@@ -47,6 +47,23 @@ Weights = Enum("Weights", {name: name for name in WEIGHT_KINDS}, type=str)
 
 SkipOrderChoice = Enum("SkipOrderChoice", {name: name for name in SKIP_ORDER_NAMES}, type=str)
 
+
+def flag(name: str, help: str, panel: str = OUTPUT_PANEL):
+    """A command's on/off option (`--json`, `--resume`, ...) with its own help line: declared in one line each."""
+    return Annotated[bool, typer.Option(name, help=help, rich_help_panel=panel)]
+
+
+def batch_size_option(help: str, panel: str = OUTPUT_PANEL):
+    """`--batch-size`/`-b`, with what a batch is for this command."""
+    return Annotated[int, typer.Option("--batch-size", "-b", help=help, rich_help_panel=panel)]
+
+
+def output_option(help: str):
+    """`--output`/`-o`: a file this command writes."""
+    return Annotated[Optional[Path], typer.Option("--output", "-o", help=help, rich_help_panel=OUTPUT_PANEL,
+                                                  show_default=False)]
+
+
 ModelOption = Annotated[
     Optional[str],
     typer.Option(

@@ -22,11 +22,22 @@ from d3cli.cli.options import (
     ShotsOption,
     SubtasksOption,
     TaskChatOption,
+    batch_size_option,
+    flag,
+    output_option,
     parse_alphas,
     parse_list,
     uses_option_groups,
 )
 from d3cli.core.session.settings import DecodeSettings
+
+BatchSizeOption = batch_size_option("Examples decoded at once (rows share each step's depth).")
+OutputOption = output_option("Per-example results, JSONL (default: "
+                             "d3-bench-TASK-MODEL.jsonl here).")
+ResumeOption = flag("--resume", "Continue the run in --output: only unfinished examples run.")
+JsonOption = flag("--json", "Print the summary as JSON on stdout (the table goes to stderr).")
+QuickOption = flag("--quick", "--task speed: 32-token replies, 3 rounds, only the side-by-side "
+                   "sections (weight kinds, α = 1, step costs): a few minutes.")
 
 
 def model_slug(name: str) -> str:
@@ -63,31 +74,15 @@ def bench(
     model: ModelArgs = ModelArgs(),
     depth: AlphaListDepthArgs = AlphaListDepthArgs(),
     sampling: AnswerSamplingArgs = AnswerSamplingArgs(),
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Examples decoded at once (rows share each step's depth).",
-                          rich_help_panel=OUTPUT_PANEL),
-    ] = 1,
-    output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Per-example results, JSONL (default: "
-                                     "d3-bench-TASK-MODEL.jsonl here).", rich_help_panel=OUTPUT_PANEL,
-                                     show_default=False),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --output: only unfinished examples run.",
-                           rich_help_panel=OUTPUT_PANEL),
-    ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the summary as JSON on stdout (the table goes to stderr).",
-                           rich_help_panel=OUTPUT_PANEL),
-    ] = False,
+    batch_size: BatchSizeOption = 1,
+    output: OutputOption = None,
+    resume: ResumeOption = False,
+    as_json: JsonOption = False,
     repeats: Annotated[
         int, typer.Option(help="--task speed: timed runs per measurement (medians; a warm-up is never timed).",
                           rich_help_panel=OUTPUT_PANEL),
     ] = 5,
-    quick: Annotated[
-        bool, typer.Option("--quick", help="--task speed: 32-token replies, 3 rounds, only the side-by-side "
-                           "sections (weight kinds, α = 1, step costs): a few minutes.", rich_help_panel=OUTPUT_PANEL),
-    ] = False,
+    quick: QuickOption = False,
 ) -> None:
     """Benchmark full depth, D3 and matched-compute baselines on GSM8K, BBH or everyday prompts, side by side.
 

@@ -15,11 +15,19 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli.cli import render
-from d3cli.cli.options import OUTPUT_PANEL, ModelArgs, uses_option_groups
+from d3cli.cli.options import ModelArgs, batch_size_option, flag, output_option, uses_option_groups
 from d3cli.evaluation.builtin_prompts import SCHEDULE_PROMPTS
 from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
 
 CALIBRATION_PANEL = "Calibration"
+
+
+BatchSizeOption = batch_size_option("Replies generated at once.", CALIBRATION_PANEL)
+ScheduleOnlyOption = flag("--schedule-only", "Choose the schedule again for the model's calibration as it is "
+                          "(e.g. with another --budget): its order and bridges stay.", CALIBRATION_PANEL)
+OutputOption = output_option("Write the calibration here instead of the user cache "
+                             "(then pass it with --calibration).")
+JsonOption = flag("--json", "Print what was made as JSON.")
 
 
 @uses_option_groups
@@ -32,9 +40,7 @@ def calibrate(
     reply_tokens: Annotated[
         int, typer.Option(help="Most tokens of each of the model's replies.", rich_help_panel=CALIBRATION_PANEL),
     ] = 256,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Replies generated at once.", rich_help_panel=CALIBRATION_PANEL),
-    ] = 16,
+    batch_size: BatchSizeOption = 16,
     profile_texts: Annotated[
         int, typer.Option(help="Replies the layer profile (the importance order) is measured on.",
                           rich_help_panel=CALIBRATION_PANEL),
@@ -73,24 +79,14 @@ def calibrate(
                                     "(weaker bridges, a less certain schedule).", rich_help_panel=CALIBRATION_PANEL,
                                     show_default=False),
     ] = None,
-    schedule_only: Annotated[
-        bool, typer.Option("--schedule-only", help="Choose the schedule again for the model's calibration as it is "
-                           "(e.g. with another --budget): its order and bridges stay.",
-                           rich_help_panel=CALIBRATION_PANEL),
-    ] = False,
+    schedule_only: ScheduleOnlyOption = False,
     calibration: Annotated[
         Optional[Path], typer.Option(help="With --schedule-only: the calibration to choose for (default: the model's "
                                      "own, as every command finds it).", rich_help_panel=CALIBRATION_PANEL,
                                      show_default=False),
     ] = None,
-    output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Write the calibration here instead of the user cache "
-                                     "(then pass it with --calibration).", rich_help_panel=OUTPUT_PANEL,
-                                     show_default=False),
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print what was made as JSON.", rich_help_panel=OUTPUT_PANEL),
-    ] = False,
+    output: OutputOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Calibrate a model for D3: its layer order, bridges over skipped layers, and schedule.
 

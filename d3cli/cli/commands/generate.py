@@ -13,12 +13,13 @@ import typer
 from d3cli.base.errors import UserError, check_at_least
 from d3cli.cli import render
 from d3cli.cli.options import (
-    OUTPUT_PANEL,
     ChatOption,
     DepthArgs,
     ModelArgs,
     SamplingArgs,
     SystemOption,
+    batch_size_option,
+    flag,
     uses_option_groups,
 )
 from d3cli.core.decode.results import Reply, reply_record
@@ -34,6 +35,13 @@ from d3cli.core.session.prompt_batches import (
 from d3cli.core.session.settings import DecodeSettings
 from d3cli.core.text.prompts import read_stdin_prompt
 
+CompareOption = flag("--compare", "Also decode at full depth and report the measured speedup.")
+JsonOption = flag("--json", "Print one JSON object with the reply and its statistics.")
+JsonlOption = flag("--jsonl", "Each stdin line is a prompt (text or JSON); print one JSON line each.")
+BatchSizeOption = batch_size_option("With --jsonl: decode this many prompts at once.")
+SkipBadLinesOption = flag("--skip-bad-lines", "With --jsonl: warn about a malformed line and go on.")
+StatsOption = flag("--stats", "When stdout is not a terminal: statistics on stderr.")
+
 
 @uses_option_groups
 def generate(
@@ -47,30 +55,12 @@ def generate(
     sampling: SamplingArgs = SamplingArgs(),
     chat: ChatOption = None,
     system: SystemOption = None,
-    compare: Annotated[
-        bool, typer.Option("--compare", help="Also decode at full depth and report the measured speedup.",
-                           rich_help_panel=OUTPUT_PANEL),
-    ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with the reply and its statistics.",
-                           rich_help_panel=OUTPUT_PANEL),
-    ] = False,
-    jsonl: Annotated[
-        bool, typer.Option("--jsonl", help="Each stdin line is a prompt (text or JSON); print one JSON line each.",
-                           rich_help_panel=OUTPUT_PANEL),
-    ] = False,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="With --jsonl: decode this many prompts at once.",
-                          rich_help_panel=OUTPUT_PANEL),
-    ] = 1,
-    skip_bad_lines: Annotated[
-        bool, typer.Option("--skip-bad-lines", help="With --jsonl: warn about a malformed line and go on.",
-                           rich_help_panel=OUTPUT_PANEL),
-    ] = False,
-    stats: Annotated[
-        bool, typer.Option("--stats", help="When stdout is not a terminal: statistics on stderr.",
-                           rich_help_panel=OUTPUT_PANEL),
-    ] = False,
+    compare: CompareOption = False,
+    as_json: JsonOption = False,
+    jsonl: JsonlOption = False,
+    batch_size: BatchSizeOption = 1,
+    skip_bad_lines: SkipBadLinesOption = False,
+    stats: StatsOption = False,
 ) -> None:
     """Generate a reply with Position-Aware Depth Decay Decoding.
 

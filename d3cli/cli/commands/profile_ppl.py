@@ -18,6 +18,7 @@ from d3cli.cli.options import (
     ShotsOption,
     SubtasksOption,
     TaskChatOption,
+    flag,
     parse_alphas,
     parse_list,
     uses_option_groups,
@@ -28,6 +29,12 @@ from d3cli.evaluation.ppl_profile import Corpus, ProfileOptions, profile
 
 PROFILE_PANEL = "Profile"
 CALIBRATION_PANEL = "Calibration"
+
+
+SelfGeneratedOption = flag("--self", "Score the model's own greedy continuations of the task prompts.", TASK_PANEL)
+LayersOption = flag("--layers", "Measure the layer profile: block influence and the NLL cost of skipping "
+                    "each layer alone at late positions (L extra forwards per text).", PROFILE_PANEL)
+JsonOption = flag("--json", "Print everything as one JSON object on stdout (the chart goes to stderr).")
 
 
 @uses_option_groups
@@ -42,10 +49,7 @@ def profile_ppl(
                                      "each split after --prompt-tokens; a .jsonl file gives prompt/continuation "
                                      "pairs.", rich_help_panel=TASK_PANEL, show_default=False),
     ] = None,
-    self_generated: Annotated[
-        bool, typer.Option("--self", help="Score the model's own greedy continuations of the task prompts.",
-                           rich_help_panel=TASK_PANEL),
-    ] = False,
+    self_generated: SelfGeneratedOption = False,
     subtasks: SubtasksOption = None,
     limit: Annotated[
         int, typer.Option(help="Texts to score (per BBH subtask).", rich_help_panel=TASK_PANEL),
@@ -69,11 +73,7 @@ def profile_ppl(
     bucket_size: Annotated[
         int, typer.Option(help="Positions per row of the chart.", rich_help_panel=PROFILE_PANEL),
     ] = 16,
-    layers: Annotated[
-        bool, typer.Option("--layers", help="Measure the layer profile: block influence and the NLL cost of skipping "
-                           "each layer alone at late positions (L extra forwards per text).",
-                           rich_help_panel=PROFILE_PANEL),
-    ] = False,
+    layers: LayersOption = False,
     late_from: Annotated[
         int, typer.Option(help="Positions from here on are 'late' for the layer profile.",
                           rich_help_panel=PROFILE_PANEL),
@@ -93,10 +93,7 @@ def profile_ppl(
     reply_tokens: Annotated[
         int, typer.Option(help="Typical reply length the calibration plans for.", rich_help_panel=CALIBRATION_PANEL),
     ] = 128,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print everything as one JSON object on stdout (the chart goes to stderr).",
-                           rich_help_panel=OUTPUT_PANEL),
-    ] = False,
+    as_json: JsonOption = False,
     csv_file: Annotated[
         Optional[Path], typer.Option("--csv", help="Write the per-position buckets as CSV to this file.",
                                      rich_help_panel=OUTPUT_PANEL, show_default=False),

@@ -12,7 +12,7 @@ import typer
 
 from d3cli.base.errors import UserError, check_at_least
 from d3cli.cli import render
-from d3cli.cli.options import DepthArgs, ModelArgs, SamplingArgs, uses_option_groups
+from d3cli.cli.options import DepthArgs, ModelArgs, SamplingArgs, batch_size_option, uses_option_groups
 from d3cli.core.session.settings import DecodeSettings
 
 SERVER_PANEL = "Server"
@@ -22,6 +22,11 @@ SERVE_PACKAGES = ("starlette", "uvicorn")
 class LogFormat(str, Enum):
     rich = "rich"
     json = "json"
+
+
+BatchSizeOption = batch_size_option("Decode up to this many waiting greedy requests with the same settings as "
+                                    "one batch: more tokens/s under load, but a batched reply may differ from the "
+                                    "same request decoded alone.", SERVER_PANEL)
 
 
 @uses_option_groups
@@ -44,11 +49,7 @@ def serve(
         int, typer.Option(help="Requests that may wait while one decodes; more get 503.",
                           rich_help_panel=SERVER_PANEL),
     ] = 16,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Decode up to this many waiting greedy requests with the same "
-                          "settings as one batch: more tokens/s under load, but a batched reply may differ from "
-                          "the same request decoded alone.", rich_help_panel=SERVER_PANEL),
-    ] = 1,
+    batch_size: BatchSizeOption = 1,
     log_format: Annotated[
         LogFormat, typer.Option(help="One line per request on stderr: rich for people, json for machines.",
                                 rich_help_panel=SERVER_PANEL),
@@ -73,7 +74,8 @@ def serve(
     from d3cli.server.app import serve as run_server
 
     sock = bind(host, port)
-    config = ServeConfig(model.options(lean=True), settings, api_key=api_key, queue_size=queue_size, max_batch=batch_size)
+    config = ServeConfig(model.options(lean=True), settings, api_key=api_key, queue_size=queue_size,
+                         max_batch=batch_size)
     run_server(config, sock, render.server_log(getattr(log_format, "value", log_format)))
 
 
