@@ -64,6 +64,12 @@ def output_option(help: str):
                                                   show_default=False)]
 
 
+
+def option(kind, help: str, panel: str, show_default: bool = True):
+    """Any other option of one command, declared in one line: its type, its help and the panel it shows in."""
+    return Annotated[kind, typer.Option(help=help, rich_help_panel=panel, show_default=show_default)]
+
+
 ModelOption = Annotated[
     Optional[str],
     typer.Option(
@@ -190,8 +196,8 @@ StopOption = Annotated[
 ]
 ChatOption = Annotated[
     Optional[bool],
-    typer.Option("--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template. Default: on if it has one.",
-                 rich_help_panel=SAMPLING_PANEL, show_default=False),
+    typer.Option("--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template. Default: on if it has "
+                 "one.", rich_help_panel=SAMPLING_PANEL, show_default=False),
 ]
 SystemOption = Annotated[
     Optional[str], typer.Option("--system", "-s", help="System message for the chat template.",

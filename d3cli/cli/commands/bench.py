@@ -24,6 +24,7 @@ from d3cli.cli.options import (
     TaskChatOption,
     batch_size_option,
     flag,
+    option,
     output_option,
     parse_alphas,
     parse_list,
@@ -38,6 +39,15 @@ ResumeOption = flag("--resume", "Continue the run in --output: only unfinished e
 JsonOption = flag("--json", "Print the summary as JSON on stdout (the table goes to stderr).")
 QuickOption = flag("--quick", "--task speed: 32-token replies, 3 rounds, only the side-by-side "
                    "sections (weight kinds, α = 1, step costs): a few minutes.")
+LimitOption = option(Optional[int], "Only the first N examples (per BBH subtask).", TASK_PANEL, show_default=False)
+MethodsOption = option(Optional[str], "Which of d3, static, linear and their +bridges forms (d3+bridges...) to run "
+                                      "beside full depth. Default: d3, static, linear, and d3+bridges and "
+                                      "static+bridges when the model's calibration has bridges.",
+                                      TASK_PANEL, show_default=False)
+IncludePathOption = option(Optional[Path], "With lm-eval:TASK: a folder of lm-eval task YAMLs (your own tasks, or "
+                                           "tasks pointed at local files).", TASK_PANEL, show_default=False)
+RepeatsOption = option(int, "--task speed: timed runs per measurement (medians; a warm-up is never timed).",
+                            OUTPUT_PANEL)
 
 
 def model_slug(name: str) -> str:
@@ -53,24 +63,12 @@ def bench(
                                       "the model's own generate, step cost per layer, D3 against its ideal, batches, "
                                       "KV cache, first token).", rich_help_panel=TASK_PANEL)] = "gsm8k",
     subtasks: SubtasksOption = None,
-    limit: Annotated[
-        Optional[int], typer.Option(help="Only the first N examples (per BBH subtask).", rich_help_panel=TASK_PANEL,
-                                    show_default=False),
-    ] = None,
+    limit: LimitOption = None,
     shots: ShotsOption = None,
     chat: TaskChatOption = False,
     data_dir: DataDirOption = None,
-    methods: Annotated[
-        Optional[str], typer.Option(help="Which of d3, static, linear and their +bridges forms (d3+bridges...) to run "
-                                    "beside full depth. Default: d3, static, linear, and d3+bridges and "
-                                    "static+bridges when the model's calibration has bridges.",
-                                    rich_help_panel=TASK_PANEL, show_default=False),
-    ] = None,
-    include_path: Annotated[
-        Optional[Path], typer.Option(help="With lm-eval:TASK: a folder of lm-eval task YAMLs (your own tasks, or "
-                                     "tasks pointed at local files).", rich_help_panel=TASK_PANEL,
-                                     show_default=False),
-    ] = None,
+    methods: MethodsOption = None,
+    include_path: IncludePathOption = None,
     model: ModelArgs = ModelArgs(),
     depth: AlphaListDepthArgs = AlphaListDepthArgs(),
     sampling: AnswerSamplingArgs = AnswerSamplingArgs(),
@@ -78,10 +76,7 @@ def bench(
     output: OutputOption = None,
     resume: ResumeOption = False,
     as_json: JsonOption = False,
-    repeats: Annotated[
-        int, typer.Option(help="--task speed: timed runs per measurement (medians; a warm-up is never timed).",
-                          rich_help_panel=OUTPUT_PANEL),
-    ] = 5,
+    repeats: RepeatsOption = 5,
     quick: QuickOption = False,
 ) -> None:
     """Benchmark full depth, D3 and matched-compute baselines on GSM8K, BBH or everyday prompts, side by side.

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
+from typing import Optional
 
 from d3cli.cli import render
-from d3cli.cli.options import ModelArgs, batch_size_option, flag, output_option, uses_option_groups
+from d3cli.cli.options import ModelArgs, batch_size_option, flag, option, output_option, uses_option_groups
 from d3cli.evaluation.builtin_prompts import SCHEDULE_PROMPTS
 from d3cli.evaluation.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
 
@@ -28,63 +26,47 @@ ScheduleOnlyOption = flag("--schedule-only", "Choose the schedule again for the 
 OutputOption = output_option("Write the calibration here instead of the user cache "
                              "(then pass it with --calibration).")
 JsonOption = flag("--json", "Print what was made as JSON.")
+PromptsOption = option(int, "How many of the 116 built-in prompts the bridges are fitted on (fewer: faster, weaker "
+                            "bridges).", CALIBRATION_PANEL)
+ReplyTokensOption = option(int, "Most tokens of each of the model's replies.", CALIBRATION_PANEL)
+ProfileTextsOption = option(int, "Replies the layer profile (the importance order) is measured on.", CALIBRATION_PANEL)
+RankOption = option(Optional[int], "Low-rank bridges of this rank (default: full rank). For large models: a full "
+                                   "bridge is hidden² numbers per skipped run.", CALIBRATION_PANEL, show_default=False)
+RidgeOption = option(float, "Ridge strength, relative to the mean diagonal of XᵀX.", CALIBRATION_PANEL)
+CoreHeadOption = option(int, "First layers that are never skipped (bridges are fitted for the others).",
+                        CALIBRATION_PANEL)
+CoreTailOption = option(int, "Last layers that are never skipped.", CALIBRATION_PANEL)
+BudgetOption = option(float, "The chosen schedule's fidelity budget: its replies to held-out prompts at most this "
+                             "many nats per token above full depth's (the full-depth model's NLL), and none looping "
+                             "where full depth's does not.", CALIBRATION_PANEL)
+SchedulePromptsOption = option(int, "Held-out prompts each candidate schedule answers.", CALIBRATION_PANEL)
+ScheduleTokensOption = option(int, "Most tokens of each such reply.", CALIBRATION_PANEL)
+TimeLimitOption = option(Optional[str], "Fit the calibration in about this long (90s, 30m, 2h, 1h30m): from the costs"
+                                        " it measures first, d3 cuts the prompts, profile texts and held-out prompts "
+                                        "by one fraction until its estimate fits, and says what that costs (weaker "
+                                        "bridges, a less certain schedule).", CALIBRATION_PANEL, show_default=False)
+ScheduleOnlyCalibrationOption = option(Optional[Path], "With --schedule-only: the calibration to choose for "
+                                       "(default: the model's own, as every command finds it).", CALIBRATION_PANEL,
+                                       show_default=False)
 
 
 @uses_option_groups
 def calibrate(
     model: ModelArgs = ModelArgs(),
-    prompts: Annotated[
-        int, typer.Option(help="How many of the 116 built-in prompts the bridges are fitted on (fewer: faster, "
-                          "weaker bridges).", rich_help_panel=CALIBRATION_PANEL),
-    ] = 64,
-    reply_tokens: Annotated[
-        int, typer.Option(help="Most tokens of each of the model's replies.", rich_help_panel=CALIBRATION_PANEL),
-    ] = 256,
+    prompts: PromptsOption = 64,
+    reply_tokens: ReplyTokensOption = 256,
     batch_size: BatchSizeOption = 16,
-    profile_texts: Annotated[
-        int, typer.Option(help="Replies the layer profile (the importance order) is measured on.",
-                          rich_help_panel=CALIBRATION_PANEL),
-    ] = 16,
-    rank: Annotated[
-        Optional[int], typer.Option(help="Low-rank bridges of this rank (default: full rank). For large models: a "
-                                    "full bridge is hidden² numbers per skipped run.",
-                                    rich_help_panel=CALIBRATION_PANEL, show_default=False),
-    ] = None,
-    ridge: Annotated[
-        float, typer.Option(help="Ridge strength, relative to the mean diagonal of XᵀX.",
-                            rich_help_panel=CALIBRATION_PANEL),
-    ] = 0.1,
-    head: Annotated[
-        int, typer.Option(help="First layers that are never skipped (bridges are fitted for the others).",
-                          rich_help_panel=CALIBRATION_PANEL),
-    ] = 2,
-    tail: Annotated[
-        int, typer.Option(help="Last layers that are never skipped.", rich_help_panel=CALIBRATION_PANEL),
-    ] = 2,
-    budget: Annotated[
-        float, typer.Option(help="The chosen schedule's fidelity budget: its replies to held-out prompts at most this "
-                            "many nats per token above full depth's (the full-depth model's NLL), and none looping "
-                            "where full depth's does not.", rich_help_panel=CALIBRATION_PANEL),
-    ] = DEFAULT_NLL_BUDGET,
-    schedule_prompts: Annotated[
-        int, typer.Option(help="Held-out prompts each candidate schedule answers.", rich_help_panel=CALIBRATION_PANEL),
-    ] = SCHEDULE_PROMPTS,
-    schedule_tokens: Annotated[
-        int, typer.Option(help="Most tokens of each such reply.", rich_help_panel=CALIBRATION_PANEL),
-    ] = SCHEDULE_TOKENS,
-    time_limit: Annotated[
-        Optional[str], typer.Option(help="Fit the calibration in about this long (90s, 30m, 2h, 1h30m): from the "
-                                    "costs it measures first, d3 cuts the prompts, profile texts and held-out "
-                                    "prompts by one fraction until its estimate fits, and says what that costs "
-                                    "(weaker bridges, a less certain schedule).", rich_help_panel=CALIBRATION_PANEL,
-                                    show_default=False),
-    ] = None,
+    profile_texts: ProfileTextsOption = 16,
+    rank: RankOption = None,
+    ridge: RidgeOption = 0.1,
+    head: CoreHeadOption = 2,
+    tail: CoreTailOption = 2,
+    budget: BudgetOption = DEFAULT_NLL_BUDGET,
+    schedule_prompts: SchedulePromptsOption = SCHEDULE_PROMPTS,
+    schedule_tokens: ScheduleTokensOption = SCHEDULE_TOKENS,
+    time_limit: TimeLimitOption = None,
     schedule_only: ScheduleOnlyOption = False,
-    calibration: Annotated[
-        Optional[Path], typer.Option(help="With --schedule-only: the calibration to choose for (default: the model's "
-                                     "own, as every command finds it).", rich_help_panel=CALIBRATION_PANEL,
-                                     show_default=False),
-    ] = None,
+    calibration: ScheduleOnlyCalibrationOption = None,
     output: OutputOption = None,
     as_json: JsonOption = False,
 ) -> None:

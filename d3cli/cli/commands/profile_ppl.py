@@ -19,6 +19,7 @@ from d3cli.cli.options import (
     SubtasksOption,
     TaskChatOption,
     flag,
+    option,
     parse_alphas,
     parse_list,
     uses_option_groups,
@@ -35,6 +36,20 @@ SelfGeneratedOption = flag("--self", "Score the model's own greedy continuations
 LayersOption = flag("--layers", "Measure the layer profile: block influence and the NLL cost of skipping "
                     "each layer alone at late positions (L extra forwards per text).", PROFILE_PANEL)
 JsonOption = flag("--json", "Print everything as one JSON object on stdout (the chart goes to stderr).")
+LimitOption = option(int, "Texts to score (per BBH subtask).", TASK_PANEL)
+OffsetOption = option(int, "Skip the first N examples (per BBH subtask): score texts a layer profile was not measured"
+                           " on.", TASK_PANEL)
+PromptTokensOption = option(int, "With --text-file: tokens of each document that form its prompt.", TASK_PANEL)
+MaxPositionsOption = option(int, "Score at most this many continuation tokens per text.", TASK_PANEL)
+BucketSizeOption = option(int, "Positions per row of the chart.", PROFILE_PANEL)
+LateFromOption = option(int, "Positions from here on are 'late' for the layer profile.", PROFILE_PANEL)
+SaveProfileOption = option(Optional[Path], "Write the layer profile here (implies --layers), for --skip-order "
+                                           "importance --profile FILE.", PROFILE_PANEL, show_default=False)
+TargetSpeedupOption = option(Optional[float], "Recommend α and min-layers that reach this decode speedup.",
+                                              CALIBRATION_PANEL, show_default=False)
+TargetLayerRatioOption = option(Optional[float], "Recommend α and min-layers whose mean layers per token are this "
+                                                 "fraction of L.", CALIBRATION_PANEL, show_default=False)
+ReplyTokensOption = option(int, "Typical reply length the calibration plans for.", CALIBRATION_PANEL)
 
 
 @uses_option_groups
@@ -51,48 +66,22 @@ def profile_ppl(
     ] = None,
     self_generated: SelfGeneratedOption = False,
     subtasks: SubtasksOption = None,
-    limit: Annotated[
-        int, typer.Option(help="Texts to score (per BBH subtask).", rich_help_panel=TASK_PANEL),
-    ] = 32,
-    offset: Annotated[
-        int, typer.Option(help="Skip the first N examples (per BBH subtask): score texts a layer profile was not "
-                          "measured on.", rich_help_panel=TASK_PANEL),
-    ] = 0,
+    limit: LimitOption = 32,
+    offset: OffsetOption = 0,
     shots: ShotsOption = None,
     chat: TaskChatOption = False,
     data_dir: DataDirOption = None,
-    prompt_tokens: Annotated[
-        int, typer.Option(help="With --text-file: tokens of each document that form its prompt.",
-                          rich_help_panel=TASK_PANEL),
-    ] = 64,
-    max_positions: Annotated[
-        int, typer.Option(help="Score at most this many continuation tokens per text.", rich_help_panel=TASK_PANEL),
-    ] = 256,
+    prompt_tokens: PromptTokensOption = 64,
+    max_positions: MaxPositionsOption = 256,
     model: ModelArgs = ModelArgs(),
     depth: ProfileDepthArgs = ProfileDepthArgs(),
-    bucket_size: Annotated[
-        int, typer.Option(help="Positions per row of the chart.", rich_help_panel=PROFILE_PANEL),
-    ] = 16,
+    bucket_size: BucketSizeOption = 16,
     layers: LayersOption = False,
-    late_from: Annotated[
-        int, typer.Option(help="Positions from here on are 'late' for the layer profile.",
-                          rich_help_panel=PROFILE_PANEL),
-    ] = 16,
-    save_profile: Annotated[
-        Optional[Path], typer.Option(help="Write the layer profile here (implies --layers), for --skip-order "
-                                     "importance --profile FILE.", rich_help_panel=PROFILE_PANEL, show_default=False),
-    ] = None,
-    target_speedup: Annotated[
-        Optional[float], typer.Option(help="Recommend α and min-layers that reach this decode speedup.",
-                                      rich_help_panel=CALIBRATION_PANEL, show_default=False),
-    ] = None,
-    target_layer_ratio: Annotated[
-        Optional[float], typer.Option(help="Recommend α and min-layers whose mean layers per token are this "
-                                      "fraction of L.", rich_help_panel=CALIBRATION_PANEL, show_default=False),
-    ] = None,
-    reply_tokens: Annotated[
-        int, typer.Option(help="Typical reply length the calibration plans for.", rich_help_panel=CALIBRATION_PANEL),
-    ] = 128,
+    late_from: LateFromOption = 16,
+    save_profile: SaveProfileOption = None,
+    target_speedup: TargetSpeedupOption = None,
+    target_layer_ratio: TargetLayerRatioOption = None,
+    reply_tokens: ReplyTokensOption = 128,
     as_json: JsonOption = False,
     csv_file: Annotated[
         Optional[Path], typer.Option("--csv", help="Write the per-position buckets as CSV to this file.",

@@ -6,13 +6,11 @@ Needs the optional extra `d3cli[serve]` (Starlette and uvicorn); without it, one
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Optional
-
-import typer
+from typing import Optional
 
 from d3cli.base.errors import UserError, check_at_least
 from d3cli.cli import render
-from d3cli.cli.options import DepthArgs, ModelArgs, SamplingArgs, batch_size_option, uses_option_groups
+from d3cli.cli.options import DepthArgs, ModelArgs, SamplingArgs, batch_size_option, option, uses_option_groups
 from d3cli.core.session.settings import DecodeSettings
 
 SERVER_PANEL = "Server"
@@ -27,6 +25,13 @@ class LogFormat(str, Enum):
 BatchSizeOption = batch_size_option("Decode up to this many waiting greedy requests with the same settings as "
                                     "one batch: more tokens/s under load, but a batched reply may differ from the "
                                     "same request decoded alone.", SERVER_PANEL)
+HostOption = option(str, "Address to listen on. The default answers this machine only; 0.0.0.0 opens the server to "
+                         "the network.", SERVER_PANEL)
+PortOption = option(int, "Port to listen on (0: any free port, shown at start).", SERVER_PANEL)
+ApiKeyOption = option(Optional[str], "Answer /v1/ requests only with 'Authorization: Bearer KEY' (also D3_API_KEY).",
+                                     SERVER_PANEL, show_default=False)
+QueueSizeOption = option(int, "Requests that may wait while one decodes; more get 503.", SERVER_PANEL)
+LogFormatOption = option(LogFormat, "One line per request on stderr: rich for people, json for machines.", SERVER_PANEL)
 
 
 @uses_option_groups
@@ -34,26 +39,12 @@ def serve(
     model: ModelArgs = ModelArgs(),
     depth: DepthArgs = DepthArgs(),
     sampling: SamplingArgs = SamplingArgs(),
-    host: Annotated[
-        str, typer.Option(help="Address to listen on. The default answers this machine only; 0.0.0.0 opens the "
-                               "server to the network.", rich_help_panel=SERVER_PANEL),
-    ] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option(help="Port to listen on (0: any free port, shown at start).", rich_help_panel=SERVER_PANEL),
-    ] = 8000,
-    api_key: Annotated[
-        Optional[str], typer.Option(help="Answer /v1/ requests only with 'Authorization: Bearer KEY' (also "
-                                         "D3_API_KEY).", rich_help_panel=SERVER_PANEL, show_default=False),
-    ] = None,
-    queue_size: Annotated[
-        int, typer.Option(help="Requests that may wait while one decodes; more get 503.",
-                          rich_help_panel=SERVER_PANEL),
-    ] = 16,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    api_key: ApiKeyOption = None,
+    queue_size: QueueSizeOption = 16,
     batch_size: BatchSizeOption = 1,
-    log_format: Annotated[
-        LogFormat, typer.Option(help="One line per request on stderr: rich for people, json for machines.",
-                                rich_help_panel=SERVER_PANEL),
-    ] = LogFormat.rich,
+    log_format: LogFormatOption = LogFormat.rich,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, every reply decoded with D3.
 
