@@ -184,7 +184,8 @@ def tiny_variant_models(tiny_models):
     import copy
 
     from d3cli import kernels as d3_kernels
-    from d3cli.core.model.weights import WeightChoice, apply_weights
+    from d3cli.core.model.weight_choice import WeightChoice
+    from d3cli.core.model.weights import apply_weights
 
     built = {}
 

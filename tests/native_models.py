@@ -3,7 +3,8 @@
 import torch
 from conftest import TINY_SIZES
 
-from d3cli.core.model.weights import WeightChoice, apply_weights
+from d3cli.core.model.weight_choice import WeightChoice
+from d3cli.core.model.weights import apply_weights
 
 PROMPT = [1, 4093, 314, 260, 3575, 282, 4649, 47, 9519, 28, 2988]
 

@@ -339,7 +339,7 @@ class ResponseIdentity:
     id: str
     created: int
     model: str
-    weights: str | None = None  # which weights ran (weights.WeightsReport.kind), for the `d3` object
+    weights: str | None = None  # which weights ran (weight_choice.WeightsReport.kind), for the `d3` object
 
     @classmethod
     def new(cls, endpoint: str, model: str, weights: str | None = None) -> ResponseIdentity:

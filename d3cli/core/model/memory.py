@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from d3cli.base.errors import UserError
-from d3cli.core.model.weights import FILE_KIND
+from d3cli.core.model.weight_choice import FILE_KIND
 
 FITS_IN = 0.8  # of the free memory: what `auto` leaves for the runtime, the KV cache and the system
 BYTES_PER_VALUE = {"int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}  # with a float16 scale (and offset) per 32 at most

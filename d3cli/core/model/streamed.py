@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from d3cli.base.errors import UserError
-from d3cli.core.model.weights import ModelWeights, WeightsReport, apply_weights, embedding_name, head_name
+from d3cli.core.model.weight_choice import WeightsReport
+from d3cli.core.model.weights import ModelWeights, apply_weights, embedding_name, head_name
 
 
 def quiet_transformers() -> None:

@@ -99,8 +99,8 @@ def main() -> None:
 
     from d3cli.core.decode import engine
     from d3cli.core.model.loader import load
-    from d3cli.core.session.front_door import attach_calibration
     from d3cli.core.model.model_facts import num_decoder_layers
+    from d3cli.core.session.front_door import attach_calibration
     from d3cli.core.session.settings import DecodeSettings
     from d3cli.core.text.prompts import encode_chat
 

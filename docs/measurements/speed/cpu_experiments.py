@@ -258,7 +258,7 @@ def startup() -> None:
     assert d3cli.cli.app
     mark("import d3cli")
     from d3cli.core.model import gguf_cache
-    from d3cli.core.model.weights import resolve_weights
+    from d3cli.core.model.weight_choice import resolve_weights
 
     folder = gguf_cache.cached_gguf_dir(loader.embedded_gguf_path())
     mark("sha256 + cache lookup")

@@ -13,7 +13,8 @@ from d3cli.core.decode.engine import generate_steps, make_prompt_batch
 from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.core.model import fused_layers
 from d3cli.core.model.model_facts import find_decoder_layers
-from d3cli.core.model.weights import FILE_KIND, WeightChoice, apply_weights
+from d3cli.core.model.weight_choice import FILE_KIND, WeightChoice
+from d3cli.core.model.weights import apply_weights
 
 pytestmark = pytest.mark.usefixtures("thread_team")  # the kernels' threads split the work
 

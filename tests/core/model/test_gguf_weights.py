@@ -17,7 +17,7 @@ from d3cli.core.model import gguf_cache, loader
 from d3cli.core.model.gguf_blocks import nearest_kind, read_gguf
 from d3cli.core.model.gguf_weights import GGUFRowsEmbedding, load_gguf
 from d3cli.core.model.quantized import Int4Linear
-from d3cli.core.model.weights import FILE_KIND, WeightChoice, quantized_dtype
+from d3cli.core.model.weight_choice import FILE_KIND, WeightChoice, quantized_dtype
 
 IDS = torch.tensor([[1, 504, 314, 260, 1694, 23, 282, 614, 30, 260, 2030, 1000, 17, 99]])  # < the 2048 tokens
 

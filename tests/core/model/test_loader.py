@@ -182,6 +182,6 @@ def test_a_safetensors_folder_is_filled_tensor_by_tensor_as_transformers_loads_i
 
 
 def int8_choice():
-    from d3cli.core.model.weights import WeightChoice, quantized_dtype
+    from d3cli.core.model.weight_choice import WeightChoice, quantized_dtype
 
     return WeightChoice("int8", quantized_dtype())

@@ -17,7 +17,8 @@ from d3cli.core.decode.native_step import native_decoder
 from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.core.model.model_facts import find_decoder_layers
 from d3cli.core.model.native_layer import NativeLayer
-from d3cli.core.model.weights import FILE_KIND, WeightChoice, apply_weights
+from d3cli.core.model.weight_choice import FILE_KIND, WeightChoice
+from d3cli.core.model.weights import apply_weights
 
 pytestmark = [pytest.mark.skipif(not kernels.available(), reason=f"d3's kernels: {kernels.load()}"),
               pytest.mark.usefixtures("thread_team")]

@@ -14,7 +14,8 @@ from d3cli.core.model import fused_layers
 from d3cli.core.model.loader import resolve_dtype
 from d3cli.core.model.model_facts import find_decoder_layers
 from d3cli.core.model.quantized import Int4Linear, Int8Linear
-from d3cli.core.model.weights import FILE_KIND, WeightChoice, apply_weights, quantized_dtype, resolve_weights
+from d3cli.core.model.weight_choice import FILE_KIND, WeightChoice, quantized_dtype, resolve_weights
+from d3cli.core.model.weights import apply_weights
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 Q4_FILE = {"model.layers.0.mlp.up_proj.weight": "Q4_1", "model.norm.weight": "F32"}
