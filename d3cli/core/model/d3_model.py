@@ -215,8 +215,6 @@ def causal_mask(attention_mask: torch.Tensor | None, batch: int, tokens: int, pa
     no_padding = padding is None or bool(padding.all())
     if no_padding and (tokens == 1 or past == 0):
         return None
-    if past == 0 and padding is not None and bool(padding[:, :tokens].all()) and not bool(padding[:, tokens:].any()):
-        return None
     query_positions = torch.arange(past, keys, device=device)[:, None]
     allowed = torch.arange(keys, device=device)[None, :] <= query_positions  # [tokens, keys]
     mask = allowed[None, None].expand(batch, 1, tokens, keys)

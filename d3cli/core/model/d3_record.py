@@ -113,6 +113,17 @@ def write(folder: Path, model, tokenizer, header, names: dict[str, str], process
     return True
 
 
+def recorded(folder: Path) -> bool:
+    """Whether this transformers version recorded the folder's start already (supported or not): its small JSON alone,
+    not the tokenizer behind it."""
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == FORMAT and \
+        record.get("transformers") == transformers_version()
+
+
 def read(folder: Path) -> dict | None:
     """The folder's record, when there is one made by this transformers version; else None. A record of a model
     d3's own model cannot run says why under "unsupported"."""

@@ -219,7 +219,7 @@ def load_gguf(gguf_path: Path, folder: Path, header: GGUFHeader, choice, device,
         header.strings.get("general.architecture", ""), config))
     report = _fill(model, source, gguf_path, folder, choice, fuse, progress)
     model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
-    if d3_record.read(folder) is None:  # what a later start needs to skip transformers
+    if not d3_record.recorded(folder):  # what a later start needs to skip transformers
         d3_record.write(folder, model, tokenizer, header, source.names, source.processor)
     return model.to(device).eval(), tokenizer, report
 
@@ -237,7 +237,7 @@ def load_gguf_own(gguf_path: Path, folder: Path, header: GGUFHeader, choice, pro
         return None
     processor = d3_record.RecordedProcessor(record)
     config = D3Config(json.loads((folder / "config.json").read_text()))
-    if not processor.runs_every_tensor() or d3_record.unsupported(config) is not None:
+    if not processor.runs_every_tensor():  # a tensor transformers does more to than reorder its rows
         return None
     model = D3ForCausalLM.empty(config, torch.tensor(record["inv_freq"], dtype=torch.float32),
                                 record["attention_scaling"])

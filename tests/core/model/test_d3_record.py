@@ -30,9 +30,9 @@ def test_a_record_of_another_transformers_version_or_a_broken_one_is_not_used(tm
     record_file = folder / d3_record.RECORD_FILE
     record = json.loads(record_file.read_text())
     record_file.write_text(json.dumps({**record, "transformers": "0.0.1"}))
-    assert d3_record.read(folder) is None
+    assert d3_record.read(folder) is None and not d3_record.recorded(folder)
     assert not isinstance(loader.load(str(path), device="cpu", lean=True).model, D3ForCausalLM)
-    assert d3_record.read(folder) is not None  # that start recorded it again
+    assert d3_record.read(folder) is not None and d3_record.recorded(folder)  # that start recorded it again
     (folder / d3_record.TOKENIZER_FILE).unlink()
     assert d3_record.read(folder) is None
     record_file.write_text("{not json")
