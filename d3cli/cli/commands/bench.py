@@ -85,7 +85,7 @@ def bench(
     downloaded into the cache on first use when there is internet.
     """
     from d3cli.evaluation import bench as runner
-    from d3cli.evaluation import distributed
+    from d3cli.evaluation.bench import distributed
     from d3cli.evaluation.tasks import get_task, task_examples
     from d3cli.evaluation.tasks.base import TaskOptions
 
@@ -96,7 +96,7 @@ def bench(
         raise UserError("--task speed times one process: run it without a launcher (accelerate launch, torchrun)")
     if task == "speed":
         from d3cli.core.session.front_door import open_model
-        from d3cli.evaluation.speed_report import measure
+        from d3cli.evaluation.speed.report import measure
 
         check_at_least("--repeats", repeats, 1)
         greedy = dataclasses.replace(sampling, temperature=0.0, seed=None)  # the timings decode greedily
@@ -180,9 +180,9 @@ def run_lm_eval(task, model, depth, sampling, alphas, methods, limit, shots, cha
         raise UserError("--task lm-eval: needs lm-evaluation-harness: pip install 'd3cli[eval]'")
     from d3cli.base.files import write_atomically
     from d3cli.core.session.front_door import open_model
-    from d3cli.evaluation.datasets import data_dir as resolve_data_dir
-    from d3cli.evaluation.datasets import require
     from d3cli.evaluation.harness import bench as harness
+    from d3cli.evaluation.tasks.datasets import data_dir as resolve_data_dir
+    from d3cli.evaluation.tasks.datasets import require
 
     names = harness.parse_task(task)
     if sampling.temperature or sampling.seed is not None:

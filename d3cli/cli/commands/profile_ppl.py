@@ -25,8 +25,8 @@ from d3cli.cli.options import (
     uses_option_groups,
 )
 from d3cli.core.session.settings import DecodeSettings
-from d3cli.evaluation import profile_files
-from d3cli.evaluation.ppl_profile import Corpus, ProfileOptions, profile
+from d3cli.evaluation.profile import files as profile_files
+from d3cli.evaluation.profile.run import Corpus, ProfileOptions, profile
 
 PROFILE_PANEL = "Profile"
 CALIBRATION_PANEL = "Calibration"

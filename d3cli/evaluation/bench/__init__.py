@@ -20,6 +20,7 @@ OUTPUT and any rank files, whatever the number of processes that wrote them.
     results_file.py   the JSONL file of finished examples, resumable, merged across processes
     summary.py        the summary of a run's records
     runner.py         Benchmark: a run prepared, run method by method, summarized
+    distributed.py    the process group of a data-parallel run (accelerate launch, torchrun)
 """
 
 from d3cli.evaluation.bench.methods import (  # noqa: F401

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from d3cli.base.errors import UserError
 from d3cli.core.session.settings import DecodeSettings, settings_as_options
+from d3cli.evaluation.bench.distributed import World
 from d3cli.evaluation.bench.methods import (
     METHOD_KINDS,
     MethodRun,
@@ -24,7 +25,6 @@ from d3cli.evaluation.bench.results_file import (
     rank_file,
 )
 from d3cli.evaluation.bench.summary import by_subtask, summarize
-from d3cli.evaluation.distributed import World
 from d3cli.evaluation.tasks.base import Example, TaskOptions
 
 

@@ -23,7 +23,7 @@ def get_task(name: str):
 def task_examples(task, options, data_dir_option=None, on_download=None) -> tuple[list, Path]:
     """The examples of `task` (a task object) that `options` select, from the data folder (`--data-dir`,
     $D3_DATA_DIR, or the download cache, fetching missing files there when it can), and that folder."""
-    from d3cli.evaluation.datasets import data_dir, require
+    from d3cli.evaluation.tasks.datasets import data_dir, require
 
     folder, downloadable = data_dir(data_dir_option)
     require(folder, task.files(options), downloadable,

@@ -28,8 +28,8 @@ import texts as heldout  # noqa: E402
 from d3cli.core.model.loader import load  # noqa: E402
 from d3cli.core.session.front_door import attach_calibration  # noqa: E402
 from d3cli.core.session.settings import DecodeSettings  # noqa: E402
-from d3cli.evaluation import speed  # noqa: E402
-from d3cli.evaluation.profiling import measure, report  # noqa: E402
+from d3cli.evaluation.speed import steps  # noqa: E402
+from d3cli.evaluation.profile.layers import measure, report  # noqa: E402
 
 ALPHAS = (0.9, 0.95, 0.98, 0.99)
 FLOORS = (20, 21, 22, 23, 24, 25, 26)
@@ -45,7 +45,7 @@ def predicted(schedule, tokens: int, costs: dict) -> float:
     steps = range(1, tokens)
     full = costs["t_fixed_ms"] + schedule.num_layers * costs["t_layer_ms"]
     total = sum(costs["t_fixed_ms"] + schedule.layers_at(step) * costs["t_layer_ms"]
-                + speed.bridged_runs_at(schedule, step) * costs.get("t_bridge_ms", 0.0) for step in steps)
+                + steps.bridged_runs_at(schedule, step) * costs.get("t_bridge_ms", 0.0) for step in steps)
     return full * len(steps) / total
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     prompt = list(loaded.tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPT}],
                                                        add_generation_prompt=True, tokenize=True)["input_ids"])
     probe = base.schedule_for(30, loaded.calibration)
-    costs = speed.step_times(loaded.model, prompt, probe, 64, 3)
+    costs = steps.step_times(loaded.model, prompt, probe, 64, 3)
     log(f"{time.time() - started:.0f}s step costs: {costs['t_fixed_ms']:.2f} + k × {costs['t_layer_ms']:.3f} ms, "
         f"bridge {costs.get('t_bridge_ms', 0):.3f} ms per run")
 

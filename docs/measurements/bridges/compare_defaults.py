@@ -23,8 +23,8 @@ import texts as heldout  # noqa: E402
 from d3cli.core.model.loader import load  # noqa: E402
 from d3cli.core.session.front_door import attach_calibration  # noqa: E402
 from d3cli.core.session.settings import DecodeSettings  # noqa: E402
-from d3cli.evaluation import speed  # noqa: E402
-from d3cli.evaluation.profiling import measure, report  # noqa: E402
+from d3cli.evaluation.speed import steps  # noqa: E402
+from d3cli.evaluation.profile.layers import measure, report  # noqa: E402
 
 SPEED_PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
 
@@ -51,9 +51,9 @@ def main() -> None:
         print(f"scored {kind}", file=sys.stderr, flush=True)
     prompt = list(loaded.tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPT}],
                                                        add_generation_prompt=True, tokenize=True)["input_ids"])
-    costs = speed.step_times(loaded.model, prompt, schedules["new defaults (α 0.98, floor 25, importance, bridges)"],
+    costs = steps.step_times(loaded.model, prompt, schedules["new defaults (α 0.98, floor 25, importance, bridges)"],
                              64, 3)
-    measured = speed.alpha_rows(loaded.model, prompt, list(schedules.values()), 256, 5, costs["t_fixed_ms"],
+    measured = steps.alpha_rows(loaded.model, prompt, list(schedules.values()), 256, 5, costs["t_fixed_ms"],
                                 costs["t_layer_ms"], costs.get("t_bridge_ms", 0.0))
     for label, row in zip(schedules, measured):
         rows[label]["speed"] = {key: round(value, 4) for key, value in row.items() if isinstance(value, float)}

@@ -35,7 +35,8 @@ from d3cli.core.decode.bridges import BridgeFitter, Bridges  # noqa: E402
 from d3cli.core.decode.schedule import drop_middle_first, runs_of_drop_order, skipped_runs  # noqa: E402
 from d3cli.core.model.loader import load  # noqa: E402
 from d3cli.evaluation.builtin_prompts import builtin_prompts
-from d3cli.evaluation.calibrate import CalibrationOptions, generate_corpus
+from d3cli.evaluation.calibrate.options import CalibrationOptions
+from d3cli.evaluation.calibrate.stages import generate_corpus
 from d3cli.evaluation.scoring import ContinuationScorer, ScoringText  # noqa: E402
 
 HERE = Path(__file__).parent

@@ -36,7 +36,7 @@ def encode(tokenizer, text: str, special: bool = True) -> list[int]:
 
 
 def gsm8k(loaded, data_dir: Path) -> list[ScoringText]:
-    from d3cli.evaluation.corpus import reference_texts
+    from d3cli.evaluation.profile.corpus import reference_texts
     from d3cli.evaluation.tasks.base import TaskOptions
     from d3cli.evaluation.tasks.gsm8k import Gsm8kTask
 

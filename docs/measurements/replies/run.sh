@@ -9,8 +9,8 @@ python - <<'PY'
 import json
 from d3cli.core.model.loader import load
 from d3cli.core.session.settings import DecodeSettings
-from d3cli.evaluation.calibrate import held_out_prompts
-from d3cli.evaluation.schedule_choice import Budget, choose_schedule
+from d3cli.evaluation.builtin_prompts import held_out_prompts
+from d3cli.evaluation.calibrate.schedule_choice import Budget, choose_schedule
 choice = choose_schedule(load(None), DecodeSettings(skip_order="middle", bridges=False), held_out_prompts(12),
                          Budget(0.15), 128, 12)
 json.dump(choice.as_dict(), open("uncalibrated-schedule-choice.json", "w"), indent=1)

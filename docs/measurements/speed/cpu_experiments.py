@@ -207,7 +207,7 @@ def floor() -> None:
 
     steppers = {"whole step": whole_step, "30 layers in one call": layers_alone, "LM head alone": head_alone}
     try:
-        from d3cli.evaluation.weights_speed import LlamaCpp
+        from d3cli.evaluation.speed.side_by_side import LlamaCpp
 
         llama = LlamaCpp(str(embedded_gguf_path()), torch.get_num_threads(), 4096)
         llama.decode_seconds(list(range(100, 100 + PROMPT_TOKENS)), 2)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES
-from test_engine import PROMPTS, d3_tokens, forward_without_cache, hf_greedy, num_layers
 
+from core.decode.test_engine import PROMPTS, d3_tokens, forward_without_cache, hf_greedy, num_layers
 from d3cli.core.decode import skipping
 from d3cli.core.decode.bridges import Bridge, BridgeFitter, Bridges, bridges_used, low_rank
 from d3cli.core.decode.engine import generate_steps, make_prompt_batch

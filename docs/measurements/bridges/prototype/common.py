@@ -11,7 +11,7 @@ from d3cli.core.decode.engine import generate
 from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.core.model.loader import load
 from d3cli.core.text.prompts import encode_chat
-from d3cli.evaluation.corpus import reference_texts
+from d3cli.evaluation.profile.corpus import reference_texts
 from d3cli.evaluation.scoring import ScoringText
 from d3cli.evaluation.tasks.base import TaskOptions
 from d3cli.evaluation.tasks.bbh import strip_canary

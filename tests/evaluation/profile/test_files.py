@@ -1,7 +1,7 @@
 import csv
 import io
 
-from d3cli.evaluation.profile_files import profile_csv
+from d3cli.evaluation.profile.files import profile_csv
 
 
 def test_the_csv_has_a_row_per_bucket_and_two_columns_per_schedule():

@@ -1,4 +1,4 @@
-"""`d3 calibrate` (evaluation/calibrate.py): the model's replies, its layer profile and bridges, written where every
+"""`d3 calibrate` (evaluation/calibrate/run.py): the model's replies, its layer profile and bridges, written where every
 command finds them; bad options one line."""
 
 from __future__ import annotations
@@ -94,11 +94,14 @@ def test_schedule_only_needs_a_calibration(cli, tiny_model_dir):
 def test_an_interrupted_calibration_goes_on_where_its_replies_stopped(tiny_model_dir, monkeypatch, tmp_path):
     from d3cli.core.decode import engine
     from d3cli.core.model.loader import load, model_identity
-    from d3cli.evaluation import calibrate as calibration
+    from d3cli.evaluation.calibrate import run as calibration
+    from d3cli.evaluation.calibrate import stages
+    from d3cli.evaluation.calibrate.checkpoint import CalibrationCheckpoint
+    from d3cli.evaluation.calibrate.options import CalibrationOptions
 
     loaded = load(str(tiny_model_dir))
-    options = calibration.CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
-                                             tail=1, schedule_prompts=2, schedule_tokens=12)
+    options = CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
+                                 tail=1, schedule_prompts=2, schedule_tokens=12)
     corpus_batches = []
     real_decode = engine.decode
 
@@ -111,11 +114,11 @@ def test_an_interrupted_calibration_goes_on_where_its_replies_stopped(tiny_model
         if stage == "corpus" and len(corpus_batches) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "decode", counting)
+    monkeypatch.setattr(stages, "decode", counting)  # the corpus stage's replies
     output = tmp_path / "made.safetensors"
     with pytest.raises(KeyboardInterrupt):
         calibration.calibrate(loaded, options, output, interrupt_in_the_second_batch)
-    checkpoint = calibration.CalibrationCheckpoint(model_identity(loaded), options)
+    checkpoint = CalibrationCheckpoint(model_identity(loaded), options)
     assert list(checkpoint.batches) == [0] and not output.exists()
     corpus_batches.clear()
     result = calibration.calibrate(loaded, options, output, lambda stage, amount: None)
@@ -129,15 +132,10 @@ COSTS = dict(step_s=0.05, forward_s=0.2, num_layers=32)  # a 7B model's on a CPU
 def test_a_time_limit_cuts_prompts_texts_and_held_out_prompts_by_one_fraction_and_says_what_that_costs():
     from dataclasses import replace
 
-    from d3cli.evaluation.calibrate import (
-        CalibrationOptions,
-        StepCosts,
-        estimate_from,
-        time_limit_cost,
-        within_time,
-    )
+    from d3cli.evaluation.calibrate.estimate import StageCosts, estimate_from, time_limit_cost, within_time
+    from d3cli.evaluation.calibrate.options import CalibrationOptions
 
-    costs, options = StepCosts(**COSTS), CalibrationOptions()
+    costs, options = StageCosts(**COSTS), CalibrationOptions()
     full = sum(estimate_from(costs, options).values())
     assert within_time(costs, options, full * 1.01) == options  # fits: unchanged
     smallest = sum(estimate_from(costs, replace(options, prompts=8, profile_texts=4, schedule_prompts=4)).values())
@@ -157,11 +155,12 @@ def test_a_time_limit_cuts_prompts_texts_and_held_out_prompts_by_one_fraction_an
 
 def test_a_time_limit_below_the_smallest_calibration_is_one_line_naming_what_would_fit():
     from d3cli.base.errors import UserError
-    from d3cli.evaluation.calibrate import CalibrationOptions, StepCosts, within_time
+    from d3cli.evaluation.calibrate.estimate import StageCosts, within_time
+    from d3cli.evaluation.calibrate.options import CalibrationOptions
 
     with pytest.raises(UserError, match=r"--time-limit 60 s: even the smallest calibration \(8 prompts, 4 profile "
                                         r"texts, 4 schedule prompts\) takes about \d+ min here: give at least"):
-        within_time(StepCosts(**COSTS), CalibrationOptions(), 60)
+        within_time(StageCosts(**COSTS), CalibrationOptions(), 60)
 
 
 @pytest.mark.parametrize("interrupted, kept", [("bridges", "measure_layer_profile"), ("schedule", "fit_bridges")])
@@ -169,11 +168,13 @@ def test_an_interruption_keeps_every_finished_stage(tiny_model_dir, monkeypatch,
     """Interrupted in the bridges stage, the layer profile is kept; in the schedule stage, the bridges too: the next
     run does neither again, and its calibration holds what was kept."""
     from d3cli.core.model.loader import load, model_identity
-    from d3cli.evaluation import calibrate as calibration
+    from d3cli.evaluation.calibrate import run as calibration
+    from d3cli.evaluation.calibrate.checkpoint import CalibrationCheckpoint
+    from d3cli.evaluation.calibrate.options import CalibrationOptions
 
     loaded = load(str(tiny_model_dir))
-    options = calibration.CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
-                                             tail=1, schedule_prompts=2, schedule_tokens=12)
+    options = CalibrationOptions(prompts=4, reply_tokens=24, batch_size=2, profile_texts=2, head=1,
+                                 tail=1, schedule_prompts=2, schedule_tokens=12)
     calls, real = [], getattr(calibration, kept)
 
     def counting(*args, **kwargs):
@@ -188,7 +189,7 @@ def test_an_interruption_keeps_every_finished_stage(tiny_model_dir, monkeypatch,
     output = tmp_path / "made.safetensors"
     with pytest.raises(KeyboardInterrupt):
         calibration.calibrate(loaded, options, output, interrupt)
-    checkpoint = calibration.CalibrationCheckpoint(model_identity(loaded), options)
+    checkpoint = CalibrationCheckpoint(model_identity(loaded), options)
     profile = checkpoint.profile(2)
     assert calls == [1] and profile is not None and not output.exists()
     result = calibration.calibrate(loaded, options, output, lambda stage, amount: None)

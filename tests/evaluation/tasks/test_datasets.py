@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from d3cli.base.errors import UserError
-from d3cli.evaluation import datasets
+from d3cli.evaluation.tasks import datasets
 
 
 class DataServer:

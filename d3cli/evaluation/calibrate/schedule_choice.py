@@ -92,7 +92,7 @@ Progress = Callable[[str, int], None]
 def predicted_speedup(schedule, lengths: Sequence[int], costs: dict) -> float:
     """T(L) over the mean predicted step time of replies of these lengths decoded with `schedule` (decode steps
     1..n−1: step 0 is the prefill's)."""
-    from d3cli.evaluation.speed import bridged_runs_at
+    from d3cli.evaluation.speed.steps import bridged_runs_at
 
     fixed, layer = costs["t_fixed_ms"], costs["t_layer_ms"]
     bridge = costs.get("t_bridge_ms", 0.0)
@@ -107,7 +107,7 @@ def predicted_speedup(schedule, lengths: Sequence[int], costs: dict) -> float:
 
 def measure_step_costs(loaded, plan, prompt_ids: Sequence[int]) -> dict:
     """The model's step costs (speed.step_times, short): T_fixed, T_layer, and T_bridge with bridges."""
-    from d3cli.evaluation.speed import step_times
+    from d3cli.evaluation.speed.steps import step_times
 
     found = step_times(loaded.model, prompt_ids, plan.schedule, tokens=16, repeats=2)
     costs = {key: found[key] for key in ("t_fixed_ms", "t_layer_ms", "t_bridge_ms", "r2") if key in found}

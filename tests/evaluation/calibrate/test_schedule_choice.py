@@ -1,4 +1,4 @@
-"""The schedule a calibration chooses (evaluation/schedule_choice.py): a model with depth to spare gets a lower floor
+"""The schedule a calibration chooses (evaluation/calibrate/schedule_choice.py): a model with depth to spare gets a lower floor
 than one without; the budget is checked; speed is predicted from step costs."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.core.model.loader import LoadedModel
 from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation.builtin_prompts import builtin_reply_prompts
-from d3cli.evaluation.schedule_choice import Budget, choose_schedule, predicted_speedup
+from d3cli.evaluation.calibrate.schedule_choice import Budget, choose_schedule, predicted_speedup
 
 SETTINGS = DecodeSettings(head=1, tail=1, skip_order="middle")
 
@@ -68,7 +68,7 @@ def test_the_search_stops_after_two_floors_with_no_schedule_within_budget(choice
 
 
 def test_candidates_with_the_same_depth_at_every_step_are_decoded_once(tokenizer, monkeypatch):
-    from d3cli.evaluation import schedule_choice
+    from d3cli.evaluation.calibrate import schedule_choice
 
     decoded = []
     compare = schedule_choice.compare_with

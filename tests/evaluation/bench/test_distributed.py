@@ -15,9 +15,16 @@ from pathlib import Path
 import pytest
 
 from d3cli.base.errors import UserError
-from d3cli.evaluation import distributed
-from d3cli.evaluation.bench import MethodRun, ResultsFile, merged_order, prompt_digest, rank_file, rank_files
-from d3cli.evaluation.distributed import World
+from d3cli.evaluation.bench import (
+    MethodRun,
+    ResultsFile,
+    distributed,
+    merged_order,
+    prompt_digest,
+    rank_file,
+    rank_files,
+)
+from d3cli.evaluation.bench.distributed import World
 from d3cli.evaluation.tasks.base import Example
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
@@ -318,7 +325,7 @@ def d3_part(stderr: str) -> str:
 PEER = textwrap.dedent("""
     import sys, time
     from d3cli.base.errors import UserError
-    from d3cli.evaluation.distributed import current_world
+    from d3cli.evaluation.bench.distributed import current_world
 
     world = current_world(timeout_s=float(sys.argv[1]))
     try:

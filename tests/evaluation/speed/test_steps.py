@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from d3cli.core.decode.schedule import DecaySchedule
-from d3cli.evaluation.speed import alpha1_against_hf, kv_cache_bytes, mean_decode_layers
+from d3cli.evaluation.speed.steps import alpha1_against_hf, kv_cache_bytes, mean_decode_layers
 from d3cli.evaluation.timing import fit_line
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
@@ -104,10 +104,10 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
     bridged and plain; the bridged ideal includes r̄·T_bridge."""
     from calibration_files import identity_of, profile_for
 
-    from d3cli.evaluation import speed
+    from d3cli.evaluation.speed import steps
 
     # the first token in new processes is the previous test's subject; here it would only add their start-up time
-    monkeypatch.setattr(speed, "first_token_seconds",
+    monkeypatch.setattr(steps, "first_token_seconds",
                         lambda *args: {"cold_s": 1.0, "warm_s": 1.0, "warm_exit_s": 1.0, "imports_s": 1.0})
 
     from d3cli.core.calibration.layer_profile import importance_order
@@ -145,7 +145,7 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
 def test_first_token_children_load_the_model_as_the_run_did():
     from d3cli.core.model.loader import ModelOptions
     from d3cli.core.session.settings import DecodeSettings
-    from d3cli.evaluation.speed_report import child_generate_args
+    from d3cli.evaluation.speed.report import child_generate_args
 
     model_options = ModelOptions("org/model", "cpu", "float32", "auto", trust_remote_code=True)
     settings = DecodeSettings(calibration="/c.safetensors", profile=None, bridges=False)
@@ -191,7 +191,7 @@ def test_without_llama_cpp_python_a_llama_bench_binary_times_llama_cpp(tmp_path,
     as long as the prompt, its mean step time for each step; absent both, the reason names both."""
     import sys as system
 
-    from d3cli.evaluation import weights_speed
+    from d3cli.evaluation.speed import side_by_side
 
     fake = tmp_path / "llama-bench"
     fake.write_text("#!" + system.executable + "\nimport json, sys\nopen(sys.argv[0] + '.args', 'w').write("
@@ -200,8 +200,8 @@ def test_without_llama_cpp_python_a_llama_bench_binary_times_llama_cpp(tmp_path,
     fake.chmod(0o755)
     monkeypatch.setitem(system.modules, "llama_cpp", None)  # `import llama_cpp` fails
     monkeypatch.setenv("D3_LLAMA_BENCH", str(fake))
-    side, why = weights_speed.llama_cpp_side("model.gguf", 2, 64)
-    assert why == "" and isinstance(side, weights_speed.LlamaBench)
+    side, why = side_by_side.llama_cpp_side("model.gguf", 2, 64)
+    assert why == "" and isinstance(side, side_by_side.LlamaBench)
     assert side.decode_seconds([1] * 12, 9) == [0.02] * 8
     args = (tmp_path / "llama-bench.args").read_text().split()
     assert args[args.index("-d") + 1] == "12" and args[args.index("-n") + 1] == "8"
@@ -209,7 +209,7 @@ def test_without_llama_cpp_python_a_llama_bench_binary_times_llama_cpp(tmp_path,
     assert side.version == "llama-bench build 7 (abc)"
     monkeypatch.delenv("D3_LLAMA_BENCH")
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    side, why = weights_speed.llama_cpp_side("model.gguf", 2, 64)
+    side, why = side_by_side.llama_cpp_side("model.gguf", 2, 64)
     assert side is None and "llama-cpp-python" in why and "llama-bench" in why
 
 
@@ -219,7 +219,8 @@ def test_a_long_prompt_is_timed_in_turns_with_llama_bench(tmp_path, monkeypatch,
     import sys as system
 
     from d3cli.core.model import loader
-    from d3cli.evaluation import speed_report, weights_speed
+    from d3cli.evaluation.speed import side_by_side
+    from d3cli.evaluation.speed.report import long_prompt_ids
 
     fake = tmp_path / "llama-bench"
     fake.write_text("#!" + system.executable + "\nimport json, sys\nopen(sys.argv[0] + '.args', 'a').write("
@@ -227,9 +228,9 @@ def test_a_long_prompt_is_timed_in_turns_with_llama_bench(tmp_path, monkeypatch,
     fake.chmod(0o755)
     monkeypatch.setenv("D3_LLAMA_BENCH", str(fake))
     loaded = loader.load(str(exact_gguf), device="cpu")
-    ids = speed_report.long_prompt_ids(loaded.tokenizer, 40)
+    ids = long_prompt_ids(loaded.tokenizer, 40)
     assert len(ids) == 40
-    report = weights_speed.long_prompt(loaded, ids, 5, 2, str(exact_gguf))
+    report = side_by_side.long_prompt(loaded, ids, 5, 2, str(exact_gguf))
     assert report["llama_cpp"]["prefill_tokens_per_s"] == pytest.approx(50.0)
     assert report["llama_cpp"]["decode_tokens_per_s"] == pytest.approx(50.0)
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
@@ -240,16 +241,16 @@ def test_a_long_prompt_is_timed_in_turns_with_llama_bench(tmp_path, monkeypatch,
     assert sum("-p 0 -n 4 -d 40" in call for call in calls) == 2
     monkeypatch.delenv("D3_LLAMA_BENCH")
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    alone = weights_speed.long_prompt(loaded, ids, 5, 1, str(exact_gguf))
+    alone = side_by_side.long_prompt(loaded, ids, 5, 1, str(exact_gguf))
     assert "llama-bench" in alone["llama_cpp"]["skipped"] and "vs_llama_cpp" not in alone
 
 
 def test_llama_cpps_step_bytes_are_its_files_tensors_but_the_embedding_rows(mixed_gguf):
     from d3cli.core.model.gguf_blocks import read_gguf
-    from d3cli.evaluation import weights_speed
+    from d3cli.evaluation.speed import side_by_side
 
     tensors = read_gguf(mixed_gguf).tensors
     embedding = next(tensor.nbytes for tensor in tensors if tensor.name == "token_embd.weight")
     tied = "output.weight" not in {tensor.name for tensor in tensors}
     expected = sum(tensor.nbytes for tensor in tensors) - (0 if tied else embedding)
-    assert weights_speed.gguf_step_bytes(str(mixed_gguf)) == expected
+    assert side_by_side.gguf_step_bytes(str(mixed_gguf)) == expected

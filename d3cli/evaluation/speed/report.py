@@ -1,4 +1,4 @@
-"""`d3 bench --task speed`: every timing of speed.py on one loaded model, gathered into one JSON-ready report.
+"""`d3 bench --task speed`: every timing of steps.py on one loaded model, gathered into one JSON-ready report.
 
 The first-token timings start new `d3 generate` processes: `child_generate_args` gives them the options that load
 the same model the same way.
@@ -46,7 +46,7 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     from d3cli.core.model.model_facts import context_length, model_device, model_dtype, num_decoder_layers
     from d3cli.core.session.plan import plan_for
     from d3cli.core.text.prompts import encode_prompt
-    from d3cli.evaluation import speed, weights_speed
+    from d3cli.evaluation.speed import side_by_side, steps
     from d3cli.evaluation.timing import decode_seconds
 
     num_layers = num_decoder_layers(loaded.model)
@@ -85,7 +85,7 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
         "peak_memory_bytes": loading["peak_memory_bytes"],
     }
     on_status("measuring the memory bandwidth")
-    bandwidth = weights_speed.memory_bandwidth()
+    bandwidth = side_by_side.memory_bandwidth()
     report["bandwidth_gb_s"] = bandwidth / 1e9
     on_status("timing each weight kind (and llama.cpp) side by side")
     report.update(weight_kinds(loaded, model_options, settings, prompt, tokens, repeats, bandwidth,
@@ -94,14 +94,14 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     if context is not None:
         long_tokens_in = max(16, min(long_tokens_in, context - tokens - 1))
     on_status(f"timing a {long_tokens_in}-token prompt's prefill and the decode after it (and llama.cpp's)")
-    report["long_prompt"] = weights_speed.long_prompt(loaded, long_prompt_ids(loaded.tokenizer, long_tokens_in),
+    report["long_prompt"] = side_by_side.long_prompt(loaded, long_prompt_ids(loaded.tokenizer, long_tokens_in),
                                                       tokens, repeats, gguf_path_or_none(model_options))
     on_status("timing model.generate against d3 at α = 1")
-    report.update(speed.alpha1_against_hf(loaded.model, loaded.tokenizer, prompt, tokens, repeats))
+    report.update(steps.alpha1_against_hf(loaded.model, loaded.tokenizer, prompt, tokens, repeats))
     on_status("timing decode steps at each depth")
-    report.update(speed.step_times(loaded.model, prompt, schedules[0], tokens, repeats))
+    report.update(steps.step_times(loaded.model, prompt, schedules[0], tokens, repeats))
     on_status("timing D3 against full depth at each α")
-    report["alphas"] = speed.alpha_rows(loaded.model, prompt, schedules, tokens, repeats,
+    report["alphas"] = steps.alpha_rows(loaded.model, prompt, schedules, tokens, repeats,
                                         report["t_fixed_ms"], report["t_layer_ms"], report.get("t_bridge_ms", 0.0))
     if quick:
         return report
@@ -110,16 +110,16 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
         from d3cli.core.model.loader import load
 
         unfused = load(dataclasses.replace(model_options, fused=False))
-        before = speed.step_times(unfused.model, prompt, schedules[0].with_bridge_maps(None), tokens, repeats)
+        before = steps.step_times(unfused.model, prompt, schedules[0].with_bridge_maps(None), tokens, repeats)
         report["transformers_layers"] = {key: before[key] for key in ("t_fixed_ms", "t_layer_ms", "r2", "step_ms")}
         del unfused
     on_status("timing batches")
-    report["batches"] = speed.batch_rows(loaded.model, batch_prompts, schedules[0], BATCH_SIZES,
+    report["batches"] = steps.batch_rows(loaded.model, batch_prompts, schedules[0], BATCH_SIZES,
                                          min(tokens, 64), max(1, repeats // 2))
     on_status("measuring the KV cache of a long reply")
-    report["kv_cache"] = speed.kv_cache_bytes(loaded.model, prompt, schedules[0], long_tokens)
+    report["kv_cache"] = steps.kv_cache_bytes(loaded.model, prompt, schedules[0], long_tokens)
     on_status("timing the first token in new processes")
-    report["first_token"] = speed.first_token_seconds(child_generate_args(model_options, settings),
+    report["first_token"] = steps.first_token_seconds(child_generate_args(model_options, settings),
                                                       type(loaded.model).__name__, max(1, min(repeats, 3)))
     return report
 
@@ -153,14 +153,14 @@ def other_weight_kinds(loaded) -> list[str]:
 def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, prompt: Sequence[int], tokens: int,
                  repeats: int, bandwidth: float, gguf_path) -> dict:
     """Each weight kind (the loaded model's and `other_weight_kinds`) at full depth and with the schedule of
-    `settings`, and llama.cpp on the GGUF file, in turns: the rows of weights_speed.compare."""
+    `settings`, and llama.cpp on the GGUF file, in turns: the rows of side_by_side.compare."""
     import torch
 
     from d3cli.core.decode.schedule import DecaySchedule
     from d3cli.core.model.model_facts import num_decoder_layers
     from d3cli.core.session.front_door import open_model
     from d3cli.core.session.plan import plan_for
-    from d3cli.evaluation import weights_speed
+    from d3cli.evaluation.speed import side_by_side
 
     models, skipped = [(loaded, None)], {}
     for kind in other_weight_kinds(loaded):  # each beside the ones loaded already, where it still fits
@@ -183,14 +183,14 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
     for model, name in models:
         num_layers = num_decoder_layers(model.model)
         schedule = plan_for(model, settings).schedule
-        sides += weights_speed.d3_sides(model, {"full depth": DecaySchedule.full(num_layers),
+        sides += side_by_side.d3_sides(model, {"full depth": DecaySchedule.full(num_layers),
                                                 f"α {schedule.alpha:g}": schedule}, prompt, tokens, name)
-    llama, why = weights_speed.llama_cpp_side(None if gguf_path is None else str(gguf_path),
+    llama, why = side_by_side.llama_cpp_side(None if gguf_path is None else str(gguf_path),
                                               torch.get_num_threads(), len(prompt) + tokens + 16)
     if llama is not None:
-        sides.append(weights_speed.Side("llama.cpp", "llama.cpp", lambda count: llama.decode_seconds(prompt, count),
-                                        weights_speed.gguf_step_bytes(str(gguf_path))))
-    rows = weights_speed.with_llama_ratios(weights_speed.compare(sides, tokens, repeats, bandwidth))
+        sides.append(side_by_side.Side("llama.cpp", "llama.cpp", lambda count: llama.decode_seconds(prompt, count),
+                                        side_by_side.gguf_step_bytes(str(gguf_path))))
+    rows = side_by_side.with_llama_ratios(side_by_side.compare(sides, tokens, repeats, bandwidth))
     return {"weight_kinds": rows, "skipped_weight_kinds": skipped,
             "llama_cpp": {"version": llama.version} if llama is not None else {"skipped": why}}
 

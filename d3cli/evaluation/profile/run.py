@@ -36,7 +36,7 @@ class Corpus:
     def texts(self, loaded, max_positions: int, on_status: Status) -> list:
         """The scoring texts for `loaded` (a UserError when there are none)."""
         from d3cli.core.model.model_facts import context_length
-        from d3cli.evaluation import corpus
+        from d3cli.evaluation.profile import corpus
 
         context = context_length(loaded.model)
         if self.text_file is not None:
@@ -78,7 +78,7 @@ def profile(loaded, corpus: Corpus, settings: DecodeSettings, alphas: Sequence[f
     from d3cli.core.model.loader import model_identity
     from d3cli.core.model.model_facts import num_decoder_layers
     from d3cli.core.session.plan import plan_for
-    from d3cli.evaluation import profiling
+    from d3cli.evaluation.profile import layers
 
     num_layers = num_decoder_layers(loaded.model)
     schedules = {f"α={value:g}": plan_for(loaded, dataclasses.replace(settings, alpha=value)).schedule
@@ -88,24 +88,24 @@ def profile(loaded, corpus: Corpus, settings: DecodeSettings, alphas: Sequence[f
 
     on_status(f"scoring {len(texts)} texts")
     done = iter(range(1, len(texts) + 1))
-    found = profiling.measure(loaded.model, texts, schedules, num_layers, layer_profile=options.layers,
+    found = layers.measure(loaded.model, texts, schedules, num_layers, layer_profile=options.layers,
                               late_from=options.late_from,
                               on_text=lambda: on_status(f"scoring texts: {next(done)}/{len(texts)}"))
     result = {"model": loaded.name, "corpus": corpus.name, "num_layers": num_layers,
               "calibration": loaded.calibration.label if loaded.calibration is not None else None,
               "skip_order": base_schedule.skip_order, "bridges": base_schedule.bridge_maps is not None,
-              "profile": profiling.report(found, schedules, options.bucket_size, options.max_positions)}
+              "profile": layers.report(found, schedules, options.bucket_size, options.max_positions)}
     if options.layers:
-        layer_profile = profiling.layer_profile_of(found, model_identity(loaded), corpus.name, len(texts),
+        layer_profile = layers.layer_profile_of(found, model_identity(loaded), corpus.name, len(texts),
                                                    options.late_from)
         result["late_from"] = options.late_from
-        result["layers"] = profiling.layer_rows(layer_profile, base_schedule.head, base_schedule.tail)
+        result["layers"] = layers.layer_rows(layer_profile, base_schedule.head, base_schedule.tail)
         result["importance_ranking"] = layer_profile.importance_ranking()
         if options.save_profile is not None:
             layer_profile.save(options.save_profile)
             result["saved_profile"] = str(options.save_profile)
     if options.calibrate:
-        from d3cli.evaluation.calibration import recommend_and_check
+        from d3cli.evaluation.profile.recommend import recommend_and_check
 
         on_status("calibrating")
         result["recommendation"] = recommend_and_check(loaded.model, texts, base_schedule, options.reply_tokens,

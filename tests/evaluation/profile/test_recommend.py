@@ -6,7 +6,7 @@ import pytest
 
 from d3cli.base.errors import UserError
 from d3cli.core.decode.schedule import DecaySchedule
-from d3cli.evaluation.calibration import candidate_schedules, layer_ratio, predicted_speedup, recommend
+from d3cli.evaluation.profile.recommend import candidate_schedules, layer_ratio, predicted_speedup, recommend
 from d3cli.evaluation.timing import StepCosts
 
 COSTS = StepCosts(num_layers=30, t_fixed_s=3.2e-3, t_layer_s=0.96e-3, r2=1.0, samples=())

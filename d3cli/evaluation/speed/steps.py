@@ -1,4 +1,4 @@
-"""`d3 bench --task speed`: where decoding time goes, and how close D3 comes to the layer-skipping limit.
+"""Where decoding time goes, and how close D3 comes to the layer-skipping limit.
 
 The limit on a machine is ideal(k̄) = T_step(L) / (T_fixed + k̄·T_layer): a step that runs k layers costs
 T_fixed (embedding, final norm, LM head, sampling, Python) plus k·T_layer. With bridges each bridged run adds

@@ -15,7 +15,7 @@ import torch
 from d3cli.base.errors import UserError
 from d3cli.core.calibration.layer_profile import LayerProfile, LayerScore
 from d3cli.core.decode.schedule import DecaySchedule
-from d3cli.evaluation.perplexity import buckets, fit_profile
+from d3cli.evaluation.profile.perplexity import buckets, fit_profile
 from d3cli.evaluation.scoring import (
     ContinuationScorer,
     ScoringText,

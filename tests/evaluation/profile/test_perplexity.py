@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from d3cli.evaluation.perplexity import buckets, fit_power_law, fit_profile
+from d3cli.evaluation.profile.perplexity import buckets, fit_power_law, fit_profile
 
 
 @pytest.mark.parametrize("a, b, c", [(12.0, 0.6, 3.0), (40.0, 1.3, 1.5), (5.0, 0.25, 8.0)])

@@ -202,7 +202,7 @@ def compare(sides: Sequence[Side], tokens: int, repeats: int, bandwidth: float) 
 def d3_sides(loaded, schedules: dict, prompt_ids: Sequence[int], tokens: int, name: str | None = None) -> list[Side]:
     """Full depth and each named schedule of one loaded model as timed sides (named "d3 NAME LABEL", NAME the
     weights' kind unless given)."""
-    from d3cli.evaluation.speed import mean_decode_layers
+    from d3cli.evaluation.speed.steps import mean_decode_layers
 
     report = loaded.weights
     sides = []

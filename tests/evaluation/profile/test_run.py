@@ -3,7 +3,7 @@ import pytest
 from d3cli.base.errors import UserError
 from d3cli.core.model.loader import LoadedModel
 from d3cli.core.session.settings import DecodeSettings
-from d3cli.evaluation.ppl_profile import Corpus, ProfileOptions, profile
+from d3cli.evaluation.profile.run import Corpus, ProfileOptions, profile
 
 TEXT = ("The river ran past the mill and under the old bridge, where children fished in summer and skated in "
         "winter, and the miller watched them from his window while the wheel turned slowly all day long.\n\n") * 3
