@@ -4,7 +4,11 @@
                   chunks; OpenAI-style error objects. Pure: no torch, no web framework.
     worker.py     the one thread that owns the model: a bounded queue of jobs, each decoded by `engine.stream_decode`,
                   its events handed to the asyncio loop; a cancelled job's stream is closed at the next token.
-    app.py        the ASGI routes (Starlette), body limits, API key, disconnect watching, the request log.
+    state.py      the session (opened through the front door, in the background), the worker, each request's token
+                  ids and plan.
+    routes.py     the routes (Starlette): body limits, a request -> a Job -> JSON or server-sent events,
+                  disconnect watching.
+    app.py        the gate (API key, the request log), the socket, uvicorn, Ctrl-C.
 
 This layer may import d3cli.core; nothing in core or evaluation imports it, and it imports nothing of d3cli.cli.
 """

@@ -61,8 +61,9 @@ def serve(
         raise UserError("--api-key must not be empty")
     check_serve_extra()
 
-    from d3cli.server.app import ServeConfig, bind
+    from d3cli.server.app import bind
     from d3cli.server.app import serve as run_server
+    from d3cli.server.state import ServeConfig
 
     sock = bind(host, port)
     config = ServeConfig(model.options(lean=True), settings, api_key=api_key, queue_size=queue_size,
