@@ -172,16 +172,18 @@ def _zsh_text(text: str) -> str:
     return text.replace("'", "'\\''")
 
 
+def _value_spec(option: OptionCompletion, choices, path: str, value: str) -> str:
+    """What a shell's completion says of an option's value: `choices(names)`, a `path`, any `value`, or nothing."""
+    if option.choices:
+        return choices(option.choices)
+    if option.is_path:
+        return path
+    return value if option.takes_value else ""
+
+
 def _zsh_option(option: OptionCompletion) -> list[str]:
     help_text = _zsh_text(option.help)
-    if option.choices:
-        value = f":value:({' '.join(option.choices)})"
-    elif option.is_path:
-        value = ":path:_files"
-    elif option.takes_value:
-        value = ":value: "
-    else:
-        value = ""
+    value = _value_spec(option, lambda choices: f":value:({' '.join(choices)})", ":path:_files", ":value: ")
     exclusive = "" if option.repeatable else f"({' '.join(option.names)})"
     star = "*" if option.repeatable else ""
     return [f"'{exclusive}{star}{name}[{help_text}]{value}'" for name in option.names]
@@ -259,14 +261,7 @@ def fish_script(root: CommandCompletion) -> str:
             flags = []
             for name in option.names:
                 flags.append(f"-l {name[2:]}" if name.startswith("--") else f"-s {name[1:]}")
-            if option.choices:
-                value = f" -x -a {_fish_text(' '.join(option.choices))}"
-            elif option.is_path:
-                value = " -r -F"
-            elif option.takes_value:
-                value = " -x"
-            else:
-                value = ""
+            value = _value_spec(option, lambda choices: f" -x -a {_fish_text(' '.join(choices))}", " -r -F", " -x")
             lines.append(f"complete -c d3 -n {_fish_text(sub_condition)} {' '.join(flags)}{value} "
                          f"-d {_fish_text(option.help)}")
     return "\n".join(lines) + "\n"

@@ -78,32 +78,17 @@ ModelOption = Annotated[
         rich_help_panel=MODEL_PANEL, show_default=False,
     ),
 ]
-DeviceOption = Annotated[
-    Device, typer.Option(help="Where to run: auto picks cuda, then mps, then cpu.", rich_help_panel=MODEL_PANEL)
-]
-DTypeOption = Annotated[
-    DType,
-    typer.Option(help="Compute dtype: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights "
-                      "and on GPU (or float16).",
-                 rich_help_panel=MODEL_PANEL),
-]
-WeightsOption = Annotated[
-    Weights,
-    typer.Option(help="How the weights are stored and run: auto runs a GGUF file in its own precision on the CPU "
-                      "(Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); "
-                      "float32/bfloat16/float16 dense.",
-                 rich_help_panel=MODEL_PANEL),
-]
-GroupSizeOption = Annotated[
-    int,
-    typer.Option(help="Weights per int4 group when float weights are quantized on load: 32, 64, 128 or 256.",
-                 rich_help_panel=MODEL_PANEL),
-]
-DeviceMapOption = Annotated[
-    Optional[DeviceMap],
-    typer.Option(help="Spread a model too large for one device over all devices (accelerate).",
-                 rich_help_panel=MODEL_PANEL, show_default=False),
-]
+DeviceOption = option(Device, "Where to run: auto picks cuda, then mps, then cpu.", MODEL_PANEL)
+DTypeOption = option(DType, "Compute dtype: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights "
+                            "and on GPU (or float16).", MODEL_PANEL)
+WeightsOption = option(
+    Weights, "How the weights are stored and run: auto runs a GGUF file in its own precision on the CPU "
+             "(Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); "
+             "float32/bfloat16/float16 dense.", MODEL_PANEL)
+GroupSizeOption = option(int, "Weights per int4 group when float weights are quantized on load: 32, 64, 128 or 256.",
+                              MODEL_PANEL)
+DeviceMapOption = option(Optional[DeviceMap], "Spread a model too large for one device over all devices (accelerate).",
+                                              MODEL_PANEL, show_default=False)
 TrustRemoteCodeOption = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow a model repository's own Python code to run.",
@@ -128,40 +113,22 @@ ProfileAlphasOption = Annotated[
     typer.Option("--alpha", "-a", help="Also profile D3 at these decay rates (comma-separated).",
                  rich_help_panel=SCHEDULE_PANEL, show_default=False),
 ]
-MinLayersOption = Annotated[
-    Optional[str],
-    typer.Option(help="Floor on the layers per token: a count (24) or a fraction of L (0.8). Default: the floor the "
-                      f"model's calibration chose, else {DEFAULT_MIN_LAYERS} of L.",
-                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
-]
-WarmupOption = Annotated[
-    int, typer.Option(help="Generated tokens that run at full depth before the decay starts.",
-                      rich_help_panel=SCHEDULE_PANEL),
-]
-HeadOption = Annotated[
-    str, typer.Option(help="First layers that always run: a count or a fraction of L.", rich_help_panel=SCHEDULE_PANEL)
-]
-TailOption = Annotated[
-    str, typer.Option(help="Last layers that always run: a count or a fraction of L.", rich_help_panel=SCHEDULE_PANEL)
-]
-SkipOrderOption = Annotated[
-    SkipOrderChoice,
-    typer.Option(help="Which flex layers go first: importance (least important first, from the model's calibration "
-                      "or --profile), middle (centre outward), late (deepest first); auto is importance when the "
-                      "model is calibrated, else middle.",
-                 rich_help_panel=SCHEDULE_PANEL),
-]
-ProfileOption = Annotated[
-    Optional[Path],
-    typer.Option(help="Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).",
-                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
-]
-CalibrationOption = Annotated[
-    Optional[Path],
-    typer.Option(help="The model's calibration file (from d3 calibrate). Default: the one d3 calibrate cached for "
-                      "this model, or the bundled one of the embedded model.",
-                 rich_help_panel=SCHEDULE_PANEL, show_default=False),
-]
+MinLayersOption = option(
+    Optional[str], "Floor on the layers per token: a count (24) or a fraction of L (0.8). Default: the floor the "
+                   f"model's calibration chose, else {DEFAULT_MIN_LAYERS} of L.", SCHEDULE_PANEL, show_default=False)
+WarmupOption = option(int, "Generated tokens that run at full depth before the decay starts.", SCHEDULE_PANEL)
+HeadOption = option(str, "First layers that always run: a count or a fraction of L.", SCHEDULE_PANEL)
+TailOption = option(str, "Last layers that always run: a count or a fraction of L.", SCHEDULE_PANEL)
+SkipOrderOption = option(
+    SkipOrderChoice, "Which flex layers go first: importance (least important first, from the model's calibration "
+                     "or --profile), middle (centre outward), late (deepest first); auto is importance when the "
+                     "model is calibrated, else middle.", SCHEDULE_PANEL)
+ProfileOption = option(
+    Optional[Path], "Layer profile for --skip-order importance (from d3 profile-ppl --save-profile).",
+                    SCHEDULE_PANEL, show_default=False)
+CalibrationOption = option(
+    Optional[Path], "The model's calibration file (from d3 calibrate). Default: the one d3 calibrate cached for "
+                    "this model, or the bundled one of the embedded model.", SCHEDULE_PANEL, show_default=False)
 BridgesOption = Annotated[
     bool,
     typer.Option("--bridges/--no-bridges", help="Stand in for skipped layers with the calibration's fitted linear "
@@ -178,17 +145,9 @@ AnswerTokensOption = Annotated[
 TemperatureOption = Annotated[
     float, typer.Option("--temperature", "-t", help="0 = greedy; above 0 samples.", rich_help_panel=SAMPLING_PANEL)
 ]
-TopKOption = Annotated[
-    int, typer.Option(help="Sample only from the k most likely tokens (0 = off).", rich_help_panel=SAMPLING_PANEL)
-]
-TopPOption = Annotated[
-    float, typer.Option(help="Sample only from the most likely tokens whose probability reaches p.",
-                        rich_help_panel=SAMPLING_PANEL),
-]
-SeedOption = Annotated[
-    Optional[int], typer.Option(help="Seed for sampling, for a reproducible reply.", rich_help_panel=SAMPLING_PANEL,
-                                show_default=False),
-]
+TopKOption = option(int, "Sample only from the k most likely tokens (0 = off).", SAMPLING_PANEL)
+TopPOption = option(float, "Sample only from the most likely tokens whose probability reaches p.", SAMPLING_PANEL)
+SeedOption = option(Optional[int], "Seed for sampling, for a reproducible reply.", SAMPLING_PANEL, show_default=False)
 StopOption = Annotated[
     Optional[list[str]],
     typer.Option("--stop", help="Stop when this text appears (repeatable); the text ends before it.",
@@ -204,22 +163,15 @@ SystemOption = Annotated[
                                 rich_help_panel=SAMPLING_PANEL, show_default=False),
 ]
 
-SubtasksOption = Annotated[
-    Optional[str], typer.Option(help="BBH subtasks, comma-separated (default: all 27).", rich_help_panel=TASK_PANEL,
-                                show_default=False),
-]
-ShotsOption = Annotated[
-    Optional[int], typer.Option(help="Few-shot exemplars (gsm8k: 8, bbh: 3).", rich_help_panel=TASK_PANEL,
-                                show_default=False),
-]
+SubtasksOption = option(Optional[str], "BBH subtasks, comma-separated (default: all 27).",
+                                       TASK_PANEL, show_default=False)
+ShotsOption = option(Optional[int], "Few-shot exemplars (gsm8k: 8, bbh: 3).", TASK_PANEL, show_default=False)
 TaskChatOption = Annotated[
     bool, typer.Option("--chat", help="Zero-shot through the model's chat template instead of few-shot.",
                        rich_help_panel=TASK_PANEL),
 ]
-DataDirOption = Annotated[
-    Optional[Path], typer.Option(help="Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else a download cache "
-                                      "under ~/.cache/d3/data).", rich_help_panel=TASK_PANEL, show_default=False),
-]
+DataDirOption = option(Optional[Path], "Folder with gsm8k/ and bbh/ (default: $D3_DATA_DIR, else a download cache "
+                                       "under ~/.cache/d3/data).", TASK_PANEL, show_default=False)
 
 
 class OptionGroup:

@@ -287,22 +287,11 @@ class GenerationInterrupted(KeyboardInterrupt):
         self.replies = replies
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[Sequence[int]],
-    schedule: DecaySchedule,
-    sampler: Sampler = greedy,
-    max_new_tokens: int = 256,
-    stop_strings: Sequence[str] = (),
-    on_event=None,
-    cache: ReservingCache | None = None,
-    past_length: int = 0,
-) -> list[Reply]:
-    """Decode the prompts and return one `Reply` per prompt; `on_event(event)` sees every token as it comes."""
-    events = stream_generate(model, tokenizer, prompts, schedule, sampler, max_new_tokens, stop_strings,
-                             cache=cache, past_length=past_length)
-    return collect(events, len(prompts), on_event)
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], schedule: DecaySchedule, *, on_event=None,
+             **options) -> list[Reply]:
+    """`stream_generate` (its `options`: sampler, max_new_tokens, stop_strings, eos_ids, cache, past_length),
+    collected: one `Reply` per prompt; `on_event(event)` sees every token as it comes."""
+    return collect(stream_generate(model, tokenizer, prompts, schedule, **options), len(prompts), on_event)
 
 
 def collect(events: Iterator[TokenEvent], rows: int, on_event=None) -> list[Reply]:
