@@ -51,6 +51,9 @@ def test_openai_fields_and_d3_fields_become_decode_settings():
     assert (settings.alpha, settings.min_layers, settings.warmup, settings.head, settings.tail) == (0.9, 0.5, 2, 1, 1)
     assert settings.skip_order == "late" and settings.bridges is False
     assert request.stream and request.include_usage and set(request.d3_fields) >= {"alpha", "min_layers"}
+    assert request == chat(model="tiny (alias)", max_tokens=12, temperature=0.7, top_p=0.9, seed=3, stop="END",
+                           alpha=0.9, min_layers="0.5", warmup=2, head=1, tail=1, skip_order="late", bridges=False,
+                           top_k=5, stream=True, stream_options={"include_usage": True})  # user, metadata: ignored
 
 
 def test_max_completion_tokens_wins_over_max_tokens_and_stop_lists_are_kept():
@@ -137,8 +140,31 @@ def test_bad_completion_fields_are_refused_naming_the_field(fields, param, words
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted():
-    chat(n=1, tools=[], tool_choice="none", logprobs=False, frequency_penalty=0.0, presence_penalty=0,
-         logit_bias={}, response_format={"type": "text"}, parallel_tool_calls=True)
+    """They ask for nothing, so the request is the one without them: same settings, messages, stream and fields."""
+    assert chat(n=1, tools=[], tool_choice="none", logprobs=False, frequency_penalty=0.0, presence_penalty=0,
+                logit_bias={}, response_format={"type": "text"}, parallel_tool_calls=True) == chat()
+    assert chat(n=None, top_logprobs=0, functions=[], function_call="none", audio=None, prediction=None) == chat()
+
+
+IGNORED_FIELDS = {"user": "me", "metadata": {"a": "b"}, "store": True, "service_tier": "flex",
+                  "parallel_tool_calls": False, "prompt_cache_key": "k", "safety_identifier": "s",
+                  "modalities": ["text"], "reasoning_effort": "high", "verbosity": "low",
+                  "web_search_options": {}}
+
+
+@pytest.mark.parametrize("endpoint", [CHAT, COMPLETION])
+def test_ignored_fields_change_nothing_about_the_request(endpoint):
+    """`user`, `metadata`, `store`... are accepted and have no effect: the request parsed from a body with them equals
+    the one parsed from the same body without them, down to its settings."""
+    assert set(IGNORED_FIELDS) == set(protocol.IGNORED)
+    body = {"messages": HELLO} if endpoint == CHAT else {"prompt": "Hello"}
+    body.update(max_tokens=12, temperature=0.7, seed=3, stop="END", alpha=0.9, stream=True,
+                stream_options={"include_usage": True})
+    plain = protocol.parse_request(endpoint, body, BASE, (MODEL,))
+    with_ignored = protocol.parse_request(endpoint, {**body, **IGNORED_FIELDS}, BASE, (MODEL,))
+    assert with_ignored == plain
+    assert with_ignored.settings == plain.settings and with_ignored.settings != BASE
+    assert with_ignored.d3_fields == ("alpha",)
 
 
 @pytest.mark.parametrize("raw, words", [

@@ -187,10 +187,33 @@ class DecaySchedule:
         skip_order_name: str | None = None,
         bridge_maps: object = None,
     ) -> DecaySchedule:
-        """Validate every parameter against the model's layer count and fix the drop order of the flex layers."""
+        """Check every parameter (`check_parameters`), then `resolve` them against the model's layer count: for
+        code that builds a schedule itself (a plan's settings were checked when they were made)."""
+        check_parameters(alpha, min_layers, warmup, head, tail, skip_order)
+        if not callable(skip_order) and skip_order in (MEASURED_SKIP_ORDER, AUTO_SKIP_ORDER):
+            raise UserError(f"the {skip_order} skip order needs the model's layer profile (plan.plan_for finds it)")
+        return cls.resolve(num_layers, alpha, min_layers, warmup, head, tail, skip_order, skip_order_name,
+                           bridge_maps)
+
+    @classmethod
+    def resolve(
+        cls,
+        num_layers: int,
+        alpha: float,
+        min_layers: int | float | str,
+        warmup: int,
+        head: int | float | str,
+        tail: int | float | str,
+        skip_order: str | SkipOrder,
+        skip_order_name: str | None = None,
+        bridge_maps: object = None,
+    ) -> DecaySchedule:
+        """The schedule of parameters checked already (DecodeSettings checks a user's once, where they are made; a
+        calibration's when it is read): the layer counts resolved against the model's `num_layers`, and checked
+        against it (the one check that needs the model), and the drop order of the flex layers fixed. `skip_order`
+        is a callable or the name of a fixed order (plan.plan_for resolves auto and importance)."""
         if not isinstance(num_layers, int) or num_layers < 1:
             raise UserError(f"the model must have at least one layer, not {num_layers!r}")
-        check_parameters(alpha, min_layers, warmup, head, tail, skip_order)
         head_layers = resolve_layer_count(head, num_layers, "head")
         tail_layers = resolve_layer_count(tail, num_layers, "tail")
         floor = resolve_layer_count(min_layers, num_layers, "min-layers")
@@ -200,8 +223,6 @@ class DecaySchedule:
 
         if callable(skip_order):
             order_fn, order_name = skip_order, skip_order_name or getattr(skip_order, "__name__", "custom")
-        elif skip_order in (MEASURED_SKIP_ORDER, AUTO_SKIP_ORDER):
-            raise UserError(f"the {skip_order} skip order needs the model's layer profile (plan.plan_for finds it)")
         else:
             order_fn, order_name = SKIP_ORDERS[skip_order], skip_order
         flex_layers = list(range(head_layers, num_layers - tail_layers))

@@ -159,6 +159,5 @@ def schedule_of(settings: DecodeSettings, num_layers: int, calibration, alpha: f
     bridges = None
     if settings.bridges and calibration is not None and calibration.active_bridges:
         bridges = calibration.active_bridges
-    return DecaySchedule.build(num_layers, alpha=alpha, min_layers=min_layers, warmup=settings.warmup,
-                               head=settings.head, tail=settings.tail, skip_order=skip_order,
-                               skip_order_name=name, bridge_maps=bridges)
+    return DecaySchedule.resolve(num_layers, alpha, min_layers, settings.warmup, settings.head, settings.tail,
+                                 skip_order, name, bridges)  # the settings were checked when they were made

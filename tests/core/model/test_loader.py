@@ -154,34 +154,3 @@ def test_a_model_the_hub_does_not_have_is_one_line(tmp_path, tiny_model_dir):
         result = run_generate("tiny-org/other-model", hub_env(tmp_path, hub.endpoint))
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "tiny-org/other-model" in result.stderr
-
-
-def tiny_logits(model):
-    import torch
-
-    with torch.inference_mode():
-        return model(torch.tensor([[1, 504, 314, 260, 1694, 23, 282]])).logits.float()
-
-
-def test_a_safetensors_folder_is_filled_tensor_by_tensor_as_transformers_loads_it(tiny_model_dir, monkeypatch):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from d3cli.core.model import streamed, weights
-
-    filled = []
-    original = streamed.fill_model
-    monkeypatch.setattr(streamed, "fill_model", lambda *args, **kwargs: filled.append(1) or original(*args, **kwargs))
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    dense = loader.load(str(tiny_model_dir))
-    assert filled == [1] and dense.weights.kind == "float32"
-    assert torch.equal(tiny_logits(dense.model), tiny_logits(reference))
-    int8 = loader.load(str(tiny_model_dir), weights="int8")  # re-quantized a slice of rows at a time
-    weights.apply_weights(reference, int8_choice(), fuse=True)  # the whole float model quantized at once
-    assert torch.equal(tiny_logits(int8.model), tiny_logits(reference))
-
-
-def int8_choice():
-    from d3cli.core.model.weight_choice import WeightChoice, quantized_dtype
-
-    return WeightChoice("int8", quantized_dtype())

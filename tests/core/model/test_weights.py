@@ -1,4 +1,4 @@
-"""Choosing the weights (--weights with --dtype, device and file) and putting them into a model."""
+"""Putting a weights choice into a model: quantized linear layers, fused decoder layers."""
 
 from __future__ import annotations
 
@@ -8,62 +8,11 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from d3cli import kernels
-from d3cli.base.errors import UserError
 from d3cli.core.model import fused_layers
-from d3cli.core.model.loader import resolve_dtype
 from d3cli.core.model.model_facts import find_decoder_layers
 from d3cli.core.model.quantized import Int4Linear, Int8Linear
-from d3cli.core.model.weight_choice import FILE_KIND, WeightChoice, quantized_dtype, resolve_weights
+from d3cli.core.model.weight_choice import WeightChoice
 from d3cli.core.model.weights import apply_weights
-
-CPU, GPU = torch.device("cpu"), torch.device("cuda")
-Q4_FILE = {"model.layers.0.mlp.up_proj.weight": "Q4_1", "model.norm.weight": "F32"}
-F16_FILE = {"model.layers.0.mlp.up_proj.weight": "F16"}
-
-
-def choose(weights="auto", dtype="auto", device=CPU, types=None, device_map=None, group_size=32):
-    return resolve_weights(weights, dtype, device, gguf_types=types, device_map=device_map, group_size=group_size,
-                           default_dtype=lambda dtype, device: torch.float32 if dtype == "auto"
-                           else getattr(torch, dtype))
-
-
-def test_auto_runs_a_quantized_file_in_its_precision_on_the_cpu_and_everything_else_dense():
-    assert choose(types=Q4_FILE) == WeightChoice(FILE_KIND, quantized_dtype(), why="the GGUF file's own precision")
-    assert choose(types=F16_FILE).kind == "float32"
-    assert choose().kind == "float32"  # a float model stays float32 unless asked
-    assert choose(types=Q4_FILE, dtype="float32").kind == "float32"  # --dtype alone keeps its old meaning
-    on_gpu = choose(types=Q4_FILE, device=GPU)
-    assert not on_gpu.quantized and "only on the CPU" in on_gpu.why
-    assert not choose(types=Q4_FILE, device_map="auto").quantized
-
-
-def test_asked_kinds_and_their_activations():
-    assert choose("int4") == WeightChoice("int4", quantized_dtype(), 32, why="asked for")
-    assert choose("int8", "float32").dtype == torch.float32
-    assert choose("int4", group_size=128).group_size == 128
-    assert choose("bfloat16") == WeightChoice("bfloat16", torch.bfloat16, why="asked for")
-    assert choose("float32", "float32").kind == "float32"
-
-
-def test_quantized_weights_run_float32_activations_on_d3s_kernels_and_bfloat16_on_torchs():
-    """d3's kernels quantize activations per block themselves; torch's are fast only with bfloat16 ones."""
-    with kernels.turned_off():
-        assert choose("int4").dtype == torch.bfloat16 and choose(types=Q4_FILE).dtype == torch.bfloat16
-    if kernels.available():
-        assert choose("int4").dtype == torch.float32 and choose(types=Q4_FILE).dtype == torch.float32
-
-
-@pytest.mark.parametrize("arguments, fragment", [
-    (dict(weights="int4", device=GPU), "CPU kernels"),
-    (dict(weights="int8", device_map="auto"), "--device-map"),
-    (dict(weights="int4", dtype="float16"), "float16"),
-    (dict(weights="float32", dtype="bfloat16"), "give one of them"),
-    (dict(weights="int4", group_size=48), "--group-size"),
-])
-def test_what_cannot_run_is_a_user_error(arguments, fragment):
-    with pytest.raises(UserError, match=fragment):
-        choose(**arguments)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -100,7 +49,3 @@ def test_without_fusing_the_models_own_layers_stay(tiny_models):
     apply_weights(model, WeightChoice("int8", torch.float32), fuse=False)
     assert type(find_decoder_layers(model)[0]).__name__ == "LlamaDecoderLayer"
     assert isinstance(find_decoder_layers(model)[0].self_attn.q_proj, Int8Linear)
-
-
-def test_the_loaders_dtype_rule_is_what_auto_falls_back_to():
-    assert resolve_dtype("auto", CPU) == torch.float32
