@@ -32,7 +32,7 @@ _d3_generate() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype (the activations)\: auto is float32 on the CPU, with any weights (d3'\''s kernels take float32 activations; int8/int4 on torch'\''s own kernels run in bfloat16), bfloat16 on a GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
@@ -77,7 +77,7 @@ _d3_chat() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype (the activations)\: auto is float32 on the CPU, with any weights (d3'\''s kernels take float32 activations; int8/int4 on torch'\''s own kernels run in bfloat16), bfloat16 on a GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
@@ -122,7 +122,7 @@ _d3_bench() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype (the activations)\: auto is float32 on the CPU, with any weights (d3'\''s kernels take float32 activations; int8/int4 on torch'\''s own kernels run in bfloat16), bfloat16 on a GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
@@ -172,7 +172,7 @@ _d3_profile_ppl() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype (the activations)\: auto is float32 on the CPU, with any weights (d3'\''s kernels take float32 activations; int8/int4 on torch'\''s own kernels run in bfloat16), bfloat16 on a GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
@@ -208,7 +208,7 @@ _d3_calibrate() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype (the activations)\: auto is float32 on the CPU, with any weights (d3'\''s kernels take float32 activations; int8/int4 on torch'\''s own kernels run in bfloat16), bfloat16 on a GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \
@@ -241,7 +241,7 @@ _d3_serve() {
         '(--model -m)--model[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--model -m)-m[Hugging Face model id, model folder or .gguf file. Default\: the embedded SmolLM2-135M-Instruct.]:path:_files' \
         '(--device)--device[Where to run\: auto picks cuda, then mps, then cpu.]:value:(auto cpu cuda mps)' \
-        '(--dtype)--dtype[Compute dtype\: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights and on GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
+        '(--dtype)--dtype[Compute dtype (the activations)\: auto is float32 on the CPU, with any weights (d3'\''s kernels take float32 activations; int8/int4 on torch'\''s own kernels run in bfloat16), bfloat16 on a GPU (or float16).]:value:(auto float32 bfloat16 float16)' \
         '(--device-map)--device-map[Spread a model too large for one device over all devices (accelerate).]:value:(auto)' \
         '(--trust-remote-code)--trust-remote-code[Allow a model repository'\''s own Python code to run.]' \
         '(--weights)--weights[How the weights are stored and run\: auto runs a GGUF file in its own precision on the CPU (Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); float32/bfloat16/float16 dense.]:value:(auto float32 bfloat16 float16 int8 int4)' \

@@ -29,7 +29,7 @@ from d3cli.core.decode.schedule import (
     SKIP_ORDER_NAMES,
     check_alpha,
 )
-from d3cli.core.model.choices import DEVICE_MAPS, DEVICES, DTYPES, WEIGHT_KINDS
+from d3cli.core.model.choices import DEVICE_MAPS, DEVICES, DTYPE_HELP, DTYPES, WEIGHT_KINDS, WEIGHTS_HELP
 from d3cli.core.session.settings import DEFAULT_MAX_NEW_TOKENS
 
 MODEL_PANEL = "Model"
@@ -79,12 +79,8 @@ ModelOption = Annotated[
     ),
 ]
 DeviceOption = option(Device, "Where to run: auto picks cuda, then mps, then cpu.", MODEL_PANEL)
-DTypeOption = option(DType, "Compute dtype: auto is float32 for dense weights on CPU, bfloat16 for int8/int4 weights "
-                            "and on GPU (or float16).", MODEL_PANEL)
-WeightsOption = option(
-    Weights, "How the weights are stored and run: auto runs a GGUF file in its own precision on the CPU "
-             "(Q4 as int4, Q8 as int8) and other models dense; int8/int4 quantize on load (CPU only); "
-             "float32/bfloat16/float16 dense.", MODEL_PANEL)
+DTypeOption = option(DType, DTYPE_HELP, MODEL_PANEL)
+WeightsOption = option(Weights, WEIGHTS_HELP, MODEL_PANEL)
 GroupSizeOption = option(int, "Weights per int4 group when float weights are quantized on load: 32, 64, 128 or 256.",
                               MODEL_PANEL)
 DeviceMapOption = option(Optional[DeviceMap], "Spread a model too large for one device over all devices (accelerate).",

@@ -125,7 +125,8 @@ def resolve_device(device: str):
 
 
 def resolve_dtype(dtype: str, device):
-    """`auto`: float32 on the CPU (fast and exact there), bfloat16 on a GPU that has it, else float16."""
+    """`auto` as choices.DTYPE_HELP says: float32 on the CPU (fast and exact there), bfloat16 on a GPU that has it,
+    else float16 (quantized weights: weight_choice.quantized_dtype)."""
     import torch
 
     if dtype != "auto":

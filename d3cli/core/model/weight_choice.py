@@ -98,7 +98,7 @@ def resolve_weights(requested: str, dtype_requested: str, device: torch.device, 
 
 def quantized_dtype() -> torch.dtype:
     """The activations' dtype for quantized weights: float32 on d3's kernels (which quantize activations per block
-    themselves), bfloat16 on torch's (fast only with bfloat16 activations)."""
+    themselves), bfloat16 on torch's (fast only with bfloat16 activations); choices.DTYPE_HELP says so to users."""
     from d3cli import kernels
 
     return torch.float32 if kernels.available() else torch.bfloat16
