@@ -4,6 +4,7 @@
     linear.cpp          torch.ops.d3.tiled_linear (q4_linear, q8_linear): a quantized linear layer of any kind of
                         blocks.h (q4, q5, q8, GGUF's k-quants as stored), any number of rows
     decoder_layer.cpp   torch.ops.d3.decoder_layer(s): Llama-family layers in one call and one thread team
+    attention.cpp       the decoder layer's attention over its float16 key/value cache, in chunks of 64 positions
     argmax.cpp          torch.ops.d3.argmax: the greedy token, as torch.argmax picks it, faster
     pack.cpp            torch.ops.d3.pack_gguf_into: a GGUF file's blocks (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K) into
                         the tiles, in one pass
@@ -30,8 +31,8 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-SOURCES = ("linear.cpp", "decoder_layer.cpp", "argmax.cpp", "pack.cpp")
-HEADERS = ("blocks.h", "linear.h", "vector_math.h")
+SOURCES = ("linear.cpp", "decoder_layer.cpp", "attention.cpp", "argmax.cpp", "pack.cpp")
+HEADERS = ("blocks.h", "linear.h", "attention.h", "vector_math.h")
 LIBRARY = "d3_kernels.so"
 SWITCH = "D3_KERNELS"  # "off": torch's kernels only
 ARCHITECTURE = "D3_KERNELS_MARCH"  # the -march they are built for: native (the default), or e.g. haswell for AVX2

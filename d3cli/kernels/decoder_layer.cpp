@@ -17,9 +17,9 @@
 // gives, to the last bit. The cache is the caller's: the buffers hold the past keys and values in their first
 // `past` positions, and this writes the new ones behind them (the caller makes room first).
 //
-// Attention works in chunks of kChunk positions (each chunk's scores, maximum, sum of exponentials and weighted
-// values, then the chunks combined in order): a decode step splits one query's chunks among the threads, a prefill
-// splits the queries, and both compute the same numbers.
+// A layer is its attention half (attention_block: input norm, QKV projection, per-head norms and rotary embedding,
+// the new keys and values into the cache, attention over it in attention.cpp, output projection, residual) and its
+// MLP half (mlp_block: post-attention norm, gate/up projection, SiLU·up, down projection, residual).
 //
 // All threads run the whole call in one parallel region, splitting each stage's work and meeting at a barrier
 // between stages (a decode step is too short to start threads once per product, or once per layer).
@@ -31,9 +31,9 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 #include <vector>
 
+#include "attention.h"
 #include "linear.h"
 #include "vector_math.h"
 
@@ -88,209 +88,16 @@ void rotate(float* x, const float* cos, const float* sin, int64_t head_dim) {
   for (int64_t i = 0; i < head_dim; ++i) x[i] = x[i] * cos[i] + rotated[i] * sin[i];
 }
 
-// An even share of `count` items for this thread.
-inline void share(int64_t count, int thread, int threads, int64_t& begin, int64_t& end) {
-  const int64_t per = count / threads, extra = count % threads;
-  begin = thread * per + std::min<int64_t>(thread, extra);
-  end = begin + per + (thread < extra ? 1 : 0);
-}
-
-constexpr int64_t kChunk = 64;  // attention positions per chunk
-
-// One chunk's share of attention for one query: the largest score, the sum of exp(score − largest) and the values
-// weighted by them ([head_dim]); largest = −inf when no position of the chunk is visible.
-struct Partial {
-  float largest;
-  float total;
-  float* weighted;
-};
-
-// The key/value cache holds float16 (as llama.cpp's does): half the bytes a step reads at long contexts. A key or
-// value is rounded to float16 once, when written, and every read (this step's or a later one's) sees that value.
-using Cache = c10::Half;
-
-inline Cache to_cache(float value) {  // saturating: a value beyond float16's range becomes its largest, not inf
-  return Cache(std::min(std::max(value, -65504.f), 65504.f));
-}
-
-#ifdef D3_VECTORS
-#if defined(D3_AVX512)
-inline FloatVector load_cache(const Cache* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-#else
-inline FloatVector load_cache(const Cache* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-#endif
-
-// Rows of keys and values are read one after another: fetched kAhead rows early, as the weights' tiles are.
-constexpr int64_t kAhead = 8;
-
-inline void prefetch_row(const Cache* row, int vectors) {
-  for (int64_t byte = 0; byte < vectors * kLanes * static_cast<int64_t>(sizeof(Cache)); byte += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(row) + byte, _MM_HINT_T0);
-  }
-}
-
-// scores[g][j − start] = query_g · key_j · scaling for the query heads of one key/value head (−inf where masked):
-// each key is loaded once for all of them. kVectors = head_dim / kLanes whole vectors, then `tail` (head_dim mod
-// kLanes, e.g. 4 of a head of 100) one element at a time.
-template <int kVectors, typename KeyAt>
-void vector_scores(const float* const* queries, int64_t groups, int64_t start, int64_t stop, const bool* row,
-                   float scaling, int64_t tail, KeyAt key_at, float* scores) {
-  constexpr int64_t kWhole = kVectors * kLanes;
-  for (int64_t j = start; j < stop; ++j) {
-    if (row != nullptr && !row[j]) {
-      for (int64_t g = 0; g < groups; ++g) scores[g * kChunk + j - start] = -std::numeric_limits<float>::infinity();
-      continue;
-    }
-    const Cache* key = key_at(j);
-    prefetch_row(key_at(std::min(j + kAhead, stop - 1)), kVectors + (tail > 0));
-    FloatVector k[kVectors];
-    for (int i = 0; i < kVectors; ++i) k[i] = load_cache(key + i * kLanes);
-    for (int64_t g = 0; g < groups; ++g) {
-      FloatVector sums = mul(load_floats(queries[g]), k[0]);
-      for (int i = 1; i < kVectors; ++i) sums = fma(load_floats(queries[g] + i * kLanes), k[i], sums);
-      float total = sum_all(sums);
-      for (int64_t i = 0; i < tail; ++i) total = std::fma(queries[g][kWhole + i], to_float(key[kWhole + i]), total);
-      scores[g * kChunk + j - start] = total * scaling;
-    }
-  }
-}
-
-// weighted_g += Σ_j weights[g][j]·value_j: each value is loaded once for all query heads (the `tail` as above).
-template <int kVectors, typename ValueAt>
-void vector_values(Partial* const* partials, int64_t groups, int64_t start, int64_t stop, const bool* row,
-                   int64_t tail, ValueAt value_at, const float* weights) {
-  constexpr int64_t kWhole = kVectors * kLanes;
-  for (int64_t j = start; j < stop; ++j) {
-    if (row != nullptr && !row[j]) continue;
-    const Cache* value = value_at(j);
-    prefetch_row(value_at(std::min(j + kAhead, stop - 1)), kVectors + (tail > 0));
-    FloatVector v[kVectors];
-    for (int i = 0; i < kVectors; ++i) v[i] = load_cache(value + i * kLanes);
-    for (int64_t g = 0; g < groups; ++g) {
-      const float weight = weights[g * kChunk + j - start];
-      const FloatVector w = broadcast(weight);
-      float* out = partials[g]->weighted;
-      for (int i = 0; i < kVectors; ++i) store(out + i * kLanes, fma(w, v[i], load_floats(out + i * kLanes)));
-      for (int64_t i = 0; i < tail; ++i) out[kWhole + i] = std::fma(weight, to_float(value[kWhole + i]), out[kWhole + i]);
-    }
-  }
-}
-#endif
-
-// The whole vectors a head takes that have a vector path (head_dim / kLanes): every head size from one vector to 16,
-// the rest past them one element at a time (a head of 100: 6 vectors and 4 elements on AVX-512, 12 and 4 on AVX2).
-#define D3_HEAD_VECTORS                                                                                        \
-  D3_CASE(1) D3_CASE(2) D3_CASE(3) D3_CASE(4) D3_CASE(5) D3_CASE(6) D3_CASE(7) D3_CASE(8) D3_CASE(9) D3_CASE(10) \
-  D3_CASE(11) D3_CASE(12) D3_CASE(13) D3_CASE(14) D3_CASE(15) D3_CASE(16)
-
-// The same one element at a time, for heads smaller than a vector or without a vector path.
-inline float cache_dot(const float* query, const Cache* key, int64_t size) {
-  float total = 0.f;
-  for (int64_t i = 0; i < size; ++i) total = std::fma(query[i], to_float(key[i]), total);
-  return total;
-}
-
-inline void add_scaled_cache(float* out, const Cache* value, float weight, int64_t size) {
-  for (int64_t i = 0; i < size; ++i) out[i] = std::fma(weight, to_float(value[i]), out[i]);
-}
-
-// The chunk [start, stop) of the positions the query heads `queries` of one key/value head see (`row`: the mask's
-// row, or null for all of them), into `partials` (one a query head); `scores` holds groups × kChunk floats.
-template <typename KeyAt, typename ValueAt>
-void attend_chunk(const float* const* queries, Partial* const* partials, int64_t groups, int64_t start, int64_t stop,
-                  const bool* row, float scaling, int64_t head_dim, KeyAt key_at, ValueAt value_at, float* scores) {
-  bool done = false;
-#ifdef D3_VECTORS
-  const int64_t tail = head_dim % kLanes;
-  switch (head_dim / kLanes) {
-#define D3_CASE(n)                                                                            \
-  case n:                                                                                     \
-    vector_scores<n>(queries, groups, start, stop, row, scaling, tail, key_at, scores);      \
-    done = true;                                                                              \
-    break;
-    D3_HEAD_VECTORS
-#undef D3_CASE
-    default:
-      break;
-  }
-#endif
-  if (!done) {
-    for (int64_t j = start; j < stop; ++j) {
-      for (int64_t g = 0; g < groups; ++g) {
-        scores[g * kChunk + j - start] = row != nullptr && !row[j] ? -std::numeric_limits<float>::infinity()
-                                                                   : cache_dot(queries[g], key_at(j), head_dim) * scaling;
-      }
-    }
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    float* own = scores + g * kChunk;
-    const int64_t count = stop - start;
-    const float largest = largest_of(own, count);
-    Partial& partial = *partials[g];
-    std::fill(partial.weighted, partial.weighted + head_dim, 0.f);
-    partial.largest = largest;
-    partial.total = 0.f;
-    if (largest == -std::numeric_limits<float>::infinity()) {
-      std::fill(own, own + count, 0.f);
-      continue;
-    }
-    exp_shifted(own, count, largest);  // masked positions: exp(−inf) = 0
-    // summed over the whole chunk, zeros past the visible positions: the same additions in the same order for a
-    // query whether later positions exist (a forward over a longer sequence) or not (a prefill, a decode step)
-    std::fill(own + count, own + kChunk, 0.f);
-    partial.total = total_of(own, kChunk);
-  }
-  done = false;
-#ifdef D3_VECTORS
-  switch (head_dim / kLanes) {
-#define D3_CASE(n)                                                                            \
-  case n:                                                                                     \
-    vector_values<n>(partials, groups, start, stop, row, tail, value_at, scores);            \
-    done = true;                                                                              \
-    break;
-    D3_HEAD_VECTORS
-#undef D3_CASE
-    default:
-      break;
-  }
-#endif
-  if (!done) {
-    for (int64_t j = start; j < stop; ++j) {
-      if (row != nullptr && !row[j]) continue;
-      for (int64_t g = 0; g < groups; ++g) {
-        add_scaled_cache(partials[g]->weighted, value_at(j), scores[g * kChunk + j - start], head_dim);
-      }
-    }
-  }
-}
-
-// The chunks' shares combined in order: softmax(scores)·values.
-void combine(const Partial* partials, int64_t chunks, int64_t head_dim, float* out) {
-  float largest = -std::numeric_limits<float>::infinity();
-  for (int64_t c = 0; c < chunks; ++c) largest = std::max(largest, partials[c].largest);
-  std::fill(out, out + head_dim, 0.f);
-  if (largest == -std::numeric_limits<float>::infinity()) return;  // nothing visible (a padded row)
-  float total = 0.f;
-  for (int64_t c = 0; c < chunks; ++c) {
-    if (partials[c].largest == -std::numeric_limits<float>::infinity()) continue;
-    const float factor = exp1(partials[c].largest - largest);
-    total = std::fma(partials[c].total, factor, total);
-    add_scaled(out, partials[c].weighted, factor, head_dim);
-  }
-  const float inverse = 1.f / total;
-  for (int64_t i = 0; i < head_dim; ++i) out[i] *= inverse;
-}
-
 // One layer's weights and shapes, checked once.
 struct LayerWeights : torch::CustomClassHolder {
   Projections projections;
   at::Tensor input_norm, post_norm, q_norm, k_norm;  // q_norm, k_norm: undefined unless Qwen3
   int64_t heads, kv_heads, head_dim, intermediate, hidden_size;
   float input_eps, post_eps, qk_eps, scaling;
+
+  int64_t q_size() const { return heads * head_dim; }
+  int64_t kv_size() const { return kv_heads * head_dim; }
+  int64_t qkv_size() const { return q_size() + 2 * kv_size(); }
 
   LayerWeights(c10::List<std::optional<at::Tensor>> parts, std::vector<int64_t> layout, std::vector<double> numbers,
                at::Tensor input_norm_, at::Tensor post_norm_, std::optional<at::Tensor> q_norm_,
@@ -366,12 +173,10 @@ void size_scratch(Scratch& s, const std::vector<LayerCall>& calls, const CallSha
   int64_t d = 0, q = 0, i = 0;
   for (const LayerCall& call : calls) {
     const LayerWeights& w = *call.weights;
-    const int64_t q_size = w.heads * w.head_dim, positions = call.past + shape.T;
-    const int64_t chunks = (positions + kChunk - 1) / kChunk;
-    const bool by_chunk = shape.M * w.kv_heads < 4 * threads;
-    const int64_t partial_slots = by_chunk ? shape.M * w.heads * chunks : threads * (w.heads / w.kv_heads) * chunks;
+    const int64_t q_size = w.q_size();
+    const int64_t partial_slots = attention_slots(shape.M, w.heads, w.kv_heads, call.past + shape.T, threads);
     normed = std::max(normed, shape.M * std::max(w.hidden_size, w.intermediate));
-    qkv = std::max(qkv, shape.M * (q_size + 2 * w.kv_heads * w.head_dim));
+    qkv = std::max(qkv, shape.M * w.qkv_size());
     attended = std::max(attended, shape.M * q_size);
     middle = std::max(middle, shape.M * w.hidden_size);
     gate_up = std::max(gate_up, shape.M * 2 * w.intermediate);
@@ -386,37 +191,25 @@ void size_scratch(Scratch& s, const std::vector<LayerCall>& calls, const CallSha
   for (int64_t slot = 0; slot < slots; ++slot) s.partials[slot].weighted = s.partial_values.data() + slot * head_dim;
 }
 
-// One layer, run by every thread of the team (`thread` of `count`): x [M, D] in, y [M, D] out.
-void run_layer(const LayerCall& call, const CallShape& shape, const float* x, float* y, Scratch& s, int thread,
-               int count) {
+// Rows [begin, end) of `rows` (M × D) RMS-normed into s.normed, then quantized into s.rows_d for a projection.
+void norm_rows(const float* rows, const at::Tensor& weight, float eps, int64_t D, Scratch& s, int64_t begin,
+               int64_t end) {
+  for (int64_t m = begin; m < end; ++m) {
+    rms_norm(rows + m * D, weight.data_ptr<float>(), D, eps, s.normed.data() + m * D);
+  }
+  s.rows_d.quantize(s.normed.data(), D, begin, end);
+}
+
+// This thread's query and key heads normed (Qwen3's per-head norms) and rotated in s.qkv; the new keys and values
+// rounded into the cache behind the `past` ones.
+void rotate_and_cache(const LayerCall& call, const CallShape& shape, Scratch& s, int thread, int count) {
   const LayerWeights& w = *call.weights;
-  const Projections& projections = w.projections;
-  const int64_t T = shape.T, M = shape.M, D = w.hidden_size, heads = w.heads, kv_heads = w.kv_heads;
-  const int64_t head_dim = w.head_dim, intermediate = w.intermediate, past = call.past, positions = past + T;
-  const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
-  const int64_t groups = heads / kv_heads, chunks = (positions + kChunk - 1) / kChunk;
-  const bool by_chunk = M * kv_heads < 4 * count;
-  const bool* allowed = shape.allowed;
-  Cache* keys = call.keys;
-  Cache* values = call.values;
+  const int64_t heads = w.heads, kv_heads = w.kv_heads, head_dim = w.head_dim;
+  const int64_t q_size = w.q_size(), kv_size = w.kv_size(), qkv_size = w.qkv_size();
   const float* q_weight = w.q_norm.defined() ? w.q_norm.data_ptr<float>() : nullptr;
   const float* k_weight = w.k_norm.defined() ? w.k_norm.data_ptr<float>() : nullptr;
   int64_t begin, end;
-  std::vector<float> scores(groups * kChunk);
-  std::vector<const float*> queries(groups);
-  std::vector<Partial*> partials(groups);
-  // 1. input norm, quantized
-  share(M, thread, count, begin, end);
-  for (int64_t m = begin; m < end; ++m) {
-    rms_norm(x + m * D, w.input_norm.data_ptr<float>(), D, w.input_eps, s.normed.data() + m * D);
-  }
-  s.rows_d.quantize(s.normed.data(), D, begin, end);
-#pragma omp barrier
-  // 2. query, key and value projections
-  projection_rows(projections.qkv, s.rows_d, thread, count, s.qkv.data(), qkv_size);
-#pragma omp barrier
-  // 3. per-head norms and rotary embedding of queries and keys; new keys and values into the buffers
-  share(M * (heads + kv_heads), thread, count, begin, end);
+  thread_tiles(shape.M * (heads + kv_heads), thread, count, begin, end);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t m = item / (heads + kv_heads), head = item % (heads + kv_heads);
     float* state = s.qkv.data() + m * qkv_size + head * head_dim;  // a query head, then the key heads
@@ -424,76 +217,65 @@ void run_layer(const LayerCall& call, const CallShape& shape, const float* x, fl
     if (norm_weight != nullptr) rms_norm(state, norm_weight, head_dim, w.qk_eps, state);
     rotate(state, shape.cos + m * head_dim, shape.sin + m * head_dim, head_dim);
     if (head >= heads) {
-      const int64_t b = m / T, position = past + m % T, kv = head - heads;
-      Cache* key = keys + b * call.k0 + kv * call.k1 + position * call.k2;
-      Cache* value = values + b * call.v0 + kv * call.v1 + position * call.v2;
+      const int64_t b = m / shape.T, position = call.past + m % shape.T, kv = head - heads;
+      Cache* key = call.keys + b * call.k0 + kv * call.k1 + position * call.k2;
+      Cache* value = call.values + b * call.v0 + kv * call.v1 + position * call.v2;
       const float* v = s.qkv.data() + m * qkv_size + q_size + kv_size + kv * head_dim;
       for (int64_t i = 0; i < head_dim; ++i) key[i] = to_cache(state[i]), value[i] = to_cache(v[i]);
     }
   }
+}
+
+// Every query head of s.qkv over the positions it may see (attention.cpp), into s.attended.
+void attend_heads(const LayerCall& call, const CallShape& shape, Scratch& s, int thread, int count) {
+  const LayerWeights& w = *call.weights;
+  const AttentionCall attention{s.qkv.data(), w.qkv_size(), call.keys, call.values, call.k0, call.k1, call.k2,
+                                call.v0, call.v1, call.v2, shape.T, shape.M, call.past, w.heads, w.kv_heads,
+                                w.head_dim, shape.allowed, w.scaling};
+  attend_cache(attention, s.partials.data(), s.attended.data(), thread, count);
+}
+
+// s.middle = x + the output projection of s.attended.
+void project_attention_output(const LayerWeights& w, const CallShape& shape, const float* x, Scratch& s, int thread,
+                              int count) {
+  const int64_t D = w.hidden_size;
+  int64_t begin, end;
+  thread_tiles(shape.M, thread, count, begin, end);
+  s.rows_q.quantize(s.attended.data(), w.q_size(), begin, end);
 #pragma omp barrier
-  // 4. attention: each query head over the positions it may see, in chunks
-  auto query_of = [&](int64_t m, int64_t head) { return s.qkv.data() + m * qkv_size + head * head_dim; };
-  auto visible_of = [&](int64_t m) { return allowed != nullptr ? positions : past + m % T + 1; };
-  auto row_of = [&](int64_t m) { return allowed != nullptr ? allowed + m * positions : nullptr; };
-  auto attend = [&](int64_t m, int64_t kv, int64_t c, auto slot /* g -> Partial& */) {
-    const int64_t b = m / T, start = c * kChunk, stop = std::min(start + kChunk, visible_of(m));
-    auto key_at = [&](int64_t j) { return keys + b * call.k0 + kv * call.k1 + j * call.k2; };
-    auto value_at = [&](int64_t j) { return values + b * call.v0 + kv * call.v1 + j * call.v2; };
-    if (start >= stop) {
-      for (int64_t g = 0; g < groups; ++g) {
-        slot(g).largest = -std::numeric_limits<float>::infinity();
-        slot(g).total = 0.f;
-      }
-      return;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      queries[g] = query_of(m, kv * groups + g);
-      partials[g] = &slot(g);
-    }
-    attend_chunk(queries.data(), partials.data(), groups, start, stop, row_of(m), w.scaling, head_dim, key_at,
-                 value_at, scores.data());
-  };
-  if (by_chunk) {
-    share(M * kv_heads * chunks, thread, count, begin, end);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t m = item / (kv_heads * chunks), kv = item / chunks % kv_heads, c = item % chunks;
-      attend(m, kv, c, [&](int64_t g) -> Partial& { return s.partials[(m * heads + kv * groups + g) * chunks + c]; });
-    }
+  projection_rows(w.projections.o, s.rows_q, thread, count, s.middle.data(), D);
 #pragma omp barrier
-    share(M * heads, thread, count, begin, end);
-    for (int64_t item = begin; item < end; ++item) {
-      combine(s.partials.data() + item * chunks, chunks, head_dim, s.attended.data() + item * head_dim);
-    }
-  } else {
-    Partial* mine = s.partials.data() + thread * groups * chunks;  // [chunks][groups]
-    std::vector<Partial> ordered(chunks);
-    share(M * kv_heads, thread, count, begin, end);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t m = item / kv_heads, kv = item % kv_heads;
-      for (int64_t c = 0; c < chunks; ++c) attend(m, kv, c, [&](int64_t g) -> Partial& { return mine[c * groups + g]; });
-      for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t c = 0; c < chunks; ++c) ordered[c] = mine[c * groups + g];
-        combine(ordered.data(), chunks, head_dim, s.attended.data() + (m * heads + kv * groups + g) * head_dim);
-      }
-    }
-  }
-#pragma omp barrier
-  // 5. output projection and the residual
-  share(M, thread, count, begin, end);
-  s.rows_q.quantize(s.attended.data(), q_size, begin, end);
-#pragma omp barrier
-  projection_rows(projections.o, s.rows_q, thread, count, s.middle.data(), D);
-#pragma omp barrier
-  share(M, thread, count, begin, end);
   for (int64_t m = begin; m < end; ++m) {
     for (int64_t i = 0; i < D; ++i) s.middle[m * D + i] += x[m * D + i];
-    rms_norm(s.middle.data() + m * D, w.post_norm.data_ptr<float>(), D, w.post_eps, s.normed.data() + m * D);
   }
-  s.rows_d.quantize(s.normed.data(), D, begin, end);
+}
+
+// The attention half of a layer: s.middle = x + attention(input_norm(x)) (this thread's rows of it, at the end).
+void attention_block(const LayerCall& call, const CallShape& shape, const float* x, Scratch& s, int thread,
+                     int count) {
+  const LayerWeights& w = *call.weights;
+  int64_t begin, end;
+  thread_tiles(shape.M, thread, count, begin, end);
+  norm_rows(x, w.input_norm, w.input_eps, w.hidden_size, s, begin, end);
 #pragma omp barrier
-  // 6. gated SiLU MLP and the residual
-  projection_rows(projections.gate_up, s.rows_d, thread, count, s.gate_up.data(), 2 * intermediate);
+  projection_rows(w.projections.qkv, s.rows_d, thread, count, s.qkv.data(), w.qkv_size());
+#pragma omp barrier
+  rotate_and_cache(call, shape, s, thread, count);
+#pragma omp barrier
+  attend_heads(call, shape, s, thread, count);
+#pragma omp barrier
+  project_attention_output(w, shape, x, s, thread, count);
+}
+
+// The gated SiLU MLP half of a layer: y = s.middle + down(silu(gate)·up) of post_norm(s.middle). It starts on the
+// rows of s.middle this thread finished in attention_block (the same share of M), so without a barrier.
+void mlp_block(const LayerWeights& w, const CallShape& shape, float* y, Scratch& s, int thread, int count) {
+  const int64_t D = w.hidden_size, intermediate = w.intermediate;
+  int64_t begin, end;
+  thread_tiles(shape.M, thread, count, begin, end);
+  norm_rows(s.middle.data(), w.post_norm, w.post_eps, D, s, begin, end);
+#pragma omp barrier
+  projection_rows(w.projections.gate_up, s.rows_d, thread, count, s.gate_up.data(), 2 * intermediate);
 #pragma omp barrier
   for (int64_t m = begin; m < end; ++m) {
     const float* gate = s.gate_up.data() + m * 2 * intermediate;
@@ -501,11 +283,18 @@ void run_layer(const LayerCall& call, const CallShape& shape, const float* x, fl
   }
   s.rows_i.quantize(s.normed.data(), intermediate, begin, end);
 #pragma omp barrier
-  projection_rows(projections.down, s.rows_i, thread, count, y, D);
+  projection_rows(w.projections.down, s.rows_i, thread, count, y, D);
 #pragma omp barrier
   for (int64_t m = begin; m < end; ++m) {
     for (int64_t i = 0; i < D; ++i) y[m * D + i] += s.middle[m * D + i];
   }
+}
+
+// One layer, run by every thread of the team (`thread` of `count`): x [M, D] in, y [M, D] out.
+void run_layer(const LayerCall& call, const CallShape& shape, const float* x, float* y, Scratch& s, int thread,
+               int count) {
+  attention_block(call, shape, x, s, thread, count);
+  mlp_block(*call.weights, shape, y, s, thread, count);
 #pragma omp barrier
 }
 

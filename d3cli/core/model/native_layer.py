@@ -14,7 +14,7 @@ import torch
 
 from d3cli.core.model.kv_buffers import ReservingCache
 
-CACHE_DTYPE = torch.float16  # the kernel's keys and values (decoder_layer.cpp): llama.cpp's default too
+CACHE_DTYPE = torch.float16  # the kernel's keys and values (kernels/attention.h): llama.cpp's default too
 
 
 class NativeLayer:
