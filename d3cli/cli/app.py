@@ -17,6 +17,7 @@ import typer
 
 from d3cli import __version__
 from d3cli.base.errors import OutputClosed, UserError
+from d3cli.base.launch import secondary_process
 from d3cli.cli.commands.bench import bench
 from d3cli.cli.commands.calibrate import calibrate
 from d3cli.cli.commands.chat import chat
@@ -26,7 +27,6 @@ from d3cli.cli.commands.profile_ppl import profile_ppl
 from d3cli.cli.commands.serve import serve
 from d3cli.cli.config import load_configuration, option_defaults, subcommands
 from d3cli.cli.render import print_error, write_stdout
-from d3cli.evaluation.bench.distributed import secondary_process
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

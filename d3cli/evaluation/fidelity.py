@@ -22,7 +22,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from d3cli.core.decode.engine import decode, eos_token_ids
 from d3cli.evaluation.builtin_prompts import ReplyPrompt, encoded
+from d3cli.evaluation.scoring import ContinuationScorer, ScoringText
 
 NGRAM = 4
 LOOP_MARGIN = 0.05  # a reply loops where full depth's does not when its repetition exceeds full depth's by more
@@ -90,8 +92,6 @@ def reply_tokens(reply, eos_ids: frozenset[int]) -> list[int]:
 
 def decode_replies(loaded, prompt_ids: Sequence[Sequence[int]], plan, batch_size: int = 8, on_reply=None) -> list:
     """The model's replies to every prompt under `plan`, decoded `batch_size` at a time."""
-    from d3cli.core.decode.engine import decode
-
     replies = []
     for start in range(0, len(prompt_ids), batch_size):
         batch = [list(ids) for ids in prompt_ids[start:start + batch_size]]
@@ -104,8 +104,6 @@ def decode_replies(loaded, prompt_ids: Sequence[Sequence[int]], plan, batch_size
 
 def full_depth_nll(loaded, prompt_ids: Sequence[int], continuation: Sequence[int]) -> float | None:
     """The full-depth model's mean NLL per token of `continuation` after `prompt_ids` (None for an empty one)."""
-    from d3cli.evaluation.scoring import ContinuationScorer, ScoringText
-
     if not continuation:
         return None
     text = ScoringText("reply", tuple(prompt_ids), tuple(continuation))
@@ -127,8 +125,6 @@ class FullDepthReplies:
 def full_depth_replies(loaded, prompts: Sequence[ReplyPrompt], plan, batch_size: int = 8,
                        on_reply=None) -> FullDepthReplies:
     """Decode and score the full-depth replies (`plan`: a full-depth DecodePlan with the reply settings)."""
-    from d3cli.core.decode.engine import eos_token_ids
-
     eos = eos_token_ids(loaded.model, loaded.tokenizer)
     prompt_ids = [encoded(loaded.tokenizer, prompt) for prompt in prompts]
     replies = decode_replies(loaded, prompt_ids, plan, batch_size, on_reply)
@@ -140,8 +136,6 @@ def full_depth_replies(loaded, prompts: Sequence[ReplyPrompt], plan, batch_size:
 
 def compare_with(loaded, full: FullDepthReplies, plan, batch_size: int = 8, on_reply=None) -> list[ReplyPair]:
     """Each prompt's reply under `plan` against its full-depth reply."""
-    from d3cli.core.decode.engine import eos_token_ids
-
     eos = eos_token_ids(loaded.model, loaded.tokenizer)
     replies = decode_replies(loaded, full.prompt_ids, plan, batch_size, on_reply)
     pairs = []

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from d3cli.core.decode.engine import cache_argument, new_cache
+from d3cli.core.decode.engine import cache_argument, generate_steps, make_prompt_batch, new_cache
 from d3cli.core.decode.schedule import DecaySchedule
-from d3cli.core.decode.skipping import skipped_at_positions
+from d3cli.core.decode.skipping import skipped_at_positions, starting_at
 from d3cli.core.model.kv_buffers import ReservingCache
 from d3cli.core.model.model_facts import find_decoder_layers, model_device
 
@@ -103,8 +103,6 @@ class ContinuationScorer:
     def nll_from(self, first_layer: int, hidden_in: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         """`nll(plan)` for a plan that skips nothing before `first_layer`, running only the layers from there on:
         `hidden_in` is that layer's input at full depth (from an earlier `score(observe=...)`)."""
-        from d3cli.core.decode.skipping import starting_at
-
         self._prefilled_cache()  # now, with every layer in place: the forward below finds the prefix ready
         with starting_at(self.model, first_layer, hidden_in):
             return self.nll(plan)
@@ -143,8 +141,6 @@ def block_influence(model, scorer: ContinuationScorer, late_from: int, inputs: d
 
 def teacher_forced_nll(model, text: ScoringText, schedule: DecaySchedule) -> torch.Tensor:
     """The continuation's NLL through the real cached engine: decoding with a sampler that picks the reference."""
-    from d3cli.core.decode.engine import generate_steps, make_prompt_batch
-
     targets = torch.tensor(text.continuation_ids, dtype=torch.long)
     device = model_device(model)
 

@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from d3cli.core.decode.engine import stream_decode
+
 STOP = object()  # put on the queue to end the worker
 
 
@@ -66,8 +68,6 @@ class Worker:
     """A daemon thread that decodes queued jobs in order with `loaded` (a loader.LoadedModel)."""
 
     def __init__(self, loaded, queue_size: int, decode=None, max_batch: int = 1):
-        from d3cli.core.decode.engine import stream_decode
-
         self.loaded = loaded
         self.decode = decode or stream_decode
         self.max_batch = max_batch

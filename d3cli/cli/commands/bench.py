@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from d3cli.base.errors import UserError, check_at_least
+from d3cli.base.launch import launched_size, single_process_launch
 from d3cli.cli import render
 from d3cli.cli.options import (
     OUTPUT_PANEL,
@@ -88,13 +89,12 @@ def bench(
     Data: gsm8k/{test,train}.jsonl, bbh/tasks/*.json and bbh/cot-prompts/*.txt from the official repositories;
     downloaded into the cache on first use when there is internet.
     """
-    from d3cli.evaluation.bench import distributed
 
     if quick and task != "speed":
         raise UserError("--quick applies to --task speed only")
     request = BenchRequest(task, subtasks, limit, shots, chat, data_dir, methods, include_path, model, depth,
                            sampling, parse_alphas(depth.alpha) if depth.alpha is not None else (), batch_size,
-                           output, resume, as_json, repeats, quick, distributed.launched_size())
+                           output, resume, as_json, repeats, quick, launched_size())
     RUNS[request.kind](request)
 
 
@@ -189,7 +189,7 @@ def run_task(request: BenchRequest) -> None:
     benchmark = get_task(request.task)
     options = TaskOptions(shots=request.shots, chat=request.chat, subtasks=parse_list(request.subtasks),
                           limit=request.limit)
-    if distributed.single_process_launch():
+    if single_process_launch():
         render.print_warning("accelerate launch started a single process (without several GPUs it starts more only "
                              "with --multi_gpu, or with --cpu through mpirun): this bench runs in that one")
     world = distributed.current_world()  # a plain run: rank 0 of 1, no process group

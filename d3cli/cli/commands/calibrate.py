@@ -15,7 +15,7 @@ from typing import Optional
 from d3cli.cli import render
 from d3cli.cli.options import ModelArgs, batch_size_option, flag, option, output_option, uses_option_groups
 from d3cli.evaluation.builtin_prompts import SCHEDULE_PROMPTS
-from d3cli.evaluation.calibrate.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
+from d3cli.evaluation.calibrate.defaults import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
 
 CALIBRATION_PANEL = "Calibration"
 
@@ -92,8 +92,8 @@ def calibrate(
         within_time,
     )
     from d3cli.evaluation.calibrate.options import CalibrationOptions, check_fits
-    from d3cli.evaluation.calibrate.run import choose_only
     from d3cli.evaluation.calibrate.run import calibrate as make_calibration
+    from d3cli.evaluation.calibrate.run import choose_only
 
     if calibration is not None and not schedule_only:
         raise UserError("--calibration names the calibration --schedule-only chooses for; a new calibration goes to "

@@ -26,7 +26,6 @@ from d3cli.cli.options import (
 )
 from d3cli.core.session.settings import DecodeSettings
 from d3cli.evaluation.profile import files as profile_files
-from d3cli.evaluation.profile.run import Corpus, ProfileOptions, profile
 
 PROFILE_PANEL = "Profile"
 CALIBRATION_PANEL = "Calibration"
@@ -97,6 +96,8 @@ def profile_ppl(
     For every continuation token, its NLL at full depth by its position i after the prompt, in buckets with 95%
     intervals and a fitted power law ppl(i) ≈ c + a·(i+1)^(−b); with --alpha the same under D3.
     """
+    from d3cli.evaluation.profile.run import Corpus, ProfileOptions, profile  # here: `d3 --help` imports no torch
+
     if text_file is not None and self_generated:
         raise UserError("--text-file and --self are two different corpora: pick one")
     if text_file is not None and (task is not None or subtasks or shots is not None or chat or offset):

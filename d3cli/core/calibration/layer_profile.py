@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from d3cli.base.errors import UserError
+from d3cli.base.files import write_atomically
 from d3cli.base.paths import BUNDLED
 
 PROFILE_FORMAT = "d3-layer-profile/1"
@@ -55,8 +56,6 @@ class LayerProfile:
                 "importance_ranking": self.importance_ranking()}
 
     def save(self, path: Path) -> None:
-        from d3cli.base.files import write_atomically
-
         write_atomically(Path(path), json.dumps(self.as_dict(), indent=2) + "\n")
 
 

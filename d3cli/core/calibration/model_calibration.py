@@ -21,9 +21,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from d3cli.base.errors import UserError
-from d3cli.base.paths import BUNDLED
+from d3cli.base.files import write_atomically
+from d3cli.base.paths import BUNDLED, cache_home
 from d3cli.core.calibration.layer_profile import LayerProfile, LayerScore, identity_mismatch
+from d3cli.core.decode.bridges import Bridge, Bridges
 
 CALIBRATION_FORMAT = "d3-calibration/1"
 STORED_DTYPE = "float16"  # how bridges are stored; they are used in the model's own dtype
@@ -80,10 +84,8 @@ def header_of(identity: dict, profile: LayerProfile | None, fit: dict, schedule:
 def write_calibration(path: Path, identity: dict, profile: LayerProfile | None, bridges, fit: dict,
                       schedule: dict | None = None) -> None:
     """Write the calibration to `path` through a temporary file and a rename, so a crash leaves no half file."""
-    import torch
     from safetensors.torch import save
 
-    from d3cli.base.files import write_atomically
 
     stored = getattr(torch, STORED_DTYPE)
     tensors = {}
@@ -138,11 +140,9 @@ def _header_bytes(path: Path) -> bytes:
 
 def read_calibration(path: str | Path, bundled: bool = False) -> ModelCalibration:
     """Read and check a calibration file: its metadata, every tensor's shape, no NaN or infinity. UserError if not."""
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from d3cli.core.decode.bridges import Bridges
 
     path = Path(path).expanduser()
     payload = read_header(path)
@@ -194,8 +194,6 @@ def _schedule_from(data, num_layers: int) -> dict | None:
 
 
 def _bridge_from(path: Path, first: int, last: int, found: dict, hidden_size: int):
-    from d3cli.core.decode.bridges import Bridge
-
     name = f"bridge.{first}.{last}"
     if "weight" in found:
         if set(found) != {"weight"} or tuple(found["weight"].shape) != (hidden_size, hidden_size):
@@ -226,8 +224,6 @@ def _profile_from(data, identity: dict, num_layers: int) -> LayerProfile | None:
 
 
 def calibrations_dir() -> Path:
-    from d3cli.base.paths import cache_home
-
     return cache_home() / "calibrations"
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from d3cli.core.decode.schedule import runs_at_depths
+
 DEFAULT_RIDGE = 0.1  # λ = DEFAULT_RIDGE · mean(diag(XᵀX)); docs/BRIDGES.md has the scan that chose it
 
 
@@ -127,8 +129,6 @@ class OnDevice(Bridges):
 
 def bridges_used(schedule, steps: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The runs the first `steps` steps of `schedule` skip: (bridged, unbridged), each in order of first use."""
-    from d3cli.core.decode.schedule import runs_at_depths
-
     seen = runs_at_depths(schedule.num_layers, schedule.drop_order, schedule.depths(steps))
     bridges = schedule.bridge_maps or {}
     return [run for run in seen if run in bridges], [run for run in seen if run not in bridges]

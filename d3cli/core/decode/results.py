@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass, field
 
 from d3cli.core.decode.schedule import DecaySchedule, runs_at_depths
@@ -144,8 +145,6 @@ def _rounded(value: float | None, digits: int = 3) -> float | None:
 
 def load_fields(loaded) -> dict[str, object]:
     """How long the model took to load and the process's peak memory so far (a loader.LoadedModel)."""
-    import resource
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     return {"load_s": _rounded(getattr(loaded, "load_s", None), 2), "peak_memory_bytes": peak}
 

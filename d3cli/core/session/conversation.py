@@ -18,6 +18,7 @@ from d3cli.core.decode.results import Reply
 from d3cli.core.model.kv_buffers import ReservingCache
 from d3cli.core.model.loader import LoadedModel
 from d3cli.core.model.model_facts import context_length, num_decoder_layers
+from d3cli.core.session.plan import plan_for
 from d3cli.core.session.settings import DecodeSettings
 from d3cli.core.text.prompts import encode_chat, has_chat_template
 
@@ -59,8 +60,6 @@ class Conversation:
 
     def decode_plan(self, settings: DecodeSettings | None = None):
         """The DecodePlan of `settings` (default: the conversation's) for this model and its calibration."""
-        from d3cli.core.session.plan import plan_for
-
         return plan_for(self.loaded, settings or self.settings)
 
     def reset(self) -> None:

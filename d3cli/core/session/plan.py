@@ -102,6 +102,7 @@ class DecodePlan:
 
 def plan_for(loaded, settings: DecodeSettings) -> DecodePlan:
     """`settings` bound to `loaded` (a loader.LoadedModel, its calibration activated or None)."""
+    # imported here: the CLI imports plan.py and must not import torch
     from d3cli.core.model.model_facts import context_length, num_decoder_layers
 
     return plan_of(settings, num_decoder_layers(loaded.model), loaded.calibration, context_length(loaded.model))

@@ -32,7 +32,7 @@ def prepare_prompt(loaded, prompt: str, settings: DecodeSettings, line: int | No
                    request_id=None) -> PreparedPrompt:
     """`prompt` encoded for `loaded` as `settings` ask (chat template or not, system message); a UserError when it
     does not fit the model's context."""
-    from d3cli.core.model.model_facts import context_length
+    from d3cli.core.model.model_facts import context_length  # here: the CLI imports this module, and no torch
 
     token_ids = encode_prompt(loaded.tokenizer, prompt, settings.chat, settings.system)
     check_fits_context(len(token_ids), context_length(loaded.model))

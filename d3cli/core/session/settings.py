@@ -12,6 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from d3cli.base.errors import UserError, check_at_least
+from d3cli.core.calibration.layer_profile import load_profile
 from d3cli.core.decode.sampling import SamplingSettings, check_temperature, check_top_k, check_top_p
 from d3cli.core.decode.schedule import (
     AUTO_SKIP_ORDER,
@@ -99,8 +100,6 @@ class DecodeSettings:
     def layer_profile(self, calibration=None):
         """The layer profile behind the importance order: --profile, else the calibration's, else None."""
         if self.profile is not None:
-            from d3cli.core.calibration.layer_profile import load_profile
-
             return load_profile(self.profile)
         return getattr(calibration, "profile", None)
 

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from d3cli.base.errors import UserError
+from d3cli.base.launch import RANK_VARIABLES, SIZE_VARIABLES, launched_size, secondary_process, single_process_launch  # noqa: F401 (the launch's facts, here with the world they make)
 
 T = TypeVar("T")
 
-SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 TIMEOUT_S = 1800  # a collective waits at most this long for the other processes (a dead one is noticed at once)
 
 
@@ -82,32 +81,6 @@ def first_problem(problems: Sequence[str | None]) -> str:
     """The lowest rank's message, marked with its rank unless it is rank 0's."""
     rank, problem = next((rank, problem) for rank, problem in enumerate(problems) if problem is not None)
     return problem if rank == 0 else f"process {rank}: {problem}"
-
-
-def _int_variable(names: Sequence[str]) -> int | None:
-    for name in names:
-        value = os.environ.get(name, "").strip()
-        if value.isdigit():
-            return int(value)
-    return None
-
-
-def launched_size() -> int:
-    """How many processes the launcher started, from the environment alone (1 when none did)."""
-    return _int_variable(SIZE_VARIABLES) or 1
-
-
-def secondary_process() -> bool:
-    """Whether this is a process other than rank 0 of a launch (environment only: no process group needed)."""
-    return launched_size() > 1 and (_int_variable(RANK_VARIABLES) or 0) > 0
-
-
-def single_process_launch() -> bool:
-    """Whether accelerate's simple launcher started this one process for a run of several: it does so for
-    `--num_processes N` with `--cpu` but no mpirun, or without `--multi_gpu` on a machine with fewer than 2 GPUs. It
-    sets ACCELERATE_USE_CPU always and the main process's address only when N > 1, but no rank or size."""
-    return ("ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
-            and _int_variable(SIZE_VARIABLES) is None)
 
 
 def current_world(timeout_s: float = TIMEOUT_S) -> World:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from d3cli.base.errors import UserError
 from d3cli.core.decode.schedule import DecaySchedule, LinearSchedule, StaticSchedule
+from d3cli.core.session.plan import plan_for
 from d3cli.core.session.settings import DecodeSettings
 
 BRIDGED = "+bridges"
@@ -130,8 +131,6 @@ def plan_for_run(run: MethodRun, loaded, settings: DecodeSettings, d3_records: S
     """The DecodePlan of `run` for `loaded`: full depth, the D3 plan of `settings` at the run's α (its min-layers
     the user's, else the model's calibrated one), or a baseline matched to `d3_records`, the finished records
     (their "tokens" and "layers") of the D3 run `run.matched_d3`."""
-    from d3cli.core.session.plan import plan_for
-
     kind = METHOD_KINDS[run.method]
     if kind.schedule is None:
         return plan_for(loaded, settings.full_depth())
@@ -148,6 +147,4 @@ def plan_for_run(run: MethodRun, loaded, settings: DecodeSettings, d3_records: S
 
 def bench_alphas(loaded, settings: DecodeSettings, asked: Sequence[float] | None) -> tuple[float, ...]:
     """The D3 rates a bench runs: the ones asked for, else the one the model's plan has (calibrated or default)."""
-    from d3cli.core.session.plan import plan_for
-
     return tuple(asked) if asked else (plan_for(loaded, settings).schedule.alpha,)

@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d3cli.base.errors import UserError
+from d3cli.core.decode import engine
+from d3cli.core.decode.results import ReplyCollector
+from d3cli.core.model.model_facts import context_length, num_decoder_layers
+from d3cli.core.session.plan import plan_for
 from d3cli.core.session.settings import DecodeSettings, settings_as_options
+from d3cli.evaluation import fidelity
 from d3cli.evaluation.bench.distributed import World
 from d3cli.evaluation.bench.methods import (
     METHOD_KINDS,
@@ -30,8 +35,6 @@ from d3cli.evaluation.tasks.base import Example, TaskOptions
 
 def encode_examples(loaded, examples: Sequence[Example]) -> dict[str, list[int]]:
     """Every example's prompt as token ids, once for all methods; a prompt too long for the model is a UserError."""
-    from d3cli.core.model.model_facts import context_length
-
     context = context_length(loaded.model)
     encoded = {}
     for example in examples:
@@ -47,10 +50,6 @@ def run_method(loaded, task, examples: Sequence[Example], prompts: dict[str, lis
                batch_size: int, results: ResultsFile, on_example=None, batch_tag: str = "") -> None:
     """Decode every example this method has not finished yet; each result is written the moment its row ends.
     `batch_tag` keeps batch ids of different processes apart (the summary times a batch by its id)."""
-    from d3cli.core.decode import engine
-    from d3cli.core.decode.results import ReplyCollector
-    from d3cli.evaluation import fidelity
-
     eos = engine.eos_token_ids(loaded.model, loaded.tokenizer)
     done = results.done(run.key, examples)
     todo = [example for example in examples if example.id not in done]
@@ -139,9 +138,6 @@ class Benchmark:
                 world: World | None = None) -> Benchmark:
         """Every check that can fail before decoding (methods, each schedule against this model, prompt lengths,
         the results file's identity) is made here; nothing is written yet."""
-        from d3cli.core.model.model_facts import num_decoder_layers
-        from d3cli.core.session.plan import plan_for
-
         num_layers = num_decoder_layers(loaded.model)
         alphas = bench_alphas(loaded, settings, alphas)
         chosen = methods or default_methods(plan_for(loaded, settings).schedule)
@@ -201,8 +197,6 @@ class Benchmark:
 
     def summary(self) -> dict:
         """The side-by-side summary of what the results file holds."""
-        from d3cli.core.session.plan import plan_for
-
         d3_plan = plan_for(self.loaded, self.settings)
         d3_schedule, calibration = d3_plan.schedule, self.loaded.calibration
         summary = {

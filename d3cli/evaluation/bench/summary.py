@@ -11,6 +11,7 @@ from d3cli.evaluation.bench.methods import (
 from d3cli.evaluation.bench.results_file import (
     prompt_digest,
 )
+from d3cli.evaluation.fidelity import LOOP_MARGIN, first_difference
 from d3cli.evaluation.tasks.base import Example
 
 
@@ -18,8 +19,6 @@ def fidelity_columns(done: dict[str, dict], full: dict[str, dict], shared: Seque
     """A method's free-running fidelity against full depth on the examples both finished (fidelity.py): its
     repeated 4-grams, the change from full depth's (mean, worst, replies that loop where full depth's do not),
     where its replies leave full depth's path, and (a replies task) the change in the full-depth model's NLL."""
-    from d3cli.evaluation.fidelity import LOOP_MARGIN, first_difference
-
     with_tokens = [example_id for example_id in shared if "token_ids" in done[example_id]
                    and "token_ids" in full[example_id]]
     repetitions = [record["repetition"] for record in done.values() if "repetition" in record]

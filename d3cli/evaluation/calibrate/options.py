@@ -9,7 +9,7 @@ from d3cli.base.errors import UserError, check_at_least
 from d3cli.core.decode.bridges import DEFAULT_RIDGE
 from d3cli.core.model.model_facts import num_decoder_layers
 from d3cli.evaluation.builtin_prompts import SCHEDULE_PROMPTS
-from d3cli.evaluation.calibrate.schedule_choice import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
+from d3cli.evaluation.calibrate.defaults import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
 
 LATE_FROM = 16  # the layer profile and the bridges look at reply positions from here on, where D3 skips most
 

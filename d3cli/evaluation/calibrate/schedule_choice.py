@@ -23,12 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from d3cli.base.errors import UserError
+from d3cli.core.model.model_facts import num_decoder_layers
+from d3cli.core.session.plan import plan_for
 from d3cli.evaluation.builtin_prompts import ReplyPrompt
+from d3cli.evaluation.calibrate.defaults import DEFAULT_NLL_BUDGET, SCHEDULE_TOKENS
 from d3cli.evaluation.fidelity import LOOP_MARGIN, compare_with, full_depth_replies, summary
+from d3cli.evaluation.speed.steps import bridged_runs_at, step_times
 
-DEFAULT_NLL_BUDGET = 0.10  # nats/token: docs/DEFAULTS.md has the measurements behind it
 CANDIDATE_ALPHAS = (0.99, 0.98, 0.95)  # slowest decay first: the first tokens set where a reply goes
-SCHEDULE_TOKENS = 128  # most tokens per reply
 FAILED_FLOORS_TO_STOP = 2
 
 
@@ -92,8 +94,6 @@ Progress = Callable[[str, int], None]
 def predicted_speedup(schedule, lengths: Sequence[int], costs: dict) -> float:
     """T(L) over the mean predicted step time of replies of these lengths decoded with `schedule` (decode steps
     1..n−1: step 0 is the prefill's)."""
-    from d3cli.evaluation.speed.steps import bridged_runs_at
-
     fixed, layer = costs["t_fixed_ms"], costs["t_layer_ms"]
     bridge = costs.get("t_bridge_ms", 0.0)
     steps = [step for length in lengths for step in range(1, max(length, 2))]
@@ -107,8 +107,6 @@ def predicted_speedup(schedule, lengths: Sequence[int], costs: dict) -> float:
 
 def measure_step_costs(loaded, plan, prompt_ids: Sequence[int]) -> dict:
     """The model's step costs (speed.step_times, short): T_fixed, T_layer, and T_bridge with bridges."""
-    from d3cli.evaluation.speed.steps import step_times
-
     found = step_times(loaded.model, prompt_ids, plan.schedule, tokens=16, repeats=2)
     costs = {key: found[key] for key in ("t_fixed_ms", "t_layer_ms", "t_bridge_ms", "r2") if key in found}
     costs["num_layers"] = plan.schedule.num_layers
@@ -121,9 +119,6 @@ def choose_schedule(loaded, settings, prompts: Sequence[ReplyPrompt], budget: Bu
     """The fastest candidate schedule within `budget` for `loaded` (with its calibration activated: its skip order
     and bridges), its replies to `prompts` compared with full depth's. `settings`: the reply settings besides α and
     min-layers (head, tail, skip order, bridges)."""
-    from d3cli.core.model.model_facts import num_decoder_layers
-    from d3cli.core.session.plan import plan_for
-
     if not prompts:
         raise UserError("choosing a schedule needs held-out prompts: use fewer --prompts for the bridges")
     num_layers = num_decoder_layers(loaded.model)

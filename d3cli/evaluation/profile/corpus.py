@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from d3cli.base.errors import UserError, check_at_least
+from d3cli.core.decode.engine import decode
+from d3cli.core.session.plan import plan_for
+from d3cli.core.session.settings import DecodeSettings
 from d3cli.core.text.prompts import decode_utf8
 from d3cli.evaluation.scoring import ScoringText
 from d3cli.evaluation.tasks.base import Example, read_jsonl
@@ -43,10 +46,6 @@ def reference_texts(tokenizer, examples: Sequence[Example], max_positions: int,
 def self_texts(loaded, examples: Sequence[Example], stop_strings: Sequence[str], max_positions: int,
                context: int | None, on_text=None) -> list[ScoringText]:
     """Each prompt with the model's own greedy full-depth continuation (up to `max_positions` tokens)."""
-    from d3cli.core.decode.engine import decode
-    from d3cli.core.session.plan import plan_for
-    from d3cli.core.session.settings import DecodeSettings
-
     texts = []
     for example in examples:
         prompt_ids = example.prompt_ids(loaded.tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import math
 from pathlib import Path
@@ -33,8 +34,6 @@ def _number(value: float) -> str:
 
 
 def require_matplotlib() -> None:
-    import importlib.util
-
     if importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs matplotlib: pip install 'd3cli[plot]' (or pip install matplotlib)")
 

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 from d3cli.base.errors import UserError
 from d3cli.core.decode.schedule import DecaySchedule
+from d3cli.evaluation import timing
+from d3cli.evaluation.scoring import mean_nll_under, teacher_forced_nll
 from d3cli.evaluation.timing import StepCosts
 
 
@@ -102,9 +104,6 @@ def recommend_and_check(model, texts, base_schedule: DecaySchedule, reply_tokens
                         target_layer_ratio: float | None, on_stage: Callable[[str], None] = lambda stage: None) -> dict:
     """Measure step costs, pick α and the floor on half the texts, check by decoding the other half: profile-ppl's
     `recommendation`. `on_stage(description)` announces each stage."""
-    from d3cli.evaluation import timing
-    from d3cli.evaluation.scoring import mean_nll_under, teacher_forced_nll
-
     shuffled = list(texts)
     random.Random(0).shuffle(shuffled)
     calibration_texts, check_texts = shuffled[0::2], shuffled[1::2]

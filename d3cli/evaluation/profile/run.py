@@ -9,7 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d3cli.base.errors import UserError
+from d3cli.core.model.loader import model_identity
+from d3cli.core.model.model_facts import context_length, num_decoder_layers
+from d3cli.core.session.plan import plan_for
 from d3cli.core.session.settings import DecodeSettings
+from d3cli.evaluation.profile import corpus, layers
+from d3cli.evaluation.profile.recommend import recommend_and_check
 
 Status = Callable[[str], None]
 
@@ -35,9 +40,6 @@ class Corpus:
 
     def texts(self, loaded, max_positions: int, on_status: Status) -> list:
         """The scoring texts for `loaded` (a UserError when there are none)."""
-        from d3cli.core.model.model_facts import context_length
-        from d3cli.evaluation.profile import corpus
-
         context = context_length(loaded.model)
         if self.text_file is not None:
             texts = corpus.file_texts(loaded.tokenizer, self.text_file, self.prompt_tokens, max_positions, context,
@@ -75,11 +77,6 @@ def profile(loaded, corpus: Corpus, settings: DecodeSettings, alphas: Sequence[f
             on_status: Status = lambda message: None) -> dict:
     """Everything profile-ppl reports, as one JSON-ready dict: the per-position profile (full depth and each α),
     the layer profile (written to `options.save_profile` when given), the calibration's recommendation."""
-    from d3cli.core.model.loader import model_identity
-    from d3cli.core.model.model_facts import num_decoder_layers
-    from d3cli.core.session.plan import plan_for
-    from d3cli.evaluation.profile import layers
-
     num_layers = num_decoder_layers(loaded.model)
     schedules = {f"α={value:g}": plan_for(loaded, dataclasses.replace(settings, alpha=value)).schedule
                  for value in alphas}
@@ -105,8 +102,6 @@ def profile(loaded, corpus: Corpus, settings: DecodeSettings, alphas: Sequence[f
             layer_profile.save(options.save_profile)
             result["saved_profile"] = str(options.save_profile)
     if options.calibrate:
-        from d3cli.evaluation.profile.recommend import recommend_and_check
-
         on_status("calibrating")
         result["recommendation"] = recommend_and_check(loaded.model, texts, base_schedule, options.reply_tokens,
                                                        options.target_speedup, options.target_layer_ratio, on_status)

@@ -10,9 +10,20 @@ import dataclasses
 import platform
 from collections.abc import Callable, Sequence
 
+import torch
+
+from d3cli import kernels
 from d3cli.base.errors import UserError
-from d3cli.core.model.loader import ModelOptions
+from d3cli.core.decode.results import load_fields
+from d3cli.core.decode.schedule import DecaySchedule
+from d3cli.core.model.loader import ModelOptions, gguf_file, load
+from d3cli.core.model.model_facts import context_length, model_device, model_dtype, num_decoder_layers
+from d3cli.core.session.front_door import open_model
+from d3cli.core.session.plan import plan_for
 from d3cli.core.session.settings import DecodeSettings
+from d3cli.core.text.prompts import encode_prompt
+from d3cli.evaluation.speed import side_by_side, steps
+from d3cli.evaluation.timing import decode_seconds
 
 SPEED_PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
 BATCH_SIZES = (1, 4, 16)
@@ -38,16 +49,6 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     layer (with transformers' own layers too), D3 against its ideal at each α (bridged and plain when the
     calibration has bridges), batches, the KV cache of a long reply, and the first token in new processes.
     `quick`: short replies, few rounds, only the weight kinds, α = 1 and the step costs at the first α."""
-    import torch
-
-    from d3cli.core.decode.results import load_fields
-    from d3cli.core.decode.schedule import DecaySchedule
-    from d3cli.core.model.loader import gguf_file
-    from d3cli.core.model.model_facts import context_length, model_device, model_dtype, num_decoder_layers
-    from d3cli.core.session.plan import plan_for
-    from d3cli.core.text.prompts import encode_prompt
-    from d3cli.evaluation.speed import side_by_side, steps
-    from d3cli.evaluation.timing import decode_seconds
 
     num_layers = num_decoder_layers(loaded.model)
     decode_seconds(loaded.model, encode_prompt(loaded.tokenizer, SPEED_PROMPT), DecaySchedule.full(num_layers), 2)
@@ -107,7 +108,6 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
         return report
     if model_options.fused:
         on_status("timing decode steps with transformers' own decoder layers")
-        from d3cli.core.model.loader import load
 
         unfused = load(dataclasses.replace(model_options, fused=False))
         before = steps.step_times(unfused.model, prompt, schedules[0].with_bridge_maps(None), tokens, repeats)
@@ -134,8 +134,6 @@ def long_prompt_ids(tokenizer, count: int) -> list[int]:
 
 
 def gguf_path_or_none(model_options: ModelOptions) -> str | None:
-    from d3cli.core.model.loader import gguf_file
-
     path = gguf_file(model_options.model)
     return None if path is None else str(path)
 
@@ -143,8 +141,6 @@ def gguf_path_or_none(model_options: ModelOptions) -> str | None:
 def other_weight_kinds(loaded) -> list[str]:
     """The kinds to time beside the loaded one: on the CPU every kind (the loaded one's dense dtype aside), on a
     GPU none (its quantized kernels are CPU kernels)."""
-    from d3cli.core.model.model_facts import model_device
-
     if model_device(loaded.model).type != "cpu" or loaded.weights is None:
         return []
     return [kind for kind in ("float32", "int8", "int4") if kind != loaded.weights.kind]
@@ -154,13 +150,6 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
                  repeats: int, bandwidth: float, gguf_path) -> dict:
     """Each weight kind (the loaded model's and `other_weight_kinds`) at full depth and with the schedule of
     `settings`, and llama.cpp on the GGUF file, in turns: the rows of side_by_side.compare."""
-    import torch
-
-    from d3cli.core.decode.schedule import DecaySchedule
-    from d3cli.core.model.model_facts import num_decoder_layers
-    from d3cli.core.session.front_door import open_model
-    from d3cli.core.session.plan import plan_for
-    from d3cli.evaluation.speed import side_by_side
 
     models, skipped = [(loaded, None)], {}
     for kind in other_weight_kinds(loaded):  # each beside the ones loaded already, where it still fits
@@ -170,8 +159,6 @@ def weight_kinds(loaded, model_options: ModelOptions, settings: DecodeSettings, 
         except UserError as error:  # memory.refuse_if_too_big: a big model's float32 copy, say
             skipped[kind] = str(error)
     if loaded.weights is not None and (loaded.weights.kernels or "").startswith("d3"):
-        from d3cli import kernels
-
         name = f"{loaded.weights.kind} on torch's kernels"
         try:
             with kernels.turned_off():  # the same weights on torch's kernels: what d3 ran before its own

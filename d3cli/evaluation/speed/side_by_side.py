@@ -12,14 +12,22 @@ llama-cpp-python package, else a `llama-bench` binary of a llama.cpp build); d3 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from d3cli.evaluation.timing import decode_seconds, median_total
+from d3cli.core.decode.schedule import DecaySchedule
+from d3cli.core.model.gguf_blocks import read_gguf
+from d3cli.core.model.model_facts import num_decoder_layers
+from d3cli.evaluation.speed.steps import mean_decode_layers
+from d3cli.evaluation.timing import decode_seconds, median_total, prefill_and_decode_seconds
 
 BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far past the last-level cache of any CPU here
 
@@ -83,9 +91,6 @@ class LlamaBench:
         return prompt_tokens / float(self._run(["-p", str(prompt_tokens), "-n", "0"])["avg_ts"])
 
     def _run(self, arguments: list[str]) -> dict:
-        import json
-        import subprocess
-
         command = [self.binary, "-m", self.gguf_path, "-t", str(self.threads), *arguments, "-r", "1", "-o", "json"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
@@ -98,9 +103,6 @@ class LlamaBench:
 def llama_bench_side(gguf_path: str | None, threads: int) -> tuple[LlamaBench | None, str]:
     """llama.cpp's llama-bench on the model's GGUF file (D3_LLAMA_BENCH, else on PATH), else None and why not: what
     times a long prompt (llama-cpp-python's side feeds prompts a token at a time)."""
-    import os
-    import shutil
-
     if gguf_path is None:
         return None, "the model is not a GGUF file"
     binary = os.environ.get("D3_LLAMA_BENCH") or shutil.which("llama-bench")
@@ -113,10 +115,6 @@ def long_prompt(loaded, prompt_ids: Sequence[int], tokens: int, repeats: int, gg
     """Prefill tokens/s of the long prompt `prompt_ids` and decode tokens/s after it at full depth, d3 and llama.cpp
     (its llama-bench: a prompt of the same length, and decode steps after a context of that length) in turns, each
     the median over `repeats` rounds; llama.cpp's over d3's as ratios."""
-    from d3cli.core.decode.schedule import DecaySchedule
-    from d3cli.core.model.model_facts import num_decoder_layers
-    from d3cli.evaluation.timing import prefill_and_decode_seconds
-
     full = DecaySchedule.full(num_decoder_layers(loaded.model))
     llama, why = llama_bench_side(gguf_path, torch.get_num_threads())
     d3_rounds: list[tuple[float, list[float]]] = []
@@ -148,9 +146,6 @@ def long_prompt(loaded, prompt_ids: Sequence[int], tokens: int, repeats: int, gg
 def llama_cpp_side(gguf_path: str | None, threads: int, context: int) -> tuple[LlamaCpp | LlamaBench | None, str]:
     """llama.cpp on the model's GGUF file when both exist (llama-cpp-python, else a llama-bench binary), else None
     and why not."""
-    import os
-    import shutil
-
     if gguf_path is None:
         return None, "the model is not a GGUF file"
     try:
@@ -202,8 +197,6 @@ def compare(sides: Sequence[Side], tokens: int, repeats: int, bandwidth: float) 
 def d3_sides(loaded, schedules: dict, prompt_ids: Sequence[int], tokens: int, name: str | None = None) -> list[Side]:
     """Full depth and each named schedule of one loaded model as timed sides (named "d3 NAME LABEL", NAME the
     weights' kind unless given)."""
-    from d3cli.evaluation.speed.steps import mean_decode_layers
-
     report = loaded.weights
     sides = []
     for label, schedule in schedules.items():
@@ -225,8 +218,6 @@ def with_llama_ratios(rows: list[dict]) -> list[dict]:
 def gguf_step_bytes(gguf_path: str) -> float:
     """The bytes a llama.cpp decode step reads from its file: every tensor but the token embedding's rows (read
     one row a step), counting the embedding once more when it is also the output layer (tied)."""
-    from d3cli.core.model.gguf_blocks import read_gguf
-
     tensors = read_gguf(Path(gguf_path)).tensors
     names = {tensor.name for tensor in tensors}
     total = 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d3cli.base.errors import UserError
+from d3cli.core.text.prompts import encode_prompt
 
 INVALID = "[invalid]"
 
@@ -37,8 +38,6 @@ class Example:
     def prompt_ids(self, tokenizer) -> list[int]:
         """The prompt as token ids, as every command encodes it: through the chat template when the example is a
         chat one, else as raw text with the tokenizer's special tokens."""
-        from d3cli.core.text.prompts import encode_prompt
-
         return encode_prompt(tokenizer, self.prompt, chat=self.chat)
 
 
