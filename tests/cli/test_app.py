@@ -1,9 +1,12 @@
-"""The `d3` app itself: version, help, and what importing it costs."""
+"""The `d3` app itself (cli/app.py): version, help, what importing it costs, and the edge where errors become exits."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def test_version_and_help(cli):
@@ -27,3 +30,49 @@ def test_the_cli_imports_no_torch_until_a_command_needs_it():
     found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "[]"
+
+
+def failing_with(error: BaseException):
+    def fail():
+        raise error
+
+    return fail
+
+
+def test_a_bug_is_one_line_and_exit_1_with_the_traceback_on_request(cli, monkeypatch):
+    monkeypatch.setattr("d3cli.cli.app.configuration_state", failing_with(RuntimeError("boom")))
+    result = cli(["generate", "Hello"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == "d3: error: internal error: RuntimeError: boom (run with D3_DEBUG=1 for the traceback)\n"
+    monkeypatch.setenv("D3_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        cli(["generate", "Hello"])
+
+
+def test_ctrl_c_is_exit_130_and_one_line(cli, monkeypatch):
+    monkeypatch.setattr("d3cli.cli.app.configuration_state", failing_with(KeyboardInterrupt()))
+    result = cli(["generate", "Hello"])
+    assert (result.exit_code, result.stdout, result.stderr) == (130, "", "\nd3: interrupted\n")
+
+
+def test_a_usage_error_names_the_help_of_its_command(cli):
+    result = cli(["generate", "--max-new-tokens", "many", "Hello"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("d3: error: Invalid value for '--max-new-tokens'")
+    assert result.stderr.endswith(" (see `d3 generate --help`)\n")
+
+
+def test_only_the_first_process_of_a_launch_prints_a_user_error(cli, monkeypatch):
+    monkeypatch.setattr("d3cli.cli.app.secondary_process", lambda: True)
+    for args in (["generate", "--alpha", "2", "Hello"], ["generate", "--frobnicate"]):
+        result = cli(args)
+        assert (result.exit_code, result.stderr) == (2, "")
+
+
+def test_a_broken_config_file_stops_a_command_before_it_starts(cli):
+    """(`d3 config path` still lists the files: commands/test_config.py.)"""
+    Path("d3.toml").write_text("alpah = 0.9\n")
+    for args in (["completions", "bash"], ["generate", "Hello"]):
+        refused = cli(args)
+        assert refused.exit_code == 2 and refused.stdout == ""
+        assert refused.stderr == f"d3: error: {Path.cwd() / 'd3.toml'}: unknown key 'alpah' (did you mean 'alpha'?)\n"

@@ -1,4 +1,4 @@
-"""Settings from files and the environment: precedence, sources, and one-line errors."""
+"""cli/config.py: settings from files and the environment: precedence, sources, and one-line errors."""
 
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ from pathlib import Path
 import pytest
 
 SCHEDULE = ["--head", "1", "--tail", "1"]
-
-
-@pytest.fixture
-def user_file(monkeypatch, tmp_path) -> Path:
-    folder = tmp_path / "xdg"
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
-    (folder / "d3").mkdir(parents=True)
-    return folder / "d3" / "config.toml"
 
 
 def generated(cli, model_dir, *args, stdin=b"") -> dict:
@@ -47,33 +39,6 @@ def test_chat_reads_its_own_table_and_the_shared_keys(cli, tiny_model_dir, monke
     result = cli(["chat", "--model", str(tiny_model_dir), *SCHEDULE, "--jsonl"], stdin=b"Hi\n")
     record = json.loads(result.stdout)
     assert (record["alpha"], record["min_layers"], record["generated_tokens"]) == (0.7, 6, 2)
-
-
-def test_config_show_says_where_each_value_came_from(cli, user_file, monkeypatch):
-    user_file.write_text("warmup = 3\n")
-    Path("d3.toml").write_text("[generate]\nstop = ['END']\n")
-    monkeypatch.setenv("D3_TOP_P", "0.5")
-    result = cli(["config", "show", "generate", "--json"])
-    assert result.exit_code == 0, result.stderr
-    settings = json.loads(result.stdout)["generate"]
-    assert settings["warmup"] == {"value": 3, "source": f"user file {user_file}"}
-    assert settings["stop"]["value"] == ["END"] and settings["stop"]["source"].endswith("d3.toml [generate]")
-    assert settings["top_p"] == {"value": 0.5, "source": "environment D3_TOP_P"}
-    assert settings["alpha"] == {"value": None, "source": "default: the model's calibrated schedule"}
-    everything = json.loads(cli(["config", "show", "--json"]).stdout)
-    assert {"generate", "chat"} <= everything.keys()
-    table = cli(["config", "show"])
-    assert "warmup" in table.stdout and "environment D3_TOP_P" in table.stdout
-
-
-def test_config_path_lists_the_files_even_when_one_is_broken(cli, user_file):
-    Path("d3.toml").write_text("alpha = [\n")
-    result = cli(["config", "path"])
-    lines = result.stdout.splitlines()
-    assert [line.split("\t")[0] for line in lines] == [str(user_file), str(Path.cwd() / "pyproject.toml"),
-                                                     str(Path.cwd() / "d3.toml")]
-    assert lines[2].endswith("found") and lines[0].endswith("not found")
-    assert result.exit_code == 2 and "d3.toml:2:1:" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -115,10 +80,21 @@ def test_bad_environment_values_are_one_line(cli, monkeypatch):
 
 
 def test_d3_paths_in_the_environment_are_not_settings(cli, monkeypatch, tmp_path):
+    """D3_DATA_DIR is d3's data folder, not bench's --data-dir (D3_BENCH_DATA_DIR is); D3_DEBUG and unknown names
+    are no setting at all."""
     monkeypatch.setenv("D3_DEBUG", "")
     monkeypatch.setenv("D3_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("D3_SOMETHING_ELSE", "1")
-    assert cli(["config", "show", "--json"]).exit_code == 0
+    result = cli(["config", "show", "--json"])
+    assert result.exit_code == 0, result.stderr
+    settings = json.loads(result.stdout)
+    assert settings["bench"]["data_dir"] == settings["profile-ppl"]["data_dir"] == {"value": None, "source": "default"}
+    sources = {setting["source"] for command in settings.values() for setting in command.values()}
+    assert not any(name in source for source in sources for name in ("D3_DEBUG", "D3_DATA_DIR", "D3_SOMETHING"))
+    monkeypatch.setenv("D3_BENCH_DATA_DIR", str(tmp_path / "bench"))
+    settings = json.loads(cli(["config", "show", "bench", "--json"]).stdout)
+    assert settings["bench"]["data_dir"] == {"value": str(tmp_path / "bench"),
+                                             "source": "environment D3_BENCH_DATA_DIR"}
 
 
 def test_every_subcommand_option_is_configurable():
@@ -133,10 +109,51 @@ def test_every_subcommand_option_is_configurable():
     assert specs["generate"]["device"].choices == ("auto", "cpu", "cuda", "mps")
     assert specs["generate"]["stop"].multiple and specs["generate"]["json"].kind == "boolean"
 
+def test_a_file_cut_short_or_not_utf8_is_located(tmp_path):
+    from d3cli.base.errors import UserError
+    from d3cli.cli.config import read_toml
 
-def test_config_show_never_prints_the_servers_api_key(cli, monkeypatch):
-    monkeypatch.setenv("D3_API_KEY", "sk-very-secret")
-    shown = cli(["config", "show", "serve", "--json"])
-    assert shown.exit_code == 0 and "sk-very-secret" not in shown.stdout
-    assert json.loads(shown.stdout)["serve"]["api_key"] == {"value": "(set, not shown)",
-                                                            "source": "environment D3_API_KEY"}
+    cut = tmp_path / "cut.toml"
+    cut.write_text("alpha = [1,\n")
+    with pytest.raises(UserError, match=r"^.*cut\.toml:2:1: Invalid value \(at the end of the file\)$"):
+        read_toml(cut)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'system = "caf\xe9"\n')
+    with pytest.raises(UserError, match=r"latin\.toml:1:1: not UTF-8 text \(byte 13\)$"):
+        read_toml(latin)
+
+
+@pytest.mark.parametrize("order", [("D3_GENERATE_ALPHA", "D3_ALPHA"), ("D3_ALPHA", "D3_GENERATE_ALPHA")])
+def test_a_subcommands_own_variable_wins_over_the_shared_one_in_either_order(order):
+    from d3cli.cli.app import app
+    from d3cli.cli.config import load_configuration
+
+    values = {"D3_GENERATE_ALPHA": "0.5", "D3_ALPHA": "0.9"}
+    configuration = load_configuration(app, environ={name: values[name] for name in order})
+    assert configuration.by_command["generate"]["alpha"].value == 0.5
+    assert configuration.by_command["generate"]["alpha"].source == "environment D3_GENERATE_ALPHA"
+    assert configuration.by_command["chat"]["alpha"].value == 0.9
+    assert configuration.default_map()["generate"] == {"alpha": 0.5}
+
+
+@pytest.mark.parametrize("text, value", [("1", True), ("yes", True), ("ON", True), ("0", False), ("off", False),
+                                         ("", False)])
+def test_a_boolean_variable_reads_the_usual_spellings(text, value):
+    from d3cli.cli.app import app
+    from d3cli.cli.config import load_configuration
+
+    configuration = load_configuration(app, environ={"D3_GENERATE_JSON": text})
+    assert configuration.by_command["generate"]["json"].value is value
+
+
+def test_pyproject_counts_only_its_tool_d3_table(tmp_path):
+    from d3cli.base.errors import UserError
+    from d3cli.cli.app import app
+    from d3cli.cli.config import load_configuration
+
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nalpha = "not d3\'s"\n')
+    configuration = load_configuration(app, cwd=tmp_path, environ={})
+    assert configuration.by_command["generate"] == {} and (tmp_path / "pyproject.toml", True) in configuration.files
+    (tmp_path / "pyproject.toml").write_text("[tool]\nd3 = 3\n")
+    with pytest.raises(UserError, match=r"pyproject\.toml: \[tool\.d3\] must be a table$"):
+        load_configuration(app, cwd=tmp_path, environ={})

@@ -1,5 +1,5 @@
 """`d3 calibrate` (evaluation/calibrate/run.py): the model's replies, its layer profile and bridges, written where every
-command finds them; bad options one line."""
+command finds them; resumed after an interruption (the command's bad options: tests/cli/commands/test_calibrate.py)."""
 
 from __future__ import annotations
 
@@ -43,20 +43,6 @@ def test_calibrate_writes_to_the_cache_and_every_command_finds_it(cli, tiny_mode
     os.unlink(made["calibration"])  # the next tests see an uncalibrated tiny model again
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--rank", "0"], "--rank must be at least 1"),
-    (["--reply-tokens", "4"], "--reply-tokens must be at least 18"),
-    (["--ridge", "0"], "--ridge must be above 0"),
-    (["--head", "4", "--tail", "4"], "leave no layer"),
-    (["--time-limit", "soon"], "--time-limit takes a duration such as 90s, 30m, 2h or 1h30m, not 'soon'"),
-    (["--time-limit", "0m"], "--time-limit must be above zero"),
-    (["--time-limit", "0.001s", "--reply-tokens", "24"], "even the smallest calibration"),
-])
-def test_bad_calibrate_options_are_one_line(cli, tiny_model_dir, args, message):
-    result = cli(["calibrate", "--model", str(tiny_model_dir), *args])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-
-
 def test_calibrate_chooses_a_schedule_and_schedule_only_chooses_again(cli, tiny_model_dir, tiny_identity, tmp_path):
     made = json.loads(cli(["calibrate", "--model", str(tiny_model_dir), "--prompts", "4", "--reply-tokens", "24",
                            "--profile-texts", "2", "--head", "1", "--tail", "1", "--schedule-prompts", "2",
@@ -84,11 +70,6 @@ def test_calibrate_chooses_a_schedule_and_schedule_only_chooses_again(cli, tiny_
     assert (record["alpha"], record["min_layers"]) == (rechosen["alpha"], rechosen["min_layers"])
     assert record["schedule_source"] == "calibration"
     os.unlink(made["calibration"])
-
-
-def test_schedule_only_needs_a_calibration(cli, tiny_model_dir):
-    result = cli(["calibrate", "--model", str(tiny_model_dir), "--schedule-only"])
-    assert result.exit_code == 2 and "--schedule-only needs the model's calibration" in result.stderr
 
 
 def test_an_interrupted_calibration_goes_on_where_its_replies_stopped(tiny_model_dir, monkeypatch, tmp_path):
@@ -124,43 +105,6 @@ def test_an_interrupted_calibration_goes_on_where_its_replies_stopped(tiny_model
     result = calibration.calibrate(loaded, options, output, lambda stage, amount: None)
     assert corpus_batches == [2]  # only the batch that was interrupted is decoded again
     assert result.texts >= 3 and output.is_file() and not checkpoint.path.exists()
-
-
-COSTS = dict(step_s=0.05, forward_s=0.2, num_layers=32)  # a 7B model's on a CPU, roughly
-
-
-def test_a_time_limit_cuts_prompts_texts_and_held_out_prompts_by_one_fraction_and_says_what_that_costs():
-    from dataclasses import replace
-
-    from d3cli.evaluation.calibrate.estimate import StageCosts, estimate_from, time_limit_cost, within_time
-    from d3cli.evaluation.calibrate.options import CalibrationOptions
-
-    costs, options = StageCosts(**COSTS), CalibrationOptions()
-    full = sum(estimate_from(costs, options).values())
-    assert within_time(costs, options, full * 1.01) == options  # fits: unchanged
-    smallest = sum(estimate_from(costs, replace(options, prompts=8, profile_texts=4, schedule_prompts=4)).values())
-    limit = smallest + (full - smallest) / 2
-    limited = within_time(costs, options, limit)
-    assert sum(estimate_from(costs, limited).values()) <= limit
-    fractions = [limited.prompts / 64, limited.profile_texts / options.profile_texts,
-                 limited.schedule_prompts / options.schedule_prompts]
-    assert all(0 < fraction < 1 for fraction in fractions)
-    assert max(fractions) - min(fractions) < 0.1  # one fraction for all three (each rounded)
-    assert (limited.reply_tokens, limited.batch_size, limited.budget) == (options.reply_tokens, options.batch_size,
-                                                                          options.budget)
-    cost = time_limit_cost(options, limited)
-    assert f"{limited.prompts} of 64 prompts the bridges are fitted on" in cost and "less certain" in cost
-    assert time_limit_cost(options, options) == ""
-
-
-def test_a_time_limit_below_the_smallest_calibration_is_one_line_naming_what_would_fit():
-    from d3cli.base.errors import UserError
-    from d3cli.evaluation.calibrate.estimate import StageCosts, within_time
-    from d3cli.evaluation.calibrate.options import CalibrationOptions
-
-    with pytest.raises(UserError, match=r"--time-limit 60 s: even the smallest calibration \(8 prompts, 4 profile "
-                                        r"texts, 4 schedule prompts\) takes about \d+ min here: give at least"):
-        within_time(StageCosts(**COSTS), CalibrationOptions(), 60)
 
 
 @pytest.mark.parametrize("interrupted, kept", [("bridges", "measure_layer_profile"), ("schedule", "fit_bridges")])

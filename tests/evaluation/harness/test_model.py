@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from d3cli.core.decode import engine  # noqa: E402
 from d3cli.core.decode.schedule import DecaySchedule  # noqa: E402
 from d3cli.core.model.loader import LoadedModel  # noqa: E402
-from d3cli.core.session.plan import plan_for
+from d3cli.core.session.plan import plan_for  # noqa: E402
 from d3cli.core.session.settings import DecodeSettings  # noqa: E402
 from d3cli.evaluation.harness.model import D3LM  # noqa: E402
 from d3cli.evaluation.scoring import ScoringText, teacher_forced_nll  # noqa: E402

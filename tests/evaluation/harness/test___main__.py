@@ -1,6 +1,6 @@
-"""lm-eval through d3: `d3 bench --task lm-eval:...`, lm-eval's own command line with the model d3
-(`python -m d3cli.evaluation.harness`), task YAMLs pointed at local files, and data-parallel runs under
-`accelerate launch`."""
+"""`python -m d3cli.evaluation.harness` (evaluation/harness/__main__.py): lm-eval's own command line with the model d3,
+on task YAMLs pointed at local files, in one process and data-parallel under `accelerate launch`; a bad model
+argument or a missing lm-eval is one line."""
 
 from __future__ import annotations
 
@@ -15,41 +15,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-TINY_SCHEDULE = ["--alpha", "0.8", "--min-layers", "3", "--head", "1", "--tail", "1"]
 OFFLINE = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def test_bench_runs_lm_eval_tasks_side_by_side(cli, tiny_model_dir, shared_data, tmp_path):
-    output = tmp_path / "summary.json"
-    result = cli(["bench", "--task", "lm-eval:gsm8k_cot,bbh_mc_navigate", "--model", str(tiny_model_dir),
-                  "--data-dir", str(shared_data), "--limit", "3", "-n", "12", *TINY_SCHEDULE,
-                  "--methods", "d3,static", "--json", "-o", str(output)])
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary == json.loads(output.read_text()) | {"output": str(output)}
-    assert summary["documents"] == {"gsm8k_cot": 3, "bbh_mc_navigate": 3}
-    rows = {row["name"]: row for row in summary["methods"]}
-    assert list(rows) == ["full", "d3", "static"]
-    assert set(rows["full"]["metrics"]["gsm8k_cot"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
-    assert set(rows["full"]["metrics"]["bbh_mc_navigate"]) == {"acc,none"}
-    assert rows["full"]["mean_layers"] == 8 and rows["d3"]["mean_layers"] < 8
-    assert abs(rows["static"]["mean_layers"] - rows["d3"]["mean_layers"]) < 1  # matched to D3's mean depth
-    assert rows["full"]["agreement"] == {"gsm8k_cot": 1.0, "bbh_mc_navigate": 1.0}
-    assert rows["d3"]["delta"]["bbh_mc_navigate"]["acc,none"] == pytest.approx(
-        rows["d3"]["metrics"]["bbh_mc_navigate"]["acc,none"] - rows["full"]["metrics"]["bbh_mc_navigate"]["acc,none"])
-    assert "task · metric" in result.stderr  # the table goes to stderr with --json
-
-
-@pytest.mark.parametrize(("args", "message"), [
-    (["--task", "lm-eval:"], "needs task names"),
-    (["--task", "lm-eval:gsm8k_cot", "--resume"], "--resume apply to d3's own tasks"),
-    (["--task", "gsm8k", "--include-path", "."], "--include-path applies to --task lm-eval"),
-    (["--task", "lm-eval:no_such_task", "--limit", "1"], "lm-eval could not run no_such_task"),
-    (["--task", "lm-eval:gsm8k_cot", "--temperature", "0.7"], "an lm-eval task samples as its generation_kwargs"),
-])
-def test_bad_lm_eval_benches_are_one_line(cli, tiny_model_dir, shared_data, args, message):
-    result = cli(["bench", "--model", str(tiny_model_dir), "--data-dir", str(shared_data), *args])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
 def harness(args: list[str], processes: int, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -135,3 +101,29 @@ def test_a_bad_model_argument_is_one_line(tiny_model_dir, tmp_path):
                       "gsm8k_cot"], 1, tmp_path)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == \
         "d3: error: alpha must lie in (0, 1], not 2"
+
+
+def test_without_lm_eval_the_command_says_what_to_install(monkeypatch, capsys):
+    from d3cli.evaluation.harness.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)  # `from lm_eval.__main__ import ...` fails
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == ("d3: error: lm-eval is not installed (lm_eval.__main__): "
+                                       "pip install 'd3cli[eval]'\n")
+
+
+def test_a_user_error_inside_lm_eval_is_d3s_one_line(monkeypatch, capsys):
+    import lm_eval.__main__
+
+    from d3cli.base.errors import UserError
+    from d3cli.evaluation.harness.__main__ import main
+
+    def failing():
+        raise UserError("alpha must lie in (0, 1], not 2")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", failing)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2 and capsys.readouterr().err == "d3: error: alpha must lie in (0, 1], not 2\n"
