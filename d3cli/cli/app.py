@@ -100,10 +100,12 @@ def configuration_state() -> ConfigState:
         return ConfigState(None, problem, defaults)
 
 
-def _runs_config_command(arguments: list[str]) -> bool:
-    """`d3 config ...` must work with a broken configuration file: it is how one finds the file."""
+def _needs_no_config(arguments: list[str]) -> bool:
+    """`d3 config ...` must work with a broken configuration file (it is how one finds the file), and so must
+    `--help` and `--version` (they run nothing)."""
     words = [argument for argument in arguments if not argument.startswith("-")]
-    return bool(words) and words[0] == "config"
+    return (bool(words) and words[0] == "config") or any(argument in ("--help", "-h", "--version")
+                                                          for argument in arguments)
 
 
 def _is_usage_error(error: Exception) -> bool:
@@ -114,7 +116,8 @@ def _is_usage_error(error: Exception) -> bool:
 def _usage_error_line(error) -> str:
     context = getattr(error, "ctx", None)
     hint = f" (see `{context.command_path} --help`)" if context is not None else ""
-    return f"{error.format_message()}{hint}"
+    message = error.format_message().replace(": Value error, ", ": ")  # an Enum's ValueError, as click words it
+    return f"{message}{hint}"
 
 
 def run(args: list[str] | None = None) -> int:
@@ -123,7 +126,7 @@ def run(args: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if args is None else list(args)
     try:
         state = configuration_state()
-        if state.problem is not None and not _runs_config_command(arguments):
+        if state.problem is not None and not _needs_no_config(arguments):
             raise state.problem
         default_map = state.configuration.default_map() if state.configuration else None
         result = command.main(args=arguments, prog_name="d3", standalone_mode=False, default_map=default_map,
@@ -143,7 +146,7 @@ def run(args: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except Exception as error:
         if _is_usage_error(error):
-            if not secondary_process():
+            if not secondary_process() and error.format_message():  # none: a bare `d3` showed the help instead
                 print_error(_usage_error_line(error))
             return EXIT_USER_ERROR
         if os.environ.get("D3_DEBUG"):  # a bug: one line, unless the user asks for the traceback

@@ -122,7 +122,7 @@ class ChatSession:
         if handler is None:
             from d3cli.core.session.settings import did_you_mean
 
-            raise UserError(f"unknown command /{name}{did_you_mean(name, COMMANDS)}; /help lists them")
+            raise UserError(f"unknown command /{name}{did_you_mean(name, COMMANDS, '/')}; /help lists them")
         return handler.run(self, argument) is not False
 
     def info(self, message: str) -> None:

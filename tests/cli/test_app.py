@@ -76,3 +76,17 @@ def test_a_broken_config_file_stops_a_command_before_it_starts(cli):
         refused = cli(args)
         assert refused.exit_code == 2 and refused.stdout == ""
         assert refused.stderr == f"d3: error: {Path.cwd() / 'd3.toml'}: unknown key 'alpah' (did you mean 'alpha'?)\n"
+
+
+def test_help_and_version_work_with_a_broken_config_file(cli):
+    """They run nothing, and the help is how a user finds what to fix."""
+    Path("d3.toml").write_text("alpah = 0.9\n")
+    for args in (["--help"], ["generate", "--help"], ["--version"]):
+        shown = cli(args)
+        assert shown.exit_code == 0 and shown.stderr == "", args
+        assert ("Usage: d3" in shown.stdout) if "--help" in args else shown.stdout.startswith("d3 "), args
+
+
+def test_a_bare_d3_shows_the_help_without_an_empty_error_line(cli):
+    shown = cli([])
+    assert "Usage: d3" in shown.stdout + shown.stderr and "d3: error" not in shown.stderr

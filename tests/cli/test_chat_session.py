@@ -55,7 +55,7 @@ def test_alpha_and_min_layers_change_the_settings_and_say_so(session, capsys):
     ("/min-layers 12", "only 8 layers"),  # checked against this model before it is accepted
     ("/save", "/save needs a file name, like /save chat.json"),
     ("/load", "/load needs a file name, like /load chat.json"),
-    ("/alhpa 0.9", "unknown command /alhpa (did you mean 'alpha'?); /help lists them"),
+    ("/alhpa 0.9", "unknown command /alhpa (did you mean '/alpha'?); /help lists them"),
 ])
 def test_a_bad_command_is_one_error_line_and_changes_nothing(session, capsys, line, error):
     assert session.handle(line) is True  # the chat goes on

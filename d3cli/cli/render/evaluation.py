@@ -71,7 +71,8 @@ def print_bench_table(console: Console, summary: dict) -> None:
         why = "its calibration chose none" if summary.get("calibration") else "the model is not calibrated"
         console.print(Text(f"the d3 schedule: d3's default ({why}: d3 calibrate chooses one)", style="dim"))
     elif source is not None:
-        console.print(Text(f"the d3 schedule: from the {source}", style="dim"))
+        chosen_by = {"option": "--alpha and --min-layers", "calibration": "the model's calibration"}.get(source, source)
+        console.print(Text(f"the d3 schedule: chosen by {chosen_by}", style="dim"))
     console.print(Text(f"per-example results: {summary['output']}", style="dim"))
 
 

@@ -134,7 +134,8 @@ def print_info(console: Console, message: str) -> None:
 
 
 def stats_text(totals: dict) -> str:
-    return (f"{totals['turns']} replies, {totals['generated_tokens']} tokens, mean layers "
+    replies = "reply" if totals["turns"] == 1 else "replies"
+    return (f"{totals['turns']} {replies}, {totals['generated_tokens']} tokens, mean layers "
             f"{totals['mean_layers']:.1f} of {totals['num_layers']} ({100 * totals['layer_ratio']:.1f}% of full "
             f"depth), {totals['tokens_per_s']:.1f} tokens/s, estimated speedup {totals['estimated_speedup']:.2f}×")
 

@@ -33,7 +33,11 @@ def check_top_p(top_p: float) -> None:
 
 def check_seed(seed: int | None) -> None:
     """torch's generators take seeds that fit in 64 bits."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed must be a whole number, not {seed!r}")
+    if not -2**63 <= seed < 2**64:
         raise UserError(f"seed must fit in 64 bits, not {seed}")
 
 

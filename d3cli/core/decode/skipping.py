@@ -9,7 +9,7 @@ applies the bridge to its input, which is the run's input because the stand-ins 
 Teacher-forced scoring (scoring.py) needs a per-position version of the same skip: `skipped_at_positions` replaces a
 layer's output by its input at the positions whose step skips it, in one forward over a whole continuation, and at
 the last layer of each skipped run by the run's bridge applied to the run's input. Because the kept sets are nested
-this computes what cached decoding with `LayerSkipper` computes (tests/test_scoring.py).
+this computes what cached decoding with `LayerSkipper` computes (tests/evaluation/test_scoring.py).
 """
 
 from __future__ import annotations

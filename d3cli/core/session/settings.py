@@ -136,9 +136,10 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
 NULLABLE_KEYS = ("alpha", "min_layers", "seed", "chat", "system", "profile")  # null means "not set"
 
 
-def did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """" (did you mean 'X'?)" for the closest of `choices` (written with `prefix`, e.g. a chat command's "/")."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def apply_options(base: DecodeSettings, options: dict, extra_keys: tuple[str, ...] = ()) -> DecodeSettings:

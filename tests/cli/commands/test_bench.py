@@ -9,16 +9,6 @@ import pytest
 from d3cli.cli.commands.bench import model_slug
 
 
-@pytest.fixture
-def nothing_loads(monkeypatch):
-    """A model load fails the test: each mistake here is found first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("d3cli.core.session.front_door.open_model", refuse)
-    monkeypatch.setattr("d3cli.core.model.loader.load", refuse)
-
-
 def test_help_lists_the_task_method_and_output_options(cli):
     result = cli(["bench", "--help"])
     assert result.exit_code == 0 and result.stderr == ""

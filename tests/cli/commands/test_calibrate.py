@@ -6,14 +6,6 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture
-def nothing_loads(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("d3cli.core.model.loader.load", refuse)
-
-
 def test_help_lists_the_calibration_options(cli):
     result = cli(["calibrate", "--help"])
     assert result.exit_code == 0 and result.stderr == ""

@@ -1,5 +1,6 @@
 """`d3 serve` at the command line: its options, what it hands the server, and mistakes refused before it listens.
-The server itself, and the mistakes that need the server's packages or a socket, are tests/server/test_serve.py's."""
+The server itself, and the mistakes that need the server's packages or a socket, are tests/server/test_app.py's
+and test_routes.py's."""
 
 from __future__ import annotations
 

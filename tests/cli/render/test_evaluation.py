@@ -42,7 +42,7 @@ def test_the_bench_table_of_an_answer_task():
                        "1.00×", "1.00×"]
     assert rows[3] == ["d3", "α=0.9", "37.5%", "50.0%", "-12.5", "75.0%", "2/8", "5.3", "812", "27.3", "1.36×"]
     assert "strict, flex: accuracy by the two answer extractors" in text
-    assert text.splitlines()[-2:] == ["the d3 schedule: from the option",
+    assert text.splitlines()[-2:] == ["the d3 schedule: chosen by --alpha and --min-layers",
                                       "per-example results: d3-bench-gsm8k-tiny.jsonl"]
 
 

@@ -33,7 +33,7 @@ def draws(settings: SamplingSettings, probabilities: torch.Tensor = PROBABILITIE
     (dict(temperature=1, top_p=1.01), "top-p must lie in (0, 1], not 1.01"),
     (dict(temperature=1, seed=2**64), f"seed must fit in 64 bits, not {2**64}"),
     (dict(temperature=1, seed=-2**63 - 1), f"seed must fit in 64 bits, not {-2**63 - 1}"),
-    (dict(temperature=1, seed="7"), "seed must fit in 64 bits, not 7"),
+    (dict(temperature=1, seed="7"), "seed must be a whole number, not '7'"),
     (dict(top_k=5), "--top-k and --top-p only apply when sampling: add --temperature above 0"),
     (dict(top_p=0.9), "--top-k and --top-p only apply when sampling: add --temperature above 0"),
 ])
