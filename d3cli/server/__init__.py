@@ -1,7 +1,8 @@
 """`d3 serve`: an OpenAI-compatible HTTP server on the one loader and engine.
 
-    protocol.py   request bodies -> a checked `CompletionRequest`; replies -> OpenAI response objects and stream
-                  chunks; OpenAI-style error objects. Pure: no torch, no web framework.
+    protocol.py   request bodies -> a checked `CompletionRequest`; OpenAI-style error objects. Pure: no torch, no
+                  web framework.
+    responses.py  replies -> OpenAI response objects and stream chunks with the `d3` object. Pure too.
     worker.py     the one thread that owns the model: a bounded queue of jobs, each decoded by `engine.stream_decode`,
                   its events handed to the asyncio loop; a cancelled job's stream is closed at the next token.
     state.py      the session (opened through the front door, in the background), the worker, each request's token

@@ -1,5 +1,5 @@
-"""The OpenAI API as d3 serves it: request bodies checked into a `CompletionRequest`, replies built into response
-objects and stream chunks, mistakes into OpenAI-style error objects. Pure: no torch, no web framework.
+"""The OpenAI API's requests as d3 serves them: request bodies checked into a `CompletionRequest`, mistakes into
+OpenAI-style error objects. Pure: no torch, no web framework. Replies become responses in responses.py.
 
 A request's settings start from the server's (its command line) and take the request's fields through
 `settings.apply_options`, the function that reads a JSONL line's options, so a bad value is refused with the same
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-import uuid
 from dataclasses import dataclass
 
 from d3cli.base.errors import UserError
-from d3cli.core.decode.results import Reply, estimated_speedup, layer_ratio, schedule_fields
 from d3cli.core.session.settings import DecodeSettings, apply_options, did_you_mean, json_type
 
 CHAT, COMPLETION = "chat", "completion"
@@ -327,123 +324,3 @@ def schedule_error(error: UserError, request: CompletionRequest) -> ApiError:
     if candidates:
         return bad_field(candidates[0], plain_message(message, candidates[0], candidates[0]))
     return ApiError(400, f"the server's depth settings do not fit this request: {message}", code="invalid_value")
-
-
-# --- responses ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResponseIdentity:
-    """What every object of one response carries: its id, creation time and model name."""
-
-    id: str
-    created: int
-    model: str
-    weights: str | None = None  # which weights ran (weight_choice.WeightsReport.kind), for the `d3` object
-
-    @classmethod
-    def new(cls, endpoint: str, model: str, weights: str | None = None) -> ResponseIdentity:
-        prefix = "chatcmpl" if endpoint == CHAT else "cmpl"
-        return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model, weights)
-
-    def header(self, endpoint: str, chunk: bool = False) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if endpoint == CHAT else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
-
-
-def finish_reason(reply: Reply) -> str:
-    return FINISH_REASONS.get(reply.finish_reason, "stop")
-
-
-def usage(prompt_tokens: int, reply: Reply) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": reply.generated_tokens,
-            "total_tokens": prompt_tokens + reply.generated_tokens}
-
-
-def d3_extension(reply: Reply, plan, batch_size: int = 1, weights: str | None = None) -> dict:
-    """D3's numbers for one reply, in the extension object `d3` (`batch_size`: how many replies were decoded
-    together with this one, itself included; `weights`: which weights ran)."""
-    schedule = plan.schedule
-    return {
-        "weights": weights,
-        "layers_per_token": reply.layers_per_token,
-        "mean_layers": round(reply.mean_layers, 4),
-        "layer_ratio": round(layer_ratio(reply, schedule.num_layers), 4),
-        "estimated_speedup": round(estimated_speedup(reply, schedule.num_layers), 4),
-        "num_layers": schedule.num_layers,
-        **schedule_fields(plan),
-        "bridges": schedule.bridge_maps is not None,
-        "token_ids": reply.token_ids,
-        "time_s": round(reply.time_s, 4),
-        "tokens_per_s": round(reply.tokens_per_s, 3),
-        "batch_size": batch_size,
-    }
-
-
-def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply, plan,
-                        prompt_tokens: int, batch_size: int = 1) -> dict:
-    """The whole (non-streamed) response object of a finished reply."""
-    if endpoint == CHAT:
-        choice = {"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
-                  "logprobs": None, "finish_reason": finish_reason(reply)}
-    else:
-        choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": finish_reason(reply)}
-    return {**identity.header(endpoint), "choices": [choice], "usage": usage(prompt_tokens, reply),
-            "d3": d3_extension(reply, plan, batch_size, identity.weights)}
-
-
-class ChunkStream:
-    """The chunks of one streamed reply: one per token as its events come, then the finish chunk, then (when asked)
-    the usage chunk with empty choices; D3's numbers ride on the last of them."""
-
-    def __init__(self, request: CompletionRequest, identity: ResponseIdentity, plan, prompt_tokens: int):
-        self.request = request
-        self.identity = identity
-        self.plan = plan
-        self.prompt_tokens = prompt_tokens
-        self.reply = Reply()
-
-    def _chunk(self, choices: list[dict]) -> dict:
-        chunk = {**self.identity.header(self.request.endpoint, chunk=True), "choices": choices}
-        if self.request.include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict:
-        if self.request.endpoint == COMPLETION:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        delta = {} if text is None else {"content": text}
-        if role:
-            delta = {"role": "assistant", **delta}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-    def token(self, event) -> list[dict]:
-        """The chunk of one token: its text (the first also carries the role). The token that ends the reply (EOS,
-        or the end of a stop string) has a chunk only when it adds text."""
-        first = not self.reply.token_ids
-        self.reply.add(event)
-        if event.finish_reason is not None and not event.text and not first:
-            return []
-        return [self._chunk([self._choice(event.text, None, role=first)])]
-
-    def finish(self, batch_size: int = 1) -> list[dict]:
-        """The finish chunk and, when asked, the usage chunk; the last carries `d3`."""
-        chunks = [self._chunk([self._choice(None, finish_reason(self.reply))])]
-        if self.request.include_usage:
-            chunks.append({**self._chunk([]), "usage": usage(self.prompt_tokens, self.reply)})
-        chunks[-1]["d3"] = d3_extension(self.reply, self.plan, batch_size, self.identity.weights)
-        return chunks
-
-
-def sse(data: dict | str) -> bytes:
-    """One server-sent event: `data: <json>` and a blank line."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode()
-
-
-DONE = sse("[DONE]")
-
-
-def models_response(model_id: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "d3"}]}

@@ -14,8 +14,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from d3cli.server import protocol
-from d3cli.server.protocol import ApiError, ChunkStream, ResponseIdentity
+from d3cli.server import protocol, responses
+from d3cli.server.protocol import ApiError
+from d3cli.server.responses import ChunkStream, ResponseIdentity
 from d3cli.server.state import MAX_BODY_BYTES, ServerState
 from d3cli.server.worker import Job, JobEnd, QueueFull
 
@@ -92,7 +93,7 @@ def log_reply(log: dict, reply, prompt_tokens: int, end: JobEnd | None, disconne
         log["batch"] = batch_size
     log.update(prompt_tokens=prompt_tokens, completion_tokens=reply.generated_tokens,
                mean_layers=round(reply.mean_layers, 2), tokens_per_s=round(reply.tokens_per_s, 2),
-               finish_reason=protocol.finish_reason(reply) if end is not None and end.reason == "done" else None)
+               finish_reason=responses.finish_reason(reply) if end is not None and end.reason == "done" else None)
     if disconnected:
         log["disconnected"] = True
         log["steps_after_cancel"] = end.steps_after_cancel if end is not None else None
@@ -166,7 +167,7 @@ async def whole_reply(first, events: asyncio.Queue, chunks: ChunkStream, job: Jo
     log_reply(log, chunks.reply, chunks.prompt_tokens, item, disconnected=gone, batch_size=job.batch_size)
     if item.reason != "done":
         raise end_error(item, gone)
-    return JSONResponse(protocol.completion_response(chunks.request.endpoint, chunks.identity, chunks.reply,
+    return JSONResponse(responses.completion_response(chunks.request.endpoint, chunks.identity, chunks.reply,
                                                      chunks.plan, chunks.prompt_tokens, job.batch_size))
 
 
@@ -185,15 +186,15 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             while not isinstance(item, JobEnd):
-                data = b"".join(protocol.sse(chunk) for chunk in self.chunks.token(item))
+                data = b"".join(responses.sse(chunk) for chunk in self.chunks.token(item))
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                 item = await self.events.get()
             if item.reason == "done":
-                tail = b"".join(protocol.sse(chunk) for chunk in self.chunks.finish(self.job.batch_size))
+                tail = b"".join(responses.sse(chunk) for chunk in self.chunks.finish(self.job.batch_size))
             else:
-                tail = protocol.sse(end_error(item, saw_disconnect(self.watcher)).body())
-            await send({"type": "http.response.body", "body": tail + protocol.DONE, "more_body": False})
+                tail = responses.sse(end_error(item, saw_disconnect(self.watcher)).body())
+            await send({"type": "http.response.body", "body": tail + responses.DONE, "more_body": False})
         except OSError:  # the client went away while a chunk was sent
             send_failed = True
         finally:
@@ -224,7 +225,7 @@ async def wait_for_end(events: asyncio.Queue, timeout_s: float = 30.0) -> JobEnd
 @endpoint
 async def models(request: Request):
     state: ServerState = request.app.state.d3
-    return JSONResponse(protocol.models_response(state.model_id, state.created))
+    return JSONResponse(responses.models_response(state.model_id, state.created))
 
 
 @endpoint

@@ -9,8 +9,8 @@ import sys
 
 import openai
 import pytest
-from server.conftest import START_TIMEOUT_S, ServeProcess, chat_reply, open_stream, read_data_lines, request
 
+from server.conftest import START_TIMEOUT_S, ServeProcess, chat_reply, open_stream, read_data_lines, request
 
 # --- API key, Ctrl-C ----------------------------------------------------------------------------------------------
 

@@ -12,6 +12,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from d3cli.core.calibration.model_calibration import BUNDLED_CALIBRATION, read_calibration
+from d3cli.core.session.plan import plan_of
+from d3cli.core.session.settings import DecodeSettings
 from server.conftest import (
     PROMPT,
     REQUEST_TIMEOUT_S,
@@ -23,11 +27,6 @@ from server.conftest import (
     read_data_lines,
     request,
 )
-
-from d3cli.core.calibration.model_calibration import BUNDLED_CALIBRATION, read_calibration
-from d3cli.core.session.plan import plan_of
-from d3cli.core.session.settings import DecodeSettings
-
 
 # --- the tiny-model server ----------------------------------------------------------------------------------------
 

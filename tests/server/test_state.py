@@ -5,7 +5,6 @@ and directly on a ServerState that loads the tiny model in this process."""
 from __future__ import annotations
 
 import pytest
-from server.conftest import TOO_LONG, chat_reply, d3_of, request
 
 from d3cli.core.model.loader import ModelOptions
 from d3cli.core.session.plan import plan_of
@@ -14,6 +13,7 @@ from d3cli.core.text.prompts import encode_chat, encode_prompt
 from d3cli.server import protocol
 from d3cli.server.protocol import CHAT, COMPLETION, ApiError, CompletionRequest
 from d3cli.server.state import ServeConfig, ServerState
+from server.conftest import TOO_LONG, chat_reply, d3_of, request
 
 # --- through the tiny-model server --------------------------------------------------------------------------------
 

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from evaluation.bench.test_results_file import write_lines
 
 from d3cli.base.errors import UserError
 from d3cli.evaluation.bench import distributed
 from d3cli.evaluation.bench.distributed import World
 from d3cli.evaluation.bench.results_file import rank_file, rank_files
+from evaluation.bench.test_results_file import write_lines
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]
 TIMING_KEYS = {"tokens_per_s", "seconds_per_example", "measured_speedup", "decode_tokens_per_s", "decode_speedup"}
@@ -73,32 +73,6 @@ def test_a_plain_run_starts_no_process_group(monkeypatch):
     assert distributed.current_world() == World()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.current_world() == World()
-
-
-def test_the_launch_is_read_from_the_environment(monkeypatch):
-    for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert distributed.launched_size() == 2 and distributed.secondary_process()
-    monkeypatch.setenv("RANK", "0")
-    assert not distributed.secondary_process()
-    monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.delenv("RANK")
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")  # mpirun, accelerate's own multi-CPU launch
-    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
-    assert distributed.launched_size() == 4 and distributed.secondary_process()
-    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
-    monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
-    # `accelerate launch --cpu --num_processes 2` without mpirun, or without --multi_gpu and GPUs: one process
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    assert not distributed.single_process_launch()  # --num_processes 1: no main process address
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    assert distributed.single_process_launch()
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
-    assert distributed.single_process_launch()
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's children: a real launch
-    assert not distributed.single_process_launch()
 
 
 # --- the CLI in this process: resuming what a killed data-parallel run left ------------------------------------

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from evaluation.bench.test_summary import record
 
 from d3cli.base.errors import UserError
 from d3cli.evaluation.bench.methods import MethodRun
@@ -20,6 +19,7 @@ from d3cli.evaluation.bench.results_file import (
     rank_files,
 )
 from d3cli.evaluation.tasks.base import Example
+from evaluation.bench.test_summary import record
 
 
 def test_results_file_refuses_to_overwrite_and_checks_settings_on_resume(tmp_path):

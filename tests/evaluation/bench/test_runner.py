@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 from conftest import d3_executable
 
 TINY = ["--min-layers", "3", "--head", "1", "--tail", "1"]

@@ -10,7 +10,7 @@ import torch
 
 from d3cli.base.errors import UserError
 from d3cli.core.model.loader import LoadedModel
-from d3cli.evaluation.profile.corpus import fit_to_context, file_texts, read_documents, reference_texts, self_texts
+from d3cli.evaluation.profile.corpus import file_texts, fit_to_context, read_documents, reference_texts, self_texts
 from d3cli.evaluation.tasks.base import Example
 
 
