@@ -27,6 +27,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from d3cli.core.model.d3_model import FAMILIES, TRANSFORMERS_CLASSES
+from d3cli.core.model.gguf_blocks import row_order
+from d3cli.core.text.d3_tokenizer import D3Tokenizer
 
 RECORD_FILE = "d3-start.json"
 TOKENIZER_FILE = "d3-tokenizer.json"
@@ -67,8 +69,6 @@ def unsupported(config) -> str | None:
 def write(folder: Path, model, tokenizer, header, names: dict[str, str], processor) -> bool:
     """Record this model's start in `folder` (see the module docstring), where d3's own model can run it. Returns
     whether it did; never raises for a model it cannot record or a folder it cannot write."""
-    from d3cli.core.model.gguf_blocks import row_order
-
     why = unsupported(model.config)
     if why is None and type(model).__name__ != TRANSFORMERS_CLASSES.get(model.config.model_type):
         why = f"model class {type(model).__name__}"
@@ -185,8 +185,6 @@ def _tokenizer_facts(tokenizer) -> dict:
 
 def _tokenizer_checks(tokenizer) -> bool:
     """Whether d3's own tokenizer built from this one gives its token ids, texts and chat rendering on the probes."""
-    from d3cli.core.text.d3_tokenizer import D3Tokenizer
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return False

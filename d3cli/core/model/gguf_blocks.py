@@ -11,6 +11,7 @@ against transformers' own dequantized reading of the same file.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -238,8 +239,6 @@ def read_gguf(path: Path) -> GGUFHeader:
 
 def _skip_strings(path: Path, position: int, count: int, size: int) -> int:
     """Where `count` GGUF strings (a length, then its bytes) starting at `position` end."""
-    import mmap
-
     length_of = struct.Struct("<Q").unpack_from
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         for _ in range(count):

@@ -14,6 +14,7 @@ a 4 GB file is not copied again, and a loaded model takes about the file's size 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from d3cli.base.errors import UserError
 from d3cli.base.paths import cache_home, exclusive
+from d3cli.core.model.gguf_blocks import header_digest, read_gguf
+from d3cli.core.model.streamed import empty_model, quiet_transformers
 
 CACHE_FORMAT = 3  # 1: a float32 safetensors copy; 2: the weights' blocks copied (d3 before reading the file itself)
 SOURCE_FILE = "d3-source.json"
@@ -33,8 +36,6 @@ SOURCE_FILE = "d3-source.json"
 def read_header(gguf_path: Path):
     """The file's header (gguf_blocks.GGUFHeader); a UserError names what is wrong with a file that is not a GGUF
     file, or is truncated or corrupt."""
-    from d3cli.core.model.gguf_blocks import read_gguf
-
     try:
         return read_gguf(gguf_path)
     except OSError as error:
@@ -47,8 +48,6 @@ def cached_gguf_dir(gguf_path: Path, header=None) -> Path:
     """The cached metadata of a GGUF file, converting it first if a file with this header was never converted. A
     conversion writes into a staging folder renamed into place at the end: a crash or Ctrl-C leaves nothing
     half-written."""
-    from d3cli.core.model.gguf_blocks import header_digest
-
     header = header if header is not None else read_header(gguf_path)
     key = header_digest(gguf_path, header)
     target = cache_home() / "models" / f"{gguf_path.stem}-{key[:16]}-v{CACHE_FORMAT}"
@@ -97,7 +96,6 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> tuple[dict[str, str], dict[
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    from d3cli.core.model.streamed import empty_model, quiet_transformers
 
     quiet_transformers()
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -133,8 +131,6 @@ def _each_gguf_part_parsed_once():
     the embedded model's 49k-entry vocabulary) and builds gguf's tensor-name map again for every module it walks
     (about 800 times, 13 s in all). Within a conversion each is made once: the readers are only read, and the map
     is a pure function of (architecture, layers). The embedded model's conversion: 28 s before, 9 s with."""
-    import functools
-
     import gguf
 
     readers = {}

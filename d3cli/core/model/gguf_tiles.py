@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from d3cli import kernels
+from d3cli.core.model.gguf_blocks import block_form, dequantized
 from d3cli.core.model.quantized import K_QUANT_KINDS, AffineInt4, BlockInt8, tiles_group_size
 
 # GGUF type -> (kernel kind of d3cli/kernels/blocks.h, bytes a block, weights a block)
@@ -75,8 +77,6 @@ def pack_gguf(raw: np.ndarray, type_name: str, rows: int, columns: int, tile_row
               unsigned: bool) -> PackedTiles:
     """A tensor's bytes ([rows, bytes per row]) of a type in PACKED_TYPES as the kernels' tiles: by d3's kernel
     (one pass, d3cli/kernels/pack.cpp) when it is loaded, else by numpy (`pack_gguf_numpy`, NUMPY_TYPES)."""
-    from d3cli import kernels
-
     if not kernels.loaded():
         return pack_gguf_numpy(raw, type_name, rows, columns, tile_rows, unsigned)
     return pack_joined([GGUFBlocks(raw, type_name, rows, columns)], tile_rows, unsigned)
@@ -125,8 +125,6 @@ class GGUFBlocks:
         return PACKED_TYPES[self.type_name][0]
 
     def exact(self) -> AffineInt4 | BlockInt8 | None:
-        from d3cli.core.model.gguf_blocks import block_form
-
         return block_form(self.raw, self.type_name, self.rows, self.columns)
 
     def dequantize(self) -> torch.Tensor:
@@ -135,7 +133,6 @@ class GGUFBlocks:
             return exact.dequantize()
         from gguf import GGMLQuantizationType
 
-        from d3cli.core.model.gguf_blocks import dequantized
 
         return dequantized(self.raw, GGMLQuantizationType[self.type_name]).reshape(self.rows, self.columns)
 
@@ -164,8 +161,6 @@ def pack_joined(parts: list[GGUFBlocks], tile_rows: int, unsigned: bool, allocat
     """Weights stacked by rows (whole tiles each, all of one kernel kind) packed as one: by d3's kernel straight into
     one buffer (no copy to join them), else part by part by numpy and `joined`. `allocate(shape, dtype)` makes the
     buffers the kernel packs into (default: torch.empty; tile_cache.TileCache's are pages of its file)."""
-    from d3cli import kernels
-
     centred = all(part.type_name in CENTRED_TYPES for part in parts)  # no offsets stored: the file's bytes
     if not kernels.loaded():
         return joined([pack_gguf_numpy(part.raw, part.type_name, part.rows, part.columns, tile_rows, unsigned,

@@ -30,6 +30,7 @@ from torch import nn
 from d3cli import kernels
 from d3cli.base.errors import UserError
 from d3cli.core.model import d3_record, tile_cache
+from d3cli.core.model.d3_model import D3Config, D3ForCausalLM
 from d3cli.core.model.embeddings import BlockInt8Embedding, QuantizedEmbedding
 from d3cli.core.model.gguf_blocks import (
     FLOAT_TYPES,
@@ -39,9 +40,11 @@ from d3cli.core.model.gguf_blocks import (
     dequantized,
     row_order,
 )
+from d3cli.core.model.gguf_cache import gguf_names, tensor_processor
 from d3cli.core.model.gguf_tiles import PACKED_TYPES, GGUFBlocks
-from d3cli.core.model.streamed import return_freed_memory
+from d3cli.core.model.streamed import empty_model, fill_model, return_freed_memory
 from d3cli.core.model.weights import ModelWeights, _embed_scale
+from d3cli.core.text.d3_tokenizer import D3Tokenizer
 
 ROWS_AT_ONCE = 1024  # rows of a tensor dequantized at once
 
@@ -209,8 +212,6 @@ def load_gguf(gguf_path: Path, folder: Path, header: GGUFHeader, choice, device,
     converted metadata in `folder` (gguf_cache.cached_gguf_dir)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from d3cli.core.model.gguf_cache import gguf_names, tensor_processor
-    from d3cli.core.model.streamed import empty_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -228,10 +229,6 @@ def load_gguf_own(gguf_path: Path, folder: Path, header: GGUFHeader, choice, pro
     """`load_gguf` on the CPU without importing transformers: d3's own model, tokenizer and config (d3_model.py,
     d3_tokenizer.py) from the start a transformers load recorded in `folder` (d3_record.py). None where there is
     no such record or d3's own model does not hold exactly the file's tensors (then `load_gguf` runs)."""
-    from d3cli.core.model.d3_model import D3Config, D3ForCausalLM
-    from d3cli.core.model.gguf_cache import gguf_names
-    from d3cli.core.text.d3_tokenizer import D3Tokenizer
-
     record = d3_record.read(folder)
     if record is None or "unsupported" in record:
         return None
@@ -255,8 +252,6 @@ def load_gguf_own(gguf_path: Path, folder: Path, header: GGUFHeader, choice, pro
 def _fill(model, source: GGUFWeights, gguf_path: Path, folder: Path, choice, fuse: bool, progress=None):
     """streamed.fill_model from the file, through the tile cache where quantized weights run on d3's kernels:
     nothing half-written stays in the cache when it fails."""
-    from d3cli.core.model.streamed import fill_model
-
     if choice.quantized and tile_cache.enabled() and kernels.available():
         source.tile_cache = tile_cache.TileCache(folder, Path(gguf_path), *kernels.layout())
     try:

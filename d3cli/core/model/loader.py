@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
+import torch
+
 from d3cli import kernels
 from d3cli.base.errors import UserError
 from d3cli.core.model import memory
@@ -30,7 +32,7 @@ from d3cli.core.model.gguf_cache import cached_gguf_dir, gguf_types, read_header
 from d3cli.core.model.gguf_weights import load_gguf, load_gguf_own
 from d3cli.core.model.model_facts import embedding_rows, num_decoder_layers
 from d3cli.core.model.quantized import GROUP_SIZE
-from d3cli.core.model.streamed import quiet_transformers
+from d3cli.core.model.streamed import SafetensorsWeights, load_folder, quiet_transformers, safetensors_files
 from d3cli.core.model.weight_choice import resolve_weights
 from d3cli.core.model.weights import apply_weights
 
@@ -109,8 +111,6 @@ def embedded_gguf_path() -> Path:
 
 
 def resolve_device(device: str):
-    import torch
-
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -127,8 +127,6 @@ def resolve_device(device: str):
 def resolve_dtype(dtype: str, device):
     """`auto` as choices.DTYPE_HELP says: float32 on the CPU (fast and exact there), bfloat16 on a GPU that has it,
     else float16 (quantized weights: weight_choice.quantized_dtype)."""
-    import torch
-
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda":
@@ -320,7 +318,6 @@ def _load_folder_streamed(folder: Path, options: ModelOptions, choose, device, f
     None where the shards do not name the model's parameters (transformers' loader then reads them)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from d3cli.core.model.streamed import SafetensorsWeights, load_folder, safetensors_files
 
     files = safetensors_files(folder)
     if files is None:
@@ -354,8 +351,6 @@ def model_identity(loaded: LoadedModel) -> dict:
     and a fingerprint of the weights (mean |w| of the first embedding rows, stable across dtypes), and the kind of
     weights that ran (`int4`, `float32`, ...): a calibration made on one kind serves the others (identity_mismatch
     ignores it), but the cache keeps one per kind and prefers the model's own."""
-    import torch
-
     config = loaded.model.config.get_text_config(decoder=True)
     with torch.no_grad():
         fingerprint = float(embedding_rows(loaded.model, 1024).abs().mean())

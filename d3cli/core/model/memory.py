@@ -6,7 +6,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from d3cli.base.errors import UserError
+from d3cli.core.model.gguf_blocks import FLOAT_TYPES, nearest_kind
+from d3cli.core.model.gguf_tiles import PACKED_TYPES
 from d3cli.core.model.weight_choice import FILE_KIND
 
 FITS_IN = 0.8  # of the free memory: what `auto` leaves for the runtime, the KV cache and the system
@@ -26,8 +30,6 @@ def available_memory() -> int | None:
 
 
 def _element_bytes(dtype) -> int:
-    import torch
-
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -35,9 +37,6 @@ def gguf_needs(header, choice) -> int:
     """About the bytes a GGUF file's model takes loaded with `choice`: in its own blocks (the types d3's kernels run
     as stored take the file's bytes; others their nearest kind's), re-quantized to int8/int4, or every weight
     dequantized to a dense dtype."""
-    from d3cli.core.model.gguf_blocks import FLOAT_TYPES
-    from d3cli.core.model.gguf_tiles import PACKED_TYPES
-
     if not choice.quantized:
         return sum(tensor.rows * tensor.columns for tensor in header.tensors) * _element_bytes(choice.dtype)
     total = 0.0
@@ -53,8 +52,6 @@ def gguf_needs(header, choice) -> int:
 
 
 def nearest(tensor) -> str:
-    from d3cli.core.model.gguf_blocks import nearest_kind
-
     kind = nearest_kind(tensor.type_name)
     return kind if kind in BYTES_PER_VALUE else "int8"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from d3cli.core.model.kv_buffers import ReservingCache
+from d3cli.core.model.quantized import TiledWeights
 
 CACHE_DTYPE = torch.float16  # the kernel's keys and values (kernels/attention.h): llama.cpp's default too
 
@@ -78,8 +79,6 @@ class NativeLayer:
 def native_layer(layer) -> NativeLayer | None:
     """`layer` (a FusedDecoderLayer) as one kernel call, when every projection runs on d3's kernels (d3cli/kernels), its norms are float32
     and its attention is full (not a sliding window); None otherwise."""
-    from d3cli.core.model.quantized import TiledWeights
-
     projections = [list(layer.qkv), [layer.o_proj], list(layer.gate_up), [layer.down_proj]]
     tiled = [[getattr(module, "tiled", None) for module in modules] for modules in projections]
     if any(not isinstance(part, TiledWeights) for parts in tiled for part in parts):

@@ -10,6 +10,8 @@ makes a float copy of the whole model before choosing the weights' kind.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from d3cli.base.errors import UserError
+from d3cli.core.model.model_facts import find_decoder_layers
 from d3cli.core.model.weight_choice import WeightsReport
 from d3cli.core.model.weights import ModelWeights, apply_weights, embedding_name, head_name
 
@@ -42,8 +45,6 @@ def fill_model(model: nn.Module, source, choice, fuse: bool = True, what: str = 
                progress=None) -> WeightsReport:
     """Fill `model` (its parameters on the meta device) from `source` with `choice`; `what` names the files in
     errors. A file without an LM head of its own ties it to the embedding table."""
-    from d3cli.core.model.model_facts import find_decoder_layers
-
     head, embedding = head_name(model), embedding_name(model)
     if head is not None and embedding is not None and f"{head}.weight" not in source:
         model.get_submodule(head).weight = model.get_submodule(embedding).weight
@@ -75,9 +76,6 @@ def return_freed_memory() -> None:
     heap otherwise, and the process's peak grows with every layer's temporaries)."""
     global _libc
     if _libc is None:
-        import ctypes
-        import ctypes.util
-
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc.malloc_trim  # noqa: B018 (glibc only)

@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d3cli import kernels
+from d3cli.core.model.gguf_tiles import PackedTiles
+
 SWITCH = "D3_TILE_CACHE"
 FORMAT = 1
 PAGE = mmap.ALLOCATIONGRANULARITY
@@ -55,8 +58,6 @@ def enabled() -> bool:
 
 def _key(gguf_path: Path, tile_rows: int, unsigned: bool) -> str:
     """What the tiles depend on: the file (path, size, modification time), the kernels' layout and their packing."""
-    from d3cli import kernels
-
     stat = gguf_path.stat()
     digest = hashlib.sha256(f"{FORMAT}|{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tile_rows}|"
                             f"{unsigned}".encode())
@@ -105,8 +106,6 @@ class TileCache:
     def get(self, name: str):
         """The weights `name` (stacked names joined by "|") as gguf_tiles.PackedTiles mapped from the cache, or
         None."""
-        from d3cli.core.model.gguf_tiles import PackedTiles
-
         entry = self.index.get(name) if self.mapped is not None else None
         if entry is None:
             return None

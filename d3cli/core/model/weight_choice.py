@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from d3cli import kernels
 from d3cli.base.errors import UserError
+from d3cli.core.model.gguf_blocks import nearest_kind
 from d3cli.core.model.quantized import (
     GROUP_SIZE,
     INT4_GROUP_SIZES,
@@ -99,14 +101,10 @@ def resolve_weights(requested: str, dtype_requested: str, device: torch.device, 
 def quantized_dtype() -> torch.dtype:
     """The activations' dtype for quantized weights: float32 on d3's kernels (which quantize activations per block
     themselves), bfloat16 on torch's (fast only with bfloat16 activations); choices.DTYPE_HELP says so to users."""
-    from d3cli import kernels
-
     return torch.float32 if kernels.available() else torch.bfloat16
 
 
 def _nearest(gguf_type: str) -> str:
-    from d3cli.core.model.gguf_blocks import nearest_kind
-
     return nearest_kind(gguf_type)
 
 

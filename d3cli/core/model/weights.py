@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from d3cli import kernels
+from d3cli.core.model import fused_layers
 from d3cli.core.model.embeddings import BlockInt8Embedding, QuantizedEmbedding
-from d3cli.core.model.gguf_tiles import CENTRED_TYPES, GGUFBlocks
+from d3cli.core.model.gguf_tiles import CENTRED_TYPES, GGUFBlocks, pack_joined
+from d3cli.core.model.model_facts import find_decoder_layers
 from d3cli.core.model.quantized import (
     GROUP_SIZE,
     AffineInt4,
@@ -23,6 +25,7 @@ from d3cli.core.model.quantized import (
     Int4Linear,
     Int8Linear,
     StoredLinear,
+    TiledWeights,
     fits_int4,
     fits_int8,
     quantize_int4,
@@ -198,8 +201,6 @@ class _Builder:
     def packed(self, forms: Sequence, kind: str, names: Sequence[str]):
         """The forms as one gguf_tiles.PackedTiles when every one is a GGUF file's blocks of `kind` and d3's kernels
         run (parts stack by whole tiles), else None: mapped from the source's tile cache where it holds them."""
-        from d3cli.core.model.gguf_tiles import pack_joined
-
         kernel_kinds = KERNEL_KINDS.get(kind, ())
         if not forms or not all(isinstance(form, GGUFBlocks) and form.kernel_kind in kernel_kinds for form in forms):
             return None
@@ -264,9 +265,6 @@ def apply_weights(model: nn.Module, choice: WeightChoice, forms: Mapping[str, ob
     fused_layers supports becomes a `FusedDecoderLayer` (query/key/value and gate/up projections each one
     module). Layers are built one at a time, and what the source read for one is released before the next;
     `progress(done, total)` is called after each."""
-    from d3cli.core.model import fused_layers
-    from d3cli.core.model.model_facts import find_decoder_layers
-
     source = source if source is not None else ModelWeights(forms, gguf_types)
     builder = _Builder(choice, source)
     head, embedding = head_name(model), embedding_name(model)
@@ -341,8 +339,6 @@ def _check_no_empty_parameters(model: nn.Module) -> None:
 
 def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: Counter,
             head_kind: str | None, group_size: int | None) -> WeightsReport:
-    from d3cli.core.model.model_facts import find_decoder_layers
-
     layers = find_decoder_layers(model)
     layer_bytes = tuple(module_weight_bytes(layer) for layer in layers)
     head = model.get_output_embeddings()
@@ -360,9 +356,6 @@ def _report(model: nn.Module, choice: WeightChoice, modules: Counter, sources: C
 
 def _kernels(model: nn.Module) -> str | None:
     """Which kernels the model's quantized layers run on: d3's (and their instruction set) or torch's (and why)."""
-    from d3cli import kernels
-    from d3cli.core.model.quantized import TiledWeights
-
     if any(isinstance(module, TiledWeights) for module in model.modules()):
         return kernels.description() if kernels.loaded() else "d3 kernels"
     if any(isinstance(module, (Int4Linear, Int8Linear, BlockInt8Linear)) for module in model.modules()):

@@ -11,7 +11,7 @@ import torch
 from gguf_files import EXACT, write_tiny_gguf
 
 from d3cli import kernels
-from d3cli.core.model import gguf_cache, gguf_tiles, loader
+from d3cli.core.model import gguf_cache, gguf_tiles, loader, weights
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="d3's kernels cannot be built here")
 
@@ -43,7 +43,7 @@ def packs(monkeypatch) -> list:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gguf_tiles, "pack_joined", counting)
+    monkeypatch.setattr(weights, "pack_joined", counting)  # where the loader looks it up
     return calls
 
 
@@ -55,7 +55,7 @@ def test_a_later_load_maps_the_tiles_the_first_one_packed(gguf, monkeypatch):
     def no_packing(*args, **kwargs):
         raise AssertionError("packed again")
 
-    monkeypatch.setattr(gguf_tiles, "pack_joined", no_packing)
+    monkeypatch.setattr(weights, "pack_joined", no_packing)
     second = loader.load(str(gguf))
     assert torch.equal(logits(second.model), logits(first.model))
     assert second.weights.step_bytes == first.weights.step_bytes
