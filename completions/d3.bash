@@ -40,6 +40,7 @@ _d3() {
         "generate:--stop") COMPREPLY=(); return ;;
         "generate:--system"|"generate:-s") COMPREPLY=(); return ;;
         "generate:--batch-size"|"generate:-b") COMPREPLY=(); return ;;
+        "generate:--server") COMPREPLY=(); return ;;
         "chat:--model"|"chat:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "chat:--device") COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         "chat:--dtype") COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
@@ -61,6 +62,7 @@ _d3() {
         "chat:--seed") COMPREPLY=(); return ;;
         "chat:--stop") COMPREPLY=(); return ;;
         "chat:--system"|"chat:-s") COMPREPLY=(); return ;;
+        "chat:--server") COMPREPLY=(); return ;;
         "bench:--task") COMPREPLY=(); return ;;
         "bench:--subtasks") COMPREPLY=(); return ;;
         "bench:--limit") COMPREPLY=(); return ;;
@@ -168,8 +170,8 @@ _d3() {
     esac
     case "$path" in
         "") options="--version --help -h"; words="generate chat bench profile-ppl calibrate serve completions config" ;;
-        "generate") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --help -h"; words="" ;;
-        "chat") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --help -h"; words="" ;;
+        "generate") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --chat --no-chat --system -s --compare --json --jsonl --batch-size -b --skip-bad-lines --stats --server --help -h"; words="" ;;
+        "chat") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --top-k --top-p --seed --stop --system -s --jsonl --server --help -h"; words="" ;;
         "bench") options="--task --subtasks --limit --shots --chat --data-dir --methods --include-path --model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --max-new-tokens -n --temperature -t --seed --batch-size -b --output -o --resume --json --repeats --quick --help -h"; words="" ;;
         "profile-ppl") options="--task --text-file --self --subtasks --limit --offset --shots --chat --data-dir --prompt-tokens --max-positions --model -m --device --dtype --device-map --trust-remote-code --weights --group-size --alpha -a --min-layers --warmup --head --tail --skip-order --profile --calibration --bridges --no-bridges --bucket-size --layers --late-from --save-profile --target-speedup --target-layer-ratio --reply-tokens --json --csv --plot --help -h"; words="" ;;
         "calibrate") options="--model -m --device --dtype --device-map --trust-remote-code --weights --group-size --prompts --reply-tokens --batch-size -b --profile-texts --rank --ridge --head --tail --budget --schedule-prompts --schedule-tokens --time-limit --schedule-only --calibration --output -o --json --help -h"; words="" ;;

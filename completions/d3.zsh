@@ -67,6 +67,7 @@ _d3_generate() {
         '(--batch-size -b)-b[With --jsonl\: decode this many prompts at once.]:value: ' \
         '(--skip-bad-lines)--skip-bad-lines[With --jsonl\: warn about a malformed line and go on.]' \
         '(--stats)--stats[When stdout is not a terminal\: statistics on stderr.]' \
+        '(--server)--server[A running `d3 serve` of the same model to send the prompts to (http\://HOST\:PORT, HOST\:PORT or a port; also D3_SERVER)\: nothing loads here, the replies and their statistics are the server'\''s. Its API key\: D3_API_KEY.]:value: ' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
         '*::argument: '
@@ -104,6 +105,7 @@ _d3_chat() {
         '(--system -s)--system[System message for the chat template.]:value: ' \
         '(--system -s)-s[System message for the chat template.]:value: ' \
         '(--jsonl)--jsonl[Scripted chat\: one JSON object per reply (keys of generate --json plus turn).]' \
+        '(--server)--server[A running `d3 serve` of the same model to send the prompts to (http\://HOST\:PORT, HOST\:PORT or a port; also D3_SERVER)\: nothing loads here, the replies and their statistics are the server'\''s. Its API key\: D3_API_KEY.]:value: ' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
         '*::argument: '
@@ -111,7 +113,7 @@ _d3_chat() {
 
 _d3_bench() {
     _arguments -s \
-        '(--task)--task[gsm8k, bbh, replies (everyday prompts answered freely\: each method'\''s repetition and the full-depth model'\''s NLL of its replies against full depth'\''s), lm-eval\:TASK\[,TASK\] (lm-evaluation-harness tasks, scored by lm-eval; needs d3cli), or speed (timings only\: α = 1 against the model'\''s own generate, step cost per layer, D3 against its ideal, batches, KV cache, first token).]:value: ' \
+        '(--task)--task[gsm8k, bbh, replies (everyday prompts answered freely\: each method'\''s repetition and the full-depth model'\''s NLL of its replies against full depth'\''s), lm-eval\:TASK\[,TASK\] (lm-evaluation-harness tasks, scored by lm-eval; needs d3cli), speed (timings only\: α = 1 against the model'\''s own generate, step cost per layer, D3 against its ideal, batches, KV cache, first token), or startup (a new process'\''s first token, cold, warm and through a running d3 serve, and where a warm start goes).]:value: ' \
         '(--subtasks)--subtasks[BBH subtasks, comma-separated (default\: all 27).]:value: ' \
         '(--limit)--limit[Only the first N examples (per BBH subtask).]:value: ' \
         '(--shots)--shots[Few-shot exemplars (gsm8k\: 8, bbh\: 3).]:value: ' \
@@ -150,7 +152,7 @@ _d3_bench() {
         '(--resume)--resume[Continue the run in --output\: only unfinished examples run.]' \
         '(--json)--json[Print the summary as JSON on stdout (the table goes to stderr).]' \
         '(--repeats)--repeats[--task speed\: timed runs per measurement (medians; a warm-up is never timed).]:value: ' \
-        '(--quick)--quick[--task speed\: 32-token replies, 3 rounds, only the side-by-side sections (weight kinds, α = 1, step costs)\: a few minutes.]' \
+        '(--quick)--quick[--task speed\: 32-token replies, 3 rounds, only the side-by-side sections (weight kinds, α = 1, step costs)\: a few minutes. --task startup\: one round, 5 calls.]' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \
         '*::argument: '

@@ -15,7 +15,6 @@ from d3cli.base.errors import UserError
 from d3cli.base.paths import state_home
 from d3cli.cli import render
 from d3cli.core.decode import results
-from d3cli.core.decode.results import reply_record
 from d3cli.core.decode.schedule import parse_layer_count
 from d3cli.core.session.saved_chat import read_saved_chat, write_saved_chat
 from d3cli.core.text.prompts import decode_utf8
@@ -27,7 +26,7 @@ PROMPT = "you ❯ "
 class ChatSession:
     """The conversation plus what the user sees: slash commands, rendering, session totals."""
 
-    conversation: object  # d3cli.conversation.Conversation
+    conversation: object  # core/session/conversation.Conversation, or server/client.RemoteConversation
     scripted: bool
     as_jsonl: bool = False
     records: list[dict] = dataclasses.field(default_factory=list)
@@ -38,7 +37,7 @@ class ChatSession:
     def run_interactive(self) -> None:
         history = ChatHistory()
         console = render.stdout_console()
-        render.print_chat_banner(console, self.conversation.loaded.name, self.describe_settings())
+        render.print_chat_banner(console, self.conversation.name, self.describe_settings())
         try:
             while True:
                 try:
@@ -82,7 +81,7 @@ class ChatSession:
     # --- replies ----------------------------------------------------------------------------------------------
 
     def reply(self, text: str) -> None:
-        from d3cli.core.decode.engine import GenerationInterrupted
+        from d3cli.core.decode.results import GenerationInterrupted
 
         conversation = self.conversation
         plan = conversation.plan(text)
@@ -100,9 +99,7 @@ class ChatSession:
         except GenerationInterrupted as stopped:
             reply, interrupted = stopped.replies[0], True
         self.turn += 1
-        record = {"turn": self.turn, **reply_record(reply, conversation.decode_plan(), conversation.loaded.name,
-                                                     len(plan.token_ids), weights=conversation.loaded.weights,
-                                                     loaded=conversation.loaded)}
+        record = {"turn": self.turn, **conversation.record(reply, plan)}
         self.records.append(record)
         if self.as_jsonl:
             render.write_json_line(record)
@@ -133,6 +130,8 @@ class ChatSession:
 
     def describe_settings(self) -> str:
         decode_plan = self.conversation.decode_plan()
+        if decode_plan is None:  # a served conversation: the server plans each reply
+            return self.conversation.describe()
         schedule, calibration = decode_plan.schedule, decode_plan.calibration
         bridges = (f"calibration {calibration.label}, bridges {'on' if schedule.bridge_maps is not None else 'off'}"
                    if calibration is not None else "not calibrated (d3 calibrate)")
@@ -186,7 +185,7 @@ class ChatSession:
         if not argument:
             raise UserError("/save needs a file name, like /save chat.json")
         path = Path(argument).expanduser()
-        write_saved_chat(path, self.conversation.loaded.name, self.conversation.system, self.conversation.settings,
+        write_saved_chat(path, self.conversation.name, self.conversation.system, self.conversation.settings,
                          self.conversation.messages)
         self.info(f"saved {len(self.conversation.messages)} messages to {path}")
 
@@ -199,7 +198,7 @@ class ChatSession:
         self.conversation.settings = settings
         self.conversation.set_system(system)
         self.conversation.messages = messages
-        note = "" if model == self.conversation.loaded.name else f" (saved with {model})"
+        note = "" if model == self.conversation.name else f" (saved with {model})"
         self.info(f"loaded {len(messages)} messages from {path}{note}; now {self.describe_settings()}")
 
     def exit(self, argument: str) -> bool:

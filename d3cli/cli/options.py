@@ -85,6 +85,10 @@ GroupSizeOption = option(int, "Weights per int4 group when float weights are qua
                               MODEL_PANEL)
 DeviceMapOption = option(Optional[DeviceMap], "Spread a model too large for one device over all devices (accelerate).",
                                               MODEL_PANEL, show_default=False)
+ServerOption = option(
+    Optional[str], "A running `d3 serve` of the same model to send the prompts to (http://HOST:PORT, HOST:PORT or a "
+                   "port; also D3_SERVER): nothing loads here, the replies and their statistics are the server's. "
+                   "Its API key: D3_API_KEY.", MODEL_PANEL, show_default=False)
 TrustRemoteCodeOption = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow a model repository's own Python code to run.",
@@ -193,6 +197,11 @@ class ModelArgs(OptionGroup):
     trust_remote_code: TrustRemoteCodeOption = False
     weights: WeightsOption = "auto"
     group_size: GroupSizeOption = 32
+
+    def changed(self) -> list[str]:
+        """The options set to other than their defaults, besides --model (what a served model cannot take)."""
+        return ["--" + item.name.replace("_", "-") for item in dataclasses.fields(self) if item.name != "model"
+                and getattr(getattr(self, item.name), "value", getattr(self, item.name)) != item.default]
 
     def options(self, lean: bool = False):
         """The loader's `ModelOptions` of these arguments; `lean` for a command that only decodes (d3's own model

@@ -10,6 +10,8 @@
     routes.py     the routes (Starlette): body limits, a request -> a Job -> JSON or server-sent events,
                   disconnect watching.
     app.py        the gate (API key, the request log), the socket, uvicorn, Ctrl-C.
+    client.py     the other side: `d3 generate/chat --server` send their prompts to a running server (standard
+                  library only) and get back the events and the record a local run makes.
 
 This layer may import d3cli.core; nothing in core or evaluation imports it, and it imports nothing of d3cli.cli.
 """

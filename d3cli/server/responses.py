@@ -9,7 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from d3cli.core.decode.results import Reply, estimated_speedup, layer_ratio, schedule_fields
+from d3cli.core.decode.results import Reply, reply_record
 from d3cli.server.protocol import CHAT, COMPLETION, FINISH_REASONS, CompletionRequest
 
 
@@ -20,10 +20,10 @@ class ResponseIdentity:
     id: str
     created: int
     model: str
-    weights: str | None = None  # which weights ran (weight_choice.WeightsReport.kind), for the `d3` object
+    weights: dict | None = None  # which weights ran (results.weights_fields), for the `d3` object
 
     @classmethod
-    def new(cls, endpoint: str, model: str, weights: str | None = None) -> ResponseIdentity:
+    def new(cls, endpoint: str, model: str, weights: dict | None = None) -> ResponseIdentity:
         prefix = "chatcmpl" if endpoint == CHAT else "cmpl"
         return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), model, weights)
 
@@ -42,24 +42,18 @@ def usage(prompt_tokens: int, reply: Reply) -> dict:
             "total_tokens": prompt_tokens + reply.generated_tokens}
 
 
-def d3_extension(reply: Reply, plan, batch_size: int = 1, weights: str | None = None) -> dict:
-    """D3's numbers for one reply, in the extension object `d3` (`batch_size`: how many replies were decoded
-    together with this one, itself included; `weights`: which weights ran)."""
-    schedule = plan.schedule
-    return {
-        "weights": weights,
-        "layers_per_token": reply.layers_per_token,
-        "mean_layers": round(reply.mean_layers, 4),
-        "layer_ratio": round(layer_ratio(reply, schedule.num_layers), 4),
-        "estimated_speedup": round(estimated_speedup(reply, schedule.num_layers), 4),
-        "num_layers": schedule.num_layers,
-        **schedule_fields(plan),
-        "bridges": schedule.bridge_maps is not None,
-        "token_ids": reply.token_ids,
-        "time_s": round(reply.time_s, 4),
-        "tokens_per_s": round(reply.tokens_per_s, 3),
-        "batch_size": batch_size,
-    }
+def d3_extension(reply: Reply, plan, prompt_tokens: int, identity: ResponseIdentity, batch_size: int = 1) -> dict:
+    """D3's numbers for one reply, in the extension object `d3`: every field of `d3 generate --json`'s record but
+    the text and the model (the response has them), so that `d3 generate --server` prints what a local run prints;
+    and `batch_size`: how many replies were decoded together with this one, itself included."""
+    record = reply_record(reply, plan, identity.model, prompt_tokens)
+    del record["model"], record["text"]
+    return {**(identity.weights or {"weights": None}), **record, "batch_size": batch_size}
+
+
+def token_extension(event) -> dict:
+    """The `d3` object of one token's chunk: its id, the layers that ran for it and when it came."""
+    return {"token_id": event.token_id, "layers": event.layers, "elapsed_s": round(event.elapsed_s, 4)}
 
 
 def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply, plan,
@@ -71,7 +65,7 @@ def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply,
     else:
         choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": finish_reason(reply)}
     return {**identity.header(endpoint), "choices": [choice], "usage": usage(prompt_tokens, reply),
-            "d3": d3_extension(reply, plan, batch_size, identity.weights)}
+            "d3": d3_extension(reply, plan, prompt_tokens, identity, batch_size)}
 
 
 class ChunkStream:
@@ -100,20 +94,21 @@ class ChunkStream:
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def token(self, event) -> list[dict]:
-        """The chunk of one token: its text (the first also carries the role). The token that ends the reply (EOS,
-        or the end of a stop string) has a chunk only when it adds text."""
+        """The chunk of one token: its text (the first also carries the role) and its `d3` object. The token that ends
+        the reply (EOS, or the end of a stop string) has a chunk only when it adds text (the last chunk's `d3`
+        record still counts it)."""
         first = not self.reply.token_ids
         self.reply.add(event)
         if event.finish_reason is not None and not event.text and not first:
             return []
-        return [self._chunk([self._choice(event.text, None, role=first)])]
+        return [{**self._chunk([self._choice(event.text, None, role=first)]), "d3": token_extension(event)}]
 
     def finish(self, batch_size: int = 1) -> list[dict]:
         """The finish chunk and, when asked, the usage chunk; the last carries `d3`."""
         chunks = [self._chunk([self._choice(None, finish_reason(self.reply))])]
         if self.request.include_usage:
             chunks.append({**self._chunk([]), "usage": usage(self.prompt_tokens, self.reply)})
-        chunks[-1]["d3"] = d3_extension(self.reply, self.plan, batch_size, self.identity.weights)
+        chunks[-1]["d3"] = d3_extension(self.reply, self.plan, self.prompt_tokens, self.identity, batch_size)
         return chunks
 
 

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from d3cli.core.decode.results import weights_fields
 from d3cli.server import protocol, responses
 from d3cli.server.protocol import ApiError
 from d3cli.server.responses import ChunkStream, ResponseIdentity
@@ -117,8 +118,7 @@ def completions_route(endpoint_kind: str):
         except QueueFull:
             raise ApiError(503, f"the server is busy: {state.config.queue_size} requests are already waiting",
                            code="queue_full") from None
-        weights = state.loaded.weights.kind if state.loaded.weights is not None else None
-        identity = ResponseIdentity.new(endpoint_kind, state.model_id, weights)
+        identity = ResponseIdentity.new(endpoint_kind, state.model_id, weights_fields(state.loaded.weights))
         watcher = asyncio.create_task(watch_disconnect(request.receive, job))
         chunks = ChunkStream(parsed, identity, plan, len(token_ids))
         log = request.scope["d3"]
@@ -233,7 +233,8 @@ async def health(request: Request):
     state: ServerState = request.app.state.d3
     if state.loaded is None:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
-    return JSONResponse({"status": "ok", "model": state.model_id, "queued": state.worker.waiting})
+    return JSONResponse({"status": "ok", "model": state.model_id, "queued": state.worker.waiting,
+                         "num_layers": state.num_layers, "chat_template": state.chat_template})
 
 
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:

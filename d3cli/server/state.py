@@ -15,7 +15,7 @@ from d3cli.core.model.model_facts import context_length, num_decoder_layers
 from d3cli.core.session.front_door import Session, open_model
 from d3cli.core.session.plan import DecodePlan
 from d3cli.core.session.settings import DecodeSettings
-from d3cli.core.text.prompts import check_fits_context, encode_chat, encode_prompt
+from d3cli.core.text.prompts import check_fits_context, encode_chat, encode_prompt, has_chat_template
 from d3cli.server import protocol
 from d3cli.server.protocol import CHAT, ApiError, CompletionRequest
 from d3cli.server.worker import Worker
@@ -78,6 +78,11 @@ class ServerState:
         self.ready.set()
         self.log({"event": "ready", "model": self.model_id, "num_layers": self.num_layers,
                   "load_s": round(time.perf_counter() - started, 2)})
+
+    @property
+    def chat_template(self) -> bool:
+        """Whether the model's tokenizer has a chat template (what `d3 generate --server` does with a prompt)."""
+        return has_chat_template(self.tokenizer)
 
     @property
     def num_layers(self) -> int:

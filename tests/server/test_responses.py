@@ -79,8 +79,14 @@ def test_chat_chunks_one_per_token_then_finish_then_usage_with_d3_on_the_last():
     assert parsed[2].choices[0].finish_reason == "stop" and parsed[2].choices[0].delta.content is None
     assert parsed[3].choices == [] and parsed[3].usage.completion_tokens == 3 and parsed[3].usage.prompt_tokens == 5
     assert all(chunk["usage"] is None for chunk in chunks[:3])
-    assert "d3" in chunks[3] and all("d3" not in chunk for chunk in chunks[:3])
-    assert chunks[3]["d3"]["layers_per_token"] == [8, 7, 6]
+    assert [chunk["d3"] for chunk in chunks[:2]] == [{"token_id": 100, "layers": 8, "elapsed_s": 0.01},
+                                                     {"token_id": 101, "layers": 7, "elapsed_s": 0.02}]
+    assert "d3" not in chunks[2]  # the finish chunk: the EOS token is counted in the record that follows
+    record = chunks[3]["d3"]
+    assert record["layers_per_token"] == [8, 7, 6] and record["token_ids"] == [100, 101, 102]
+    assert (record["prompt_tokens"], record["generated_tokens"], record["finish_reason"]) == (5, 3, "eos")
+    assert {"alpha", "min_layers", "schedule_source", "calibration", "time_to_first_token_s",
+            "decode_tokens_per_s"} <= set(record) and "text" not in record
     assert len({chunk["id"] for chunk in chunks}) == 1
 
 

@@ -43,7 +43,7 @@ OutputOption = output_option("Per-example results, JSONL (default: "
 ResumeOption = flag("--resume", "Continue the run in --output: only unfinished examples run.")
 JsonOption = flag("--json", "Print the summary as JSON on stdout (the table goes to stderr).")
 QuickOption = flag("--quick", "--task speed: 32-token replies, 3 rounds, only the side-by-side "
-                   "sections (weight kinds, α = 1, step costs): a few minutes.")
+                   "sections (weight kinds, α = 1, step costs): a few minutes. --task startup: one round, 5 calls.")
 LimitOption = option(Optional[int], "Only the first N examples (per BBH subtask).", TASK_PANEL, show_default=False)
 MethodsOption = option(Optional[str], "Which of d3, static, linear and their +bridges forms (d3+bridges...) to run "
                                       "beside full depth. Default: d3, static, linear, and d3+bridges and "
@@ -64,9 +64,11 @@ def bench(
     task: Annotated[str, typer.Option("--task", help="gsm8k, bbh, replies (everyday prompts answered freely: each "
                                       "method's repetition and the full-depth model's NLL of its replies against "
                                       "full depth's), lm-eval:TASK[,TASK] (lm-evaluation-harness tasks, "
-                                      "scored by lm-eval; needs d3cli[eval]), or speed (timings only: α = 1 against "
+                                      "scored by lm-eval; needs d3cli[eval]), speed (timings only: α = 1 against "
                                       "the model's own generate, step cost per layer, D3 against its ideal, batches, "
-                                      "KV cache, first token).", rich_help_panel=TASK_PANEL)] = "gsm8k",
+                                      "KV cache, first token), or startup (a new process's first token, cold, warm "
+                                      "and through a running d3 serve, and where a warm start goes).",
+                                      rich_help_panel=TASK_PANEL)] = "gsm8k",
     subtasks: SubtasksOption = None,
     limit: LimitOption = None,
     shots: ShotsOption = None,
@@ -90,8 +92,8 @@ def bench(
     downloaded into the cache on first use when there is internet.
     """
 
-    if quick and task != "speed":
-        raise UserError("--quick applies to --task speed only")
+    if quick and task not in ("speed", "startup"):
+        raise UserError("--quick applies to --task speed and startup only")
     request = BenchRequest(task, subtasks, limit, shots, chat, data_dir, methods, include_path, model, depth,
                            sampling, parse_alphas(depth.alpha) if depth.alpha is not None else (), batch_size,
                            output, resume, as_json, repeats, quick, launched_size())
@@ -124,7 +126,9 @@ class BenchRequest:
 
     @property
     def kind(self) -> str:
-        return "speed" if self.task == "speed" else "lm-eval" if self.task.startswith("lm-eval:") else "task"
+        if self.task in ("speed", "startup"):
+            return self.task
+        return "lm-eval" if self.task.startswith("lm-eval:") else "task"
 
     def settings(self, sampling=None) -> DecodeSettings:
         """The decode settings of the first α (or the model's own schedule) and `sampling` (default: as asked)."""
@@ -272,5 +276,25 @@ def run_lm_eval(request: BenchRequest) -> None:
         render.write_json_line(summary)
 
 
+def run_startup(request: BenchRequest) -> None:
+    """`--task startup`: new processes' first token, cold, warm and through a running server, and where a warm
+    start goes (evaluation/speed/startup.py)."""
+    import dataclasses as fields
+
+    from d3cli.evaluation.speed import startup
+
+    if request.launched > 1:
+        raise UserError("--task startup times new processes: run it without a launcher (accelerate launch, torchrun)")
+    check_at_least("--repeats", request.repeats, 1)
+    model_options = request.model.options()
+    loader_fields = {key: value for key, value in fields.asdict(model_options).items() if key != "lean"}
+    rounds, calls = (1, 5) if request.quick else (min(request.repeats, 3), 20)
+    with render.Spinner(render.stderr_console(), "timing new processes") as spinner:
+        report = startup.measure(model_options.cli_args(), loader_fields, rounds, calls, on_status=spinner.update)
+    render.print_startup_report(request.console(), report)
+    if request.as_json:
+        render.write_json_line(report)
+
+
 # Each kind of --task and its run: the command parses, picks one here, and that run checks, calls and renders.
-RUNS = {"speed": run_speed, "lm-eval": run_lm_eval, "task": run_task}
+RUNS = {"speed": run_speed, "startup": run_startup, "lm-eval": run_lm_eval, "task": run_task}

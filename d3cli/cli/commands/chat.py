@@ -12,9 +12,18 @@ from typing import Annotated
 
 import typer
 
+from d3cli.base.errors import UserError
 from d3cli.cli import render
 from d3cli.cli.chat_session import ChatSession
-from d3cli.cli.options import OUTPUT_PANEL, DepthArgs, ModelArgs, SamplingArgs, SystemOption, uses_option_groups
+from d3cli.cli.options import (
+    OUTPUT_PANEL,
+    DepthArgs,
+    ModelArgs,
+    SamplingArgs,
+    ServerOption,
+    SystemOption,
+    uses_option_groups,
+)
 from d3cli.core.session.settings import DecodeSettings
 
 
@@ -28,22 +37,36 @@ def chat(
         bool, typer.Option("--jsonl", help="Scripted chat: one JSON object per reply (keys of generate --json "
                            "plus turn).", rich_help_panel=OUTPUT_PANEL),
     ] = False,
+    server: ServerOption = None,
 ) -> None:
     """Chat with a model, every reply decoded with D3 (the depth schedule restarts for each reply).
 
     Type /help in the chat for its commands. Piped, each input line is one user turn.
     """
     settings = DecodeSettings.from_options(**depth.values(), **sampling.values(), chat=True)
-    from d3cli.core.session.conversation import Conversation
-    from d3cli.core.session.front_door import open_model
+    if server:
+        conversation = served_conversation(server, model, settings, system)
+    else:
+        from d3cli.core.session.conversation import Conversation
+        from d3cli.core.session.front_door import open_model
 
-    with render.LoadingBar(model.options().model or "the embedded model") as bar:
-        loaded = open_model(model.options(lean=True), settings, progress=bar.progress).loaded
-    conversation = Conversation(loaded, settings, system=system)
-    conversation.decode_plan()  # the depth options fit this model
+        with render.LoadingBar(model.options().model or "the embedded model") as bar:
+            loaded = open_model(model.options(lean=True), settings, progress=bar.progress).loaded
+        conversation = Conversation(loaded, settings, system=system)
+        conversation.decode_plan()  # the depth options fit this model
     scripted = jsonl or not sys.stdin.isatty()
     session = ChatSession(conversation, scripted=scripted, as_jsonl=jsonl)
     if scripted:
         session.run_scripted(sys.stdin.buffer)
     else:
         session.run_interactive()
+
+
+def served_conversation(url: str, model: ModelArgs, settings: DecodeSettings, system: str | None):
+    """--server: the conversation kept here, each reply made by a running `d3 serve` of the same model."""
+    from d3cli.server.client import RemoteConversation, RemoteModel
+
+    if model.changed():
+        raise UserError(f"{', '.join(model.changed())}: the server runs its model as `d3 serve` was told; leave "
+                        "them out with --server")
+    return RemoteConversation(RemoteModel.connect(url, model.model), settings, system=system)

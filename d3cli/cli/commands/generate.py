@@ -1,6 +1,8 @@
 """`d3 generate`: one prompt (argument or stdin) or a JSONL stream of prompts, decoded with D3.
 
-A thin composition: options -> DecodeSettings -> load() -> engine.generate() -> a renderer or JSON.
+A thin composition: options -> DecodeSettings -> load() -> engine.generate() -> a renderer or JSON. With --server
+(or D3_SERVER) the prompts go to a running `d3 serve` instead (server/client.py) and the same renderers show what
+comes back: nothing loads in this process.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from d3cli.cli.options import (
     DepthArgs,
     ModelArgs,
     SamplingArgs,
+    ServerOption,
     SystemOption,
     batch_size_option,
     flag,
@@ -61,6 +64,7 @@ def generate(
     batch_size: BatchSizeOption = 1,
     skip_bad_lines: SkipBadLinesOption = False,
     stats: StatsOption = False,
+    server: ServerOption = None,
 ) -> None:
     """Generate a reply with Position-Aware Depth Decay Decoding.
 
@@ -84,6 +88,11 @@ def generate(
         if not prompt.strip():
             raise UserError("the prompt is empty")
 
+    if server:
+        run_remote(server, model, settings, prompt, compare=compare, as_json=as_json, jsonl=jsonl,
+                   batch_size=batch_size, skip_bad_lines=skip_bad_lines, stats=stats)
+        return
+
     from d3cli.core.session.front_door import open_model
 
     with render.LoadingBar(model.options().model or "the embedded model") as bar:
@@ -97,7 +106,7 @@ def generate(
 
 def run_single(loaded, prepared: PreparedPrompt, compare: bool, as_json: bool, stats: bool) -> None:
     """Decode one prompt; render live on a terminal, else stream plain text (or print JSON)."""
-    from d3cli.core.decode.engine import GenerationInterrupted
+    from d3cli.core.decode.results import GenerationInterrupted
 
     plan, full_depth = plans(loaded, prepared.settings)
     on_terminal = sys.stdout.isatty() and not as_json
@@ -153,7 +162,7 @@ def run_jsonl(loaded, settings: DecodeSettings, compare: bool, batch_size: int, 
     On Ctrl-C the replies in flight are still printed, with finish_reason "interrupted".
     """
     from d3cli.cli.jsonl_input import read_requests
-    from d3cli.core.decode.engine import GenerationInterrupted
+    from d3cli.core.decode.results import GenerationInterrupted
 
     def prepare(request) -> PreparedPrompt:
         return prepare_prompt(loaded, request.prompt, request.settings, request.line, request.request_id)
@@ -187,3 +196,94 @@ def line_record(loaded, prepared: PreparedPrompt, reply: Reply, plan, baseline: 
         record["id"] = prepared.request_id
     record.update(reply_record(reply, plan, loaded.name, len(prepared.token_ids), baseline, loaded.weights, loaded))
     return record
+
+
+# --- through a running server ------------------------------------------------------------------------------------
+
+
+def run_remote(url: str, model: ModelArgs, settings: DecodeSettings, prompt: str | None, compare: bool, as_json: bool,
+               jsonl: bool, batch_size: int, skip_bad_lines: bool, stats: bool) -> None:
+    """--server: the same output as a local run, from a running `d3 serve` of the same model."""
+    from d3cli.server.client import RemoteModel, check_local_only
+
+    if compare:
+        raise UserError("--compare decodes twice in this process: leave out --server (or run `d3 bench --task speed`)")
+    if model.changed():
+        raise UserError(f"{', '.join(model.changed())}: the server runs its model as `d3 serve` was told; leave "
+                        "them out with --server")
+    check_local_only(settings)
+    remote = RemoteModel.connect(url, model.model)
+    if jsonl:
+        run_jsonl_remote(remote, settings, batch_size, skip_bad_lines)
+    else:
+        run_single_remote(remote, settings, prompt, as_json, stats)
+
+
+def run_single_remote(remote, settings: DecodeSettings, prompt: str, as_json: bool, stats: bool) -> None:
+    from d3cli.server.client import RemoteRequest, ServerDropped
+
+    request = RemoteRequest(settings, prompt=prompt)
+    on_terminal = sys.stdout.isatty() and not as_json
+    try:
+        if on_terminal:
+            with render.ReplyView(render.stdout_console(), remote.num_layers) as view:
+                served = remote.stream(request, on_event=view.add)
+        else:
+            served = remote.stream(request, on_event=None if as_json else write_text)
+    except ServerDropped as dropped:
+        if as_json:
+            render.write_json_line(dropped.partial.record)
+        elif not on_terminal:
+            render.write_stdout("\n")
+        raise
+    if as_json:
+        render.write_json_line(served.record)
+    elif on_terminal:
+        render.print_summary(render.stdout_console(), served.record)
+    else:
+        render.write_stdout("" if served.reply.text.endswith("\n") else "\n")
+        if stats:
+            render.print_stats(served.record)
+
+
+def run_jsonl_remote(remote, settings: DecodeSettings, batch_size: int, skip_bad_lines: bool) -> None:
+    """Each stdin line a request to the server (`batch_size` of them in flight at once, so that the server may
+    decode them together); each reply one JSON line in input order. A reply the server stopped sending is written
+    with what arrived (finish_reason "unfinished") before the one-line error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from d3cli.cli.jsonl_input import read_requests
+    from d3cli.server.client import RemoteRequest, ServerDropped, check_local_only
+
+    def prepare(request):
+        check_local_only(request.settings)
+        if not request.prompt.strip():
+            raise UserError("the prompt is empty")
+        return request
+
+    def served(request):
+        try:
+            return remote.stream(RemoteRequest(request.settings, prompt=request.prompt)), None
+        except ServerDropped as dropped:
+            return dropped.partial, dropped
+
+    requests = read_requests(sys.stdin.buffer, settings, prepare, skip_bad_lines, warn=render.print_warning)
+    with ThreadPoolExecutor(max_workers=batch_size) as pool:
+        for batch in batches_of(requests, batch_size):
+            for request, (reply, dropped) in zip(batch, pool.map(served, batch)):
+                record = {"line": request.line, **({"id": request.request_id} if request.request_id is not None
+                                                   else {}), **reply.record}
+                render.write_json_line(record)
+                if dropped is not None:
+                    raise UserError(f"line {request.line}: {dropped}")
+
+
+def batches_of(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

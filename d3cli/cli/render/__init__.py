@@ -69,5 +69,6 @@ from d3cli.cli.render.server import (  # noqa: F401
 from d3cli.cli.render.speed import (  # noqa: F401
     print_long_prompt,
     print_speed_report,
+    print_startup_report,
     print_weight_kinds,
 )

@@ -62,8 +62,8 @@ def print_speed_report(console: Console, report: dict) -> None:
     if "first_token" in report:
         first = report["first_token"]
         console.print(Text(f"first token from a new process: cold {first['cold_s']:.1f} s (empty d3 cache), warm "
-                           f"{first['warm_s']:.1f} s (exit {first['warm_exit_s']:.1f} s); importing torch and "
-                           f"transformers alone takes {first['imports_s']:.1f} s"))
+                           f"{first['warm_s']:.1f} s (exit {first['warm_exit_s']:.1f} s); d3 bench --task startup "
+                           "says where it goes"))
     console.print(Text("limit = memory bandwidth ÷ weight bytes per decode step; ideal = T(L) / (T_fixed + "
                        "k̄·T_layer + r̄·T_bridge) with the fitted costs (r̄: bridged runs per step); measured: decode "
                        "time at full depth over decode time with D3 (prefill excluded); efficiency = measured / "
@@ -111,3 +111,23 @@ def print_weight_kinds(console: Console, report: dict) -> None:
     skipped = (report.get("llama_cpp") or {}).get("skipped")
     if skipped:
         console.print(Text(f"llama.cpp: not timed ({skipped})", style="dim"))
+
+
+def print_startup_report(console: Console, report: dict) -> None:
+    """`d3 bench --task startup`: a new process's first token, through a server, and where a warm start goes."""
+    first, served, stages = report["first_token"], report["server"], report["stages"]
+    console.print(Text(f"d3 startup · {' '.join(report['model_args']) or 'the embedded model'} · medians of "
+                       f"{report['rounds']}", style="bold"))
+    console.print(Text(f"first token from a new process: cold {first['cold_s']:.2f} s (empty d3 cache), warm "
+                       f"{first['warm_s']:.2f} s (exit {first['warm_exit_s']:.2f} s)"))
+    console.print(Text(f"through a running d3 serve: first token {served['first_token_s']:.2f} s; "
+                       f"{served['calls']} one-prompt calls {served['server_calls_s']:.1f} s against "
+                       f"{served['local_calls_s']:.1f} s locally ({served['calls_speedup']:.1f}× faster)"))
+    names = {"python_s": "python", "torch_import_s": "import torch", "cli_import_s": "import d3",
+             "kernels_s": "kernels", "config_s": "config", "tokenizer_s": "tokenizer", "weights_s": "weights",
+             "first_token_s": "first token"}
+    parts = [f"{label} {stages[key]:.2f}" for key, label in names.items() if key in stages]
+    other = stages["open_model_s"] - sum(stages.get(key, 0.0) for key in ("config_s", "tokenizer_s", "weights_s"))
+    console.print(Text(f"warm start, {stages['total_s']:.2f} s in one process: {' · '.join(parts)} · rest of the "
+                       f"load {max(other, 0.0):.2f} s" + (" (through transformers)" if stages["transformers_imported"]
+                                                          else "")))

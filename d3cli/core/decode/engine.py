@@ -27,7 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from d3cli.core.decode.native_step import native_decoder
-from d3cli.core.decode.results import Reply, ReplyCollector
+from d3cli.core.decode.results import (  # noqa: F401 (TokenEvent, GenerationInterrupted: what it yields and raises)
+    GenerationInterrupted,
+    Reply,
+    ReplyCollector,
+    TokenEvent,
+)
 from d3cli.core.decode.sampling import Sampler, greedy, make_sampler
 from d3cli.core.decode.schedule import DecaySchedule
 from d3cli.core.decode.skipping import LayerSkipper
@@ -197,19 +202,6 @@ def generate_steps(
             next_input = torch.where(finished, torch.full_like(token_ids, pad_token_id), token_ids)
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token of one row, as every renderer sees it."""
-
-    row: int
-    index: int  # i: the token's position in the reply
-    token_id: int
-    text: str  # the text this token makes printable (may be empty, or carry held-back text)
-    layers: int  # k_i: decoder layers that ran to produce this token
-    elapsed_s: float  # seconds since the prefill started
-    finish_reason: str | None = None  # "eos", "stop", "length" on the row's last token
-
-
 def eos_token_ids(model, tokenizer) -> frozenset[int]:
     """Every id that ends a reply: the generation config's EOS ids and the tokenizer's."""
     ids: set[int] = set()
@@ -277,14 +269,6 @@ def stream_generate(
                 yield TokenEvent(row, step.index, token_id, text, len(step.kept_layers), elapsed_s, finish_reason)
     finally:
         steps.close()
-
-
-class GenerationInterrupted(KeyboardInterrupt):
-    """Ctrl-C during `generate`: carries the replies as far as they got (finish_reason "interrupted")."""
-
-    def __init__(self, replies: list[Reply]):
-        super().__init__()
-        self.replies = replies
 
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], schedule: DecaySchedule, *, on_event=None,

@@ -8,6 +8,20 @@ from dataclasses import dataclass, field
 from d3cli.core.decode.schedule import DecaySchedule, runs_at_depths
 
 
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one row, as every renderer sees it (the engine yields them; a d3 server's stream
+    carries them to `d3 generate --server`)."""
+
+    row: int
+    index: int  # i: the token's position in the reply
+    token_id: int
+    text: str  # the text this token makes printable (may be empty, or carry held-back text)
+    layers: int  # k_i: decoder layers that ran to produce this token
+    elapsed_s: float  # seconds since the prefill started
+    finish_reason: str | None = None  # "eos", "stop", "length" on the row's last token
+
+
 @dataclass
 class Reply:
     """One row's reply as it was generated."""
@@ -51,6 +65,14 @@ class Reply:
     def prefill_tokens_per_s(self, prompt_tokens: int) -> float | None:
         """Prompt tokens over the time to the first token (the prefill, which produces it)."""
         return prompt_tokens / self.first_token_s if self.first_token_s else None
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `generate`: carries the replies as far as they got (finish_reason "interrupted")."""
+
+    def __init__(self, replies: list[Reply]):
+        super().__init__()
+        self.replies = replies
 
 
 class ReplyCollector:

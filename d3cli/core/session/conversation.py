@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from d3cli.base.errors import UserError
 from d3cli.core.decode import engine
 from d3cli.core.decode.engine import new_cache
-from d3cli.core.decode.results import Reply
+from d3cli.core.decode.results import Reply, reply_record
 from d3cli.core.model.kv_buffers import ReservingCache
 from d3cli.core.model.loader import LoadedModel
 from d3cli.core.model.model_facts import context_length, num_decoder_layers
@@ -57,6 +57,15 @@ class Conversation:
     @property
     def num_layers(self) -> int:
         return num_decoder_layers(self.loaded.model)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    def record(self, reply: Reply, plan: TurnPlan) -> dict:
+        """The reply's record, as `d3 generate --json` writes one."""
+        return reply_record(reply, self.decode_plan(), self.loaded.name, len(plan.token_ids),
+                            weights=self.loaded.weights, loaded=self.loaded)
 
     def decode_plan(self, settings: DecodeSettings | None = None):
         """The DecodePlan of `settings` (default: the conversation's) for this model and its calibration."""

@@ -5,6 +5,8 @@
     side_by_side.py   d3's weight kinds and llama.cpp (llama-cpp-python or llama-bench) decoding in turns; a long
                       prompt's prefill and the decode after it
     report.py         all of it on one loaded model, as one JSON-ready report (the command's one call)
+    startup.py        `--task startup`: new processes' first token, cold, warm and through a running server, and
+                      the stages of a warm start
 
 The per-step cost fit itself (timing.py) is shared with profile-ppl's recommendation, so it sits one level up.
 """

@@ -22,7 +22,7 @@ from d3cli.core.session.front_door import open_model
 from d3cli.core.session.plan import plan_for
 from d3cli.core.session.settings import DecodeSettings
 from d3cli.core.text.prompts import encode_prompt
-from d3cli.evaluation.speed import side_by_side, steps
+from d3cli.evaluation.speed import side_by_side, startup, steps
 from d3cli.evaluation.timing import decode_seconds
 
 SPEED_PROMPT = "Explain in a few paragraphs why the sky is blue and why sunsets are red."
@@ -119,8 +119,8 @@ def measure(loaded, model_options: ModelOptions, settings: DecodeSettings, alpha
     on_status("measuring the KV cache of a long reply")
     report["kv_cache"] = steps.kv_cache_bytes(loaded.model, prompt, schedules[0], long_tokens)
     on_status("timing the first token in new processes")
-    report["first_token"] = steps.first_token_seconds(child_generate_args(model_options, settings),
-                                                      type(loaded.model).__name__, max(1, min(repeats, 3)))
+    report["first_token"] = startup.first_token_seconds(child_generate_args(model_options, settings),
+                                                        max(1, min(repeats, 3)))
     return report
 
 

@@ -12,11 +12,7 @@ moves both sides alike; decode times exclude the prefill.
 from __future__ import annotations
 
 import copy
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
@@ -205,46 +201,3 @@ def kv_cache_bytes(model, prompt_ids: Sequence[int], schedule: DecaySchedule, to
         report[f"{name}_allocated_bytes"] = cache.capacity_bytes()
     report["ratio"] = report["d3_bytes"] / report["full_bytes"] if report["full_bytes"] else float("nan")
     return report
-
-
-def first_token_seconds(model_args: Sequence[str], model_class: str, repeats: int) -> dict:
-    """Wall seconds from starting `d3 generate -n 1` in a new process to its first token on standard output
-    (one JSONL line), cold (an empty d3 cache, so a GGUF model is converted again) and warm (the cache filled);
-    the warm process's exit; and the floor under all of them: a new process that only imports torch and the model's
-    transformers class. Medians of `repeats` runs."""
-    command = [sys.executable, "-m", "d3cli", "generate", "-n", "1", "--jsonl", *model_args]
-    imports = [sys.executable, "-c", f"import torch, transformers; transformers.{model_class}"]
-
-    def run(cache_dir: str) -> tuple[float, float]:
-        environment = dict(os.environ, D3_CACHE_DIR=cache_dir)
-        started = time.perf_counter()
-        with tempfile.TemporaryFile(mode="w+") as errors:  # a file, not a pipe: stderr can never stall the child
-            process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=errors, text=True)
-            process.stdin.write('{"prompt": "Hello"}\n')
-            process.stdin.close()
-            first_line = process.stdout.readline()
-            first_token = time.perf_counter() - started
-            process.stdout.read()
-            process.wait()
-            exited = time.perf_counter() - started
-            if process.returncode != 0 or not first_line:
-                errors.seek(0)
-                raise RuntimeError(f"d3 generate failed while timing the first token: {errors.read().strip()}")
-        return first_token, exited
-
-    def import_seconds() -> float:
-        started = time.perf_counter()
-        subprocess.run(imports, check=True, capture_output=True)
-        return time.perf_counter() - started
-
-    cold, warm, warm_exit, floor = [], [], [], []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="d3-speed-") as cache_dir:
-            cold.append(run(cache_dir)[0])
-            first_token, exited = run(cache_dir)
-            warm.append(first_token)
-            warm_exit.append(exited)
-        floor.append(import_seconds())
-    return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm),
-            "warm_exit_s": statistics.median(warm_exit), "imports_s": statistics.median(floor), "runs": repeats}

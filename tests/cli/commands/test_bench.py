@@ -4,6 +4,8 @@ tests/evaluation/bench/test_runner.py's (lm-eval's: tests/evaluation/harness/)."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from d3cli.cli.commands.bench import model_slug
@@ -19,7 +21,7 @@ def test_help_lists_the_task_method_and_output_options(cli):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--quick"], "--quick applies to --task speed only"),
+    (["--quick"], "--quick applies to --task speed and startup only"),
     (["--task", "speed", "--repeats", "0"], "--repeats must be at least 1, not 0"),
     (["--repeats", "many"], "Invalid value for '--repeats'"),
     (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
@@ -83,3 +85,28 @@ def test_bad_lm_eval_benches_are_one_line(cli, tiny_model_dir, shared_data, args
     pytest.importorskip("lm_eval")
     result = cli(["bench", "--model", str(tiny_model_dir), "--data-dir", str(shared_data), *args])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+STARTUP = {"model_args": ["--model", "m.gguf"], "rounds": 3,
+           "first_token": {"cold_s": 20.5, "warm_s": 1.75, "warm_exit_s": 1.9, "runs": 3},
+           "stages": {"python_s": 0.02, "torch_import_s": 0.99, "cli_import_s": 0.21, "kernels_s": 0.01,
+                      "config_s": 0.0, "tokenizer_s": 0.09, "weights_s": 0.11, "open_model_s": 0.3,
+                      "first_token_s": 0.14, "total_s": 1.63, "transformers_imported": False},
+           "server": {"first_token_s": 0.33, "calls": 20, "local_calls_s": 36.2, "server_calls_s": 6.9,
+                      "calls_speedup": 36.2 / 6.9}}
+
+
+def test_the_startup_task_reports_new_processes_the_server_and_the_stages(cli, monkeypatch):
+    from d3cli.evaluation.speed import startup
+
+    asked = []
+    monkeypatch.setattr(startup, "measure", lambda args, options, rounds, calls, on_status: asked.append(
+        (args, options["model"], rounds, calls)) or STARTUP)
+    result = cli(["bench", "--task", "startup", "--model", "m.gguf", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == STARTUP
+    assert asked == [(["--model", "m.gguf", "--device", "auto", "--dtype", "auto"], "m.gguf", 3, 20)]
+    assert "through a running d3 serve: first token 0.33 s; 20 one-prompt calls 6.9 s against 36.2 s locally (5.2×" \
+        in " ".join(result.stderr.split())
+    quick = cli(["bench", "--task", "startup", "--quick", "--json"])
+    assert quick.exit_code == 0 and asked[-1][2:] == (1, 5)

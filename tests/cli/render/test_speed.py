@@ -37,7 +37,7 @@ FULL = {
     "batches": [{"batch_size": 4, "full_tokens_per_s": 100.0, "d3_tokens_per_s": 130.0, "speedup": 1.3}],
     "kv_cache": {"tokens": 256, "full_bytes": 8 * 2**20, "d3_bytes": 5 * 2**20, "ratio": 0.625,
                  "full_allocated_bytes": 10 * 2**20, "d3_allocated_bytes": 6 * 2**20},
-    "first_token": {"cold_s": 12.3, "warm_s": 2.1, "warm_exit_s": 0.4, "imports_s": 1.5},
+    "first_token": {"cold_s": 12.3, "warm_s": 2.1, "warm_exit_s": 2.4},
 }
 
 
@@ -79,8 +79,8 @@ def test_the_full_report_has_every_section():
     assert "batch full tok/s d3 tok/s speedup 4 100.0 130.0 1.30×" in joined
     assert ("KV cache after 256 tokens: 8.0 MiB at full depth, 5.0 MiB with D3 (62.5 %); allocated with spare room "
             "10.0 and 6.0 MiB") in joined
-    assert ("first token from a new process: cold 12.3 s (empty d3 cache), warm 2.1 s (exit 0.4 s); importing torch "
-            "and transformers alone takes 1.5 s") in joined
+    assert ("first token from a new process: cold 12.3 s (empty d3 cache), warm 2.1 s (exit 2.4 s); d3 bench --task "
+            "startup says where it goes") in joined
 
 
 def test_weight_kinds_beside_the_bandwidth_limit_and_what_was_not_timed():
@@ -100,3 +100,25 @@ def test_a_long_prompt_without_llama_cpp_says_why():
         "llama.cpp at a long prompt: not timed (no llama.cpp binary)",
     ]
     assert shown(render.print_long_prompt, {"load_s": None}) == ""
+
+
+def test_the_startup_report_in_three_lines_and_a_title():
+    from d3cli.cli.render.speed import print_startup_report
+
+    report = {"model_args": [], "rounds": 3,
+              "first_token": {"cold_s": 20.5, "warm_s": 1.75, "warm_exit_s": 1.9, "runs": 3},
+              "stages": {"python_s": 0.02, "torch_import_s": 0.99, "cli_import_s": 0.21, "kernels_s": 0.01,
+                         "config_s": 0.0, "tokenizer_s": 0.09, "weights_s": 0.11, "open_model_s": 0.3,
+                         "first_token_s": 0.14, "total_s": 1.63, "transformers_imported": False},
+              "server": {"first_token_s": 0.33, "calls": 20, "local_calls_s": 36.2, "server_calls_s": 6.9,
+                         "calls_speedup": 5.25}}
+    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+    print_startup_report(console, report)
+    assert console.file.getvalue().splitlines() == [
+        "d3 startup · the embedded model · medians of 3",
+        "first token from a new process: cold 20.50 s (empty d3 cache), warm 1.75 s (exit 1.90 s)",
+        "through a running d3 serve: first token 0.33 s; 20 one-prompt calls 6.9 s against 36.2 s locally (5.2× "
+        "faster)",
+        "warm start, 1.63 s in one process: python 0.02 · import torch 0.99 · import d3 0.21 · kernels 0.01 · config "
+        "0.00 · tokenizer 0.09 · weights 0.11 · first token 0.14 · rest of the load 0.10 s",
+    ]

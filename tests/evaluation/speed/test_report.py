@@ -38,7 +38,7 @@ def test_speed_bench_json_is_complete_and_consistent(cli, tiny_model_dir):
     assert 0 < kv["d3_bytes"] < kv["full_bytes"]
     assert kv["d3_bytes"] <= kv["d3_allocated_bytes"] and kv["full_bytes"] <= kv["full_allocated_bytes"]
     first = report["first_token"]
-    assert 0 < first["imports_s"] and 0 < first["warm_s"] <= first["warm_exit_s"] and first["cold_s"] > 0
+    assert 0 < first["warm_s"] <= first["warm_exit_s"] and first["cold_s"] > 0
     assert "efficiency" in result.stderr
     assert report["weights"]["kind"] == "float32" and report["bandwidth_gb_s"] > 0
     rows = {row["name"]: row for row in report["weight_kinds"]}

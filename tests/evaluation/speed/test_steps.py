@@ -49,11 +49,11 @@ def test_speed_bench_times_the_bridges_and_counts_them_in_the_ideal(cli, tiny_mo
     bridged and plain; the bridged ideal includes r̄·T_bridge."""
     from calibration_files import identity_of, profile_for
 
-    from d3cli.evaluation.speed import steps
+    from d3cli.evaluation.speed import startup
 
     # the first token in new processes is the previous test's subject; here it would only add their start-up time
-    monkeypatch.setattr(steps, "first_token_seconds",
-                        lambda *args: {"cold_s": 1.0, "warm_s": 1.0, "warm_exit_s": 1.0, "imports_s": 1.0})
+    monkeypatch.setattr(startup, "first_token_seconds",
+                        lambda *args: {"cold_s": 1.0, "warm_s": 1.0, "warm_exit_s": 1.0})
 
     from d3cli.core.calibration.layer_profile import importance_order
     from d3cli.core.calibration.model_calibration import write_calibration
