@@ -26,6 +26,7 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
         ("layer compute", f"{100 * record['layer_ratio']:.1f}% of full depth"),
         ("tokens/s", tokens_per_s_text(record)),
         *([("load", load_text(record))] if record.get("load_s") is not None else []),
+        *([("served by", record["server"])] if record.get("server") else []),
         ("speedup (estimated)", f"{record['estimated_speedup']:.2f}× from layer counts; an upper bound"),
     ]
     if "baseline" in record:

@@ -136,3 +136,8 @@ def test_config_show_prints_each_value_as_json_with_its_source():
     assert ["stop", "│", '["END"]', "│", "default"] in lines and ["system", "│", "null", "│", "default"] in lines
     assert ["d3", "chat"] in lines
     assert ["seed", "│", "7", "│", "user", "file", "/home/u/.config/d3/config.toml"] in lines
+
+
+def test_a_served_reply_says_where_it_was_made_instead_of_a_load():
+    rows = dict(render.summary_rows({**RECORD, "load_s": None, "server": "http://127.0.0.1:8000"}))
+    assert rows["served by"] == "http://127.0.0.1:8000" and "load" not in rows
