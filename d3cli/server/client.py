@@ -377,9 +377,14 @@ class RemoteConversation:
         settings = self.settings if self.settings.system is None else dataclasses.replace(self.settings, system=None)
         request = RemoteRequest(settings, messages=(*system, *plan.messages))
         partial = Reply()
+
+        def arrived(event: TokenEvent) -> None:
+            partial.add(event)
+            if on_event is not None:
+                on_event(event)
+
         try:
-            served = self.remote.stream(request, on_event=lambda event: (partial.add(event),
-                                                                         on_event and on_event(event)))
+            served = self.remote.stream(request, on_event=arrived)
         except KeyboardInterrupt:
             partial.finish_reason = "interrupted"
             self._keep(user_text, partial, self.remote.partial_record(partial) | {"finish_reason": "interrupted"})

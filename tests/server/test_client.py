@@ -78,6 +78,9 @@ def test_mistakes_are_one_line_and_exit_2(cli, server, guarded_server, tiny_mode
         (["--server", server.url, "--calibration", "mine.safetensors"], "--profile and --calibration name files"),
         (["--server", guarded_server.url], "refused the API key"),
     ]
+    too_long = cli(["generate", "--server", server.url, "-n", "2", "sea " * 600])
+    assert too_long.exit_code == 2 and too_long.stderr.count("\n") == 1
+    assert "answered 400" in too_long.stderr and "context" in too_long.stderr
     for args, fragment in cases:
         result = cli(["generate", *args, "-n", "2", "hi"])
         assert result.exit_code == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, (args,
