@@ -11,6 +11,7 @@ from d3cli.base.files import write_atomically
 from d3cli.base.paths import cache_home
 from d3cli.core.calibration.layer_profile import load_profile
 from d3cli.core.calibration.model_calibration import read_calibration, write_calibration
+from d3cli.evaluation.builtin_prompts import builtin_prompts
 from d3cli.evaluation.calibrate.options import CalibrationOptions
 from d3cli.evaluation.scoring import ScoringText
 
@@ -23,7 +24,9 @@ class CalibrationCheckpoint:
 
     def __init__(self, identity: dict, options: CalibrationOptions):
         key = json.dumps({"model": identity, "prompts": options.prompts, "reply_tokens": options.reply_tokens,
-                          "batch_size": options.batch_size}, sort_keys=True, default=str)
+                          "batch_size": options.batch_size,
+                          "prompt_texts": builtin_prompts(options.prompts)},  # another d3's prompts: start afresh
+                         sort_keys=True, default=str)
         self.path = cache_home() / "calibrations" / "partial" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         self.batches: dict[int, list[list]] = {}
         if self.path.is_file():

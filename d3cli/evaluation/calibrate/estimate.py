@@ -102,11 +102,14 @@ def time_limit_cost(options: CalibrationOptions, limited: CalibrationOptions) ->
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in "90", "90s", "30m", "2h" or "1h30m"; a UserError otherwise."""
-    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
-    if not text.strip() or match is None or not any(match.groups()):
+    """Seconds in "90", "90s", "30m", "2h", "1h30m" or "1h30" (as on a clock: the bare number after hours is minutes,
+    after minutes seconds); a UserError otherwise."""
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)(s?))?\s*", text)
+    if not text.strip() or match is None or not any(match.groups()[:3]):
         raise UserError(f"--time-limit takes a duration such as 90s, 30m, 2h or 1h30m, not {text!r}")
-    hours, minutes, seconds = (float(group) if group else 0.0 for group in match.groups())
+    hours, minutes, seconds = (float(group) if group else 0.0 for group in match.groups()[:3])
+    if match[1] and not match[2] and match[3] and not match[4]:  # "1h30": thirty minutes
+        minutes, seconds = seconds, 0.0
     total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
         raise UserError(f"--time-limit must be above zero, not {text!r}")

@@ -88,3 +88,10 @@ def test_remove_deletes_the_batches_the_profiles_and_the_bridges_but_no_other_ru
     checkpoint.remove()
     assert list(checkpoint.path.parent.iterdir()) == [other.path]
     checkpoint.remove()  # nothing left: no error
+
+
+def test_a_checkpoint_of_other_built_in_prompts_is_not_taken_up(monkeypatch):
+    options = CalibrationOptions(prompts=4)
+    before = CalibrationCheckpoint({"model": "m"}, options).path
+    monkeypatch.setattr(checkpoint_module, "builtin_prompts", lambda count: [("chat", "another question")] * 4)
+    assert CalibrationCheckpoint({"model": "m"}, options).path != before

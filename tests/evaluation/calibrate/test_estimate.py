@@ -66,7 +66,8 @@ def test_each_stage_is_estimated_from_the_step_and_forward_costs():
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400),
-                                           ("1.5h", 5400), (" 2h 5s ", 7205), ("0.5s", 0.5)])
+                                           ("1.5h", 5400), (" 2h 5s ", 7205), ("0.5s", 0.5), ("1h30", 5400),
+                                           ("2m30", 150)])
 def test_a_time_limit_is_a_duration(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 
