@@ -256,7 +256,8 @@ def fish_script(root: CommandCompletion) -> str:
         for sub in command.subcommands:
             lines.append(f"complete -c d3 -n {_fish_text(sub_condition)} -a {sub.name} -d {_fish_text(sub.help)}")
         if command.argument_choices:
-            lines.append(f"complete -c d3 -n {_fish_text(condition)} -a {_fish_text(' '.join(command.argument_choices))}")
+            choices = _fish_text(" ".join(command.argument_choices))
+            lines.append(f"complete -c d3 -n {_fish_text(condition)} -a {choices}")
         for option in command.options:
             flags = []
             for name in option.names:

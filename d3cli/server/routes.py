@@ -176,7 +176,8 @@ class EventStream:
     chunk, `data: [DONE]`. A client that goes away cancels the job (its watcher, or a failed send)."""
 
     def __init__(self, first, events: asyncio.Queue, chunks: ChunkStream, job: Job, watcher, log: dict):
-        self.first, self.events, self.chunks, self.job, self.watcher, self.log = first, events, chunks, job, watcher, log
+        self.first, self.events, self.chunks = first, events, chunks
+        self.job, self.watcher, self.log = job, watcher, log
 
     async def __call__(self, scope, receive, send) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),

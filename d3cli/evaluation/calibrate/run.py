@@ -107,5 +107,6 @@ def choose_only(loaded, options: CalibrationOptions, output: Path | None, progre
     return CalibrationResult(path=path, texts=int(calibration.fit.get("texts", 0)),
                              tokens=int(calibration.fit.get("tokens", 0)), runs=runs,
                              drop_order=list(calibration.fit.get("drop_order", [])), seconds=seconds,
-                             bridge_bytes=sum(bridge.nbytes() for bridge in calibration.bridges.values()), schedule=choice)
+                             bridge_bytes=sum(bridge.nbytes() for bridge in calibration.bridges.values()),
+                             schedule=choice)
 
