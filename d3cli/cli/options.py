@@ -198,10 +198,15 @@ class ModelArgs(OptionGroup):
     weights: WeightsOption = "auto"
     group_size: GroupSizeOption = 32
 
-    def changed(self) -> list[str]:
-        """The options set to other than their defaults, besides --model (what a served model cannot take)."""
-        return ["--" + item.name.replace("_", "-") for item in dataclasses.fields(self) if item.name != "model"
-                and getattr(getattr(self, item.name), "value", getattr(self, item.name)) != item.default]
+    def served_model(self) -> str | None:
+        """--model for `--server` (the model the server must serve; None: whatever it serves), once no other model
+        option is set: a served model runs as `d3 serve` was told."""
+        changed = ["--" + item.name.replace("_", "-") for item in dataclasses.fields(self) if item.name != "model"
+                   and getattr(getattr(self, item.name), "value", getattr(self, item.name)) != item.default]
+        if changed:
+            raise UserError(f"{', '.join(changed)}: the server runs its model as `d3 serve` was told; leave "
+                            f"{'it' if len(changed) == 1 else 'them'} out with --server")
+        return self.model
 
     def options(self, lean: bool = False):
         """The loader's `ModelOptions` of these arguments; `lean` for a command that only decodes (d3's own model

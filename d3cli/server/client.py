@@ -91,7 +91,6 @@ class RemoteModel:
     num_layers: int
     chat_template: bool
     api_key: str | None = None
-    weights: dict = field(default_factory=dict)
 
     @classmethod
     def connect(cls, url: str, model: str | None, api_key: str | None = None) -> RemoteModel:
@@ -163,16 +162,14 @@ class RemoteModel:
         """The endpoint and JSON body of `request`: chat messages through the chat template (as a local run does
         when the model has one, unless --no-chat), else the raw prompt; every setting the user changed."""
         settings = request.settings
-        chat = settings.chat if settings.chat is not None else self.chat_template
         body: dict = {"model": self.name, "stream": True, "stream_options": {"include_usage": True},
                       **settings_fields(settings)}
-        if request.messages is not None:
-            system = [{"role": "system", "content": settings.system}] if settings.system else []
-            return "/v1/chat/completions", {**body, "messages": [*system, *request.messages]}
-        if chat:
-            system = [{"role": "system", "content": settings.system}] if settings.system else []
-            return "/v1/chat/completions", {**body, "messages": [*system, {"role": "user", "content": request.prompt}]}
-        return "/v1/completions", {**body, "prompt": request.prompt}
+        chat = settings.chat if settings.chat is not None else self.chat_template
+        if request.messages is None and not chat:
+            return "/v1/completions", {**body, "prompt": request.prompt}
+        system = [{"role": "system", "content": settings.system}] if settings.system else []
+        messages = request.messages if request.messages is not None else ({"role": "user", "content": request.prompt},)
+        return "/v1/chat/completions", {**body, "messages": [*system, *messages]}
 
     def full_record(self, reply: Reply, extension: dict) -> dict:
         """`d3 generate --json`'s record of a served reply: the server's `d3` object, the text, and this process's
@@ -373,9 +370,7 @@ class RemoteConversation:
         from d3cli.core.decode.results import GenerationInterrupted
 
         plan = plan or self.plan(user_text)
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        settings = self.settings if self.settings.system is None else dataclasses.replace(self.settings, system=None)
-        request = RemoteRequest(settings, messages=(*system, *plan.messages))
+        request = RemoteRequest(dataclasses.replace(self.settings, system=self.system), messages=plan.messages)
         partial = Reply()
 
         def arrived(event: TokenEvent) -> None:

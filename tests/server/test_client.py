@@ -172,3 +172,10 @@ class Lines:
 def test_server_sent_events_are_read_one_payload_each():
     assert list(server_sent_events(Lines(b'data: {"a": 1}\n\n: comment\n\ndata: [DONE]\n\n'))) == ['{"a": 1}',
                                                                                                    "[DONE]"]
+
+
+def test_the_lines_before_a_bad_one_are_still_answered(cli, server):
+    result = cli(["generate", "--server", server.url, "--jsonl", "-n", "3", "--batch-size", "4"],
+                 stdin=b'Say hi\n{"prompt": \n')
+    assert result.exit_code == 2 and "line 2" in result.stderr and result.stderr.count("\n") == 1
+    assert [record["line"] for record in json_lines(result.stdout)] == [1]

@@ -279,15 +279,13 @@ def run_lm_eval(request: BenchRequest) -> None:
 def run_startup(request: BenchRequest) -> None:
     """`--task startup`: new processes' first token, cold, warm and through a running server, and where a warm
     start goes (evaluation/speed/startup.py)."""
-    import dataclasses as fields
-
     from d3cli.evaluation.speed import startup
 
     if request.launched > 1:
         raise UserError("--task startup times new processes: run it without a launcher (accelerate launch, torchrun)")
     check_at_least("--repeats", request.repeats, 1)
     model_options = request.model.options()
-    loader_fields = {key: value for key, value in fields.asdict(model_options).items() if key != "lean"}
+    loader_fields = {key: value for key, value in dataclasses.asdict(model_options).items() if key != "lean"}
     rounds, calls = (1, 5) if request.quick else (min(request.repeats, 3), 20)
     with render.Spinner(render.stderr_console(), "timing new processes") as spinner:
         report = startup.measure(model_options.cli_args(), loader_fields, rounds, calls, on_status=spinner.update)

@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from d3cli.base.errors import UserError
 from d3cli.cli import render
 from d3cli.cli.chat_session import ChatSession
 from d3cli.cli.options import (
@@ -66,7 +65,4 @@ def served_conversation(url: str, model: ModelArgs, settings: DecodeSettings, sy
     """--server: the conversation kept here, each reply made by a running `d3 serve` of the same model."""
     from d3cli.server.client import RemoteConversation, RemoteModel
 
-    if model.changed():
-        raise UserError(f"{', '.join(model.changed())}: the server runs its model as `d3 serve` was told; leave "
-                        "them out with --server")
-    return RemoteConversation(RemoteModel.connect(url, model.model), settings, system=system)
+    return RemoteConversation(RemoteModel.connect(url, model.served_model()), settings, system=system)

@@ -208,11 +208,8 @@ def run_remote(url: str, model: ModelArgs, settings: DecodeSettings, prompt: str
 
     if compare:
         raise UserError("--compare decodes twice in this process: leave out --server (or run `d3 bench --task speed`)")
-    if model.changed():
-        raise UserError(f"{', '.join(model.changed())}: the server runs its model as `d3 serve` was told; leave "
-                        "them out with --server")
     check_local_only(settings)
-    remote = RemoteModel.connect(url, model.model)
+    remote = RemoteModel.connect(url, model.served_model())
     if jsonl:
         run_jsonl_remote(remote, settings, batch_size, skip_bad_lines)
     else:
@@ -269,7 +266,7 @@ def run_jsonl_remote(remote, settings: DecodeSettings, batch_size: int, skip_bad
 
     requests = read_requests(sys.stdin.buffer, settings, prepare, skip_bad_lines, warn=render.print_warning)
     with ThreadPoolExecutor(max_workers=batch_size) as pool:
-        for batch in batches_of(requests, batch_size):
+        for batch in batches(requests, batch_size):
             for request, (reply, dropped) in zip(batch, pool.map(served, batch)):
                 record = {"line": request.line, **({"id": request.request_id} if request.request_id is not None
                                                    else {}), **reply.record}
@@ -277,13 +274,3 @@ def run_jsonl_remote(remote, settings: DecodeSettings, batch_size: int, skip_bad
                 if dropped is not None:
                     raise UserError(f"line {request.line}: {dropped}")
 
-
-def batches_of(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
