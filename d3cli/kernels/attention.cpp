@@ -93,6 +93,24 @@ void vector_values(Partial* const* partials, int64_t groups, int64_t start, int6
   D3_CASE(1) D3_CASE(2) D3_CASE(3) D3_CASE(4) D3_CASE(5) D3_CASE(6) D3_CASE(7) D3_CASE(8) D3_CASE(9) D3_CASE(10) \
   D3_CASE(11) D3_CASE(12) D3_CASE(13) D3_CASE(14) D3_CASE(15) D3_CASE(16)
 
+#ifdef D3_VECTORS
+// Runs `run.template operator()<n>()` with n = head_dim / kLanes where a vector path exists (the one switch both the
+// scores and the values pass through); false where none does, and the caller goes one element at a time.
+template <typename Run>
+bool with_head_vectors(int64_t head_dim, Run&& run) {
+  switch (head_dim / kLanes) {
+#define D3_CASE(n)                \
+  case n:                         \
+    run.template operator()<n>(); \
+    return true;
+    D3_HEAD_VECTORS
+#undef D3_CASE
+    default:
+      return false;
+  }
+}
+#endif
+
 // The same one element at a time, for heads smaller than a vector or without a vector path.
 inline float cache_dot(const float* query, const Cache* key, int64_t size) {
   float total = 0.f;
@@ -112,17 +130,9 @@ void attend_chunk(const float* const* queries, Partial* const* partials, int64_t
   bool done = false;
 #ifdef D3_VECTORS
   const int64_t tail = head_dim % kLanes;
-  switch (head_dim / kLanes) {
-#define D3_CASE(n)                                                                            \
-  case n:                                                                                     \
-    vector_scores<n>(queries, groups, start, stop, row, scaling, tail, key_at, scores);      \
-    done = true;                                                                              \
-    break;
-    D3_HEAD_VECTORS
-#undef D3_CASE
-    default:
-      break;
-  }
+  done = with_head_vectors(head_dim, [&]<int kVectors>() {
+    vector_scores<kVectors>(queries, groups, start, stop, row, scaling, tail, key_at, scores);
+  });
 #endif
   if (!done) {
     for (int64_t j = start; j < stop; ++j) {
@@ -152,17 +162,9 @@ void attend_chunk(const float* const* queries, Partial* const* partials, int64_t
   }
   done = false;
 #ifdef D3_VECTORS
-  switch (head_dim / kLanes) {
-#define D3_CASE(n)                                                                            \
-  case n:                                                                                     \
-    vector_values<n>(partials, groups, start, stop, row, tail, value_at, scores);            \
-    done = true;                                                                              \
-    break;
-    D3_HEAD_VECTORS
-#undef D3_CASE
-    default:
-      break;
-  }
+  done = with_head_vectors(head_dim, [&]<int kVectors>() {
+    vector_values<kVectors>(partials, groups, start, stop, row, tail, value_at, scores);
+  });
 #endif
   if (!done) {
     for (int64_t j = start; j < stop; ++j) {
