@@ -21,10 +21,12 @@ def test_version_and_help(cli):
 
 
 def test_the_cli_imports_no_torch_until_a_command_needs_it():
-    """`d3 --help`, completions and option errors stay fast: the app and every command module import without torch,
-    transformers, the engine, lm-eval or the web server's packages (they are imported inside the commands)."""
-    heavy = ("torch", "transformers", "d3cli.core.decode.engine", "safetensors", "starlette", "uvicorn", "d3cli.server.app",
-             "lm_eval")
+    """`d3 --help`, completions, option errors and `--server` calls stay fast: the app and every command module import
+    without torch, transformers, the engine, lm-eval or the web server's packages (they are imported inside the
+    commands), without Rich (a piped run writes plain text; the views import it when they draw) and without pydantic
+    (typer 0.29 and later build a pydantic validator per option at each start: pyproject.toml keeps typer below)."""
+    heavy = ("torch", "transformers", "d3cli.core.decode.engine", "safetensors", "starlette", "uvicorn",
+             "d3cli.server.app", "lm_eval", "rich", "pydantic")
     program = ("import sys, d3cli.cli.app, typer.main; typer.main.get_command(d3cli.cli.app.app); "
                f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)

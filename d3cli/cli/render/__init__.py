@@ -8,67 +8,76 @@
     server.py       d3 serve's request log
 
 Model text is never parsed as markup: it is appended to `rich.text.Text` objects as plain strings. Commands use
-`render.NAME` for every view, whichever module holds it.
+`render.NAME` for every view, whichever module holds it. A view's module is imported when a name of it is
+first asked for (PEP 562): lazy for start-up time, so a piped run that only writes plain text never imports Rich.
 """
 
-from d3cli.cli.render.common import (  # noqa: F401
-    BAR_WIDTH,
-    BLOCKS,
-    depth_bar,
-    depth_block,
-    depth_colour,
-    print_download,
-    print_error,
-    print_warning,
-    stderr_console,
-    stdout_console,
-    write_json_line,
-    write_stderr_line,
-    write_stdout,
-)
-from d3cli.cli.render.evaluation import (  # noqa: F401
-    calibrated_schedule_text,
-    print_bench_table,
-    print_calibration,
-    print_calibration_made,
-    print_layer_profile,
-    print_lm_eval_table,
-    print_ppl_profile,
-)
-from d3cli.cli.render.live import (  # noqa: F401
-    BenchProgress,
-    LoadingBar,
-    ReplyView,
-    Spinner,
-    StageLines,
-    TokenPiece,
-    calibration_estimate_text,
-)
-from d3cli.cli.render.replies import (  # noqa: F401
-    calibration_text,
-    load_text,
-    print_chat_banner,
-    print_info,
-    print_session_stats,
-    print_settings,
-    print_stats,
-    print_summary,
-    print_turn_summary,
-    schedule_source_text,
-    stats_line,
-    stats_text,
-    summary_panel,
-    summary_rows,
-    tokens_per_s_text,
-    turn_summary,
-)
-from d3cli.cli.render.server import (  # noqa: F401
-    server_event_text,
-    server_log,
-)
-from d3cli.cli.render.speed import (  # noqa: F401
-    print_long_prompt,
-    print_speed_report,
-    print_startup_report,
-    print_weight_kinds,
-)
+from __future__ import annotations
+
+import importlib
+
+# each name this package offers and the module that holds it
+VIEWS = {
+    "BAR_WIDTH": "common",
+    "BLOCKS": "common",
+    "depth_bar": "common",
+    "depth_block": "common",
+    "depth_colour": "common",
+    "print_download": "common",
+    "print_error": "common",
+    "print_warning": "common",
+    "stderr_console": "common",
+    "stdout_console": "common",
+    "write_json_line": "common",
+    "write_stderr_line": "common",
+    "write_stdout": "common",
+    "calibrated_schedule_text": "evaluation",
+    "print_bench_table": "evaluation",
+    "print_calibration": "evaluation",
+    "print_calibration_made": "evaluation",
+    "print_layer_profile": "evaluation",
+    "print_lm_eval_table": "evaluation",
+    "print_ppl_profile": "evaluation",
+    "BenchProgress": "live",
+    "LoadingBar": "live",
+    "ReplyView": "live",
+    "Spinner": "live",
+    "StageLines": "live",
+    "TokenPiece": "live",
+    "calibration_estimate_text": "live",
+    "calibration_text": "replies",
+    "load_text": "replies",
+    "print_chat_banner": "replies",
+    "print_info": "replies",
+    "print_session_stats": "replies",
+    "print_settings": "replies",
+    "print_stats": "replies",
+    "print_summary": "replies",
+    "print_turn_summary": "replies",
+    "schedule_source_text": "replies",
+    "stats_line": "replies",
+    "stats_text": "replies",
+    "summary_panel": "replies",
+    "summary_rows": "replies",
+    "tokens_per_s_text": "replies",
+    "turn_summary": "replies",
+    "server_event_text": "server",
+    "server_log": "server",
+    "print_long_prompt": "speed",
+    "print_speed_report": "speed",
+    "print_startup_report": "speed",
+    "print_weight_kinds": "speed",
+}
+
+
+def __getattr__(name: str):
+    module = VIEWS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(VIEWS))

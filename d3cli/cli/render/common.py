@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-
-from rich.console import Console
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from d3cli.base.errors import OutputClosed
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+# Rich is imported inside the functions that draw (lazy for start-up time): a piped run writes plain text only.
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -17,12 +21,16 @@ BAR_WIDTH = 30
 
 
 def stdout_console() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False)
 
 
 def stderr_console(pinned: bool = False) -> Console:
     """A console on stderr; `pinned`: on the stderr of now, even if sys.stderr is swapped later (a progress line
     over a library whose own output is being dropped)."""
+    from rich.console import Console
+
     return Console(file=sys.stderr if pinned else None, stderr=True, highlight=False, soft_wrap=False)
 
 
@@ -70,6 +78,8 @@ def depth_block(layers: int, num_layers: int) -> str:
 
 def depth_bar(layers: int, num_layers: int, width: int = BAR_WIDTH) -> Text:
     """A horizontal bar of `layers` out of `num_layers`, with the count."""
+    from rich.text import Text
+
     filled = round(width * layers / num_layers) if num_layers else width
     bar = Text("█" * filled, style=depth_colour(layers, num_layers))
     bar.append("░" * (width - filled), style="grey35")
@@ -119,6 +129,8 @@ def _mean_of(values) -> float | None:
 
 def _bar_with_marker(value: float, marker: float | None, scale: float, width: int = BAR_WIDTH) -> Text:
     """A horizontal bar of `value` (full width = `scale`), with a ┃ where `marker` falls."""
+    from rich.text import Text
+
     filled = max(0, min(width, round(width * value / scale))) if scale > 0 else 0
     cells = ["█"] * filled + [" "] * (width - filled)
     styles = ["cyan"] * filled + [""] * (width - filled)
