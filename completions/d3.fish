@@ -192,6 +192,7 @@ complete -c d3 -n '__fish_seen_subcommand_from serve' -l port -x -d 'Port to lis
 complete -c d3 -n '__fish_seen_subcommand_from serve' -l api-key -x -d 'Answer /v1/ requests only with \'Authorization: Bearer KEY\' (also D3_API_KEY).'
 complete -c d3 -n '__fish_seen_subcommand_from serve' -l queue-size -x -d 'Requests that may wait while one decodes; more get 503.'
 complete -c d3 -n '__fish_seen_subcommand_from serve' -l batch-size -s b -x -d 'Decode up to this many waiting greedy requests with the same settings as one batch: more tokens/s under load, but a batched reply may differ from the same request decoded alone.'
+complete -c d3 -n '__fish_seen_subcommand_from serve' -l prompt-cache -d 'Keep the last reply\'s KV cache: a request that starts with the same tokens (the system prompt, few-shot examples, earlier turns) prefills only the rest. The same tokens on d3\'s kernels; --no-prompt-cache: every prompt prefilled whole.'
 complete -c d3 -n '__fish_seen_subcommand_from serve' -l log-format -x -a 'rich json' -d 'One line per request on stderr: rich for people, json for machines.'
 complete -c d3 -n '__fish_seen_subcommand_from serve' -l help -s h -d 'Show this message and exit.'
 complete -c d3 -n '__fish_seen_subcommand_from completions' -a 'bash zsh fish'

@@ -273,6 +273,7 @@ _d3_serve() {
         '(--queue-size)--queue-size[Requests that may wait while one decodes; more get 503.]:value: ' \
         '(--batch-size -b)--batch-size[Decode up to this many waiting greedy requests with the same settings as one batch\: more tokens/s under load, but a batched reply may differ from the same request decoded alone.]:value: ' \
         '(--batch-size -b)-b[Decode up to this many waiting greedy requests with the same settings as one batch\: more tokens/s under load, but a batched reply may differ from the same request decoded alone.]:value: ' \
+        '(--prompt-cache)--prompt-cache[Keep the last reply'\''s KV cache\: a request that starts with the same tokens (the system prompt, few-shot examples, earlier turns) prefills only the rest. The same tokens on d3'\''s kernels; --no-prompt-cache\: every prompt prefilled whole.]' \
         '(--log-format)--log-format[One line per request on stderr\: rich for people, json for machines.]:value:(rich json)' \
         '(--help -h)--help[Show this message and exit.]' \
         '(--help -h)-h[Show this message and exit.]' \

@@ -37,16 +37,19 @@ def finish_reason(reply: Reply) -> str:
     return FINISH_REASONS.get(reply.finish_reason, "stop")
 
 
-def usage(prompt_tokens: int, reply: Reply) -> dict:
+def usage(prompt_tokens: int, reply: Reply, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: the prompt's tokens the prompt cache gave."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": reply.generated_tokens,
-            "total_tokens": prompt_tokens + reply.generated_tokens}
+            "total_tokens": prompt_tokens + reply.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def d3_extension(reply: Reply, plan, prompt_tokens: int, identity: ResponseIdentity, batch_size: int = 1) -> dict:
+def d3_extension(reply: Reply, plan, prompt_tokens: int, identity: ResponseIdentity, batch_size: int = 1,
+                 cached_tokens: int = 0) -> dict:
     """D3's numbers for one reply, in the extension object `d3`: every field of `d3 generate --json`'s record but
     the text and the model (the response has them), so that `d3 generate --server` prints what a local run prints;
     and `batch_size`: how many replies were decoded together with this one, itself included."""
-    record = reply_record(reply, plan, identity.model, prompt_tokens)
+    record = reply_record(reply, plan, identity.model, prompt_tokens, cached_tokens=cached_tokens)
     del record["model"], record["text"]
     return {**(identity.weights or {"weights": None}), **record, "batch_size": batch_size}
 
@@ -57,15 +60,15 @@ def token_extension(event) -> dict:
 
 
 def completion_response(endpoint: str, identity: ResponseIdentity, reply: Reply, plan,
-                        prompt_tokens: int, batch_size: int = 1) -> dict:
+                        prompt_tokens: int, batch_size: int = 1, cached_tokens: int = 0) -> dict:
     """The whole (non-streamed) response object of a finished reply."""
     if endpoint == CHAT:
         choice = {"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
                   "logprobs": None, "finish_reason": finish_reason(reply)}
     else:
         choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": finish_reason(reply)}
-    return {**identity.header(endpoint), "choices": [choice], "usage": usage(prompt_tokens, reply),
-            "d3": d3_extension(reply, plan, prompt_tokens, identity, batch_size)}
+    return {**identity.header(endpoint), "choices": [choice], "usage": usage(prompt_tokens, reply, cached_tokens),
+            "d3": d3_extension(reply, plan, prompt_tokens, identity, batch_size, cached_tokens)}
 
 
 class ChunkStream:
@@ -103,12 +106,13 @@ class ChunkStream:
             return []
         return [{**self._chunk([self._choice(event.text, None, role=first)]), "d3": token_extension(event)}]
 
-    def finish(self, batch_size: int = 1) -> list[dict]:
+    def finish(self, batch_size: int = 1, cached_tokens: int = 0) -> list[dict]:
         """The finish chunk and, when asked, the usage chunk; the last carries `d3`."""
         chunks = [self._chunk([self._choice(None, finish_reason(self.reply))])]
         if self.request.include_usage:
-            chunks.append({**self._chunk([]), "usage": usage(self.prompt_tokens, self.reply)})
-        chunks[-1]["d3"] = d3_extension(self.reply, self.plan, self.prompt_tokens, self.identity, batch_size)
+            chunks.append({**self._chunk([]), "usage": usage(self.prompt_tokens, self.reply, cached_tokens)})
+        chunks[-1]["d3"] = d3_extension(self.reply, self.plan, self.prompt_tokens, self.identity, batch_size,
+                                        cached_tokens)
         return chunks
 
 

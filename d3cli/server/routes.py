@@ -88,10 +88,12 @@ def job_events(loop: asyncio.AbstractEventLoop, token_ids, plan):
     return Job(token_ids, plan, deliver), events
 
 
-def log_reply(log: dict, reply, prompt_tokens: int, end: JobEnd | None, disconnected: bool, batch_size: int = 1
-              ) -> None:
+def log_reply(log: dict, reply, prompt_tokens: int, end: JobEnd | None, disconnected: bool, batch_size: int = 1,
+              cached_tokens: int = 0) -> None:
     if batch_size > 1:
         log["batch"] = batch_size
+    if cached_tokens:
+        log["cached_tokens"] = cached_tokens
     log.update(prompt_tokens=prompt_tokens, completion_tokens=reply.generated_tokens,
                mean_layers=round(reply.mean_layers, 2), tokens_per_s=round(reply.tokens_per_s, 2),
                finish_reason=responses.finish_reason(reply) if end is not None and end.reason == "done" else None)
@@ -164,11 +166,13 @@ async def whole_reply(first, events: asyncio.Queue, chunks: ChunkStream, job: Jo
         job.cancel()  # a no-op once the job has ended; stops it when this handler is cancelled
         gone = saw_disconnect(watcher)
         watcher.cancel()
-    log_reply(log, chunks.reply, chunks.prompt_tokens, item, disconnected=gone, batch_size=job.batch_size)
+    log_reply(log, chunks.reply, chunks.prompt_tokens, item, disconnected=gone, batch_size=job.batch_size,
+              cached_tokens=job.cached_tokens)
     if item.reason != "done":
         raise end_error(item, gone)
     return JSONResponse(responses.completion_response(chunks.request.endpoint, chunks.identity, chunks.reply,
-                                                     chunks.plan, chunks.prompt_tokens, job.batch_size))
+                                                     chunks.plan, chunks.prompt_tokens, job.batch_size,
+                                                     job.cached_tokens))
 
 
 class EventStream:
@@ -192,7 +196,8 @@ class EventStream:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                 item = await self.events.get()
             if item.reason == "done":
-                tail = b"".join(responses.sse(chunk) for chunk in self.chunks.finish(self.job.batch_size))
+                finish = self.chunks.finish(self.job.batch_size, self.job.cached_tokens)
+                tail = b"".join(responses.sse(chunk) for chunk in finish)
             else:
                 tail = responses.sse(end_error(item, saw_disconnect(self.watcher)).body())
             await send({"type": "http.response.body", "body": tail + responses.DONE, "more_body": False})
@@ -206,7 +211,7 @@ class EventStream:
                 item = await wait_for_end(self.events)
                 gone = True
             log_reply(self.log, self.chunks.reply, self.chunks.prompt_tokens, item, disconnected=gone,
-                      batch_size=self.job.batch_size)
+                      batch_size=self.job.batch_size, cached_tokens=self.job.cached_tokens)
 
 
 async def wait_for_end(events: asyncio.Queue, timeout_s: float = 30.0) -> JobEnd | None:

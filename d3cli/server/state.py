@@ -33,6 +33,7 @@ class ServeConfig:
     queue_size: int = 16
     max_batch: int = 1  # greedy requests waiting together with the same settings decoded as one batch, up to this
     max_body_bytes: int = MAX_BODY_BYTES
+    prompt_cache: bool = True  # a reply decoded alone keeps its cache for the next prompt with the same start
 
 
 class ServerState:
@@ -65,7 +66,8 @@ class ServerState:
             session = open_model(self.config.model_options, self.config.settings)  # its settings fit the model
             self.tokenizer = copy.deepcopy(session.tokenizer)
             self.model_ids = tuple(dict.fromkeys((self.model_id, session.name)))
-            self.worker = Worker(session.loaded, self.config.queue_size, max_batch=self.config.max_batch)
+            self.worker = Worker(session.loaded, self.config.queue_size, max_batch=self.config.max_batch,
+                                 prompt_cache=self.config.prompt_cache)
             self.worker.start()
             self.session = session
         except UserError as error:

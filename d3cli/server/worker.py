@@ -13,6 +13,10 @@ decodes them as one batch from position 0. Each row's events go to its own job; 
 gets its `JobEnd` at once, and the batch's stream is closed as soon as no row is left open. Rows of a padded batch
 are not bit-identical to the same prompt decoded alone, which is why batching is not the default. docs/SERVE.md
 has the measurements.
+
+With `prompt_cache` (d3 serve's default) a job decoded alone keeps its reply's cache (prefix_cache.PrefixCache), and
+the next one alone prefills only what follows the prompt tokens the two share (a chat template's system prompt,
+few-shot examples, the earlier turns of a conversation); `Job.cached_tokens` says how many it reused.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from d3cli.core.decode.engine import stream_decode
+from d3cli.core.session.prefix_cache import PrefixCache
 
 STOP = object()  # put on the queue to end the worker
 
@@ -51,6 +56,7 @@ class Job:
     delivered: int = 0
     delivered_at_cancel: int | None = None
     batch_size: int = 1  # how many jobs were decoded together with this one (itself included)
+    cached_tokens: int = 0  # leading prompt tokens taken from the prompt cache, not prefilled
 
     @property
     def batchable(self) -> bool:
@@ -67,10 +73,11 @@ class Job:
 class Worker:
     """A daemon thread that decodes queued jobs in order with `loaded` (a loader.LoadedModel)."""
 
-    def __init__(self, loaded, queue_size: int, decode=None, max_batch: int = 1):
+    def __init__(self, loaded, queue_size: int, decode=None, max_batch: int = 1, prompt_cache: bool = False):
         self.loaded = loaded
         self.decode = decode or stream_decode
         self.max_batch = max_batch
+        self.prefix = PrefixCache(loaded.model) if prompt_cache else None
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.current: list[Job] = []
         self.finished_jobs = 0
@@ -158,12 +165,20 @@ class Worker:
         rows = list(open_rows.values())
         open_rows = dict(enumerate(rows))
         events = None
+        cache, generated = None, []
         try:
-            events = self.decode(self.loaded, [job.token_ids for job in rows], rows[0].plan)
+            if self.prefix is not None and len(rows) == 1:
+                cache, reused = self.prefix.take(rows[0].token_ids)
+                rows[0].cached_tokens = reused
+                events = self.decode(self.loaded, [rows[0].token_ids[reused:]], rows[0].plan, cache=cache,
+                                     past_length=reused)
+            else:
+                events = self.decode(self.loaded, [job.token_ids for job in rows], rows[0].plan)
             for event in events:
                 job = open_rows.get(event.row)
                 if job is None:
                     continue
+                generated.append(event.token_id)
                 end = self._hand_over(job, event)
                 if end is not None:
                     del open_rows[event.row]
@@ -173,10 +188,12 @@ class Worker:
         except Exception as error:  # the engine or the sampler failed: these jobs end, the server goes on
             for job in open_rows.values():
                 _deliver(job, JobEnd("failed", error=one_line(error)))
-            open_rows = {}
+            open_rows, cache = {}, None  # a cache a failed forward wrote into is not kept
         finally:
             if events is not None:
                 events.close()
+        if cache is not None:  # finished or cancelled between two tokens: every position it holds is whole
+            self.prefix.keep(cache, rows[0].token_ids, generated)
         for job in open_rows.values():  # the stream ended without a finish reason (it always gives one)
             _deliver(job, JobEnd("done"))
 

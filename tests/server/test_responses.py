@@ -47,6 +47,10 @@ def test_a_whole_chat_response_is_an_openai_chat_completion():
     assert body["d3"]["layers_per_token"] == [8, 7, 6] and body["d3"]["mean_layers"] == 7.0
     assert body["d3"]["layer_ratio"] == 0.875 and body["d3"]["estimated_speedup"] == round(8 / 7, 4)
     assert body["d3"]["token_ids"] == [100, 101, 102] and body["d3"]["num_layers"] == 8
+    assert parsed.usage.prompt_tokens_details.cached_tokens == 0 and body["d3"]["cached_prompt_tokens"] == 0
+    cached = responses.completion_response(CHAT, identity, reply, decode_plan(), prompt_tokens=9, cached_tokens=7)
+    assert ChatCompletion.model_validate(cached).usage.prompt_tokens_details.cached_tokens == 7
+    assert cached["d3"]["cached_prompt_tokens"] == 7
 
 
 def test_a_whole_completion_response_is_an_openai_completion():

@@ -71,6 +71,21 @@ def test_completions_at_alpha_1_equal_generate_without_the_template(server, refe
     assert d3_of(chunks[-1])["token_ids"] == reference["token_ids"]
 
 
+def test_a_request_sharing_the_templates_start_with_the_last_one_prefills_only_the_rest(server, references,
+                                                                                         tiny_model_dir):
+    """The prompt cache: the second request's usage and `d3` object count the tokens it reused, and its reply is
+    still `d3 generate`'s (a process of its own, no cache)."""
+    reference = references("Why is the sky blue?", True, "--alpha", "1", "-n", "10")
+    client = server.client()
+    chat_reply(client, "Tell me a story.", max_tokens=4, alpha=1, model=str(tiny_model_dir))
+    again = chat_reply(client, "Why is the sky blue?", max_tokens=10, alpha=1, model=str(tiny_model_dir))
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens and d3_of(again)["cached_prompt_tokens"] == cached
+    assert d3_of(again)["token_ids"] == reference["token_ids"] and reference["cached_prompt_tokens"] == 0
+    record = server.wait_for_record(lambda record: record.get("cached_tokens") == cached)
+    assert record["prompt_tokens"] == again.usage.prompt_tokens
+
+
 def test_concurrent_clients_each_get_their_solo_reply(server):
     asks = [dict(prompt=f"Tell me about {topic}.", max_tokens=14, alpha=alpha, stream=stream)
             for topic, alpha, stream in [("cats", 1.0, False), ("dogs", 0.9, True), ("rain", 0.8, False),

@@ -73,6 +73,17 @@ def test_loading_opens_the_model_starts_the_worker_and_says_ready(state, tiny_mo
     assert {key: ready[key] for key in ("event", "model", "num_layers")} == {
         "event": "ready", "model": str(tiny_model_dir), "num_layers": 8}
     assert state.tokenizer is not state.session.tokenizer  # the request side's own copy
+    assert state.worker.prefix is not None  # the prompt cache is on by default
+
+
+def test_without_the_prompt_cache_the_worker_keeps_nothing(tiny_model_dir):
+    config = ServeConfig(ModelOptions(model=str(tiny_model_dir)), DecodeSettings(), prompt_cache=False)
+    unkept = ServerState(config, lambda record: None)
+    unkept.load()
+    try:
+        assert unkept.worker.prefix is None
+    finally:
+        unkept.stop()
 
 
 def test_prompt_ids_are_the_chat_template_or_the_raw_text(state):

@@ -169,6 +169,66 @@ def test_after_a_cancelled_and_a_failed_decode_the_model_decodes_exactly(tiny_mo
     assert [event.token_id for event in drain(items)[:-1]] == reference
 
 
+def test_with_the_prompt_cache_a_lone_job_reuses_the_shared_start_and_decodes_exactly(tokenizer):
+    """The real engine on d3's kernels: the second prompt prefills only what follows the start it shares with the
+    first, and its reply is a fresh decode's; a failed decode leaves no cache, so the job after it starts afresh."""
+    from native_models import tiny
+
+    from d3cli.core.model.loader import LoadedModel
+
+    loaded = LoadedModel(tiny("llama", "int4", vocab_size=len(tokenizer)), tokenizer, "tiny")
+    first, second = (encode_prompt(tokenizer, text, chat=True) for text in ("Tell me about the sea.", "Why?"))
+    shared = next(index for index, (a, b) in enumerate(zip(first, second)) if a != b)
+    decaying = DecodeSettings(alpha=0.8, min_layers=3, head=1, tail=1, max_new_tokens=12)
+    reference = decode(loaded, [second], plan_of(decaying, 6))[0]
+    worker = Worker(loaded, queue_size=4, prompt_cache=True)
+
+    def run(token_ids, on_event=None):
+        job, items = collecting_job(on_event)
+        job.token_ids, job.plan = token_ids, plan_of(decaying, 6)
+        worker.run_job(job)
+        return job, drain(items)
+
+    job, _ = run(first)
+    assert job.cached_tokens == 0
+    job, got = run(second)
+    assert job.cached_tokens == shared > 10
+    assert [event.token_id for event in got[:-1]] == reference.token_ids
+    assert [event.layers for event in got[:-1]] == reference.layers_per_token
+
+    worker.decode = _failing_after(3)
+    _, got = run(first)
+    assert got[-1].reason == "failed" and worker.prefix.cache is None
+    worker.decode = decode_stream
+    job, got = run(second)
+    assert job.cached_tokens == 0 and [event.token_id for event in got[:-1]] == reference.token_ids
+
+
+def decode_stream(*args, **kwargs):
+    from d3cli.core.decode.engine import stream_decode
+
+    return stream_decode(*args, **kwargs)
+
+
+def _failing_after(count: int):
+    """stream_decode whose engine fails after `count` tokens (the cache it wrote into is half-done)."""
+    def failing(*args, **kwargs):
+        events = decode_stream(*args, **kwargs)
+
+        def generator():
+            try:
+                for index, event in enumerate(events):
+                    if index == count:
+                        raise RuntimeError("the engine broke")
+                    yield event
+            finally:
+                events.close()
+
+        return generator()
+
+    return failing
+
+
 # --- batches of waiting requests ----------------------------------------------------------------------------------
 
 

@@ -31,6 +31,10 @@ PortOption = option(int, "Port to listen on (0: any free port, shown at start)."
 ApiKeyOption = option(Optional[str], "Answer /v1/ requests only with 'Authorization: Bearer KEY' (also D3_API_KEY).",
                                      SERVER_PANEL, show_default=False)
 QueueSizeOption = option(int, "Requests that may wait while one decodes; more get 503.", SERVER_PANEL)
+PromptCacheOption = option(bool, "Keep the last reply's KV cache: a request that starts with the same tokens (the "
+                                 "system prompt, few-shot examples, earlier turns) prefills only the rest. The "
+                                 "same tokens on d3's kernels; --no-prompt-cache: every prompt prefilled whole.",
+                           SERVER_PANEL)
 LogFormatOption = option(LogFormat, "One line per request on stderr: rich for people, json for machines.", SERVER_PANEL)
 
 
@@ -44,6 +48,7 @@ def serve(
     api_key: ApiKeyOption = None,
     queue_size: QueueSizeOption = 16,
     batch_size: BatchSizeOption = 1,
+    prompt_cache: PromptCacheOption = True,
     log_format: LogFormatOption = LogFormat.rich,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, every reply decoded with D3.
@@ -67,7 +72,7 @@ def serve(
 
     sock = bind(host, port)
     config = ServeConfig(model.options(lean=True), settings, api_key=api_key, queue_size=queue_size,
-                         max_batch=batch_size)
+                         max_batch=batch_size, prompt_cache=prompt_cache)
     run_server(config, sock, render.server_log(getattr(log_format, "value", log_format)))
 
 

@@ -34,6 +34,8 @@ def server_event_text(record: dict) -> Text:
     line.append(f"  {record['time_s']:.2f} s", style="dim")
     if record.get("batch"):
         line.append(f"  in a batch of {record['batch']}", style="dim")
+    if record.get("cached_tokens"):
+        line.append(f"  {record['cached_tokens']} prompt tok cached", style="dim")
     if record.get("disconnected"):
         line.append(f"  client left, stopped {record.get('steps_after_cancel')} step(s) later", style="yellow")
     if record.get("error"):

@@ -131,7 +131,8 @@ def session_totals(records: list[dict], num_layers: int) -> dict | None:
 
 def calibration_fields(schedule: DecaySchedule, layers_per_token, calibration=None) -> dict[str, object]:
     """What a reply's JSON says about the model's calibration: which file (None: the model has none, "bundled":
-    the one d3 ships) and the kind of weights it was made on, whether bridges stood in for skipped runs, and which runs they were."""
+    the one d3 ships) and the kind of weights it was made on, whether bridges stood in for skipped runs, and which
+    runs they were."""
     bridges = schedule.bridge_maps or {}
     runs = runs_at_depths(schedule.num_layers, schedule.drop_order, dict.fromkeys(layers_per_token))
     fields = {
@@ -173,11 +174,12 @@ def load_fields(loaded) -> dict[str, object]:
 
 def reply_record(
     reply: Reply, plan, model_name: str, prompt_tokens: int, baseline: Reply | None = None, weights=None,
-    loaded=None,
+    loaded=None, cached_tokens: int = 0,
 ) -> dict[str, object]:
     """The JSON object of `generate --json` / `--jsonl` for one reply decoded with `plan` (a plan.DecodePlan, whose
-    calibration it names); `weights` what ran (weight_choice.WeightsReport) or None; `loaded` the loader.LoadedModel (its
-    load time and the peak memory are reported) or None."""
+    calibration it names); `weights` what ran (weight_choice.WeightsReport) or None; `loaded` the
+    loader.LoadedModel (its load time and the peak memory are reported) or None; `cached_tokens` of the prompt's
+    tokens came from a kept cache (a chat's earlier turns, a server's prompt cache) and were not prefilled."""
     schedule = plan.schedule
     record: dict[str, object] = {
         "model": model_name,
@@ -186,6 +188,7 @@ def reply_record(
         **calibration_fields(schedule, reply.layers_per_token, plan.calibration),
         "num_layers": schedule.num_layers,
         "prompt_tokens": prompt_tokens,
+        "cached_prompt_tokens": cached_tokens,
         "generated_tokens": reply.generated_tokens,
         "text": reply.text,
         "token_ids": reply.token_ids,
@@ -196,7 +199,7 @@ def reply_record(
         "time_s": round(reply.time_s, 4),
         "time_to_first_token_s": round(reply.first_token_s or 0.0, 4),
         "tokens_per_s": round(reply.tokens_per_s, 3),
-        "prefill_tokens_per_s": _rounded(reply.prefill_tokens_per_s(prompt_tokens)),
+        "prefill_tokens_per_s": _rounded(reply.prefill_tokens_per_s(prompt_tokens - cached_tokens)),
         "decode_tokens_per_s": _rounded(reply.decode_tokens_per_s),
         "finish_reason": reply.finish_reason,
         **(load_fields(loaded) if loaded is not None else {}),

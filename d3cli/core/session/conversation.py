@@ -19,17 +19,9 @@ from d3cli.core.model.kv_buffers import ReservingCache
 from d3cli.core.model.loader import LoadedModel
 from d3cli.core.model.model_facts import context_length, num_decoder_layers
 from d3cli.core.session.plan import plan_for
+from d3cli.core.session.prefix_cache import reusable_length
 from d3cli.core.session.settings import DecodeSettings
 from d3cli.core.text.prompts import encode_chat, has_chat_template
-
-
-def common_prefix_length(first: list[int], second: list[int]) -> int:
-    length = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 @dataclass
@@ -65,7 +57,7 @@ class Conversation:
     def record(self, reply: Reply, plan: TurnPlan) -> dict:
         """The reply's record, as `d3 generate --json` writes one."""
         return reply_record(reply, self.decode_plan(), self.loaded.name, len(plan.token_ids),
-                            weights=self.loaded.weights, loaded=self.loaded)
+                            weights=self.loaded.weights, loaded=self.loaded, cached_tokens=plan.reused)
 
     def decode_plan(self, settings: DecodeSettings | None = None):
         """The DecodePlan of `settings` (default: the conversation's) for this model and its calibration."""
@@ -105,11 +97,7 @@ class Conversation:
                             f"is {context}")
         if dropped:
             self.messages = messages[:-1]
-        reused = 0
-        if self.cache is not None:
-            reused = min(common_prefix_length(token_ids, self.cached_ids), self.cache.held_by_every_layer(),
-                         len(token_ids) - 1)
-        return TurnPlan(token_ids, reused, dropped)
+        return TurnPlan(token_ids, reusable_length(self.cache, self.cached_ids, token_ids), dropped)
 
     def reply(self, user_text: str, on_event=None, plan: TurnPlan | None = None) -> Reply:
         """Decode the assistant's reply to `user_text` and add both to the conversation.

@@ -30,3 +30,15 @@ def test_decode_and_prefill_rates_are_apart_from_the_whole_replys():
     assert reply.decode_tokens_per_s == pytest.approx(4 / 1.0)
     assert reply.prefill_tokens_per_s(600) == pytest.approx(300)
     assert Reply(token_ids=[1], time_s=1.0, first_token_s=1.0).decode_tokens_per_s is None
+
+
+def test_a_records_prefill_rate_counts_only_the_tokens_prefilled():
+    from d3cli.core.decode.results import reply_record
+    from d3cli.core.session.plan import plan_of
+    from d3cli.core.session.settings import DecodeSettings
+
+    reply = Reply(token_ids=[1, 2], layers_per_token=[8, 8], time_s=1.5, first_token_s=1.0)
+    plan = plan_of(DecodeSettings(), 8)
+    fresh, cached = reply_record(reply, plan, "m", 600), reply_record(reply, plan, "m", 600, cached_tokens=500)
+    assert (fresh["cached_prompt_tokens"], fresh["prefill_tokens_per_s"]) == (0, 600)
+    assert (cached["prompt_tokens"], cached["cached_prompt_tokens"], cached["prefill_tokens_per_s"]) == (600, 500, 100)
