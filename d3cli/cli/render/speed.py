@@ -120,7 +120,9 @@ def print_startup_report(console: Console, report: dict) -> None:
                        f"{report['rounds']}", style="bold"))
     console.print(Text(f"first token from a new process: cold {first['cold_s']:.2f} s (empty d3 cache), warm "
                        f"{first['warm_s']:.2f} s (exit {first['warm_exit_s']:.2f} s)"))
-    console.print(Text(f"through a running d3 serve: first token {served['first_token_s']:.2f} s; "
+    cached = (f" ({served['cached_prompt_tokens']:.0f} of {served['prompt_tokens']:.0f} prompt tokens from its "
+              "prompt cache)" if served.get("cached_prompt_tokens") else "")
+    console.print(Text(f"through a running d3 serve: first token {served['first_token_s']:.2f} s{cached}; "
                        f"{served['calls']} one-prompt calls {served['server_calls_s']:.1f} s against "
                        f"{served['local_calls_s']:.1f} s locally ({served['calls_speedup']:.1f}× faster)"))
     names = {"python_s": "python", "torch_import_s": "import torch", "cli_import_s": "import d3",

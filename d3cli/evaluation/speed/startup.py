@@ -3,7 +3,9 @@
     first token      `d3 generate -n 1` in a new process to its first output line: cold (an empty d3 cache, so a
                      GGUF file is read and recorded again) and warm (the cache filled); the warm process's exit
     through a server the same against a running `d3 serve` of the model (`--server`), and a loop of one-prompt
-                     calls (`d3 generate -n 4`) made locally and through the server, in turns
+                     calls (`d3 generate -n 4`) made locally and through the server, in turns; each call asks
+                     another question, so the server's prompt cache gives only the start they share (the chat
+                     template's system prompt), as it would a script's loop
     where it goes    the warm start's stages in one new process: Python, importing torch, importing the CLI,
                      loading d3's kernels, the config, the tokenizer, the weights, the first token
 
@@ -63,8 +65,20 @@ def generate_command(model_args: Sequence[str], *extra: str) -> list[str]:
     return [sys.executable, "-m", "d3cli", "generate", *model_args, *extra]
 
 
-def first_line_seconds(command: Sequence[str], stdin: str, environment: dict | None = None) -> tuple[float, float]:
-    """(seconds to the first line on stdout, seconds to the exit) of a new process; a RuntimeError if it fails."""
+# A script's questions, one a call: each new process asks the next.
+QUESTIONS = ("Say hi.", "Name a colour.", "What is 7 times 6?", "Give me a word that rhymes with cat.",
+             "What is the capital of Italy?", "Write a haiku about rain.", "Spell 'river' backwards.",
+             "Is a tomato a fruit?", "Count from one to five.", "Why is the sea salty?")
+
+
+def question(call: int) -> str:
+    return QUESTIONS[call % len(QUESTIONS)]
+
+
+def first_line_seconds(command: Sequence[str], stdin: str, environment: dict | None = None
+                       ) -> tuple[float, float, str]:
+    """(seconds to the first line on stdout, seconds to the exit, that line) of a new process; a RuntimeError if it
+    fails."""
     started = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+") as errors:  # a file, not a pipe: stderr can never stall the child
         process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -79,7 +93,7 @@ def first_line_seconds(command: Sequence[str], stdin: str, environment: dict | N
         if process.returncode != 0 or not first_line:
             errors.seek(0)
             raise RuntimeError(f"{' '.join(command[2:5])} failed while timed: {errors.read().strip()}")
-    return first, exited
+    return first, exited, first_line
 
 
 def first_token_seconds(model_args: Sequence[str], rounds: int) -> dict:
@@ -90,7 +104,7 @@ def first_token_seconds(model_args: Sequence[str], rounds: int) -> dict:
         with tempfile.TemporaryDirectory(prefix="d3-startup-") as cache_dir:
             environment = dict(os.environ, D3_CACHE_DIR=cache_dir)
             cold.append(first_line_seconds(command, '{"prompt": "Hello"}\n', environment)[0])
-            first, exited = first_line_seconds(command, '{"prompt": "Hello"}\n', environment)
+            first, exited, _ = first_line_seconds(command, '{"prompt": "Hello"}\n', environment)
             warm.append(first)
             warm_exit.append(exited)
     return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm),
@@ -131,16 +145,22 @@ def through_server(model_args: Sequence[str], rounds: int, calls: int, on_status
     server = ServeChild(model_args)
     try:
         client = generate_command([], "-n", "1", "--jsonl", "--server", server.url)
-        first = [first_line_seconds(client, '{"prompt": "Hello"}\n')[0] for _ in range(rounds)]
+        first, cached = [], []
+        for call in range(rounds):
+            seconds, _, line = first_line_seconds(client, json.dumps({"prompt": question(call)}) + "\n")
+            first.append(seconds)
+            record = json.loads(line)
+            cached.append((record.get("cached_prompt_tokens") or 0, record["prompt_tokens"]))
         loop = {"local": 0.0, "server": 0.0}
         for call in range(calls):
             on_status(f"one-prompt calls: {call + 1}/{calls}")
             for side, command in (("local", generate_command(model_args, "-n", "4")),
                                   ("server", generate_command([], "-n", "4", "--server", server.url))):
-                loop[side] += first_line_seconds(command, "Say hi\n")[1]
+                loop[side] += first_line_seconds(command, question(rounds + call) + "\n")[1]
     finally:
         server.close()
-    return {"first_token_s": statistics.median(first), "calls": calls, "local_calls_s": loop["local"],
+    return {"first_token_s": statistics.median(first), "cached_prompt_tokens": statistics.median(c for c, _ in cached),
+            "prompt_tokens": statistics.median(p for _, p in cached), "calls": calls, "local_calls_s": loop["local"],
             "server_calls_s": loop["server"], "calls_speedup": loop["local"] / loop["server"]}
 
 

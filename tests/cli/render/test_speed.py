@@ -110,15 +110,15 @@ def test_the_startup_report_in_three_lines_and_a_title():
               "stages": {"python_s": 0.02, "torch_import_s": 0.99, "cli_import_s": 0.21, "kernels_s": 0.01,
                          "config_s": 0.0, "tokenizer_s": 0.09, "weights_s": 0.11, "open_model_s": 0.3,
                          "first_token_s": 0.14, "total_s": 1.63, "transformers_imported": False},
-              "server": {"first_token_s": 0.33, "calls": 20, "local_calls_s": 36.2, "server_calls_s": 6.9,
-                         "calls_speedup": 5.25}}
+              "server": {"first_token_s": 0.21, "cached_prompt_tokens": 24, "prompt_tokens": 33, "calls": 20,
+                         "local_calls_s": 36.2, "server_calls_s": 6.9, "calls_speedup": 5.25}}
     console = Console(file=io.StringIO(), width=200, force_terminal=False)
     print_startup_report(console, report)
     assert console.file.getvalue().splitlines() == [
         "d3 startup · the embedded model · medians of 3",
         "first token from a new process: cold 20.50 s (empty d3 cache), warm 1.75 s (exit 1.90 s)",
-        "through a running d3 serve: first token 0.33 s; 20 one-prompt calls 6.9 s against 36.2 s locally (5.2× "
-        "faster)",
+        "through a running d3 serve: first token 0.21 s (24 of 33 prompt tokens from its prompt cache); 20 "
+        "one-prompt calls 6.9 s against 36.2 s locally (5.2× faster)",
         "warm start, 1.63 s in one process: python 0.02 · import torch 0.99 · import d3 0.21 · kernels 0.01 · config "
         "0.00 · tokenizer 0.09 · weights 0.11 · first token 0.14 · rest of the load 0.10 s",
     ]

@@ -22,10 +22,15 @@ time.sleep(0.1)
 
 
 def test_a_process_is_timed_to_its_first_line_and_to_its_exit():
-    first, exited = startup.first_line_seconds(
+    first, exited, line = startup.first_line_seconds(
         [sys.executable, "-c", "import sys, time; print(sys.stdin.read().strip(), flush=True); time.sleep(0.3)"],
         "hello\n")
-    assert 0 < first < exited and exited - first >= 0.25
+    assert 0 < first < exited and exited - first >= 0.25 and line == "hello\n"
+
+
+def test_each_call_asks_another_question():
+    asked = [startup.question(call) for call in range(len(startup.QUESTIONS))]
+    assert len(set(asked)) == len(asked) and startup.question(len(asked)) == asked[0]
 
 
 def test_a_failing_process_says_why():
