@@ -102,13 +102,14 @@ def block_form(raw: np.ndarray, gguf_type: str, rows: int, columns: int) -> Affi
         block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}[gguf_type]
         q, scale, offset = INT4_DECODERS[gguf_type](flat.reshape(-1, block_bytes))
         groups = columns // 32
-        return AffineInt4(torch.from_numpy(q.reshape(rows, columns).astype(np.uint8)),
-                          torch.from_numpy(scale.reshape(rows, groups).copy()),
-                          torch.from_numpy(offset.reshape(rows, groups).copy()))
+        # the decoders' arrays are new, so no second copy (a fresh copy of a large table is mostly page faults)
+        return AffineInt4(torch.from_numpy(q.reshape(rows, columns).astype(np.uint8, copy=False)),
+                          torch.from_numpy(np.ascontiguousarray(scale.reshape(rows, groups))),
+                          torch.from_numpy(np.ascontiguousarray(offset.reshape(rows, groups))))
     if gguf_type == "Q8_0":
         q, scale = decode_q8_0(flat.reshape(-1, 34))
-        return BlockInt8(torch.from_numpy(q.reshape(rows, columns).copy()),
-                         torch.from_numpy(scale.reshape(rows, columns // 32).copy()))
+        return BlockInt8(torch.from_numpy(q.reshape(rows, columns)),
+                         torch.from_numpy(np.ascontiguousarray(scale.reshape(rows, columns // 32))))
     return None
 
 
