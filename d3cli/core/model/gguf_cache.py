@@ -7,6 +7,10 @@ header (metadata, tokenizer, tensor names, types and places) and the file's size
     config.json, generation_config.json, the tokenizer's files
     d3-source.json   the file, its header digest, each tensor's Hugging Face name and GGUF type
 
+The header itself (string metadata, each tensor's name, type, shape and place) is kept too, in
+`gguf-headers/`, keyed by the file's path and checked against its size, modification time and inode: a warm start
+reads it back instead of walking the file's 98 000 tokenizer strings and importing the gguf package (about 0.06 s).
+
 The weights are not cached: every load reads them from the GGUF file itself, tensor by tensor (gguf_weights.py), so
 a 4 GB file is not copied again, and a loaded model takes about the file's size in memory.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -24,24 +29,76 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from d3cli.base.errors import UserError
+from d3cli.base.files import write_atomically
 from d3cli.base.paths import cache_home, exclusive
-from d3cli.core.model.gguf_blocks import header_digest, read_gguf
+from d3cli.core.model.gguf_blocks import GGUFHeader, TensorInfo, header_digest, read_gguf
 from d3cli.core.model.streamed import empty_model, quiet_transformers
 
 CACHE_FORMAT = 3  # 1: a float32 safetensors copy; 2: the weights' blocks copied (d3 before reading the file itself)
 SOURCE_FILE = "d3-source.json"
 
 
-def read_header(gguf_path: Path):
-    """The file's header (gguf_blocks.GGUFHeader); a UserError names what is wrong with a file that is not a GGUF
-    file, or is truncated or corrupt."""
+HEADERS_FOLDER = "gguf-headers"
+
+
+def read_header(gguf_path: Path) -> GGUFHeader:
+    """The file's header (gguf_blocks.GGUFHeader), from d3's cache when this file was read before and has not
+    changed since; a UserError names what is wrong with a file that is not a GGUF file, or is truncated or corrupt."""
     try:
-        return read_gguf(gguf_path)
+        stat = os.stat(gguf_path)
+    except OSError as error:
+        raise UserError(f"cannot read {gguf_path}: {error.strerror or error}") from None
+    remembered = _remembered_header(gguf_path, stat)
+    if remembered is not None:
+        return remembered
+    try:
+        header = read_gguf(gguf_path)
     except OSError as error:
         raise UserError(f"cannot read {gguf_path}: {error.strerror or error}") from None
     except (ValueError, struct.error, OverflowError, MemoryError) as error:
         raise UserError(f"cannot load GGUF file {gguf_path}: {_first_line(error)}") from None
+    _remember_header(gguf_path, stat, header)
+    return header
+
+
+def _header_file(gguf_path: Path) -> Path:
+    name = hashlib.sha256(str(Path(gguf_path).resolve()).encode()).hexdigest()[:24]
+    return cache_home() / HEADERS_FOLDER / f"{name}.json"
+
+
+def _file_identity(gguf_path: Path, stat: os.stat_result) -> dict:
+    return {"file": str(Path(gguf_path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "inode": stat.st_ino, "format": 1}
+
+
+def _remember_header(gguf_path: Path, stat: os.stat_result, header: GGUFHeader) -> None:
+    """Keep the header for the next start; a cache that cannot be written only costs that start its parse."""
+    tensors = [[tensor.name, tensor.type_name, tensor.rows, tensor.columns, list(tensor.shape), tensor.offset,
+                tensor.nbytes, int(tensor.data.shape[1])] for tensor in header.tensors]
+    record = {**_file_identity(gguf_path, stat), "strings": header.strings, "data_start": header.data_start,
+              "tensors": tensors}
+    with contextlib.suppress(UserError, OSError):
+        write_atomically(_header_file(gguf_path), json.dumps(record), make_parents=True)
+
+
+def _remembered_header(gguf_path: Path, stat: os.stat_result) -> GGUFHeader | None:
+    """The kept header of this very file (same path, size, modification time and inode), else None."""
+    try:
+        record = json.loads(_header_file(gguf_path).read_text())
+        if {key: record.get(key) for key in ("file", "size", "mtime_ns", "inode", "format")} != _file_identity(
+                gguf_path, stat):
+            return None
+        contents = np.memmap(gguf_path, dtype=np.uint8, mode="r")
+        tensors = [TensorInfo(name, type_name, rows, columns,
+                              contents[offset:offset + nbytes].reshape(rows, row_bytes), tuple(shape),
+                              str(gguf_path), offset, nbytes)
+                   for name, type_name, rows, columns, shape, offset, nbytes, row_bytes in record["tensors"]]
+        return GGUFHeader(dict(record["strings"]), tensors, int(record["data_start"]))
+    except (OSError, ValueError, KeyError, TypeError):  # none kept, another format, or a damaged file: parse again
+        return None
 
 
 def cached_gguf_dir(gguf_path: Path, header=None) -> Path:

@@ -131,10 +131,7 @@ class GGUFBlocks:
         exact = self.exact()
         if exact is not None:
             return exact.dequantize()
-        from gguf import GGMLQuantizationType
-
-
-        return dequantized(self.raw, GGMLQuantizationType[self.type_name]).reshape(self.rows, self.columns)
+        return dequantized(self.raw, self.type_name).reshape(self.rows, self.columns)
 
     def packed(self, tile_rows: int, unsigned: bool) -> PackedTiles:
         return pack_gguf(self.raw, self.type_name, self.rows, self.columns, tile_rows, unsigned)

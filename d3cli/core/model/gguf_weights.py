@@ -12,8 +12,8 @@ its module is built (weights.apply_weights goes one decoder layer at a time and 
                                        makes of it), and freed once its module is built
 
 So loading needs about the file's size plus one tensor in float32, where transformers' loader dequantizes the whole
-model to float32 first (27 GB for a 7B file). tests/core/model/test_gguf_weights.py holds the result against transformers'
-own reading of the same files.
+model to float32 first (27 GB for a 7B file). tests/core/model/test_gguf_weights.py holds the result against
+transformers' own reading of the same files.
 """
 
 from __future__ import annotations
@@ -122,21 +122,16 @@ class GGUFWeights(ModelWeights):
         if len(tensor.shape) != 2 or self.order(tensor) is not KEEPS_ROWS:
             yield self.values(name, module)
             return
-        from gguf import GGMLQuantizationType
-
-        qtype = GGMLQuantizationType[tensor.type_name]
         for start in range(0, tensor.rows, ROWS_AT_ONCE):
             rows = tensor.read_rows(start, min(tensor.rows, start + ROWS_AT_ONCE))
-            yield dequantized(rows, qtype).reshape(-1, tensor.columns)
+            yield dequantized(rows, tensor.type_name).reshape(-1, tensor.columns)
 
     def _values(self, tensor: TensorInfo) -> torch.Tensor:
-        from gguf import GGMLQuantizationType
-
-        raw, qtype = self._bytes(tensor), GGMLQuantizationType[tensor.type_name]
+        raw = self._bytes(tensor)
         values = np.empty((tensor.rows, tensor.columns), dtype=np.float32)
         try:  # in slices of rows: the gguf package's dequantization makes several temporaries of its input's size
             for start in range(0, tensor.rows, ROWS_AT_ONCE):
-                rows = dequantized(raw[start:start + ROWS_AT_ONCE], qtype)
+                rows = dequantized(raw[start:start + ROWS_AT_ONCE], tensor.type_name)
                 values[start:start + ROWS_AT_ONCE] = rows.numpy().reshape(-1, tensor.columns)
         except NotImplementedError:
             raise UserError(f"{self.path}: tensor {tensor.name} is of GGML type {tensor.type_name}, which neither "
@@ -182,18 +177,15 @@ class GGUFRowsEmbedding(QuantizedEmbedding):
     def __init__(self, tensor: TensorInfo, dtype: torch.dtype, padding_idx: int | None = None,
                  embed_scale: torch.Tensor | None = None):
         super().__init__(tensor.rows, tensor.columns, dtype, padding_idx, embed_scale)
-        from gguf import GGMLQuantizationType
-
         self.type_name = tensor.type_name
         self.kind = f"{tensor.type_name} embedding"
-        self.qtype = GGMLQuantizationType[tensor.type_name]
         # copy-on-write mapping: writable for torch, shared with the page cache, read only where looked up
         mapped = np.memmap(tensor.path, dtype=np.uint8, mode="c", offset=tensor.offset, shape=(tensor.nbytes,))
         self.table = torch.from_numpy(mapped).view(tensor.rows, -1)
 
     def rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1).cpu()
-        return dequantized(self.table[flat].numpy(), self.qtype).reshape(*input_ids.shape, self.embedding_dim)
+        return dequantized(self.table[flat].numpy(), self.type_name).reshape(*input_ids.shape, self.embedding_dim)
 
     def stored_tensors(self) -> list:
         return [self.table]

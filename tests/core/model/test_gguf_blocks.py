@@ -7,7 +7,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from d3cli.core.model.gguf_blocks import block_form, nearest_kind, same_values
+from d3cli.core.model.gguf_blocks import block_form, dequantized, nearest_kind, same_values
 from d3cli.core.model.quantized import AffineInt4, BlockInt8
 
 
@@ -57,3 +57,11 @@ def test_a_wrong_row_order_is_not_the_same_values():
     assert same_values(values, values.clone())
     assert not same_values(values[[1, 0, *range(2, 8)]], values)
     assert not same_values(values[:4], values)
+
+
+@pytest.mark.parametrize("type_name, dtype", [("F32", np.float32), ("F16", np.float16)])
+def test_float_tensors_read_as_the_gguf_package_reads_them(type_name, dtype):
+    values = np.random.default_rng(0).standard_normal((3, 64)).astype(dtype)
+    raw = values.view(np.uint8).reshape(3, -1)
+    theirs = quants.dequantize(raw, GGMLQuantizationType[type_name])
+    assert torch.equal(dequantized(raw, type_name), torch.from_numpy(np.asarray(theirs, dtype=np.float32)))

@@ -23,6 +23,39 @@ def test_the_header_reader_agrees_with_the_gguf_package(mixed_gguf):
         assert np.array_equal(mine.data.reshape(-1), np.asarray(theirs.data).reshape(-1).view(np.uint8))
 
 
+def same_header(mine, theirs) -> bool:
+    return (mine.strings == theirs.strings and mine.data_start == theirs.data_start
+            and [(t.name, t.type_name, t.rows, t.columns, t.shape, t.path, t.offset, t.nbytes) for t in mine.tensors]
+            == [(t.name, t.type_name, t.rows, t.columns, t.shape, t.path, t.offset, t.nbytes) for t in theirs.tensors]
+            and all(np.array_equal(a.data, b.data) for a, b in zip(mine.tensors, theirs.tensors)))
+
+
+def test_a_header_read_before_comes_from_the_cache_until_the_file_changes(mixed_gguf, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.setenv("D3_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(mixed_gguf, copy)
+    parsed = []
+
+    def counting(path):
+        parsed.append(path)
+        return read_gguf(path)
+
+    monkeypatch.setattr(gguf_cache, "read_gguf", counting)
+    first = gguf_cache.read_header(copy)
+    again = gguf_cache.read_header(copy)
+    assert len(parsed) == 1 and same_header(again, read_gguf(copy)) and same_header(first, again)
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten: read it again
+    gguf_cache.read_header(copy)
+    assert len(parsed) == 2
+    (kept,) = (tmp_path / "cache" / gguf_cache.HEADERS_FOLDER).iterdir()
+    kept.write_text("{not json")  # a damaged cache file is read past
+    assert same_header(gguf_cache.read_header(copy), first) and len(parsed) == 3
+
+
 def test_the_cache_keeps_the_metadata_and_no_weights(mixed_gguf):
     folder = gguf_cache.cached_gguf_dir(mixed_gguf)
     files = {path.name for path in folder.iterdir()}

@@ -159,7 +159,7 @@ def test_q6_k_dequantized_by_the_kernel_equals_the_gguf_package_to_the_bit():
 
     raw, _ = tensor_bytes((9, 512), 0.05, "Q6_K", np.random.default_rng(7))
     raw = np.asarray(raw).view(np.uint8).reshape(9, -1)
-    mine = dequantized(raw, GGMLQuantizationType.Q6_K)
+    mine = dequantized(raw, "Q6_K")
     assert torch.equal(mine, torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q6_K)))
 
 
