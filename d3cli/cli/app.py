@@ -155,5 +155,19 @@ def run(args: list[str] | None = None) -> int:
         return 1
 
 
+# Commands whose work is all written and flushed when run() returns: a process that imported torch leaves at once
+# instead of tearing down its ~1,500 modules one by one (0.17-0.25 s of every call, which a shell loop pays each time).
+QUICK_EXIT_COMMANDS = ("generate", "chat")
+
+
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    words = [argument for argument in sys.argv[1:] if not argument.startswith("-")]
+    if words and words[0] in QUICK_EXIT_COMMANDS and "torch" in sys.modules:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stdout's reader is gone: the interpreter's own exit handles it
+            sys.exit(code)
+        os._exit(code)
+    sys.exit(code)

@@ -92,3 +92,23 @@ def test_help_and_version_work_with_a_broken_config_file(cli):
 def test_a_bare_d3_shows_the_help_without_an_empty_error_line(cli):
     shown = cli([])
     assert "Usage: d3" in shown.stdout + shown.stderr and "d3: error" not in shown.stderr
+
+
+def test_generate_leaves_without_the_interpreters_teardown_and_with_everything_written(tiny_model_dir):
+    """`main` ends a generate that imported torch with os._exit once stdout and stderr are flushed (the teardown of
+    torch's modules is 0.17-0.25 s of each call); a command that loads nothing exits as usual."""
+    import json
+
+    program = ("import atexit, sys; atexit.register(lambda: sys.stderr.write('torn down')); "
+               "import d3cli.cli.app as app; sys.argv = ['d3', *sys.argv[1:]]; app.main()")
+    done = subprocess.run([sys.executable, "-c", program, "generate", "--model", str(tiny_model_dir), "-n", "3",
+                           "--jsonl"], input='{"prompt": "Hi"}\n{"prompt": "Bye"}\n', capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["generated_tokens"] for line in done.stdout.splitlines()] == [3, 3]
+    assert "torn down" not in done.stderr
+    mistake = subprocess.run([sys.executable, "-c", program, "generate", "--model", str(tiny_model_dir), "-n", "0",
+                              "Hi"], capture_output=True, text=True, timeout=300)
+    assert mistake.returncode == 2 and "torn down" in mistake.stderr  # nothing loaded: the usual exit
+    version = subprocess.run([sys.executable, "-c", program, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("d3 ") and "torn down" in version.stderr
