@@ -7,4 +7,6 @@
                         decodes with (the one place α and min-layers are resolved)
     prompt_batches.py   prompts made ready and batched (`generate --jsonl`)
     conversation.py     a multi-turn chat that reuses its KV cache;  saved_chat.py  chat's /save file
+    prefix_cache.py     PrefixCache: a reply's KV cache kept for the next prompt with the same start (d3 serve's
+                        prompt cache; the reusable length a chat's turns use too)
 """
