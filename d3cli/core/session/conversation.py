@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 
 from d3cli.base.errors import UserError
 from d3cli.core.decode import engine
-from d3cli.core.decode.engine import new_cache
 from d3cli.core.decode.results import Reply, reply_record
-from d3cli.core.model.kv_buffers import ReservingCache
 from d3cli.core.model.loader import LoadedModel
 from d3cli.core.model.model_facts import context_length, num_decoder_layers
 from d3cli.core.session.plan import plan_for
-from d3cli.core.session.prefix_cache import reusable_length
+from d3cli.core.session.prefix_cache import PrefixCache
 from d3cli.core.session.settings import DecodeSettings
 from d3cli.core.text.prompts import encode_chat, has_chat_template
 
@@ -39,12 +37,16 @@ class Conversation:
     settings: DecodeSettings
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
-    cache: ReservingCache | None = None
-    cached_ids: list[int] = field(default_factory=list)  # the tokens at the positions the cache holds
+    kept: PrefixCache = field(init=False)  # the KV cache of the turns so far, and the tokens at its positions
 
     def __post_init__(self) -> None:
         if not has_chat_template(self.loaded.tokenizer):
             raise UserError("d3 chat needs a model whose tokenizer has a chat template; this one has none")
+        self.kept = PrefixCache(self.loaded.model)
+
+    @property
+    def cache(self):
+        return self.kept.cache
 
     @property
     def num_layers(self) -> int:
@@ -69,7 +71,7 @@ class Conversation:
         self.forget_cache()
 
     def forget_cache(self) -> None:
-        self.cache, self.cached_ids = None, []
+        self.kept.forget()
 
     def set_system(self, system: str | None) -> None:
         self.system = system or None
@@ -97,7 +99,7 @@ class Conversation:
                             f"is {context}")
         if dropped:
             self.messages = messages[:-1]
-        return TurnPlan(token_ids, reusable_length(self.cache, self.cached_ids, token_ids), dropped)
+        return TurnPlan(token_ids, self.kept.reusable_length(token_ids), dropped)
 
     def reply(self, user_text: str, on_event=None, plan: TurnPlan | None = None) -> Reply:
         """Decode the assistant's reply to `user_text` and add both to the conversation.
@@ -105,18 +107,16 @@ class Conversation:
         On Ctrl-C the partial reply is kept in the conversation and `engine.GenerationInterrupted` is raised.
         """
         plan = plan or self.plan(user_text)
-        if self.cache is None or not self.cache.crop_to(plan.reused):
-            self.cache, plan.reused = new_cache(self.loaded.model), 0
+        cache, plan.reused = self.kept.take(plan.token_ids)  # 0 if the cache had to start afresh
         try:
             (reply,) = engine.decode(self.loaded, [plan.token_ids[plan.reused:]], self.decode_plan(),
-                                     on_event=on_event, cache=self.cache, past_length=plan.reused)
+                                     on_event=on_event, cache=cache, past_length=plan.reused)
         except engine.GenerationInterrupted as stopped:
-            self._record(plan, user_text, stopped.replies[0])
+            self._record(plan, user_text, stopped.replies[0], cache)
             raise
-        self._record(plan, user_text, reply)
+        self._record(plan, user_text, reply, cache)
         return reply
 
-    def _record(self, plan: TurnPlan, user_text: str, reply: Reply) -> None:
-        # every generated token but the last was fed back through the core layers
-        self.cached_ids = plan.token_ids + reply.token_ids[:-1]
+    def _record(self, plan: TurnPlan, user_text: str, reply: Reply, cache) -> None:
+        self.kept.keep(cache, plan.token_ids, reply.token_ids)
         self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply.text}]

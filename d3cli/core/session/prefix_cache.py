@@ -42,11 +42,15 @@ class PrefixCache:
     cache: object | None = None
     cached_ids: list[int] = field(default_factory=list)
 
+    def reusable_length(self, token_ids: Sequence[int]) -> int:
+        """How many leading positions of `token_ids` the kept cache can give (module function of the same name)."""
+        return reusable_length(self.cache, self.cached_ids, token_ids)
+
     def take(self, token_ids: Sequence[int]) -> tuple[object, int]:
         """A cache to decode `token_ids` with and how many of its leading positions it already holds: the kept
         cache cropped to the shared prefix, or a fresh one. Nothing is kept until `keep` (a reply that fails leaves
         no cache behind)."""
-        cache, reused = self.cache, reusable_length(self.cache, self.cached_ids, token_ids)
+        cache, reused = self.cache, self.reusable_length(token_ids)
         self.forget()
         if cache is None or not cache.crop_to(reused):
             return new_cache(self.model), 0
