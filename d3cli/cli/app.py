@@ -103,9 +103,13 @@ def configuration_state() -> ConfigState:
 def _needs_no_config(arguments: list[str]) -> bool:
     """`d3 config ...` must work with a broken configuration file (it is how one finds the file), and so must
     `--help` and `--version` (they run nothing)."""
-    words = [argument for argument in arguments if not argument.startswith("-")]
-    return (bool(words) and words[0] == "config") or any(argument in ("--help", "-h", "--version")
-                                                          for argument in arguments)
+    return _command_word(arguments) == "config" or any(argument in ("--help", "-h", "--version")
+                                                       for argument in arguments)
+
+
+def _command_word(arguments: list[str]) -> str | None:
+    """The subcommand named on the command line (its first word that is not an option), or None."""
+    return next((argument for argument in arguments if not argument.startswith("-")), None)
 
 
 def _is_usage_error(error: Exception) -> bool:
@@ -162,8 +166,7 @@ QUICK_EXIT_COMMANDS = ("generate", "chat")
 
 def main() -> None:
     code = run()
-    words = [argument for argument in sys.argv[1:] if not argument.startswith("-")]
-    if words and words[0] in QUICK_EXIT_COMMANDS and "torch" in sys.modules:
+    if _command_word(sys.argv[1:]) in QUICK_EXIT_COMMANDS and "torch" in sys.modules:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
