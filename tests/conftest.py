@@ -215,6 +215,14 @@ class CliResult:
     stdout: str
     stderr: str
 
+    def assert_user_error(self, message: str = "", nothing_printed: bool = False) -> None:
+        """A user mistake as d3 reports it: exit 2, one line `d3: error: ...` on stderr that says `message`; with
+        `nothing_printed`, nothing on stdout either."""
+        assert self.exit_code == 2, self.stderr
+        assert self.stderr.startswith("d3: error: ") and self.stderr.count("\n") == 1, self.stderr
+        assert message in self.stderr, self.stderr
+        assert not nothing_printed or self.stdout == "", self.stdout
+
 
 def invoke(args: list[str], stdin: bytes = b"") -> CliResult:
     """Run `d3 ARGS` in this process with stdin/stdout/stderr replaced (none is a terminal)."""

@@ -59,7 +59,7 @@ def test_ctrl_c_is_exit_130_and_one_line(cli, monkeypatch):
 
 def test_a_usage_error_names_the_help_of_its_command(cli):
     result = cli(["generate", "--max-new-tokens", "many", "Hello"])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    result.assert_user_error()
     assert result.stderr.startswith("d3: error: Invalid value for '--max-new-tokens'")
     assert result.stderr.endswith(" (see `d3 generate --help`)\n")
 

@@ -66,15 +66,14 @@ def test_chat_reads_its_own_table_and_the_shared_keys(cli, tiny_model_dir, monke
 def test_a_bad_file_is_one_line_naming_file_and_key(cli, content, fragment):
     Path("d3.toml").write_text(content)
     result = cli(["generate", "Hello"])
-    assert result.exit_code == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("d3: error: ")
+    result.assert_user_error()
     assert str(Path.cwd() / "d3.toml") in result.stderr and fragment in result.stderr, result.stderr
 
 
 def test_bad_environment_values_are_one_line(cli, monkeypatch):
     monkeypatch.setenv("D3_MAX_NEW_TOKENS", "many")
     result = cli(["generate", "Hello"])
-    assert result.exit_code == 2 and "D3_MAX_NEW_TOKENS" in result.stderr and result.stderr.count("\n") == 1
+    result.assert_user_error("D3_MAX_NEW_TOKENS")
     monkeypatch.setenv("D3_MAX_NEW_TOKENS", "0")
     assert "D3_MAX_NEW_TOKENS: max-new-tokens must be at least 1, not 0" in cli(["generate", "Hello"]).stderr
 

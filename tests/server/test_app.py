@@ -49,19 +49,7 @@ def test_health_is_503_while_the_model_loads_then_200_and_ctrl_c_stops_without_a
         process.kill()
 
 
-# --- the command line ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--alpha", "2"], "alpha must lie in (0, 1]"),
-    (["--port", "70000"], "--port must lie in 0..65535"),
-    (["--queue-size", "0"], "--queue-size must be at least 1"),
-    (["--min-layers", "many"], "min-layers must be"),
-    (["--api-key", " "], "--api-key must not be empty"),
-])
-def test_command_line_mistakes_are_one_line_and_exit_2(cli, args, words):
-    result = cli(["serve", *args])
-    assert result.exit_code == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+# --- the command line (its mistakes: tests/cli/commands/test_serve.py) ---------------------------------------------
 
 
 def test_without_the_serve_extra_it_says_what_to_install(cli, monkeypatch):

@@ -79,12 +79,11 @@ def test_mistakes_are_one_line_and_exit_2(cli, server, guarded_server, tiny_mode
         (["--server", guarded_server.url], "refused the API key"),
     ]
     too_long = cli(["generate", "--server", server.url, "-n", "2", "sea " * 600])
-    assert too_long.exit_code == 2 and too_long.stderr.count("\n") == 1
-    assert "answered 400" in too_long.stderr and "context" in too_long.stderr
+    too_long.assert_user_error("answered 400")
+    assert "context" in too_long.stderr
     for args, fragment in cases:
         result = cli(["generate", *args, "-n", "2", "hi"])
-        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, (args,
-                                                                                                       result.stderr)
+        result.assert_user_error(fragment)
 
 
 def test_the_key_comes_from_d3_api_key(cli, guarded_server, monkeypatch):
@@ -142,7 +141,7 @@ def dropping_server():
 
 def test_a_server_that_stops_mid_reply_leaves_what_arrived_marked_unfinished(cli, dropping_server):
     result = cli(["generate", "--server", dropping_server, "--jsonl", "-n", "8"], stdin=b"Say hi\n")
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    result.assert_user_error()
     assert "line 1: the server at" in result.stderr and "stopped sending after 2 tokens" in result.stderr
     (record,) = json_lines(result.stdout)
     assert (record["text"], record["token_ids"], record["layers_per_token"]) == ("Hello", [10, 11], [4, 3])
@@ -177,5 +176,5 @@ def test_server_sent_events_are_read_one_payload_each():
 def test_the_lines_before_a_bad_one_are_still_answered(cli, server):
     result = cli(["generate", "--server", server.url, "--jsonl", "-n", "3", "--batch-size", "4"],
                  stdin=b'Say hi\n{"prompt": \n')
-    assert result.exit_code == 2 and "line 2" in result.stderr and result.stderr.count("\n") == 1
+    result.assert_user_error("line 2")
     assert [record["line"] for record in json_lines(result.stdout)] == [1]

@@ -30,9 +30,7 @@ def test_help_lists_the_task_method_and_output_options(cli):
 ])
 def test_a_mistake_is_one_line_and_exit_2_before_anything_loads(cli, nothing_loads, args, message):
     result = cli(["bench", *args])
-    assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.startswith("d3: error: ") and result.stderr.count("\n") == 1
-    assert message in result.stderr, result.stderr
+    result.assert_user_error(message, nothing_printed=True)
 
 
 @pytest.mark.parametrize("name, slug", [
@@ -60,13 +58,12 @@ def test_the_default_output_file_is_named_after_the_model(name, slug):
 )
 def test_bad_bench_options_are_one_line(cli, shared_data, args, fragment):
     result = cli(["bench", "--data-dir", str(shared_data), *args])
-    assert result.exit_code == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and fragment in result.stderr
+    result.assert_user_error(fragment)
 
 
 def test_missing_or_malformed_data_is_one_line(cli, tmp_path, shared_data):
     result = cli(["bench", "--data-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "gsm8k/test.jsonl" in result.stderr and result.stderr.count("\n") == 1
+    result.assert_user_error("gsm8k/test.jsonl")
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\nnot json\n')
     (tmp_path / "gsm8k" / "train.jsonl").write_bytes((shared_data / "gsm8k" / "train.jsonl").read_bytes())
@@ -84,7 +81,7 @@ def test_missing_or_malformed_data_is_one_line(cli, tmp_path, shared_data):
 def test_bad_lm_eval_benches_are_one_line(cli, tiny_model_dir, shared_data, args, message):
     pytest.importorskip("lm_eval")
     result = cli(["bench", "--model", str(tiny_model_dir), "--data-dir", str(shared_data), *args])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    result.assert_user_error(message)
 
 
 STARTUP = {"model_args": ["--model", "m.gguf"], "rounds": 3,

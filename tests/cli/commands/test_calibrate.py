@@ -29,9 +29,7 @@ def test_help_lists_the_calibration_options(cli):
 ])
 def test_a_mistake_is_one_line_and_exit_2_before_the_model_loads(cli, nothing_loads, args, message):
     result = cli(["calibrate", *args])
-    assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.startswith("d3: error: ") and result.stderr.count("\n") == 1
-    assert message in result.stderr, result.stderr
+    result.assert_user_error(message, nothing_printed=True)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -45,7 +43,7 @@ def test_a_mistake_is_one_line_and_exit_2_before_the_model_loads(cli, nothing_lo
 ])
 def test_bad_calibrate_options_are_one_line(cli, tiny_model_dir, args, message):
     result = cli(["calibrate", "--model", str(tiny_model_dir), *args])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    result.assert_user_error(message)
 
 
 def test_schedule_only_needs_a_calibration(cli, tiny_model_dir):

@@ -102,7 +102,7 @@ def test_save_to_an_unwritable_place_is_one_line(cli, tiny_model_dir, tmp_path):
 
 def test_chat_options_are_checked_before_loading(cli):
     result = cli(["chat", "--alpha", "0"], stdin=b"Hi\n")
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "alpha" in result.stderr
+    result.assert_user_error("alpha")
 
 
 # --- a real terminal ----------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_layer_profile_drives_the_importance_skip_order(cli, tiny_model_dir, sha
     for command in (["generate", "--no-chat", "Hi"], ["chat"]):
         result = cli([command[0], "--model", str(tiny_model_dir), "--skip-order", "importance", "--profile",
                       str(stranger), *TINY, *command[1:]], stdin=b"hello\n")
-        assert result.exit_code == 2 and "weights differ" in result.stderr and result.stderr.count("\n") == 1
+        result.assert_user_error("weights differ")
 
 
 def test_calibration_recommends_and_checks(cli, tiny_model_dir, shared_data):
@@ -134,8 +134,7 @@ def test_bad_profile_options_are_one_line(cli, shared_data, tiny_model_dir, tmp_
     (tmp_path / "x.txt").write_text("text")
     args = [str(tiny_model_dir) if arg == "MODEL" else arg for arg in args]
     result = cli(["profile-ppl", "--data-dir", str(shared_data), *args])
-    assert result.exit_code == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and fragment in result.stderr
+    result.assert_user_error(fragment)
 
 
 def test_plot_without_matplotlib_is_one_line(cli, tiny_model_dir, shared_data, monkeypatch):
