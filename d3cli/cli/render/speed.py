@@ -121,15 +121,19 @@ def print_startup_report(console: Console, report: dict) -> None:
     console.print(Text(f"first token from a new process: cold {first['cold_s']:.2f} s (empty d3 cache), warm "
                        f"{first['warm_s']:.2f} s (exit {first['warm_exit_s']:.2f} s)"))
     cached = (f" ({served['cached_prompt_tokens']:.0f} of {served['prompt_tokens']:.0f} prompt tokens from its "
-              "prompt cache)" if served.get("cached_prompt_tokens") else "")
-    console.print(Text(f"through a running d3 serve: first token {served['first_token_s']:.2f} s{cached}; "
-                       f"{served['calls']} one-prompt calls {served['server_calls_s']:.1f} s against "
-                       f"{served['local_calls_s']:.1f} s locally ({served['calls_speedup']:.1f}× faster)"))
+              f"prompt cache), {served['first_token_no_prompt_cache_s']:.2f} s without it; the server's own first "
+              f"token {1000 * served['server_first_token_s']:.0f} ms, "
+              f"{1000 * served['server_first_token_no_prompt_cache_s']:.0f} ms without"
+              if "first_token_no_prompt_cache_s" in served else "")
+    console.print(Text(f"through a running d3 serve: first token {served['first_token_s']:.2f} s{cached}"))
+    console.print(Text(f"{served['calls']} one-prompt calls {served['server_calls_s']:.1f} s through the server "
+                       f"against {served['local_calls_s']:.1f} s locally ({served['calls_speedup']:.1f}× faster)"))
     names = {"python_s": "python", "torch_import_s": "import torch", "cli_import_s": "import d3",
-             "kernels_s": "kernels", "config_s": "config", "tokenizer_s": "tokenizer", "weights_s": "weights",
-             "first_token_s": "first token"}
+             "kernels_s": "kernels", "header_s": "header", "config_s": "config", "tokenizer_s": "tokenizer",
+             "weights_s": "weights", "first_token_s": "first token"}
     parts = [f"{label} {stages[key]:.2f}" for key, label in names.items() if key in stages]
-    other = stages["open_model_s"] - sum(stages.get(key, 0.0) for key in ("config_s", "tokenizer_s", "weights_s"))
+    other = stages["open_model_s"] - sum(stages.get(key, 0.0) for key in ("header_s", "config_s", "tokenizer_s",
+                                                                           "weights_s"))
     console.print(Text(f"warm start, {stages['total_s']:.2f} s in one process: {' · '.join(parts)} · rest of the "
                        f"load {max(other, 0.0):.2f} s" + (" (through transformers)" if stages["transformers_imported"]
                                                           else "")))

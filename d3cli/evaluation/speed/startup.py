@@ -2,12 +2,13 @@
 
     first token      `d3 generate -n 1` in a new process to its first output line: cold (an empty d3 cache, so a
                      GGUF file is read and recorded again) and warm (the cache filled); the warm process's exit
-    through a server the same against a running `d3 serve` of the model (`--server`), and a loop of one-prompt
-                     calls (`d3 generate -n 4`) made locally and through the server, in turns; each call asks
-                     another question, so the server's prompt cache gives only the start they share (the chat
+    through a server the same against a running `d3 serve` of the model (`--server`), with its prompt cache and
+                     without (`--no-prompt-cache`), and the servers' own time to the first token; a loop of
+                     one-prompt calls (`d3 generate -n 4`) made locally and through the server, in turns; each call
+                     asks another question, so the prompt cache gives only the start they share (the chat
                      template's system prompt), as it would a script's loop
     where it goes    the warm start's stages in one new process: Python, importing torch, importing the CLI,
-                     loading d3's kernels, the config, the tokenizer, the weights, the first token
+                     loading d3's kernels, the GGUF header, the config, the tokenizer, the weights, the first token
 
 Every time is a median over `rounds`; the compared sides run in turns, so a machine whose speed drifts moves both.
 """
@@ -34,7 +35,7 @@ def mark(name, since):
 now = time.perf_counter(); import torch; mark("torch_import_s", now)
 now = time.perf_counter(); import d3cli.cli.app; from d3cli.core.session import front_door; mark("cli_import_s", now)
 now = time.perf_counter(); from d3cli import kernels; kernels.available(); mark("kernels_s", now)
-from d3cli.core.model import gguf_weights
+from d3cli.core.model import gguf_weights, loader
 def timed(name, function):
     def wrapper(*args, **kwargs):
         now = time.perf_counter()
@@ -46,6 +47,7 @@ def timed(name, function):
 gguf_weights.D3Config = timed("config_s", gguf_weights.D3Config)
 gguf_weights.D3Tokenizer = timed("tokenizer_s", gguf_weights.D3Tokenizer)
 gguf_weights._fill = timed("weights_s", gguf_weights._fill)
+loader.read_header = timed("header_s", loader.read_header)
 from d3cli.core.model.loader import ModelOptions
 from d3cli.core.session.settings import DecodeSettings
 options = json.loads(sys.argv[1])
@@ -140,27 +142,40 @@ class ServeChild:
 
 
 def through_server(model_args: Sequence[str], rounds: int, calls: int, on_status: Callable[[str], None]) -> dict:
-    """First token of a new `d3 generate --server` process, and `calls` one-prompt calls locally and through a
-    running server, in turns."""
-    server = ServeChild(model_args)
+    """First token of a new `d3 generate --server` process against a server with its prompt cache and one with
+    `--no-prompt-cache` (both running, asked in turns: the model is loaded twice), the servers' own time to the first
+    token from the replies' records, and `calls` one-prompt calls locally and through the cached server, in turns."""
+    cached_server = ServeChild(model_args)
     try:
-        client = generate_command([], "-n", "1", "--jsonl", "--server", server.url)
-        first, cached = [], []
+        plain_server = ServeChild([*model_args, "--no-prompt-cache"])
+    except BaseException:
+        cached_server.close()
+        raise
+    try:
+        found: dict[str, list[dict]] = {"cached": [], "plain": []}
         for call in range(rounds):
-            seconds, _, line = first_line_seconds(client, json.dumps({"prompt": question(call)}) + "\n")
-            first.append(seconds)
-            record = json.loads(line)
-            cached.append((record.get("cached_prompt_tokens") or 0, record["prompt_tokens"]))
+            for side, server in (("cached", cached_server), ("plain", plain_server)):
+                client = generate_command([], "-n", "1", "--jsonl", "--server", server.url)
+                seconds, _, line = first_line_seconds(client, json.dumps({"prompt": question(call)}) + "\n")
+                found[side].append({**json.loads(line), "client_s": seconds})
         loop = {"local": 0.0, "server": 0.0}
         for call in range(calls):
             on_status(f"one-prompt calls: {call + 1}/{calls}")
             for side, command in (("local", generate_command(model_args, "-n", "4")),
-                                  ("server", generate_command([], "-n", "4", "--server", server.url))):
+                                  ("server", generate_command([], "-n", "4", "--server", cached_server.url))):
                 loop[side] += first_line_seconds(command, question(rounds + call) + "\n")[1]
     finally:
-        server.close()
-    return {"first_token_s": statistics.median(first), "cached_prompt_tokens": statistics.median(c for c, _ in cached),
-            "prompt_tokens": statistics.median(p for _, p in cached), "calls": calls, "local_calls_s": loop["local"],
+        cached_server.close()
+        plain_server.close()
+
+    def median(side: str, key: str) -> float:
+        return statistics.median(record.get(key) or 0 for record in found[side])
+
+    return {"first_token_s": median("cached", "client_s"), "first_token_no_prompt_cache_s": median("plain", "client_s"),
+            "server_first_token_s": median("cached", "time_to_first_token_s"),
+            "server_first_token_no_prompt_cache_s": median("plain", "time_to_first_token_s"),
+            "cached_prompt_tokens": median("cached", "cached_prompt_tokens"),
+            "prompt_tokens": median("cached", "prompt_tokens"), "calls": calls, "local_calls_s": loop["local"],
             "server_calls_s": loop["server"], "calls_speedup": loop["local"] / loop["server"]}
 
 

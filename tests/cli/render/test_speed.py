@@ -102,23 +102,25 @@ def test_a_long_prompt_without_llama_cpp_says_why():
     assert shown(render.print_long_prompt, {"load_s": None}) == ""
 
 
-def test_the_startup_report_in_three_lines_and_a_title():
+def test_the_startup_report_in_four_lines_and_a_title():
     from d3cli.cli.render.speed import print_startup_report
 
     report = {"model_args": [], "rounds": 3,
               "first_token": {"cold_s": 20.5, "warm_s": 1.75, "warm_exit_s": 1.9, "runs": 3},
               "stages": {"python_s": 0.02, "torch_import_s": 0.99, "cli_import_s": 0.21, "kernels_s": 0.01,
-                         "config_s": 0.0, "tokenizer_s": 0.09, "weights_s": 0.11, "open_model_s": 0.3,
-                         "first_token_s": 0.14, "total_s": 1.63, "transformers_imported": False},
-              "server": {"first_token_s": 0.21, "cached_prompt_tokens": 24, "prompt_tokens": 33, "calls": 20,
-                         "local_calls_s": 36.2, "server_calls_s": 6.9, "calls_speedup": 5.25}}
-    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+                         "header_s": 0.004, "config_s": 0.0, "tokenizer_s": 0.09, "weights_s": 0.11,
+                         "open_model_s": 0.3, "first_token_s": 0.14, "total_s": 1.63, "transformers_imported": False},
+              "server": {"first_token_s": 0.21, "first_token_no_prompt_cache_s": 0.26, "server_first_token_s": 0.015,
+                         "server_first_token_no_prompt_cache_s": 0.07, "cached_prompt_tokens": 24, "prompt_tokens": 33,
+                         "calls": 20, "local_calls_s": 36.2, "server_calls_s": 6.9, "calls_speedup": 5.25}}
+    console = Console(file=io.StringIO(), width=240, force_terminal=False)
     print_startup_report(console, report)
     assert console.file.getvalue().splitlines() == [
         "d3 startup · the embedded model · medians of 3",
         "first token from a new process: cold 20.50 s (empty d3 cache), warm 1.75 s (exit 1.90 s)",
-        "through a running d3 serve: first token 0.21 s (24 of 33 prompt tokens from its prompt cache); 20 "
-        "one-prompt calls 6.9 s against 36.2 s locally (5.2× faster)",
-        "warm start, 1.63 s in one process: python 0.02 · import torch 0.99 · import d3 0.21 · kernels 0.01 · config "
-        "0.00 · tokenizer 0.09 · weights 0.11 · first token 0.14 · rest of the load 0.10 s",
+        "through a running d3 serve: first token 0.21 s (24 of 33 prompt tokens from its prompt cache), 0.26 s without "
+        "it; the server's own first token 15 ms, 70 ms without",
+        "20 one-prompt calls 6.9 s through the server against 36.2 s locally (5.2× faster)",
+        "warm start, 1.63 s in one process: python 0.02 · import torch 0.99 · import d3 0.21 · kernels 0.01 · header "
+        "0.00 · config 0.00 · tokenizer 0.09 · weights 0.11 · first token 0.14 · rest of the load 0.10 s",
     ]

@@ -56,5 +56,16 @@ def test_the_stages_of_a_warm_start_add_up_to_less_than_the_whole(embedded):
     # the embedded file's transformers start (the fixture) was recorded: the child takes the lean start, whose
     # tokenizer and weights are timed, and never imports transformers
     assert not stages["transformers_imported"]
-    assert stages["tokenizer_s"] > 0 and stages["weights_s"] > 0
-    assert stages["tokenizer_s"] + stages["weights_s"] <= stages["open_model_s"]
+    assert stages["tokenizer_s"] > 0 and stages["weights_s"] > 0 and stages["header_s"] > 0
+    assert stages["header_s"] + stages["tokenizer_s"] + stages["weights_s"] <= stages["open_model_s"]
+
+
+def test_through_a_server_with_and_without_its_prompt_cache(tiny_model_dir):
+    """Two real servers of the tiny model asked in turns: only the cached one reuses the template's start, and each
+    side reports the client's and the server's own time to the first token."""
+    served = startup.through_server(["--model", str(tiny_model_dir)], rounds=2, calls=1, on_status=lambda line: None)
+    assert 0 < served["cached_prompt_tokens"] < served["prompt_tokens"]  # the second question reused the first's start
+    for key in ("first_token_s", "first_token_no_prompt_cache_s", "server_first_token_s",
+                "server_first_token_no_prompt_cache_s", "local_calls_s", "server_calls_s"):
+        assert served[key] > 0, key
+    assert served["server_first_token_s"] < served["first_token_s"] and served["calls"] == 1
