@@ -305,7 +305,7 @@ def dequantized(raw: np.ndarray, type_name: str) -> torch.Tensor:
     loaded (the same values, to the bit, ~10x faster), any type by the gguf package otherwise."""
     if type_name in ("F32", "F16"):
         rows = np.ascontiguousarray(raw).view(np.float32 if type_name == "F32" else np.float16)
-        return torch.from_numpy(rows.astype(np.float32, copy=type_name != "F32"))
+        return torch.from_numpy(rows.astype(np.float32, copy=False))  # F32 as it is, F16 widened
     if type_name == "Q6_K" and kernels.loaded() and raw.shape[-1] % 210 == 0:
         rows = torch.from_numpy(np.ascontiguousarray(raw)).reshape(-1, raw.shape[-1])
         return torch.ops.d3.dequantize_q6_k(rows)
